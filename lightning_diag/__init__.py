@@ -1,0 +1,21 @@
+"""lightning_diag: PyTorch Lightning callbacks that make training runs debug themselves."""
+
+from lightning_diag.__about__ import __version__
+from lightning_diag.callbacks import DiagCallback, EarlyStop, WarmupCosine, collect_findings
+from lightning_diag.findings import CODES, Finding
+
+
+class LightningDiagWarning(UserWarning):
+    """Base class of the warnings lightning_diag emits (tests turn them into errors)."""
+
+
+__all__ = [
+    "CODES",
+    "DiagCallback",
+    "EarlyStop",
+    "Finding",
+    "LightningDiagWarning",
+    "WarmupCosine",
+    "__version__",
+    "collect_findings",
+]

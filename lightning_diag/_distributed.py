@@ -1,0 +1,48 @@
+"""Rank agreement helpers over ``trainer.strategy`` (public Strategy API only).
+
+Every decision that changes the run (skip, rollback, stop, clip coefficient) goes through one of these so all
+ranks act alike. Each function is a collective under a parallel strategy: call it on *every* rank, never inside
+``rank_zero_only``. On a single device they return their input unchanged and cost nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+__all__ = ["all_ranks", "any_rank", "broadcast", "is_distributed", "reduce"]
+
+
+def is_distributed(trainer: Any) -> bool:
+    """Whether more than one process takes part in the run."""
+    return int(getattr(trainer, "world_size", 1)) > 1
+
+
+def any_rank(trainer: Any, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one rank."""
+    if not is_distributed(trainer):
+        return bool(flag)
+    return bool(trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
+
+
+def all_ranks(trainer: Any, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on all ranks."""
+    if not is_distributed(trainer):
+        return bool(flag)
+    return bool(trainer.strategy.reduce_boolean_decision(bool(flag), all=True))
+
+
+def reduce(trainer: Any, tensor: torch.Tensor, op: Literal["sum", "mean", "max", "min"] = "sum") -> torch.Tensor:
+    """All-reduce a tensor across ranks without touching the caller's tensor (Lightning reduces in place)."""
+    if not is_distributed(trainer):
+        return tensor
+    reduce_op = {"sum": "sum", "mean": "mean", "max": torch.distributed.ReduceOp.MAX, "min": torch.distributed.ReduceOp.MIN}[op]
+    return trainer.strategy.reduce(tensor.detach().clone(), reduce_op=reduce_op)
+
+
+def broadcast(trainer: Any, obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not is_distributed(trainer):
+        return obj
+    return trainer.strategy.broadcast(obj, src=src)

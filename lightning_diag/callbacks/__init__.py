@@ -1,0 +1,7 @@
+"""Lightning adapters: one callback per module (the module name is the class name in snake_case)."""
+
+from lightning_diag.callbacks._base import DiagCallback, collect_findings
+from lightning_diag.callbacks.early_stop import EarlyStop
+from lightning_diag.callbacks.warmup_cosine import WarmupCosine
+
+__all__ = ["DiagCallback", "EarlyStop", "WarmupCosine", "collect_findings"]

@@ -1,0 +1,102 @@
+"""What every lightning_diag callback shares: its findings and the end-of-run report."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+from lightning.pytorch.callbacks import Callback
+
+from lightning_diag import _logging
+from lightning_diag.findings import Evidence, Finding, FindingLog, Severity, build_report, format_summary, sort_findings, write_report
+
+__all__ = ["DiagCallback", "collect_findings"]
+
+
+class DiagCallback(Callback):
+    """Base of the lightning_diag callbacks: records :class:`~lightning_diag.Finding` s and writes the report.
+
+    Subclasses call :meth:`record` for each conclusion. The last lightning_diag callback in
+    ``trainer.callbacks`` writes ``diagnosis.json`` (global rank 0) and prints the summary at the end of ``fit``
+    and when ``fit`` dies of an exception. Subclasses that override ``setup``, ``on_fit_end`` or ``on_exception``
+    must call ``super()``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._finding_log = FindingLog()
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The findings this callback recorded during the current (or last) fit."""
+        return self._finding_log.as_list()
+
+    def record(
+        self,
+        trainer: Any,
+        code: str,
+        severity: Severity,
+        message: str,
+        *,
+        evidence: Optional[Evidence] = None,
+        advice: Optional[list[str]] = None,
+        key: str = "",
+    ) -> Finding:
+        """Record a finding at the trainer's current step; a repeat of ``(code, key)`` only raises its count."""
+        finding = Finding(
+            code=code,
+            severity=severity,
+            message=message,
+            step=int(trainer.global_step),
+            epoch=int(trainer.current_epoch),
+            evidence=dict(evidence or {}),
+            advice=list(advice or []),
+            source=type(self).__name__,
+        )
+        return self._finding_log.record(finding, key=key)
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def _findings_state(self) -> list[dict[str, Any]]:
+        return self._finding_log.state_dict()
+
+    def _load_findings_state(self, state: dict[str, Any]) -> None:
+        if "findings" in state:
+            self._finding_log.load_state_dict(state["findings"])
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            # A new fit starts clean; a resumed one gets its findings back from load_state_dict (called later).
+            self._finding_log.clear()
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish_run(trainer, "finished")
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        self._finish_run(trainer, status, error=f"{type(exception).__name__}: {exception}")
+
+    def _finish_run(self, trainer: Any, status: str, error: Optional[str] = None) -> None:
+        reporters = [cb for cb in trainer.callbacks if isinstance(cb, DiagCallback)]
+        if not reporters or reporters[-1] is not self or not trainer.is_global_zero:
+            return
+        report = build_report(
+            collect_findings(trainer),
+            status=status,
+            global_step=trainer.global_step,
+            epoch=trainer.current_epoch,
+            error=error,
+        )
+        path = write_report(report, _logging.log_dir(trainer))
+        text = format_summary(report, path)
+        print(text, file=sys.stdout, flush=True)
+        _logging.log_text(trainer, "diag/diagnosis", text, step=trainer.global_step)
+
+
+def collect_findings(trainer: Any) -> list[Finding]:
+    """All findings recorded by the lightning_diag callbacks of ``trainer``, in time order."""
+    found: list[Finding] = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, DiagCallback):
+            found.extend(callback.findings)
+    return sort_findings(found)

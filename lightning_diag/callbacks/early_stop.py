@@ -1,0 +1,374 @@
+"""EarlyStop: Lightning's EarlyStopping plus best-weight restoration, warm-up epochs and a baseline."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from typing import Any, Literal, Optional
+
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_diag._distributed import broadcast
+from lightning_diag._validation import check_choice, check_int, check_number, check_positive
+from lightning_diag.callbacks._base import DiagCallback
+from lightning_diag.core.stopping import StopTracker
+
+__all__ = ["EarlyStop"]
+
+log = logging.getLogger("lightning.pytorch.callbacks.early_stopping")
+
+_REASONS = {
+    "none": EarlyStoppingReason.NOT_STOPPED,
+    "non_finite": EarlyStoppingReason.NON_FINITE_METRIC,
+    "stopping_threshold": EarlyStoppingReason.STOPPING_THRESHOLD,
+    "divergence_threshold": EarlyStoppingReason.DIVERGENCE_THRESHOLD,
+    "patience": EarlyStoppingReason.PATIENCE_EXHAUSTED,
+}
+
+_ADVICE = {
+    "patience": [
+        "The monitored metric stopped improving: more epochs are unlikely to help with the current settings.",
+        "If it stopped too soon, raise `patience` or lower `min_delta`; if the curve was still noisy, smooth it "
+        "(evaluate on more data) before trusting the stop.",
+    ],
+    "stopping_threshold": ["The target set by `stopping_threshold` was reached."],
+    "divergence_threshold": [
+        "The monitored metric crossed `divergence_threshold`: training was diverging.",
+        "Likely causes: learning rate too high, no warmup, exploding gradients. Try a lower learning rate, a "
+        "warmup (WarmupCosine) or gradient clipping (GradClip).",
+    ],
+    "non_finite": [
+        "The monitored metric became NaN/Inf: the model or the loss produced non-finite values.",
+        "Likely causes: learning rate too high, log of zero or division by zero in the loss, fp16 overflow. "
+        "Add NaNGuard to find the first module that produced the non-finite value.",
+    ],
+}
+
+
+class EarlyStop(EarlyStopping, DiagCallback):
+    """Stop training when a monitored metric stops improving, and restore the best weights.
+
+    A superset of Lightning's :class:`~lightning.pytorch.callbacks.EarlyStopping` (same arguments and rules, and
+    an instance of it, so it runs after ``LightningModule.on_train_epoch_end`` and Lightning sees it as an
+    early-stopping callback) with Keras' ``restore_best_weights``, ``start_from_epoch`` and ``baseline``.
+    The check runs in ``on_train_epoch_end`` when validation runs once per epoch, else in ``on_validation_end``.
+
+    Decision rules (first match wins): non-finite value (``check_finite``) → stop; ``stopping_threshold``
+    beaten → stop; ``divergence_threshold`` crossed → stop; better than the best by more than ``min_delta`` →
+    new best (patience resets only if it also beats ``baseline``); otherwise one more check without improvement,
+    and ``patience`` of them stop. See :mod:`lightning_diag.core.stopping`.
+
+    Args:
+        monitor: the key in ``trainer.callback_metrics`` to watch (e.g. ``"val_loss"``).
+        min_delta: an improvement must beat the best by more than this (``>= 0`` in both modes).
+        patience: checks without improvement before stopping (checks, not epochs, when validating more than once
+            per epoch).
+        verbose: log every decision.
+        mode: ``"min"`` (lower is better) or ``"max"``.
+        strict: raise when ``monitor`` is missing (the message lists the available keys); else skip the check.
+        check_finite: stop when the metric becomes NaN/Inf.
+        stopping_threshold: stop once the metric is better than this.
+        divergence_threshold: stop once the metric is worse than this.
+        check_on_train_epoch_end: force the check to ``on_train_epoch_end`` (True) or ``on_validation_end``
+            (False); by default chosen from the validation schedule as Lightning does.
+        log_rank_zero_only: write ``verbose`` messages from global rank 0 only.
+        restore_best_weights: load the best weights back into the model when training ends, whatever ended it
+            (this callback, ``max_epochs``/``max_steps`` or another callback).
+        restore_from: where the best weights come from: ``"memory"`` (a CPU copy taken at each improvement),
+            ``"checkpoint"`` (the best file of a ``ModelCheckpoint`` monitoring the same key and mode), or
+            ``"auto"`` (the checkpoint when such a ``ModelCheckpoint`` exists, else memory).
+        start_from_epoch: ignore epochs before this one (no best, no patience counting): lets a warm-up settle.
+        baseline: patience resets only on values that also beat this; the run stops after ``patience`` checks
+            that do not.
+
+    Logged metrics:
+        None (it reads metrics).
+
+    Findings:
+        ``early_stopped`` (info; warning for the divergence and non-finite stops): why training stopped, with the
+        best score, best epoch and the epoch whose weights were restored.
+
+    Raises:
+        ValueError: at construction for a negative ``min_delta``/``patience``/``start_from_epoch``, a NaN
+            threshold or an unknown ``mode``/``restore_from``; at ``setup`` for ``restore_from="checkpoint"``
+            without a matching ``ModelCheckpoint``.
+        RuntimeError: at the first check when ``strict`` and ``monitor`` is missing, listing available keys.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_diag import EarlyStop
+        >>> trainer = pl.Trainer(max_epochs=50, callbacks=[EarlyStop(monitor="val_loss", patience=5)])
+
+    Note:
+        With ``restore_from="memory"`` the best weights are kept on the CPU (one copy of the model's state dict)
+        and saved in the callback's checkpoint state, so a resumed run restores the same weights; a
+        ``ModelCheckpoint`` on the same key avoids both copies. Decisions are identical on every rank: rank 0's
+        value of the metric is broadcast before deciding (one collective per check). A stop is not latched while
+        ``min_epochs``/``min_steps`` forbid it: the run goes on and the rules are applied again at the next check.
+    """
+
+    def __init__(
+        self,
+        monitor: str,
+        min_delta: float = 0.0,
+        patience: int = 3,
+        verbose: bool = False,
+        mode: Literal["min", "max"] = "min",
+        strict: bool = True,
+        check_finite: bool = True,
+        stopping_threshold: Optional[float] = None,
+        divergence_threshold: Optional[float] = None,
+        check_on_train_epoch_end: Optional[bool] = None,
+        log_rank_zero_only: bool = True,
+        restore_best_weights: bool = True,
+        restore_from: Literal["auto", "memory", "checkpoint"] = "auto",
+        start_from_epoch: int = 0,
+        baseline: Optional[float] = None,
+    ) -> None:
+        DiagCallback.__init__(self)  # EarlyStopping.__init__ would sign-flip min_delta; we set every attribute here
+        if not isinstance(monitor, str) or not monitor:
+            raise ValueError(f"`monitor` must be a non-empty metric key, got {monitor!r}.")
+        check_positive("min_delta", min_delta, strict=False)
+        check_int("patience", patience, minimum=0)
+        check_choice("mode", mode, ("min", "max"))
+        check_choice("restore_from", restore_from, ("auto", "memory", "checkpoint"))
+        check_int("start_from_epoch", start_from_epoch, minimum=0)
+        for name, value in (
+            ("stopping_threshold", stopping_threshold),
+            ("divergence_threshold", divergence_threshold),
+            ("baseline", baseline),
+        ):
+            if value is not None:
+                check_number(name, value, allow_inf=True)
+
+        self.monitor = monitor
+        self.min_delta = float(min_delta)
+        self.patience = patience
+        self.verbose = verbose
+        self.mode = mode
+        self.strict = strict
+        self.check_finite = check_finite
+        self.stopping_threshold = stopping_threshold
+        self.divergence_threshold = divergence_threshold
+        self._check_on_train_epoch_end = check_on_train_epoch_end
+        self.log_rank_zero_only = log_rank_zero_only
+        self.restore_best_weights = restore_best_weights
+        self.restore_from = restore_from
+        self.start_from_epoch = start_from_epoch
+        self.baseline = baseline
+
+        self._tracker = self._new_tracker()
+        self.stopped_epoch = 0
+        self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
+        self.stopping_reason_message: Optional[str] = None
+        self.best_epoch: Optional[int] = None
+        self.best_step: Optional[int] = None
+        self.restored_epoch: Optional[int] = None
+        self._best_weights: Optional[dict[str, torch.Tensor]] = None
+        self._checkpoint_callback: Optional[ModelCheckpoint] = None
+
+    def _new_tracker(self) -> StopTracker:
+        return StopTracker(
+            mode=self.mode,
+            min_delta=self.min_delta,
+            patience=self.patience,
+            check_finite=self.check_finite,
+            stopping_threshold=self.stopping_threshold,
+            divergence_threshold=self.divergence_threshold,
+            baseline=self.baseline,
+            name=self.monitor,
+        )
+
+    # -- Lightning EarlyStopping-compatible attributes ----------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    @property
+    def wait_count(self) -> int:  # type: ignore[override]
+        """Checks since the last improvement."""
+        return self._tracker.wait_count
+
+    @wait_count.setter
+    def wait_count(self, value: int) -> None:
+        self._tracker.wait_count = int(value)
+
+    @property
+    def best_score(self) -> torch.Tensor:  # type: ignore[override]
+        """The best value seen (a tensor, as in Lightning's ``EarlyStopping``)."""
+        return torch.tensor(self._tracker.best)
+
+    @best_score.setter
+    def best_score(self, value: Any) -> None:
+        self._tracker.best = float(value)
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        DiagCallback.setup(self, trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if self._check_on_train_epoch_end is None:
+            self._check_on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+        # A new fit starts from scratch; a resumed fit gets its state back from load_state_dict (called later).
+        self._tracker = self._new_tracker()
+        self.stopped_epoch = 0
+        self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
+        self.stopping_reason_message = None
+        self.best_epoch = self.best_step = self.restored_epoch = None
+        self._best_weights = None
+        self._checkpoint_callback = self._find_checkpoint_callback(trainer)
+        if self.restore_from == "checkpoint" and self._checkpoint_callback is None:
+            raise ValueError(
+                f"EarlyStop(restore_from='checkpoint') needs a `ModelCheckpoint(monitor={self.monitor!r}, "
+                f"mode={self.mode!r})` among the callbacks (with `save_top_k != 0`). Add one, or use "
+                "`restore_from='memory'`."
+            )
+
+    def _find_checkpoint_callback(self, trainer: Any) -> Optional[ModelCheckpoint]:
+        if self.restore_from == "memory":
+            return None
+        for callback in trainer.callbacks:
+            if (
+                isinstance(callback, ModelCheckpoint)
+                and callback.monitor == self.monitor
+                and callback.mode == self.mode
+                and callback.save_top_k != 0
+            ):
+                return callback
+        return None
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._check_on_train_epoch_end and not self._should_skip_check(trainer):
+            self._run_early_stopping_check(trainer)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self._check_on_train_epoch_end and not self._should_skip_check(trainer):
+            self._run_early_stopping_check(trainer)
+
+    def _run_early_stopping_check(self, trainer: Any) -> None:
+        if trainer.fast_dev_run or trainer.current_epoch < self.start_from_epoch:
+            return
+        logs = trainer.callback_metrics
+        value = logs.get(self.monitor)
+        # Every rank decides on rank 0's value: one collective, identical decisions, replicas never diverge.
+        current = broadcast(trainer, None if value is None else float(torch.as_tensor(value).float().mean()))
+        if current is None:
+            self._missing_monitor(sorted(logs))
+            return
+
+        decision = self._tracker.update(current)
+        if decision.improved:
+            self.best_epoch = int(trainer.current_epoch)
+            self.best_step = int(trainer.global_step)
+            if self.restore_best_weights and self._checkpoint_callback is None:
+                self._best_weights = {
+                    k: v.detach().to("cpu", copy=True) for k, v in trainer.lightning_module.state_dict().items()
+                }
+        if self.verbose:
+            self._say(trainer, decision.message)
+        if not decision.stop:
+            return
+        if not self._can_stop(trainer):
+            if self.verbose:
+                self._say(trainer, f"{decision.message} Not stopping yet: `min_epochs`/`min_steps` not reached.")
+            return
+        trainer.should_stop = True
+        self.stopped_epoch = int(trainer.current_epoch)
+        self.stopping_reason = _REASONS[decision.reason]
+        self.stopping_reason_message = decision.message
+        severity: Literal["info", "warning"] = (
+            "warning" if decision.reason in ("divergence_threshold", "non_finite") else "info"
+        )
+        self.record(
+            trainer,
+            "early_stopped",
+            severity,
+            f"Training stopped at epoch {self.stopped_epoch}: {decision.message}",
+            evidence={
+                "monitor": self.monitor,
+                "reason": decision.reason,
+                "value": current,
+                "best_score": self._tracker.best,
+                "best_epoch": -1 if self.best_epoch is None else self.best_epoch,
+                "stopped_epoch": self.stopped_epoch,
+                "wait_count": self._tracker.wait_count,
+                "patience": self.patience,
+            },
+            advice=_ADVICE[decision.reason],
+        )
+
+    @staticmethod
+    def _can_stop(trainer: Any) -> bool:
+        """Whether the trainer would honour ``should_stop`` now (the ``min_epochs``/``min_steps`` rule)."""
+        loop = trainer.fit_loop
+        met_epochs = not loop.min_epochs or loop.epoch_progress.current.processed >= loop.min_epochs
+        met_steps = not loop.min_steps or trainer.global_step >= loop.min_steps
+        return bool(met_epochs and met_steps)
+
+    def _missing_monitor(self, available: list[str]) -> None:
+        close = difflib.get_close_matches(self.monitor, available, n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        listed = ", ".join(f"`{k}`" for k in available) or "none (nothing was logged yet)"
+        message = (
+            f"EarlyStop is monitoring `{self.monitor}`, which is not in `trainer.callback_metrics`.{hint} "
+            f"Available keys: {listed}. Log it with `self.log({self.monitor!r}, ...)` or change `monitor`."
+        )
+        if self.strict:
+            raise RuntimeError(message)
+        if self.verbose:
+            rank_zero_info(message)
+
+    def _say(self, trainer: Any, message: str) -> None:
+        if trainer.world_size > 1:
+            if self.log_rank_zero_only and trainer.global_rank != 0:
+                return
+            message = f"[rank: {trainer.global_rank}] {message}"
+        log.info(f"EarlyStop: {message}")
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self.restore_best_weights or self.best_step is None or self.best_step == trainer.global_step:
+            return  # nothing to restore: no best yet, or the model still holds the best weights
+        if self._checkpoint_callback is not None and self._checkpoint_callback.best_model_path:
+            checkpoint = trainer.strategy.load_checkpoint(self._checkpoint_callback.best_model_path)
+            trainer.strategy.load_model_state_dict(checkpoint)
+            source = self._checkpoint_callback.best_model_path
+        elif self._best_weights is not None:
+            pl_module.load_state_dict(self._best_weights)
+            source = "memory"
+        else:
+            return
+        self.restored_epoch = self.best_epoch
+        rank_zero_info(
+            f"EarlyStop: restored the best weights (`{self.monitor}` = {self._tracker.best:.6g} at epoch "
+            f"{self.best_epoch}) from {source}."
+        )
+        for finding in self.findings:
+            if finding.code == "early_stopped":
+                finding.evidence["restored_epoch"] = -1 if self.best_epoch is None else self.best_epoch
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self._tracker.state_dict(),
+            "stopped_epoch": self.stopped_epoch,
+            "stopping_reason": self.stopping_reason.value,
+            "stopping_reason_message": self.stopping_reason_message,
+            "best_epoch": self.best_epoch,
+            "best_step": self.best_step,
+            "best_weights": self._best_weights,
+            "findings": self._findings_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # `patience` and the other settings are the constructor's, never the checkpoint's.
+        self._tracker.load_state_dict(state_dict)
+        self.stopped_epoch = int(state_dict.get("stopped_epoch", self.stopped_epoch))
+        self.stopping_reason = EarlyStoppingReason(state_dict.get("stopping_reason", self.stopping_reason.value))
+        self.stopping_reason_message = state_dict.get("stopping_reason_message", self.stopping_reason_message)
+        self.best_epoch = state_dict.get("best_epoch", self.best_epoch)
+        self.best_step = state_dict.get("best_step", self.best_step)
+        self._best_weights = state_dict.get("best_weights", self._best_weights)
+        self._load_findings_state(state_dict)

@@ -1,0 +1,274 @@
+"""WarmupCosine: per-step linear warmup then cosine decay (with optional warm restarts), exact on resume."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional
+
+from lightning_diag import _logging
+from lightning_diag._validation import check_choice, check_exclusive, check_fraction, check_int, check_positive
+from lightning_diag.callbacks._base import DiagCallback
+from lightning_diag.core.schedules import warmup_cosine
+
+__all__ = ["WarmupCosine"]
+
+
+class WarmupCosine(DiagCallback):
+    """Linear warmup followed by cosine decay, applied to every param group from its own base learning rate.
+
+    The rate for step ``s`` is :func:`lightning_diag.core.schedules.warmup_cosine` of ``s``, a pure function, so
+    a run resumed from a checkpoint gets exactly the rates of an uninterrupted run. With ``interval="step"``
+    (default) ``s`` counts optimizer steps (``trainer.global_step``: gradient accumulation is accounted for) and
+    the rate is written in ``on_train_batch_start``; with ``interval="epoch"`` ``s`` is the epoch and the rate is
+    written in ``on_train_epoch_start``. The base rates are the ones ``configure_optimizers`` set, captured at
+    ``on_fit_start``, so no scheduler is needed in ``configure_optimizers``.
+
+    Args:
+        warmup_steps: length of the linear warmup, in optimizer steps (epochs with ``interval="epoch"``).
+        warmup_ratio: the warmup as a fraction of the total schedule, instead of ``warmup_steps``.
+        total_steps: length of the whole schedule; by default ``trainer.estimated_stepping_batches``
+            (``max_epochs`` with ``interval="epoch"``). From ``total_steps`` on the rate stays at the minimum.
+        warmup_start_lr: the rate at the first warmup step, the same for every param group.
+        warmup_start_factor: the first warmup rate as a fraction of each group's base rate, instead of
+            ``warmup_start_lr``. With neither, the warmup starts at ``base_lr / (warmup + 1)`` and grows by the
+            same amount each step, so the first step never trains at rate 0 (pass ``warmup_start_lr=0.0`` for
+            HuggingFace's ramp from 0).
+        min_lr: the floor of the cosine decay, the same for every param group.
+        min_lr_ratio: the floor as a fraction of each group's base rate, instead of ``min_lr`` (default 0).
+        num_cycles: cosine cycles after warmup (``> 1`` gives SGDR warm restarts).
+        cycle_mul: each cycle is this many times as long as the previous one.
+        cycle_decay: each cycle's peak rate is this many times the previous one's.
+        interval: ``"step"`` or ``"epoch"``.
+        log_lr: log the rate of every param group each optimizer step.
+
+    Logged metrics:
+        ============================  =============================================================
+        key                           value
+        ============================  =============================================================
+        ``diag/lr/group<i>``          rate of param group ``i`` (groups numbered across optimizers)
+        ============================  =============================================================
+
+    Findings:
+        None: a misconfiguration raises instead (see Raises).
+
+    Raises:
+        ValueError: at construction for a negative or non-integer ``warmup_steps``, a ratio outside its range,
+            two mutually exclusive arguments, ``warmup_steps >= total_steps``; at ``on_fit_start`` when a
+            scheduler is configured in ``configure_optimizers`` (the two schedules would overwrite each other),
+            when the schedule length cannot be derived (an iterable dataset without ``max_steps``) or when the
+            warmup does not fit in it.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_diag import WarmupCosine
+        >>> trainer = pl.Trainer(max_epochs=3, callbacks=[WarmupCosine(warmup_ratio=0.05, min_lr_ratio=0.1)])
+
+    Note:
+        The resolved schedule length and the base rates are saved in the checkpoint; a resumed run keeps them
+        (so changing ``max_epochs`` on resume does not stretch a schedule already under way). Under DDP every rank
+        computes the same rate from the same step, so no communication is needed.
+    """
+
+    def __init__(
+        self,
+        warmup_steps: Optional[int] = None,
+        warmup_ratio: Optional[float] = None,
+        total_steps: Optional[int] = None,
+        warmup_start_lr: Optional[float] = None,
+        warmup_start_factor: Optional[float] = None,
+        min_lr: Optional[float] = None,
+        min_lr_ratio: Optional[float] = None,
+        num_cycles: int = 1,
+        cycle_mul: float = 1.0,
+        cycle_decay: float = 1.0,
+        interval: Literal["step", "epoch"] = "step",
+        log_lr: bool = True,
+    ) -> None:
+        super().__init__()
+        check_exclusive(warmup_steps=warmup_steps, warmup_ratio=warmup_ratio)
+        check_exclusive(warmup_start_lr=warmup_start_lr, warmup_start_factor=warmup_start_factor)
+        check_exclusive(min_lr=min_lr, min_lr_ratio=min_lr_ratio)
+        if warmup_steps is not None:
+            check_int("warmup_steps", warmup_steps, minimum=0)
+        if warmup_ratio is not None:
+            check_fraction("warmup_ratio", warmup_ratio, high_open=True)
+        if total_steps is not None:
+            check_int("total_steps", total_steps, minimum=1)
+            if warmup_steps is not None and warmup_steps >= total_steps:
+                raise ValueError(
+                    f"`warmup_steps` must be < `total_steps` ({total_steps}), got {warmup_steps!r}: "
+                    "the warmup must leave at least one step for the cosine decay."
+                )
+        if warmup_start_lr is not None:
+            check_positive("warmup_start_lr", warmup_start_lr, strict=False)
+        if warmup_start_factor is not None:
+            check_fraction("warmup_start_factor", warmup_start_factor)
+        if min_lr is not None:
+            check_positive("min_lr", min_lr, strict=False)
+        if min_lr_ratio is not None:
+            check_fraction("min_lr_ratio", min_lr_ratio)
+        check_int("num_cycles", num_cycles, minimum=1)
+        check_positive("cycle_mul", cycle_mul)
+        check_positive("cycle_decay", cycle_decay)
+        check_choice("interval", interval, ("step", "epoch"))
+
+        self.warmup_steps = warmup_steps
+        self.warmup_ratio = warmup_ratio
+        self.total_steps = total_steps
+        self.warmup_start_lr = warmup_start_lr
+        self.warmup_start_factor = warmup_start_factor
+        self.min_lr = min_lr
+        self.min_lr_ratio = min_lr_ratio
+        self.num_cycles = num_cycles
+        self.cycle_mul = float(cycle_mul)
+        self.cycle_decay = float(cycle_decay)
+        self.interval = interval
+        self.log_lr = log_lr
+
+        # Resolved at on_fit_start (or restored from a checkpoint).
+        self.base_lrs: Optional[list[list[float]]] = None
+        self.resolved_total_steps: Optional[int] = None
+        self.resolved_warmup_steps: Optional[int] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            warmup_steps=self.warmup_steps,
+            warmup_ratio=self.warmup_ratio,
+            total_steps=self.total_steps,
+            num_cycles=self.num_cycles,
+            interval=self.interval,
+        )
+
+    # -- the schedule ---------------------------------------------------------------------------------------
+    def _resolve(self, trainer: Any) -> None:
+        if self.resolved_total_steps is None:
+            self.resolved_total_steps = self.total_steps if self.total_steps is not None else self._derive_total(trainer)
+        total = self.resolved_total_steps
+        if self.resolved_warmup_steps is None:
+            if self.warmup_steps is not None:
+                self.resolved_warmup_steps = self.warmup_steps
+            elif self.warmup_ratio is not None:
+                self.resolved_warmup_steps = int(round(self.warmup_ratio * total))
+            else:
+                self.resolved_warmup_steps = 0
+        if self.resolved_warmup_steps >= total:
+            unit = "steps" if self.interval == "step" else "epochs"
+            raise ValueError(
+                f"WarmupCosine: the warmup ({self.resolved_warmup_steps} {unit}) must be shorter than the schedule "
+                f"({total} {unit}). Lower `warmup_steps`/`warmup_ratio` or train longer."
+            )
+
+    def _derive_total(self, trainer: Any) -> int:
+        if self.interval == "epoch":
+            epochs = trainer.max_epochs
+            if epochs is None or epochs < 1:
+                raise ValueError(
+                    f"WarmupCosine(interval='epoch') cannot derive the schedule length: `Trainer(max_epochs={epochs})`."
+                    " Pass `WarmupCosine(total_steps=...)` (in epochs) or set `max_epochs`."
+                )
+            return int(epochs)
+        estimated = trainer.estimated_stepping_batches
+        if estimated is None or not math.isfinite(estimated) or estimated < 1:
+            raise ValueError(
+                "WarmupCosine cannot derive the schedule length: `trainer.estimated_stepping_batches` is "
+                f"{estimated!r} (an IterableDataset without a length, or `max_epochs=-1`). Pass "
+                "`WarmupCosine(total_steps=...)` or set `Trainer(max_steps=...)`."
+            )
+        return int(estimated)
+
+    def lr_at(self, step: int, base_lr: float) -> float:
+        """The rate for a param group whose base rate is ``base_lr`` at schedule step ``step``."""
+        if self.resolved_total_steps is None or self.resolved_warmup_steps is None:
+            raise RuntimeError("WarmupCosine.lr_at() needs the schedule length: it is resolved at `on_fit_start`.")
+        warmup = self.resolved_warmup_steps
+        if self.warmup_start_lr is not None:
+            start = self.warmup_start_lr
+        elif self.warmup_start_factor is not None:
+            start = self.warmup_start_factor * base_lr
+        else:
+            start = base_lr / (warmup + 1)
+        floor = self.min_lr if self.min_lr is not None else (self.min_lr_ratio or 0.0) * base_lr
+        return warmup_cosine(
+            step,
+            base_lr=base_lr,
+            total_steps=self.resolved_total_steps,
+            warmup_steps=warmup,
+            warmup_start_lr=start,
+            min_lr=floor,
+            num_cycles=self.num_cycles,
+            cycle_mul=self.cycle_mul,
+            cycle_decay=self.cycle_decay,
+        )
+
+    def _apply(self, trainer: Any, step: int) -> None:
+        for optimizer, base_lrs in zip(trainer.optimizers, self.base_lrs or []):
+            for group, base_lr in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = self.lr_at(step, base_lr)
+
+    # -- hooks ----------------------------------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            # A new fit resolves its own schedule; a resumed one gets it back from load_state_dict (called later).
+            self.base_lrs = None
+            self.resolved_total_steps = None
+            self.resolved_warmup_steps = None
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.lr_scheduler_configs:
+            names = ", ".join(type(cfg.scheduler).__name__ for cfg in trainer.lr_scheduler_configs)
+            raise ValueError(
+                f"WarmupCosine found a learning-rate scheduler configured in `configure_optimizers` ({names}). Both "
+                "would write the learning rate every step. Return only the optimizer(s) from `configure_optimizers`, "
+                "or remove WarmupCosine from the callbacks."
+            )
+        groups = [[float(group["lr"]) for group in optimizer.param_groups] for optimizer in trainer.optimizers]
+        if self.base_lrs is None:
+            # Fresh run: the configured rates are the base rates. A resumed run restored them in load_state_dict
+            # (the optimizer's rates at this point of a resume are the freshly configured ones, not the decayed).
+            self.base_lrs = groups
+        elif [len(g) for g in self.base_lrs] != [len(g) for g in groups]:
+            raise ValueError(
+                "WarmupCosine: the checkpoint's param groups per optimizer "
+                f"{[len(g) for g in self.base_lrs]} do not match the model's {[len(g) for g in groups]}."
+            )
+        self._resolve(trainer)
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.interval == "epoch":
+            self._apply(trainer, trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.interval == "step":
+            # Idempotent within an accumulation window: global_step only moves on a real optimizer step.
+            self._apply(trainer, trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if not self.log_lr or optimizer is not trainer.optimizers[0]:
+            return
+        metrics: dict[str, float] = {}
+        index = 0
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                metrics[f"diag/lr/group{index}"] = float(group["lr"])
+                index += 1
+        _logging.log_step(pl_module, metrics)
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "base_lrs": [list(g) for g in self.base_lrs] if self.base_lrs is not None else None,
+            "total_steps": self.resolved_total_steps,
+            "warmup_steps": self.resolved_warmup_steps,
+            "findings": self._findings_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        base_lrs = state_dict.get("base_lrs")
+        self.base_lrs = [[float(lr) for lr in g] for g in base_lrs] if base_lrs is not None else None
+        if state_dict.get("total_steps") is not None:
+            self.resolved_total_steps = int(state_dict["total_steps"])
+        if state_dict.get("warmup_steps") is not None:
+            self.resolved_warmup_steps = int(state_dict["warmup_steps"])
+        self._load_findings_state(state_dict)

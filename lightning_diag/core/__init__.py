@@ -1,0 +1,1 @@
+"""Pure torch + stdlib math and small state machines. Nothing here imports Lightning."""

@@ -1,0 +1,235 @@
+"""Findings: what a diagnostic callback concludes, and the end-of-run report built from them.
+
+A :class:`Finding` is a structured conclusion (code, severity, evidence, advice). Callbacks record them through
+:class:`FindingLog`, which folds a repeated condition into one finding with a count and first/last step.
+At the end of ``fit`` (or when it dies of an exception) global rank 0 writes ``diagnosis.json`` and prints
+one summary (see :func:`build_report` and :func:`format_summary`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, Optional, Union
+
+__all__ = [
+    "CODES",
+    "REPORT_FILENAME",
+    "REPORT_VERSION",
+    "Evidence",
+    "Finding",
+    "FindingLog",
+    "Severity",
+    "build_report",
+    "format_summary",
+    "write_report",
+]
+
+Severity = Literal["info", "warning", "error"]
+Evidence = dict[str, Union[float, int, str]]
+
+SEVERITIES: tuple[Severity, ...] = ("info", "warning", "error")
+REPORT_FILENAME = "diagnosis.json"
+REPORT_VERSION = 1
+
+#: The stable finding codes (DESIGN.md section 3). New codes are added here; none is ever renamed.
+CODES: dict[str, str] = {
+    "non_finite_loss": "loss is NaN/Inf",
+    "non_finite_gradients": "a gradient is NaN/Inf (outside normal AMP overflow handling)",
+    "non_finite_parameters": "a parameter became NaN/Inf",
+    "non_finite_input": "a batch tensor contains NaN/Inf",
+    "exploding_gradients": "gradient norm too large or spiking",
+    "vanishing_gradients": "gradient norm of some layers ~0 (relative or absolute)",
+    "loss_spike": "loss far above its recent statistics",
+    "amp_overflow": "GradScaler keeps overflowing / scale collapsed",
+    "overfitting": "validation gets worse while training improves / gap widening",
+    "underfitting": "both losses high and close, not improving enough",
+    "loss_plateau": "training loss stopped decreasing",
+    "divergence": "training loss rising / exploding",
+    "missing_gradients": "trainable parameters that receive no gradient",
+    "batch_dependence": "outputs of one sample depend on other samples of the batch",
+    "loss_at_init": "initial loss far from what the task implies",
+    "cannot_overfit_batch": "the model cannot fit a single batch",
+    "dataloader_bound": "the step spends a large share of time waiting for data",
+    "early_stopped": "training was stopped early (with reason and best score)",
+}
+
+
+def _plain(value: Any) -> Union[float, int, str]:
+    """Evidence values as JSON-safe plain types (tensors and numpy scalars become numbers)."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value
+    if hasattr(value, "item"):
+        return _plain(value.item())
+    return str(value)
+
+
+@dataclasses.dataclass
+class Finding:
+    """One diagnosis: what was seen, how bad it is, the numbers behind it and what to try.
+
+    Args:
+        code: a stable code from :data:`CODES`.
+        severity: ``"info"``, ``"warning"`` or ``"error"``.
+        message: one readable sentence with the numbers that matter.
+        step: the global step at which the condition was first seen.
+        epoch: the epoch at which the condition was first seen.
+        evidence: the numbers and names that triggered it (plain types only).
+        advice: likely causes and actions, most likely first.
+        source: the class name of the callback that recorded it.
+        count: how many times the condition was seen (repeats are folded into one finding).
+        last_step: the global step of the latest occurrence.
+    """
+
+    code: str
+    severity: Severity
+    message: str
+    step: int
+    epoch: int
+    evidence: Evidence = dataclasses.field(default_factory=dict)
+    advice: list[str] = dataclasses.field(default_factory=list)
+    source: str = ""
+    count: int = 1
+    last_step: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.code not in CODES:
+            raise ValueError(f"`code` must be one of the codes in lightning_diag.findings.CODES, got {self.code!r}.")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"`severity` must be one of {SEVERITIES}, got {self.severity!r}.")
+        self.evidence = {str(k): _plain(v) for k, v in self.evidence.items()}
+        self.advice = [str(a) for a in self.advice]
+        if self.last_step is None:
+            self.last_step = self.step
+
+    @property
+    def first_step(self) -> int:
+        """The global step of the first occurrence (same as :attr:`step`)."""
+        return self.step
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict (what ``diagnosis.json`` holds for this finding)."""
+        data = dataclasses.asdict(self)
+        data["first_step"] = self.step
+        data["evidence"] = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.evidence.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Finding:
+        """Inverse of :meth:`to_dict` (unknown keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class FindingLog:
+    """The findings of one callback, with repeats of the same condition folded together.
+
+    A condition is identified by ``(code, key)``; ``key`` defaults to the code alone, so a callback that can
+    report the same code for different subjects (two layers, two metrics) passes the subject as ``key``.
+    A repeat keeps the first message and evidence and raises ``count`` and ``last_step``.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[str, str], Finding] = {}
+
+    def record(self, finding: Finding, key: str = "") -> Finding:
+        """Add ``finding`` or fold it into the existing finding for the same condition; return the kept one."""
+        ident = (finding.code, key)
+        kept = self._items.get(ident)
+        if kept is None:
+            self._items[ident] = finding
+            return finding
+        kept.count += finding.count
+        kept.last_step = max(kept.last_step or kept.step, finding.last_step or finding.step)
+        return kept
+
+    def __iter__(self) -> Any:
+        return iter(self.as_list())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def as_list(self) -> list[Finding]:
+        """The findings in the order they were first recorded."""
+        return list(self._items.values())
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        """Plain-types state (``weights_only``-safe) so findings survive a resume."""
+        return [{"key": key, **finding.to_dict()} for (_, key), finding in self._items.items()]
+
+    def load_state_dict(self, state: Iterable[Mapping[str, Any]]) -> None:
+        self._items = {}
+        for entry in state:
+            finding = Finding.from_dict(entry)
+            self._items[(finding.code, str(entry.get("key", "")))] = finding
+
+
+def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
+    """Time order (first step), errors before warnings before infos at the same step."""
+    rank = {s: i for i, s in enumerate(reversed(SEVERITIES))}
+    return sorted(findings, key=lambda f: (f.step, rank[f.severity]))
+
+
+def build_report(
+    findings: Sequence[Finding], *, status: str, global_step: int, epoch: int, error: Optional[str] = None
+) -> dict[str, Any]:
+    """The ``diagnosis.json`` document: ``{"version": 1, "findings": [...], "summary": {...}}``."""
+    ordered = sort_findings(findings)
+    by_severity = {s: sum(1 for f in ordered if f.severity == s) for s in SEVERITIES}
+    summary: dict[str, Any] = {
+        "status": status,
+        "global_step": int(global_step),
+        "epoch": int(epoch),
+        "healthy": by_severity["warning"] == 0 and by_severity["error"] == 0 and status == "finished",
+        "counts": by_severity,
+        "codes": sorted({f.code for f in ordered}),
+    }
+    if error is not None:
+        summary["error"] = error
+    return {"version": REPORT_VERSION, "findings": [f.to_dict() for f in ordered], "summary": summary}
+
+
+def format_summary(report: Mapping[str, Any], path: Optional[str] = None) -> str:
+    """One readable, plain-text summary of a report (fits a log file; no colour codes)."""
+    summary = report["summary"]
+    findings = report["findings"]
+    counts = summary["counts"]
+    lines = [
+        f"lightning_diag: run {summary['status']} at step {summary['global_step']} (epoch {summary['epoch']}): "
+        f"{counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info."
+    ]
+    if "error" in summary:
+        lines.append(f"  stopped by: {summary['error']}")
+    if not findings:
+        lines.append("  No findings: nothing looked wrong.")
+    for f in findings:
+        seen = f"step {f['step']}"
+        if f.get("count", 1) > 1:
+            seen += f"-{f['last_step']}, seen {f['count']}x"
+        lines.append(f"  [{f['severity'].upper():7}] {f['code']} ({seen}, {f['source']}): {f['message']}")
+        lines.extend(f"            - {advice}" for advice in f.get("advice", []))
+    if path:
+        lines.append(f"  Full report: {path}")
+    return "\n".join(lines)
+
+
+def write_report(report: Mapping[str, Any], directory: Union[str, os.PathLike[str]]) -> str:
+    """Write ``diagnosis.json`` into ``directory`` (created if needed); return its path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(os.fspath(directory), REPORT_FILENAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    os.replace(tmp, path)
+    return path
