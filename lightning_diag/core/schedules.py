@@ -38,12 +38,13 @@ def warmup_cosine(
     The warmup is a prefix: for ``step < warmup_steps`` the rate goes linearly from ``warmup_start_lr`` (at step 0)
     towards ``base_lr`` (reached at step ``warmup_steps``). The remaining ``total_steps - warmup_steps`` steps are
     split into ``num_cycles`` cosine cycles, cycle ``i`` being ``cycle_mul**i`` times as long as the first and
-    starting from ``base_lr * cycle_decay**i``; each cycle decays to ``min_lr``.
+    starting from ``base_lr * cycle_decay**i`` (never below ``min_lr``); each cycle decays to ``min_lr``.
     From ``total_steps`` on the rate stays at ``min_lr``.
 
     With ``warmup_start_lr=0, min_lr=0, num_cycles=1`` this is HuggingFace's
     ``get_cosine_schedule_with_warmup``; in general it is timm's ``CosineLRScheduler`` with ``warmup_prefix=True``,
-    ``cycle_limit=num_cycles`` and ``t_initial`` the first cycle's length.
+    ``cycle_limit=num_cycles`` and ``t_initial`` the first cycle's length, except that a decayed peak is not
+    allowed under ``min_lr`` (timm's rate would then dip below its own floor).
 
     Args:
         step: the 0-based optimizer step (or epoch) to evaluate.
@@ -96,7 +97,7 @@ def warmup_cosine(
     start = 0.0
     for i, length in enumerate(cycle_lengths(total_steps - warmup_steps, num_cycles, cycle_mul)):
         if t < start + length or i == num_cycles - 1:
-            peak = base_lr * cycle_decay**i
+            peak = max(base_lr * cycle_decay**i, min_lr)
             progress = min((t - start) / length, 1.0)
             return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
         start += length
