@@ -76,7 +76,8 @@ class EarlyStop(EarlyStopping, DiagCallback):
             (False); by default chosen from the validation schedule as Lightning does.
         log_rank_zero_only: write ``verbose`` messages from global rank 0 only.
         restore_best_weights: load the best weights back into the model when training ends, whatever ended it
-            (this callback, ``max_epochs``/``max_steps`` or another callback).
+            (this callback, ``max_epochs``/``max_steps`` or another callback). "Best" is the best value seen, the
+            same one ``ModelCheckpoint`` keeps: ``min_delta`` only decides patience.
         restore_from: where the best weights come from: ``"memory"`` (a CPU copy taken at each improvement),
             ``"checkpoint"`` (the best file of a ``ModelCheckpoint`` monitoring the same key and mode), or
             ``"auto"`` (the checkpoint when such a ``ModelCheckpoint`` exists, else memory).
@@ -260,7 +261,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
             return
 
         decision = self._tracker.update(current)
-        if decision.improved:
+        if decision.new_best:
             self.best_epoch = int(trainer.current_epoch)
             self.best_step = int(trainer.global_step)
             if self.restore_best_weights and self._checkpoint_callback is None:
@@ -291,7 +292,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
                 "monitor": self.monitor,
                 "reason": decision.reason,
                 "value": current,
-                "best_score": self._tracker.best,
+                "best_score": self._tracker.best_seen,
                 "best_epoch": -1 if self.best_epoch is None else self.best_epoch,
                 "stopped_epoch": self.stopped_epoch,
                 "wait_count": self._tracker.wait_count,
@@ -335,19 +336,20 @@ class EarlyStop(EarlyStopping, DiagCallback):
             checkpoint = trainer.strategy.load_checkpoint(self._checkpoint_callback.best_model_path)
             trainer.strategy.load_model_state_dict(checkpoint)
             source = self._checkpoint_callback.best_model_path
+            self.restored_epoch = int(checkpoint.get("epoch", -1))
         elif self._best_weights is not None:
             pl_module.load_state_dict(self._best_weights)
             source = "memory"
+            self.restored_epoch = self.best_epoch
         else:
             return
-        self.restored_epoch = self.best_epoch
         rank_zero_info(
-            f"EarlyStop: restored the best weights (`{self.monitor}` = {self._tracker.best:.6g} at epoch "
+            f"EarlyStop: restored the best weights (`{self.monitor}` = {self._tracker.best_seen:.6g} at epoch "
             f"{self.best_epoch}) from {source}."
         )
         for finding in self.findings:
             if finding.code == "early_stopped":
-                finding.evidence["restored_epoch"] = -1 if self.best_epoch is None else self.best_epoch
+                finding.evidence["restored_epoch"] = -1 if self.restored_epoch is None else self.restored_epoch
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

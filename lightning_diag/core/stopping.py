@@ -10,6 +10,10 @@ plain numbers, so its state round-trips through a checkpoint. The rules, first m
    the value also beats ``baseline`` (when one is set).
 5. Otherwise the patience counter grows; reaching ``patience`` stops (``patience``).
 
+Separately, every decision says whether the value is the best *seen* so far (``new_best``: finite and better
+than every earlier value, no margin). ``min_delta`` only decides patience; the weights worth keeping are the
+best seen ones, also when a threshold stops the run.
+
 These are Lightning ``EarlyStopping``'s rules plus Keras' ``baseline``. ``min_delta`` is a non-negative margin in
 both modes (never sign-flipped).
 """
@@ -33,6 +37,7 @@ class StopDecision:
     improved: bool
     reason: StopReason
     message: str
+    new_best: bool = False
 
 
 class StopTracker:
@@ -71,6 +76,7 @@ class StopTracker:
         self.baseline = baseline
         self.name = name
         self.best = math.inf if mode == "min" else -math.inf
+        self.best_seen = self.best
         self.wait_count = 0
         self.num_updates = 0
 
@@ -81,6 +87,12 @@ class StopTracker:
     def update(self, value: float) -> StopDecision:
         """Consume one evaluation of the monitored value."""
         self.num_updates += 1
+        new_best = math.isfinite(value) and self.better(value, self.best_seen)
+        if new_best:
+            self.best_seen = value
+        return dataclasses.replace(self._decide(value), new_best=new_best)
+
+    def _decide(self, value: float) -> StopDecision:
         sign = "<" if self.mode == "min" else ">"
         if self.check_finite and not math.isfinite(value):
             return StopDecision(
@@ -131,9 +143,15 @@ class StopTracker:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": float(self.best), "wait_count": int(self.wait_count), "num_updates": int(self.num_updates)}
+        return {
+            "best": float(self.best),
+            "best_seen": float(self.best_seen),
+            "wait_count": int(self.wait_count),
+            "num_updates": int(self.num_updates),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = float(state.get("best", self.best))
+        self.best_seen = float(state.get("best_seen", self.best_seen))
         self.wait_count = int(state.get("wait_count", self.wait_count))
         self.num_updates = int(state.get("num_updates", self.num_updates))

@@ -146,6 +146,27 @@ def test_restores_from_the_best_model_checkpoint(tmp_path) -> None:
     assert weights_equal(model, best) and cb.restored_epoch == 1
 
 
+def test_memory_and_checkpoint_sources_restore_the_same_epoch(tmp_path) -> None:
+    # With min_delta, 3.95 at epoch 2 is not an "improvement" for patience but is the best value seen:
+    # both sources restore epoch 2 (ModelCheckpoint keeps the best seen value too).
+    values = [5, 4, 3.95, 4.1, 4.2, 4.3]
+    memory = EarlyStop("val_loss", patience=3, min_delta=0.1, restore_from="memory")
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1)
+    from_ckpt = EarlyStop("val_loss", patience=3, min_delta=0.1, restore_from="checkpoint")
+    run(values, callbacks=[memory])
+    run(values, callbacks=[from_ckpt, ckpt], enable_checkpointing=True)
+    assert memory.restored_epoch == from_ckpt.restored_epoch == 2 and "epoch=2" in ckpt.best_model_path
+    assert memory.stopped_epoch == 4  # patience counted from epoch 1 (4.0), the last margin improvement
+
+
+def test_threshold_stop_keeps_the_final_weights() -> None:
+    snaps = Snapshots()
+    cb = EarlyStop("val_loss", stopping_threshold=1.0)
+    t, model = run([5, 4, 0.5, 0.4], callbacks=[snaps, cb])
+    assert cb.stopped_epoch == 2 and cb.best_epoch == 2 and cb.restored_epoch is None
+    assert weights_equal(model, snaps.by_epoch[2])
+
+
 def test_checkpoint_source_needs_a_matching_model_checkpoint() -> None:
     with pytest.raises(ValueError, match=r"needs a `ModelCheckpoint\(monitor='val_loss', mode='min'\)`"):
         run([1.0], callbacks=[EarlyStop("val_loss", restore_from="checkpoint")])

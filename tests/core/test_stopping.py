@@ -66,7 +66,16 @@ def test_thresholds_and_non_finite(values, mode, kwargs, expected) -> None:
 def test_thresholds_do_not_update_best() -> None:
     tracker = StopTracker(mode="min", stopping_threshold=1.0)
     tracker.update(2.0)
-    assert tracker.update(0.5).stop and tracker.best == 2.0
+    decision = tracker.update(0.5)
+    assert decision.stop and tracker.best == 2.0
+    assert decision.new_best and tracker.best_seen == 0.5  # but the weights worth keeping are these
+
+
+def test_new_best_ignores_min_delta_and_non_finite() -> None:
+    tracker = StopTracker(mode="min", min_delta=0.5, patience=10, check_finite=False)
+    flags = [(d.improved, d.new_best) for d in map(tracker.update, (5.0, 4.8, math.nan, 4.9, 4.4))]
+    assert flags == [(True, True), (False, True), (False, False), (False, False), (True, True)]
+    assert tracker.best_seen == 4.4
 
 
 def test_baseline_resets_patience_only_when_beaten() -> None:
