@@ -33,11 +33,18 @@ def all_ranks(trainer: Any, flag: bool) -> bool:
     return bool(trainer.strategy.reduce_boolean_decision(bool(flag), all=True))
 
 
-def reduce(trainer: Any, tensor: torch.Tensor, op: Literal["sum", "mean", "max", "min"] = "sum") -> torch.Tensor:
+def reduce(
+    trainer: Any, tensor: torch.Tensor, op: Literal["sum", "mean", "max", "min"] = "sum"
+) -> torch.Tensor:
     """All-reduce a tensor across ranks without touching the caller's tensor (Lightning reduces in place)."""
     if not is_distributed(trainer):
         return tensor
-    reduce_op = {"sum": "sum", "mean": "mean", "max": torch.distributed.ReduceOp.MAX, "min": torch.distributed.ReduceOp.MIN}[op]
+    reduce_op = {
+        "sum": "sum",
+        "mean": "mean",
+        "max": torch.distributed.ReduceOp.MAX,
+        "min": torch.distributed.ReduceOp.MIN,
+    }[op]
     return trainer.strategy.reduce(tensor.detach().clone(), reduce_op=reduce_op)
 
 

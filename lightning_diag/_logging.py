@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
@@ -35,7 +35,7 @@ __all__ = [
     "should_log_step",
 ]
 
-Scalar = Union[torch.Tensor, float, int]
+Scalar = torch.Tensor | float | int
 
 #: Quantiles logged instead of a histogram for loggers without histogram support.
 HISTOGRAM_QUANTILES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -82,18 +82,27 @@ def log_histogram(trainer: Any, name: str, values: torch.Tensor, step: int) -> N
     if not trainer.is_global_zero or not trainer.loggers:
         return
     flat = values.detach().float().flatten().cpu()
-    quantiles: Optional[dict[str, float]] = None
+    quantiles: dict[str, float] | None = None
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_histogram(name, flat, global_step=step)
         elif isinstance(logger, WandbLogger):
             import wandb
 
-            logger.experiment.log({name: wandb.Histogram(flat.numpy()), "trainer/global_step": step})
+            counts, edges = torch.histogram(flat, bins=64)
+            histogram = wandb.Histogram(np_histogram=(counts.numpy(), edges.numpy()))
+            logger.experiment.log({name: histogram, "trainer/global_step": step})
         else:
             if quantiles is None:
-                qs = torch.quantile(flat, torch.tensor(HISTOGRAM_QUANTILES)) if flat.numel() else torch.zeros(0)
-                quantiles = {f"{name}/q{round(q * 100)}": float(v) for q, v in zip(HISTOGRAM_QUANTILES, qs.tolist())}
+                qs = (
+                    torch.quantile(flat, torch.tensor(HISTOGRAM_QUANTILES))
+                    if flat.numel()
+                    else torch.zeros(0)
+                )
+                quantiles = {
+                    f"{name}/q{round(q * 100)}": float(v)
+                    for q, v in zip(HISTOGRAM_QUANTILES, qs.tolist(), strict=False)
+                }
             if quantiles:
                 logger.log_metrics(quantiles, step=step)
 

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any
 
 __all__ = [
     "check_choice",
+    "check_exclusive",
     "check_finite",
     "check_fraction",
     "check_int",
     "check_number",
     "check_positive",
-    "check_exclusive",
 ]
 
 
@@ -61,7 +61,7 @@ def check_fraction(name: str, value: Any, *, low_open: bool = False, high_open: 
     return number
 
 
-def check_int(name: str, value: Any, *, minimum: Optional[int] = None) -> int:
+def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
     """An ``int`` (not ``bool``), optionally ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise _fail(name, "an int", value)

@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import sys
-from typing import Optional
 
 from lightning_diag.__about__ import __version__
 from lightning_diag.findings import CODES, REPORT_FILENAME, SEVERITIES, format_summary
@@ -29,7 +28,9 @@ def _find_report(path: str) -> str:
         found = glob.glob(os.path.join(path, "**", REPORT_FILENAME), recursive=True)
         if found:
             return max(found, key=os.path.getmtime)
-        raise FileNotFoundError(f"no {REPORT_FILENAME} under {path!r}: has a run with a lightning_diag callback finished there?")
+        raise FileNotFoundError(
+            f"no {REPORT_FILENAME} under {path!r}: has a run with a lightning_diag callback finished there?"
+        )
     raise FileNotFoundError(f"{path!r} does not exist.")
 
 
@@ -38,11 +39,13 @@ def _report(path: str, fail_on: str) -> int:
     with open(report_path, encoding="utf-8") as handle:
         report = json.load(handle)
     if not isinstance(report, dict) or "findings" not in report or "summary" not in report:
-        raise ValueError(f"{report_path!r} is not a lightning_diag report (expected keys 'findings' and 'summary').")
+        raise ValueError(
+            f"{report_path!r} is not a lightning_diag report (expected keys 'findings' and 'summary')."
+        )
     print(format_summary(report, report_path))
     if fail_on == "never":
         return EXIT_OK
-    threshold = SEVERITIES.index(fail_on)  # type: ignore[arg-type]
+    threshold = SEVERITIES.index(fail_on)
     failing = [f for f in report["findings"] if SEVERITIES.index(f["severity"]) >= threshold]
     return EXIT_FINDINGS if failing else EXIT_OK
 
@@ -55,7 +58,9 @@ def _codes() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightning-diag", description="lightning_diag: training runs that debug themselves.")
+    parser = argparse.ArgumentParser(
+        prog="lightning-diag", description="lightning_diag: training runs that debug themselves."
+    )
     parser.add_argument("--version", action="version", version=f"lightning-diag {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     report = sub.add_parser("report", help="print the summary of a diagnosis.json (file or run directory)")
@@ -70,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "report":

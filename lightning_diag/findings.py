@@ -13,7 +13,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 __all__ = [
     "CODES",
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 Severity = Literal["info", "warning", "error"]
-Evidence = dict[str, Union[float, int, str]]
+Evidence = dict[str, float | int | str]
 
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "error")
 REPORT_FILENAME = "diagnosis.json"
@@ -58,7 +58,7 @@ CODES: dict[str, str] = {
 }
 
 
-def _plain(value: Any) -> Union[float, int, str]:
+def _plain(value: Any) -> float | int | str:
     """Evidence values as JSON-safe plain types (tensors and numpy scalars become numbers)."""
     if isinstance(value, bool):
         return int(value)
@@ -97,11 +97,13 @@ class Finding:
     advice: list[str] = dataclasses.field(default_factory=list)
     source: str = ""
     count: int = 1
-    last_step: Optional[int] = None
+    last_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.code not in CODES:
-            raise ValueError(f"`code` must be one of the codes in lightning_diag.findings.CODES, got {self.code!r}.")
+            raise ValueError(
+                f"`code` must be one of the codes in lightning_diag.findings.CODES, got {self.code!r}."
+            )
         if self.severity not in SEVERITIES:
             raise ValueError(f"`severity` must be one of {SEVERITIES}, got {self.severity!r}.")
         self.evidence = {str(k): _plain(v) for k, v in self.evidence.items()}
@@ -118,7 +120,10 @@ class Finding:
         """A JSON-safe dict (what ``diagnosis.json`` holds for this finding)."""
         data = dataclasses.asdict(self)
         data["first_step"] = self.step
-        data["evidence"] = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in self.evidence.items()}
+        data["evidence"] = {
+            k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in self.evidence.items()
+        }
         return data
 
     @classmethod
@@ -181,7 +186,7 @@ def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
 
 
 def build_report(
-    findings: Sequence[Finding], *, status: str, global_step: int, epoch: int, error: Optional[str] = None
+    findings: Sequence[Finding], *, status: str, global_step: int, epoch: int, error: str | None = None
 ) -> dict[str, Any]:
     """The ``diagnosis.json`` document: ``{"version": 1, "findings": [...], "summary": {...}}``."""
     ordered = sort_findings(findings)
@@ -199,7 +204,7 @@ def build_report(
     return {"version": REPORT_VERSION, "findings": [f.to_dict() for f in ordered], "summary": summary}
 
 
-def format_summary(report: Mapping[str, Any], path: Optional[str] = None) -> str:
+def format_summary(report: Mapping[str, Any], path: str | None = None) -> str:
     """One readable, plain-text summary of a report (fits a log file; no colour codes)."""
     summary = report["summary"]
     findings = report["findings"]
@@ -223,7 +228,7 @@ def format_summary(report: Mapping[str, Any], path: Optional[str] = None) -> str
     return "\n".join(lines)
 
 
-def write_report(report: Mapping[str, Any], directory: Union[str, os.PathLike[str]]) -> str:
+def write_report(report: Mapping[str, Any], directory: str | os.PathLike[str]) -> str:
     """Write ``diagnosis.json`` into ``directory`` (created if needed); return its path."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(os.fspath(directory), REPORT_FILENAME)

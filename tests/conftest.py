@@ -19,4 +19,4 @@ def _isolate(tmp_path, monkeypatch):
     """Every test runs in its own directory, so default `lightning_logs/` and wandb dirs never leak."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    yield
+    return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -113,5 +113,5 @@ def isclose(a: float, b: float, rel: float = 1e-9, abs_: float = 1e-12) -> bool:
     return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
 
 
-def find(findings: list[Any], code: str) -> Optional[Any]:
+def find(findings: list[Any], code: str) -> Any | None:
     return next((f for f in findings if f.code == code), None)

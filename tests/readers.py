@@ -45,7 +45,8 @@ def _wandb_records(path: str) -> list[Any]:
     from wandb.proto import wandb_internal_pb2
 
     block = 32768
-    data = open(path, "rb").read()
+    with open(path, "rb") as handle:
+        data = handle.read()
     ident, _magic, _version = struct.unpack("<4sHB", data[:7])
     assert ident == b":W&B", ident
     records, pending, pos = [], b"", 7

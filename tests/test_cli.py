@@ -21,7 +21,13 @@ def report_with(tmp_path, severity: str) -> str:
 
 @pytest.mark.parametrize(
     ("severity", "fail_on", "code"),
-    [("error", "error", 1), ("warning", "error", 0), ("warning", "warning", 1), ("error", "never", 0), ("info", "warning", 0)],
+    [
+        ("error", "error", 1),
+        ("warning", "error", 0),
+        ("warning", "warning", 1),
+        ("error", "never", 0),
+        ("info", "warning", 0),
+    ],
 )
 def test_report_exit_status_gates_on_severity(tmp_path, capsys, severity, fail_on, code) -> None:
     path = report_with(tmp_path, severity)

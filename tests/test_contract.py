@@ -25,7 +25,10 @@ from tests.helpers import Regression, loader, trainer
 
 #: Two settings per exported callback: the first is the plain default use, the second differs in its state_key.
 REGISTRY: dict[str, list[dict[str, Any]]] = {
-    "EarlyStop": [{"monitor": "val_loss", "patience": 2}, {"monitor": "val_loss", "mode": "max", "patience": 1}],
+    "EarlyStop": [
+        {"monitor": "val_loss", "patience": 2},
+        {"monitor": "val_loss", "mode": "max", "patience": 1},
+    ],
     "WarmupCosine": [{"warmup_steps": 2}, {"warmup_ratio": 0.1, "num_cycles": 2, "min_lr_ratio": 0.1}],
 }
 #: Exported base classes that are not meant to be used on their own.
@@ -49,7 +52,7 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=False))
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return a == b
@@ -88,7 +91,9 @@ def test_fits_without_a_logger(name: str, index: int) -> None:
 def test_state_round_trip_decides_the_same(name: str, index: int, tmp_path) -> None:
     straight = build(name, index)
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
-    trainer(max_epochs=4, enable_checkpointing=True, callbacks=[straight, ckpt]).fit(Regression(), loader(n=32), loader(n=16))
+    trainer(max_epochs=4, enable_checkpointing=True, callbacks=[straight, ckpt]).fit(
+        Regression(), loader(n=32), loader(n=16)
+    )
     path = tmp_path / "epoch=0.ckpt"
     state = torch.load(path, weights_only=True)["callbacks"][straight.state_key]  # weights_only-safe
 
@@ -98,14 +103,20 @@ def test_state_round_trip_decides_the_same(name: str, index: int, tmp_path) -> N
     build(name, index).load_state_dict({})  # tolerates missing keys
 
     resumed = build(name, index)
-    trainer(max_epochs=4, callbacks=[resumed]).fit(Regression(), loader(n=32), loader(n=16), ckpt_path=str(path))
+    trainer(max_epochs=4, callbacks=[resumed]).fit(
+        Regression(), loader(n=32), loader(n=16), ckpt_path=str(path)
+    )
     assert same(resumed.state_dict(), straight.state_dict())
 
 
 @pytest.mark.parametrize(("name", "index"), CASES)
 def test_parses_from_lightning_cli_yaml(name: str, index: int, tmp_path) -> None:
     config = {
-        "trainer": {"logger": False, "max_epochs": 1, "callbacks": [{"class_path": name, "init_args": REGISTRY[name][index]}]},
+        "trainer": {
+            "logger": False,
+            "max_epochs": 1,
+            "callbacks": [{"class_path": name, "init_args": REGISTRY[name][index]}],
+        },
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -119,7 +130,9 @@ def test_parses_from_lightning_cli_yaml(name: str, index: int, tmp_path) -> None
     ("name", "init_args"),
     [("WarmupCosine", {"interval": "batch"}), ("EarlyStop", {"monitor": "val_loss", "mode": "avg"})],
 )
-def test_cli_rejects_a_bad_choice_at_parse_time(name: str, init_args: dict[str, Any], tmp_path, capsys) -> None:
+def test_cli_rejects_a_bad_choice_at_parse_time(
+    name: str, init_args: dict[str, Any], tmp_path, capsys
+) -> None:
     config = {"trainer": {"logger": False, "callbacks": [{"class_path": name, "init_args": init_args}]}}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -16,11 +16,19 @@ from lightning_diag.findings import (
 
 
 def make(code="loss_spike", step=3, severity="warning", **kw) -> Finding:
-    return Finding(code=code, severity=severity, message=f"{code} at {step}", step=step, epoch=0, source="T", **kw)
+    return Finding(
+        code=code, severity=severity, message=f"{code} at {step}", step=step, epoch=0, source="T", **kw
+    )
 
 
 def test_codes_table_is_the_design_contract() -> None:
-    for code in ("non_finite_loss", "exploding_gradients", "overfitting", "early_stopped", "dataloader_bound"):
+    for code in (
+        "non_finite_loss",
+        "exploding_gradients",
+        "overfitting",
+        "early_stopped",
+        "dataloader_bound",
+    ):
         assert code in CODES
 
 
@@ -62,7 +70,10 @@ def test_finding_log_state_round_trip() -> None:
 
 
 def test_report_and_summary(tmp_path) -> None:
-    findings = [make(step=9, severity="info", code="early_stopped"), make(step=2, severity="error", code="non_finite_loss")]
+    findings = [
+        make(step=9, severity="info", code="early_stopped"),
+        make(step=2, severity="error", code="non_finite_loss"),
+    ]
     report = build_report(findings, status="finished", global_step=10, epoch=1)
     assert report["version"] == 1
     assert [f["code"] for f in report["findings"]] == ["non_finite_loss", "early_stopped"]  # time order

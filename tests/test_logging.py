@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,7 +53,7 @@ def assert_expected(series: dict[str, list[tuple[int, float]]]) -> None:
 
 
 def assert_report(directory: str) -> None:
-    report = json.loads(open(os.path.join(directory, "diagnosis.json")).read())
+    report = json.loads(Path(os.path.join(directory, "diagnosis.json")).read_text())
     assert [f["code"] for f in report["findings"]] == ["loss_plateau"]
     assert report["summary"]["status"] == "finished"
 
@@ -120,5 +121,7 @@ def test_should_log_step_follows_log_every_n_steps() -> None:
                 seen.append(trainer.global_step)
 
     logger = CSVLogger(".", name="spy")
-    trainer(max_epochs=1, logger=logger, log_every_n_steps=3, callbacks=[Spy()]).fit(Regression(), loader(n=80))
+    trainer(max_epochs=1, logger=logger, log_every_n_steps=3, callbacks=[Spy()]).fit(
+        Regression(), loader(n=80)
+    )
     assert seen == [2, 5, 8]  # (step + 1) % 3 == 0, as Lightning flushes

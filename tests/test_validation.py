@@ -24,9 +24,18 @@ from lightning_diag._validation import (
         (lambda: check_positive("min_delta", -1, strict=False), r"`min_delta` must be >= 0, got -1"),
         (lambda: check_number("x", math.nan), r"`x` must be a finite number, got nan"),
         (lambda: check_number("x", "1"), r"`x` must be a number, got '1'"),
-        (lambda: check_fraction("warmup_ratio", 1.0, high_open=True), r"`warmup_ratio` must be in \[0, 1\), got 1\.0"),
-        (lambda: check_choice("mode", "avg", ("min", "max")), r"`mode` must be one of 'min', 'max', got 'avg'"),
-        (lambda: check_exclusive(min_lr=0.1, min_lr_ratio=0.5), r"Pass at most one of `min_lr`, `min_lr_ratio`"),
+        (
+            lambda: check_fraction("warmup_ratio", 1.0, high_open=True),
+            r"`warmup_ratio` must be in \[0, 1\), got 1\.0",
+        ),
+        (
+            lambda: check_choice("mode", "avg", ("min", "max")),
+            r"`mode` must be one of 'min', 'max', got 'avg'",
+        ),
+        (
+            lambda: check_exclusive(min_lr=0.1, min_lr_ratio=0.5),
+            r"Pass at most one of `min_lr`, `min_lr_ratio`",
+        ),
     ],
 )
 def test_messages_name_argument_constraint_and_value(call, match) -> None:

@@ -61,7 +61,14 @@ class DigitsClassifier(pl.LightningModule):
         dropout: dropout after each hidden layer.
     """
 
-    def __init__(self, hidden: int = 128, depth: int = 2, lr: float = 3e-3, weight_decay: float = 1e-4, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        hidden: int = 128,
+        depth: int = 2,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         layers: list[nn.Module] = []
@@ -95,4 +102,6 @@ class DigitsClassifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         # No scheduler here: WarmupCosine (a callback, configured in YAML) owns the learning rate.
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )

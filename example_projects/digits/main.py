@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LightningCLI
 import lightning_diag  # noqa: F401  (registers the callbacks' short names for `class_path: EarlyStop`)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+from digits import DigitsClassifier, DigitsDataModule
 
 
 def main(args: list[str] | None = None) -> LightningCLI:

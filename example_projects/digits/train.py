@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_diag import EarlyStop, WarmupCosine, collect_findings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits import DigitsClassifier, DigitsDataModule  # noqa: E402
+from digits import DigitsClassifier, DigitsDataModule
 
 
 def main(argv: list[str] | None = None) -> pl.Trainer:
@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
         ],
     )
     trainer.fit(DigitsClassifier(), datamodule=DigitsDataModule())
-    print(f"{len(collect_findings(trainer))} finding(s); val_acc = {float(trainer.callback_metrics['val_acc']):.3f}")
+    print(
+        f"{len(collect_findings(trainer))} finding(s); val_acc = {float(trainer.callback_metrics['val_acc']):.3f}"
+    )
     return trainer
 
 

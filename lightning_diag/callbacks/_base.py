@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
 from lightning_diag import _logging
-from lightning_diag.findings import Evidence, Finding, FindingLog, Severity, build_report, format_summary, sort_findings, write_report
+from lightning_diag.findings import (
+    Evidence,
+    Finding,
+    FindingLog,
+    Severity,
+    build_report,
+    format_summary,
+    sort_findings,
+    write_report,
+)
 
 __all__ = ["DiagCallback", "collect_findings"]
 
@@ -38,8 +47,8 @@ class DiagCallback(Callback):
         severity: Severity,
         message: str,
         *,
-        evidence: Optional[Evidence] = None,
-        advice: Optional[list[str]] = None,
+        evidence: Evidence | None = None,
+        advice: list[str] | None = None,
         key: str = "",
     ) -> Finding:
         """Record a finding at the trainer's current step; a repeat of ``(code, key)`` only raises its count."""
@@ -76,7 +85,7 @@ class DiagCallback(Callback):
         status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
         self._finish_run(trainer, status, error=f"{type(exception).__name__}: {exception}")
 
-    def _finish_run(self, trainer: Any, status: str, error: Optional[str] = None) -> None:
+    def _finish_run(self, trainer: Any, status: str, error: str | None = None) -> None:
         reporters = [cb for cb in trainer.callbacks if isinstance(cb, DiagCallback)]
         if not reporters or reporters[-1] is not self or not trainer.is_global_zero:
             return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from typing import Any, Literal, Optional
+from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -120,16 +120,18 @@ class EarlyStop(EarlyStopping, DiagCallback):
         mode: Literal["min", "max"] = "min",
         strict: bool = True,
         check_finite: bool = True,
-        stopping_threshold: Optional[float] = None,
-        divergence_threshold: Optional[float] = None,
-        check_on_train_epoch_end: Optional[bool] = None,
+        stopping_threshold: float | None = None,
+        divergence_threshold: float | None = None,
+        check_on_train_epoch_end: bool | None = None,
         log_rank_zero_only: bool = True,
         restore_best_weights: bool = True,
         restore_from: Literal["auto", "memory", "checkpoint"] = "auto",
         start_from_epoch: int = 0,
-        baseline: Optional[float] = None,
+        baseline: float | None = None,
     ) -> None:
-        DiagCallback.__init__(self)  # EarlyStopping.__init__ would sign-flip min_delta; we set every attribute here
+        DiagCallback.__init__(
+            self
+        )  # EarlyStopping.__init__ would sign-flip min_delta; we set every attribute here
         if not isinstance(monitor, str) or not monitor:
             raise ValueError(f"`monitor` must be a non-empty metric key, got {monitor!r}.")
         check_positive("min_delta", min_delta, strict=False)
@@ -164,16 +166,16 @@ class EarlyStop(EarlyStopping, DiagCallback):
         self._tracker = self._new_tracker()
         self.stopped_epoch = 0
         self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
-        self.stopping_reason_message: Optional[str] = None
-        self.best_epoch: Optional[int] = None
-        self.best_step: Optional[int] = None
-        self.restored_epoch: Optional[int] = None
-        self._best_weights: Optional[dict[str, torch.Tensor]] = None
-        self._checkpoint_callback: Optional[ModelCheckpoint] = None
+        self.stopping_reason_message: str | None = None
+        self.best_epoch: int | None = None
+        self.best_step: int | None = None
+        self.restored_epoch: int | None = None
+        self._best_weights: dict[str, torch.Tensor] | None = None
+        self._checkpoint_callback: ModelCheckpoint | None = None
 
     def _new_tracker(self) -> StopTracker:
         return StopTracker(
-            mode=self.mode,
+            mode=cast(Literal["min", "max"], self.mode),
             min_delta=self.min_delta,
             patience=self.patience,
             check_finite=self.check_finite,
@@ -189,7 +191,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
         return self._generate_state_key(monitor=self.monitor, mode=self.mode)
 
     @property
-    def wait_count(self) -> int:  # type: ignore[override]
+    def wait_count(self) -> int:
         """Checks since the last improvement."""
         return self._tracker.wait_count
 
@@ -198,7 +200,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
         self._tracker.wait_count = int(value)
 
     @property
-    def best_score(self) -> torch.Tensor:  # type: ignore[override]
+    def best_score(self) -> torch.Tensor:
         """The best value seen (a tensor, as in Lightning's ``EarlyStopping``)."""
         return torch.tensor(self._tracker.best)
 
@@ -212,7 +214,9 @@ class EarlyStop(EarlyStopping, DiagCallback):
         if stage != "fit":
             return
         if self._check_on_train_epoch_end is None:
-            self._check_on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+            self._check_on_train_epoch_end = (
+                trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+            )
         # A new fit starts from scratch; a resumed fit gets its state back from load_state_dict (called later).
         self._tracker = self._new_tracker()
         self.stopped_epoch = 0
@@ -228,7 +232,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
                 "`restore_from='memory'`."
             )
 
-    def _find_checkpoint_callback(self, trainer: Any) -> Optional[ModelCheckpoint]:
+    def _find_checkpoint_callback(self, trainer: Any) -> ModelCheckpoint | None:
         if self.restore_from == "memory":
             return None
         for callback in trainer.callbacks:
@@ -266,7 +270,8 @@ class EarlyStop(EarlyStopping, DiagCallback):
             self.best_step = int(trainer.global_step)
             if self.restore_best_weights and self._checkpoint_callback is None:
                 self._best_weights = {
-                    k: v.detach().to("cpu", copy=True) for k, v in trainer.lightning_module.state_dict().items()
+                    k: v.detach().to("cpu", copy=True)
+                    for k, v in trainer.lightning_module.state_dict().items()
                 }
         if self.verbose:
             self._say(trainer, decision.message)
@@ -274,7 +279,9 @@ class EarlyStop(EarlyStopping, DiagCallback):
             return
         if not self._can_stop(trainer):
             if self.verbose:
-                self._say(trainer, f"{decision.message} Not stopping yet: `min_epochs`/`min_steps` not reached.")
+                self._say(
+                    trainer, f"{decision.message} Not stopping yet: `min_epochs`/`min_steps` not reached."
+                )
             return
         trainer.should_stop = True
         self.stopped_epoch = int(trainer.current_epoch)
@@ -349,7 +356,9 @@ class EarlyStop(EarlyStopping, DiagCallback):
         )
         for finding in self.findings:
             if finding.code == "early_stopped":
-                finding.evidence["restored_epoch"] = -1 if self.restored_epoch is None else self.restored_epoch
+                finding.evidence["restored_epoch"] = (
+                    -1 if self.restored_epoch is None else self.restored_epoch
+                )
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -368,7 +377,9 @@ class EarlyStop(EarlyStopping, DiagCallback):
         # `patience` and the other settings are the constructor's, never the checkpoint's.
         self._tracker.load_state_dict(state_dict)
         self.stopped_epoch = int(state_dict.get("stopped_epoch", self.stopped_epoch))
-        self.stopping_reason = EarlyStoppingReason(state_dict.get("stopping_reason", self.stopping_reason.value))
+        self.stopping_reason = EarlyStoppingReason(
+            state_dict.get("stopping_reason", self.stopping_reason.value)
+        )
         self.stopping_reason_message = state_dict.get("stopping_reason_message", self.stopping_reason_message)
         self.best_epoch = state_dict.get("best_epoch", self.best_epoch)
         self.best_step = state_dict.get("best_step", self.best_step)

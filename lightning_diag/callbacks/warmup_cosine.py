@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from lightning_diag import _logging
-from lightning_diag._validation import check_choice, check_exclusive, check_fraction, check_int, check_positive
+from lightning_diag._validation import (
+    check_choice,
+    check_exclusive,
+    check_fraction,
+    check_int,
+    check_positive,
+)
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core.schedules import warmup_cosine
 
@@ -71,13 +77,13 @@ class WarmupCosine(DiagCallback):
 
     def __init__(
         self,
-        warmup_steps: Optional[int] = None,
-        warmup_ratio: Optional[float] = None,
-        total_steps: Optional[int] = None,
-        warmup_start_lr: Optional[float] = None,
-        warmup_start_factor: Optional[float] = None,
-        min_lr: Optional[float] = None,
-        min_lr_ratio: Optional[float] = None,
+        warmup_steps: int | None = None,
+        warmup_ratio: float | None = None,
+        total_steps: int | None = None,
+        warmup_start_lr: float | None = None,
+        warmup_start_factor: float | None = None,
+        min_lr: float | None = None,
+        min_lr_ratio: float | None = None,
         num_cycles: int = 1,
         cycle_mul: float = 1.0,
         cycle_decay: float = 1.0,
@@ -126,9 +132,9 @@ class WarmupCosine(DiagCallback):
         self.log_lr = log_lr
 
         # Resolved at on_fit_start (or restored from a checkpoint).
-        self.base_lrs: Optional[list[list[float]]] = None
-        self.resolved_total_steps: Optional[int] = None
-        self.resolved_warmup_steps: Optional[int] = None
+        self.base_lrs: list[list[float]] | None = None
+        self.resolved_total_steps: int | None = None
+        self.resolved_warmup_steps: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -143,13 +149,15 @@ class WarmupCosine(DiagCallback):
     # -- the schedule ---------------------------------------------------------------------------------------
     def _resolve(self, trainer: Any) -> None:
         if self.resolved_total_steps is None:
-            self.resolved_total_steps = self.total_steps if self.total_steps is not None else self._derive_total(trainer)
+            self.resolved_total_steps = (
+                self.total_steps if self.total_steps is not None else self._derive_total(trainer)
+            )
         total = self.resolved_total_steps
         if self.resolved_warmup_steps is None:
             if self.warmup_steps is not None:
                 self.resolved_warmup_steps = self.warmup_steps
             elif self.warmup_ratio is not None:
-                self.resolved_warmup_steps = int(round(self.warmup_ratio * total))
+                self.resolved_warmup_steps = round(self.warmup_ratio * total)
             else:
                 self.resolved_warmup_steps = 0
         if self.resolved_warmup_steps >= total:
@@ -180,7 +188,9 @@ class WarmupCosine(DiagCallback):
     def lr_at(self, step: int, base_lr: float) -> float:
         """The rate for a param group whose base rate is ``base_lr`` at schedule step ``step``."""
         if self.resolved_total_steps is None or self.resolved_warmup_steps is None:
-            raise RuntimeError("WarmupCosine.lr_at() needs the schedule length: it is resolved at `on_fit_start`.")
+            raise RuntimeError(
+                "WarmupCosine.lr_at() needs the schedule length: it is resolved at `on_fit_start`."
+            )
         warmup = self.resolved_warmup_steps
         if self.warmup_start_lr is not None:
             start = self.warmup_start_lr
@@ -202,8 +212,8 @@ class WarmupCosine(DiagCallback):
         )
 
     def _apply(self, trainer: Any, step: int) -> None:
-        for optimizer, base_lrs in zip(trainer.optimizers, self.base_lrs or []):
-            for group, base_lr in zip(optimizer.param_groups, base_lrs):
+        for optimizer, base_lrs in zip(trainer.optimizers, self.base_lrs or [], strict=False):
+            for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=False):
                 group["lr"] = self.lr_at(step, base_lr)
 
     # -- hooks ----------------------------------------------------------------------------------------------
@@ -223,7 +233,9 @@ class WarmupCosine(DiagCallback):
                 "would write the learning rate every step. Return only the optimizer(s) from `configure_optimizers`, "
                 "or remove WarmupCosine from the callbacks."
             )
-        groups = [[float(group["lr"]) for group in optimizer.param_groups] for optimizer in trainer.optimizers]
+        groups = [
+            [float(group["lr"]) for group in optimizer.param_groups] for optimizer in trainer.optimizers
+        ]
         if self.base_lrs is None:
             # Fresh run: the configured rates are the base rates. A resumed run restored them in load_state_dict
             # (the optimizer's rates at this point of a resume are the freshly configured ones, not the decayed).

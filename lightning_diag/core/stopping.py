@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 __all__ = ["StopDecision", "StopReason", "StopTracker"]
 
@@ -60,9 +60,9 @@ class StopTracker:
         min_delta: float = 0.0,
         patience: int = 3,
         check_finite: bool = True,
-        stopping_threshold: Optional[float] = None,
-        divergence_threshold: Optional[float] = None,
-        baseline: Optional[float] = None,
+        stopping_threshold: float | None = None,
+        divergence_threshold: float | None = None,
+        baseline: float | None = None,
         name: str = "metric",
     ) -> None:
         if mode not in ("min", "max"):
@@ -96,7 +96,10 @@ class StopTracker:
         sign = "<" if self.mode == "min" else ">"
         if self.check_finite and not math.isfinite(value):
             return StopDecision(
-                True, False, "non_finite", f"`{self.name}` = {value} is not finite; previous best {self.best:.6g}."
+                True,
+                False,
+                "non_finite",
+                f"`{self.name}` = {value} is not finite; previous best {self.best:.6g}.",
             )
         if self.stopping_threshold is not None and self.better(value, self.stopping_threshold):
             return StopDecision(
@@ -122,7 +125,10 @@ class StopTracker:
             if self.wait_count >= self.patience:
                 return StopDecision(True, True, "patience", self._patience_message())
             return StopDecision(
-                False, True, "none", f"`{self.name}` improved to {value:.6g} but not beyond baseline {self.baseline:.6g}."
+                False,
+                True,
+                "none",
+                f"`{self.name}` improved to {value:.6g} but not beyond baseline {self.baseline:.6g}.",
             )
         self.wait_count += 1
         if self.wait_count >= self.patience:

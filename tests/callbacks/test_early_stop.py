@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 
 from lightning_diag import EarlyStop, collect_findings
-from tests.helpers import Regression, Scripted, loader, trainer
+from tests.helpers import Scripted, loader, trainer
 
 
 class Snapshots(Callback):
@@ -71,7 +72,9 @@ def test_thresholds_and_non_finite_stop_with_a_finding(values, kwargs, reason, s
 
 
 def test_missing_monitor_lists_available_keys() -> None:
-    with pytest.raises(RuntimeError, match=r"monitoring `val_los`.*Did you mean `val_loss`\?.*Available keys: .*`val_loss`"):
+    with pytest.raises(
+        RuntimeError, match=r"monitoring `val_los`.*Did you mean `val_loss`\?.*Available keys: .*`val_loss`"
+    ):
         run([1.0], callbacks=[EarlyStop("val_los")])
     t, _ = run([1.0, 1.0, 1.0], max_epochs=3, callbacks=[EarlyStop("val_los", strict=False, patience=1)])
     assert t.current_epoch == 3  # skipped, never stopped
@@ -117,7 +120,11 @@ def test_restores_best_weights_however_training_ends(ending) -> None:
             if trainer.current_epoch == 3:
                 trainer.should_stop = True
 
-    values = {"patience": [5, 3, 4, 4, 4, 4], "max_epochs": [5, 3, 4, 4, 4, 4], "other_callback": [5, 3, 4, 4, 4]}[ending]
+    values = {
+        "patience": [5, 3, 4, 4, 4, 4],
+        "max_epochs": [5, 3, 4, 4, 4, 4],
+        "other_callback": [5, 3, 4, 4, 4],
+    }[ending]
     snaps = Snapshots()
     patience = 2 if ending == "patience" else 10
     extra = [StopAt3()] if ending == "other_callback" else []
@@ -132,16 +139,20 @@ def test_restores_best_weights_however_training_ends(ending) -> None:
 
 def test_restore_can_be_switched_off() -> None:
     snaps = Snapshots()
-    t, model = run([5, 3, 4, 4, 4], callbacks=[snaps, EarlyStop("val_loss", patience=2, restore_best_weights=False)])
+    t, model = run(
+        [5, 3, 4, 4, 4], callbacks=[snaps, EarlyStop("val_loss", patience=2, restore_best_weights=False)]
+    )
     assert weights_equal(model, snaps.by_epoch[t.current_epoch - 1])
 
 
 def test_restores_from_the_best_model_checkpoint(tmp_path) -> None:
     ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", mode="min", save_top_k=1)
     cb = EarlyStop("val_loss", patience=2)
-    t, model = run([5, 3, 4, 4, 4], callbacks=[cb, ckpt], enable_checkpointing=True)
+    _t, model = run([5, 3, 4, 4, 4], callbacks=[cb, ckpt], enable_checkpointing=True)
     assert "epoch=1" in ckpt.best_model_path
-    assert cb.state_dict()["best_weights"] is None  # no in-memory copy when a checkpoint holds the best weights
+    assert (
+        cb.state_dict()["best_weights"] is None
+    )  # no in-memory copy when a checkpoint holds the best weights
     best = torch.load(ckpt.best_model_path, weights_only=True)["state_dict"]
     assert weights_equal(model, best) and cb.restored_epoch == 1
 
@@ -162,7 +173,7 @@ def test_memory_and_checkpoint_sources_restore_the_same_epoch(tmp_path) -> None:
 def test_threshold_stop_keeps_the_final_weights() -> None:
     snaps = Snapshots()
     cb = EarlyStop("val_loss", stopping_threshold=1.0)
-    t, model = run([5, 4, 0.5, 0.4], callbacks=[snaps, cb])
+    _t, model = run([5, 4, 0.5, 0.4], callbacks=[snaps, cb])
     assert cb.stopped_epoch == 2 and cb.best_epoch == 2 and cb.restored_epoch is None
     assert weights_equal(model, snaps.by_epoch[2])
 
@@ -196,13 +207,18 @@ def test_state_key_and_settings_survive_load() -> None:
     assert cb.state_key == "EarlyStop{'monitor': 'val_loss', 'mode': 'min'}"
     assert EarlyStop("val_loss", mode="max").state_key != cb.state_key
     cb.load_state_dict({"best": 1.0, "wait_count": 2, "patience": 7})
-    assert cb.patience == 100 and cb.wait_count == 2 and cb.best_score.item() == 1.0  # Lightning overwrote patience
+    assert (
+        cb.patience == 100 and cb.wait_count == 2 and cb.best_score.item() == 1.0
+    )  # Lightning overwrote patience
 
 
 def test_report_written_when_fit_ends(tmp_path) -> None:
-    t, _ = run([5, 5, 5, 5], default_root_dir=str(tmp_path), callbacks=[EarlyStop("val_loss", patience=1)])
-    report = json.loads(open(os.path.join(tmp_path, "diagnosis.json")).read())
-    assert report["summary"]["codes"] == ["early_stopped"] and report["findings"][0]["evidence"]["best_epoch"] == 0
+    _t, _ = run([5, 5, 5, 5], default_root_dir=str(tmp_path), callbacks=[EarlyStop("val_loss", patience=1)])
+    report = json.loads(Path(os.path.join(tmp_path, "diagnosis.json")).read_text())
+    assert (
+        report["summary"]["codes"] == ["early_stopped"]
+        and report["findings"][0]["evidence"]["best_epoch"] == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -211,7 +227,10 @@ def test_report_written_when_fit_ends(tmp_path) -> None:
         ({"min_delta": -0.1}, r"`min_delta` must be >= 0, got -0\.1"),
         ({"patience": -1}, r"`patience` must be >= 0, got -1"),
         ({"mode": "avg"}, r"`mode` must be one of 'min', 'max', got 'avg'"),
-        ({"restore_from": "disk"}, r"`restore_from` must be one of 'auto', 'memory', 'checkpoint', got 'disk'"),
+        (
+            {"restore_from": "disk"},
+            r"`restore_from` must be one of 'auto', 'memory', 'checkpoint', got 'disk'",
+        ),
         ({"start_from_epoch": -2}, r"`start_from_epoch` must be >= 0, got -2"),
         ({"baseline": math.nan}, r"`baseline` must be a finite number, got nan"),
         ({"monitor": ""}, r"`monitor` must be a non-empty metric key"),

@@ -27,21 +27,29 @@ class LrRecorder(Callback):
         self.lrs[trainer.global_step] = [g["lr"] for g in optimizer.param_groups]
 
 
-def expected(step: int, base: float, total: int, warmup: int, start: float | None = None, floor: float = 0.0) -> float:
+def expected(
+    step: int, base: float, total: int, warmup: int, start: float | None = None, floor: float = 0.0
+) -> float:
     start = base / (warmup + 1) if start is None else start
-    return warmup_cosine(step, base_lr=base, total_steps=total, warmup_steps=warmup, warmup_start_lr=start, min_lr=floor)
+    return warmup_cosine(
+        step, base_lr=base, total_steps=total, warmup_steps=warmup, warmup_start_lr=start, min_lr=floor
+    )
 
 
 def test_rates_follow_the_schedule_and_land_in_tensorboard(tmp_path) -> None:
     rec = LrRecorder()
     logger = TensorBoardLogger(str(tmp_path), name="tb")
-    t = trainer(max_epochs=3, logger=logger, log_every_n_steps=1, callbacks=[WarmupCosine(warmup_steps=4), rec])
+    t = trainer(
+        max_epochs=3, logger=logger, log_every_n_steps=1, callbacks=[WarmupCosine(warmup_steps=4), rec]
+    )
     t.fit(Regression(lr=0.2), loader(n=64, batch_size=8))
     total = 3 * 8
     assert sorted(rec.lrs) == list(range(total))
     for step, (lr,) in rec.lrs.items():
         assert lr == pytest.approx(expected(step, 0.2, total, 4)), step
-    assert rec.lrs[0][0] == pytest.approx(0.2 / 5) and rec.lrs[0][0] > 0  # never 0 on the first step by default
+    assert (
+        rec.lrs[0][0] == pytest.approx(0.2 / 5) and rec.lrs[0][0] > 0
+    )  # never 0 on the first step by default
     assert rec.lrs[4][0] == pytest.approx(0.2)  # the peak right after warmup
     logged = tb_scalars(logger.log_dir)["diag/lr/group0"]
     assert [s for s, _ in logged] == list(range(total))
@@ -55,7 +63,7 @@ def test_every_group_scales_from_its_own_base() -> None:
     total, warmup = 16, 4
     assert cb.resolved_warmup_steps == warmup and cb.base_lrs == [[0.1, pytest.approx(0.01)]]
     for step, lrs in rec.lrs.items():
-        for lr, base in zip(lrs, (0.1, 0.01)):
+        for lr, base in zip(lrs, (0.1, 0.01), strict=False):
             assert lr == pytest.approx(expected(step, base, total, warmup, start=0.0, floor=0.1 * base)), step
 
 
@@ -88,9 +96,9 @@ def test_resume_reproduces_the_uninterrupted_sequence(tmp_path) -> None:
     schedule = {"warmup_steps": 5, "num_cycles": 2, "min_lr": 1e-4}
     straight = LrRecorder()
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=11, save_top_k=-1, filename="{step}")
-    trainer(max_epochs=3, enable_checkpointing=True, callbacks=[WarmupCosine(**schedule), straight, ckpt]).fit(
-        Regression(optimizer="adamw"), loader(n=64)
-    )
+    trainer(
+        max_epochs=3, enable_checkpointing=True, callbacks=[WarmupCosine(**schedule), straight, ckpt]
+    ).fit(Regression(optimizer="adamw"), loader(n=64))
     resumed = LrRecorder()
     path = str(tmp_path / "step=11.ckpt")
     assert torch.load(path, weights_only=True)["callbacks"]  # our state is weights_only-loadable
@@ -116,13 +124,19 @@ def test_refuses_a_scheduler_from_configure_optimizers() -> None:
             opt = torch.optim.SGD(self.parameters(), lr=0.1)
             return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 2)}
 
-    with pytest.raises(ValueError, match=r"found a learning-rate scheduler configured in `configure_optimizers` \(StepLR\)"):
+    with pytest.raises(
+        ValueError, match=r"found a learning-rate scheduler configured in `configure_optimizers` \(StepLR\)"
+    ):
         trainer(max_epochs=1, callbacks=[WarmupCosine()]).fit(WithScheduler(), loader())
 
 
 def test_unknown_length_asks_for_total_steps() -> None:
-    with pytest.raises(ValueError, match=r"Pass `WarmupCosine\(total_steps=...\)` or set `Trainer\(max_steps=...\)`"):
-        trainer(max_epochs=1, callbacks=[WarmupCosine()]).fit(Regression(), DataLoader(Stream(), batch_size=4))
+    with pytest.raises(
+        ValueError, match=r"Pass `WarmupCosine\(total_steps=...\)` or set `Trainer\(max_steps=...\)`"
+    ):
+        trainer(max_epochs=1, callbacks=[WarmupCosine()]).fit(
+            Regression(), DataLoader(Stream(), batch_size=4)
+        )
     rec = LrRecorder()
     trainer(max_steps=6, callbacks=[WarmupCosine(total_steps=6, warmup_steps=2), rec]).fit(
         Regression(), DataLoader(Stream(), batch_size=4)
@@ -131,7 +145,9 @@ def test_unknown_length_asks_for_total_steps() -> None:
 
 
 def test_warmup_longer_than_the_run_is_an_error() -> None:
-    with pytest.raises(ValueError, match=r"the warmup \(100 steps\) must be shorter than the schedule \(8 steps\)"):
+    with pytest.raises(
+        ValueError, match=r"the warmup \(100 steps\) must be shorter than the schedule \(8 steps\)"
+    ):
         trainer(max_epochs=1, callbacks=[WarmupCosine(warmup_steps=100)]).fit(Regression(), loader(n=64))
 
 

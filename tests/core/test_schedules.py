@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -75,8 +76,12 @@ def test_matches_huggingface_cosine_with_warmup(warmup: int, total: int) -> None
 def test_matches_huggingface_hard_restarts(cycles: int) -> None:
     base, warmup, total = 1.0, 5, 65
     for step in range(total + 2):
-        ours = warmup_cosine(step, base_lr=base, total_steps=total, warmup_steps=warmup, warmup_start_lr=0.0, num_cycles=cycles)
-        assert ours == pytest.approx(base * hf_hard_restarts(step, warmup, total, cycles), abs=1e-12), f"step {step}"
+        ours = warmup_cosine(
+            step, base_lr=base, total_steps=total, warmup_steps=warmup, warmup_start_lr=0.0, num_cycles=cycles
+        )
+        assert ours == pytest.approx(base * hf_hard_restarts(step, warmup, total, cycles), abs=1e-12), (
+            f"step {step}"
+        )
 
 
 @pytest.mark.parametrize(
@@ -117,8 +122,12 @@ def test_cycle_lengths_span_the_decay() -> None:
 
 def test_edges() -> None:
     # 1-step warmup: step 0 is the start, step 1 the peak.
-    assert warmup_cosine(0, base_lr=1.0, total_steps=5, warmup_steps=1, warmup_start_lr=0.2) == pytest.approx(0.2)
-    assert warmup_cosine(1, base_lr=1.0, total_steps=5, warmup_steps=1, warmup_start_lr=0.2) == pytest.approx(1.0)
+    assert warmup_cosine(0, base_lr=1.0, total_steps=5, warmup_steps=1, warmup_start_lr=0.2) == pytest.approx(
+        0.2
+    )
+    assert warmup_cosine(1, base_lr=1.0, total_steps=5, warmup_steps=1, warmup_start_lr=0.2) == pytest.approx(
+        1.0
+    )
     # 0 warmup: the very first step already trains at the peak.
     assert warmup_cosine(0, base_lr=0.5, total_steps=5) == pytest.approx(0.5)
     # past the end: the floor, forever.
@@ -136,7 +145,15 @@ def test_edges() -> None:
         ({"total_steps": 10, "cycle_mul": 0.0}, r"`cycle_mul` must be > 0"),
         ({"total_steps": 10, "cycle_decay": -1.0}, r"`cycle_decay` must be > 0"),
     ],
-    ids=["warmup==total", "warmup>total", "negative-warmup", "zero-total", "zero-cycles", "zero-mul", "neg-decay"],
+    ids=[
+        "warmup==total",
+        "warmup>total",
+        "negative-warmup",
+        "zero-total",
+        "zero-cycles",
+        "zero-mul",
+        "neg-decay",
+    ],
 )
 def test_rejects_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
@@ -163,17 +180,26 @@ def test_properties(total, warmup_frac, base, start_frac, floor_frac, cycles, mu
     warmup = min(int(warmup_frac * total), total - 1)
     start, floor = start_frac * base, floor_frac * base
     lrs = [
-        warmup_cosine(s, base_lr=base, total_steps=total, warmup_steps=warmup, warmup_start_lr=start, min_lr=floor,
-                      num_cycles=cycles, cycle_mul=mul, cycle_decay=decay)
+        warmup_cosine(
+            s,
+            base_lr=base,
+            total_steps=total,
+            warmup_steps=warmup,
+            warmup_start_lr=start,
+            min_lr=floor,
+            num_cycles=cycles,
+            cycle_mul=mul,
+            cycle_decay=decay,
+        )
         for s in range(total + 2)
     ]
     tol = 1e-9 * base
     # bounded by the floor, the start and the peak
     assert all(min(floor, start) - tol <= lr <= base + tol for lr in lrs)
     # warmup never decreases, and the decay phase never goes below the floor; the end is the floor
-    assert all(b >= a - tol for a, b in zip(lrs[:warmup], lrs[1 : warmup + 1]))
+    assert all(b >= a - tol for a, b in itertools.pairwise(lrs[: warmup + 1]))
     assert lrs[total] == pytest.approx(floor) and lrs[total + 1] == pytest.approx(floor)
     # within one cycle (no restarts) the decay is monotone
     if cycles == 1:
         decay_phase = lrs[warmup:total]
-        assert all(b <= a + tol for a, b in zip(decay_phase, decay_phase[1:]))
+        assert all(b <= a + tol for a, b in itertools.pairwise(decay_phase))

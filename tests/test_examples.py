@@ -1,0 +1,67 @@
+"""The example projects run from their README commands (fast settings) and produce what they claim."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.readers import tb_scalars
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "example_projects", "digits")
+
+
+def run(args: list[str], cwd: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def single(pattern_dir: str, name: str) -> str:
+    found = [os.path.join(d, name) for d, _, files in os.walk(pattern_dir) if name in files]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.slow
+def test_digits_cli_main_job(tmp_path) -> None:
+    proc = run(
+        [
+            os.path.join(DIGITS, "main.py"),
+            "fit",
+            "--config",
+            os.path.join(DIGITS, "config.yaml"),
+            "--trainer.max_epochs=4",
+            "--trainer.enable_progress_bar=false",
+        ],
+        cwd=str(tmp_path),
+    )
+    report_path = single(str(tmp_path / "runs" / "digits"), "diagnosis.json")
+    report = json.loads(Path(report_path).read_text())
+    assert report["summary"]["status"] == "finished"
+    assert (
+        report["summary"]["counts"]["warning"] == report["summary"]["counts"]["error"] == 0
+    )  # a healthy run
+    lrs = tb_scalars(os.path.dirname(report_path))["diag/lr/group0"]
+    steps = [s for s, _ in lrs]
+    assert steps == sorted(steps) and steps[0] == 4 and steps[1] - steps[0] == 5  # every log_every_n_steps=5
+    values = [v for _, v in lrs]
+    assert values[0] == pytest.approx(3e-3, rel=1e-5)  # warmup (4 steps) done: the peak
+    assert all(b < a for a, b in itertools.pairwise(values))  # then the cosine decay
+    assert "lightning_diag: run finished" in proc.stdout
+
+
+@pytest.mark.slow
+def test_digits_python_form_learns(tmp_path) -> None:
+    proc = run(
+        [os.path.join(DIGITS, "train.py"), "--max-epochs", "6", "--root", str(tmp_path)], cwd=str(tmp_path)
+    )
+    acc = float(proc.stdout.strip().splitlines()[-1].split("val_acc = ")[1])
+    assert acc > 0.85, proc.stdout[-2000:]
+    assert os.path.exists(single(str(tmp_path), "diagnosis.json"))
