@@ -1,7 +1,14 @@
 """lightning_diag: PyTorch Lightning callbacks that make training runs debug themselves."""
 
 from lightning_diag.__about__ import __version__
-from lightning_diag.callbacks import DiagCallback, EarlyStop, WarmupCosine, collect_findings
+from lightning_diag.callbacks import (
+    DiagCallback,
+    EarlyStop,
+    GradClip,
+    GradNormMonitor,
+    WarmupCosine,
+    collect_findings,
+)
 from lightning_diag.findings import CODES, Finding
 
 
@@ -14,6 +21,8 @@ __all__ = [
     "DiagCallback",
     "EarlyStop",
     "Finding",
+    "GradClip",
+    "GradNormMonitor",
     "LightningDiagWarning",
     "WarmupCosine",
     "__version__",

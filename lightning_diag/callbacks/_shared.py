@@ -1,0 +1,85 @@
+"""Gradient statistics computed once per optimizer step and shared by every lightning_diag callback.
+
+Whichever callback asks first in ``on_before_optimizer_step`` pays for the foreach pass; the others get the
+same :class:`~lightning_diag.core.grad_stats.GradStats`. Because the first asker computes them before it acts,
+the statistics are always *pre-clip*, whatever the order of the callbacks list (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from lightning_diag.core.grad_stats import GradStats, compute_grad_stats
+
+__all__ = ["amp_scaler", "named_optimizer_params", "params_with_grads", "scale_tensor", "step_grad_stats"]
+
+# trainer -> {"params": {id(optimizer): [(name, param)]}, "stats": {(step, id(optimizer), norm_type): GradStats}}
+_CACHE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def amp_scaler(trainer: Any) -> Any | None:
+    """The GradScaler of a 16-bit mixed-precision run, else ``None``."""
+    return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def scale_tensor(scaler: Any) -> torch.Tensor:
+    """The scaler's current scale as a device tensor (no host sync when the scaler keeps it as a tensor)."""
+    scale = getattr(scaler, "_scale", None)
+    if isinstance(scale, torch.Tensor):
+        return scale.detach().float().reshape(())
+    return torch.tensor(float(scaler.get_scale()))
+
+
+def named_optimizer_params(trainer: Any, pl_module: Any, optimizer: Any) -> list[tuple[str, torch.Tensor]]:
+    """``(name, parameter)`` for every parameter the optimizer updates, named as in ``pl_module``."""
+    entry = _CACHE.setdefault(trainer, {"params": {}, "stats": {}})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not params:
+        return []
+    cached = entry["params"].get(id(optimizer))
+    if (
+        cached is None
+        or len(cached) != len(params)
+        or cached[0][1] is not params[0]
+        or cached[-1][1] is not params[-1]
+    ):
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        cached = [(names.get(id(p), f"param{i}"), p) for i, p in enumerate(params)]
+        entry["params"][id(optimizer)] = cached
+    return cached
+
+
+def params_with_grads(
+    trainer: Any, pl_module: Any, optimizer: Any
+) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
+    """Names, parameters and gradients of the optimizer's parameters that have a gradient this step."""
+    names, params, grads = [], [], []
+    for name, param in named_optimizer_params(trainer, pl_module, optimizer):
+        if param.grad is not None:
+            names.append(name)
+            params.append(param)
+            grads.append(param.grad)
+    return names, params, grads
+
+
+def step_grad_stats(trainer: Any, pl_module: Any, optimizer: Any, norm_type: float = 2.0) -> GradStats:
+    """The gradient statistics of the optimizer step in progress (computed on first request, then shared)."""
+    entry = _CACHE.setdefault(trainer, {"params": {}, "stats": {}})
+    key = (trainer.global_step, id(optimizer), float(norm_type))
+    stats = entry["stats"].get(key)
+    if stats is not None:
+        return stats
+    names, _, grads = params_with_grads(trainer, pl_module, optimizer)
+    inv_scale = None
+    scaler = amp_scaler(trainer)
+    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        # Fused optimizers unscale inside step(): the gradients we see are still multiplied by the scale.
+        inv_scale = scale_tensor(scaler).reciprocal()
+    stats = compute_grad_stats(names, grads, norm_type, inv_scale)
+    if any(k[0] != key[0] for k in entry["stats"]):
+        entry["stats"] = {}  # only the current step is ever needed
+    entry["stats"][key] = stats
+    return stats

@@ -1,0 +1,268 @@
+"""GradClip: AMP-aware gradient clipping (fixed and adaptive), reporting what it did."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+
+from lightning_diag import _logging
+from lightning_diag._validation import check_choice, check_int, check_positive
+from lightning_diag.callbacks._base import DiagCallback
+from lightning_diag.callbacks._shared import params_with_grads, step_grad_stats
+from lightning_diag.core.clipping import (
+    AutoClip,
+    ZScoreClip,
+    agc_,
+    apply_coefficient_,
+    clip_coefficient,
+    clip_value_,
+)
+from lightning_diag.core.grad_stats import tensor_norms, total_from_norms
+
+__all__ = ["GradClip"]
+
+Mode = Literal["norm", "value", "agc", "autoclip", "zscore"]
+
+
+class GradClip(DiagCallback):
+    """Clip the *unscaled* gradients in ``on_before_optimizer_step``, with fixed or adaptive thresholds.
+
+    Under 16-bit AMP Lightning unscales the gradients before this hook, so thresholds mean what they say. The
+    total norm comes from the statistics shared with GradNormMonitor (computed once, before any clipping). A
+    clip is a multiply by ``min(1, threshold / norm)`` on device: no host synchronisation. Steps whose norm is
+    NaN/Inf are left alone (the GradScaler skips them; NaNGuard handles them otherwise) and never enter the
+    adaptive statistics.
+
+    Args:
+        mode: ``"norm"`` (total norm capped at ``max_norm``), ``"value"`` (elements clamped to
+            ``±clip_value``), ``"agc"`` (unit-wise adaptive clipping), ``"autoclip"`` (threshold = a percentile of
+            the norm history) or ``"zscore"`` (threshold = EMA mean + ``z_thresh`` EMA std).
+        max_norm: the threshold of ``"norm"`` (required there); an upper cap for ``"autoclip"``/``"zscore"``.
+        norm_type: p of the p-norm for the norm-based modes.
+        clip_value: the bound of ``"value"``.
+        agc_factor: AGC's λ: unit gradient norms are kept under ``λ * max(|W_unit|, agc_eps)`` (0.01 suits large
+            batches; small batches want larger values).
+        agc_eps: AGC's floor on the weight norm (so zero-initialised parameters can still move).
+        agc_exclude: parameter-name prefixes AGC leaves alone (``None``: the model's last layer, i.e. the module
+            owning the last registered parameter, as recommended for the classifier head; ``[]``: nothing).
+        percentile: ``"autoclip"``'s percentile, in ``(0, 100]``.
+        history_size: ``"autoclip"``'s bounded history of finite norms.
+        z_thresh: ``"zscore"``'s threshold in standard deviations.
+        ema_decay: ``"zscore"``'s EMA decay.
+        warmup_steps: ``"zscore"``: finite norms observed (unclipped) before clipping starts.
+
+    Logged metrics (at the logging interval):
+        ==========================  ==============================================================
+        key                         value
+        ==========================  ==============================================================
+        ``diag/clip/pre_norm``      total gradient norm before clipping (unscaled)
+        ``diag/clip/post_norm``     total gradient norm after clipping
+        ``diag/clip/coef``          ``post_norm / pre_norm`` (1 = untouched)
+        ``diag/clip/rate``          share of optimizer steps clipped since the previous log
+        ``diag/clip/threshold``     the threshold in force (norm-based modes)
+        ==========================  ==============================================================
+
+    Findings:
+        None: clipping is an action; GradNormMonitor reports the gradients themselves.
+
+    Raises:
+        ValueError: at construction for an unknown mode, a non-positive threshold, a percentile outside
+            ``(0, 100]``, ``mode="norm"`` without ``max_norm``; at ``setup`` when ``Trainer(gradient_clip_val=...)``
+            is also set (the gradients would be clipped twice).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_diag import GradClip
+        >>> trainer = pl.Trainer(callbacks=[GradClip(mode="zscore", z_thresh=2.5, max_norm=5.0)])
+
+    Note:
+        Fused optimizers (``AdamW(fused=True)``) under a GradScaler unscale inside ``step()``, so their gradients
+        are still scaled in this hook. GradClip handles them: norms are divided by the scale and the (linear)
+        clip applies to the scaled values, so the optimizer's own unscaling and inf check still work. Under DDP
+        the gradients are identical on every rank, so every rank computes the same coefficient; under FSDP2 the
+        total norm is global. Gradient accumulation: one clip per optimizer step, on the accumulated gradients.
+    """
+
+    def __init__(
+        self,
+        mode: Mode = "norm",
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        clip_value: float = 1.0,
+        agc_factor: float = 0.01,
+        agc_eps: float = 1e-3,
+        agc_exclude: list[str] | None = None,
+        percentile: float = 10.0,
+        history_size: int = 1000,
+        z_thresh: float = 2.5,
+        ema_decay: float = 0.97,
+        warmup_steps: int = 25,
+    ) -> None:
+        super().__init__()
+        check_choice("mode", mode, ("norm", "value", "agc", "autoclip", "zscore"))
+        if max_norm is not None:
+            check_positive("max_norm", max_norm)
+        elif mode == "norm":
+            raise ValueError(
+                "`max_norm` must be set for mode='norm', got None. For example GradClip(max_norm=1.0)."
+            )
+        check_positive("norm_type", norm_type, allow_inf=True)
+        check_positive("clip_value", clip_value)
+        check_positive("agc_factor", agc_factor)
+        check_positive("agc_eps", agc_eps)
+        if not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
+            raise ValueError(f"`percentile` must be in (0, 100], got {percentile!r}.")
+        check_int("history_size", history_size, minimum=1)
+        check_positive("z_thresh", z_thresh)
+        check_positive("ema_decay", ema_decay)
+        if ema_decay >= 1:
+            raise ValueError(f"`ema_decay` must be in (0, 1), got {ema_decay!r}.")
+        check_int("warmup_steps", warmup_steps, minimum=0)
+        self.mode = mode
+        self.max_norm = max_norm
+        self.norm_type = float(norm_type)
+        self.clip_value = float(clip_value)
+        self.agc_factor = float(agc_factor)
+        self.agc_eps = float(agc_eps)
+        self.agc_exclude = agc_exclude
+        self.percentile = float(percentile)
+        self.history_size = history_size
+        self.z_thresh = float(z_thresh)
+        self.ema_decay = float(ema_decay)
+        self.warmup_steps = warmup_steps
+        self._adaptive: AutoClip | ZScoreClip | None = None
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        if self.mode == "autoclip":
+            self._adaptive = AutoClip(self.percentile, self.history_size)
+        elif self.mode == "zscore":
+            self._adaptive = ZScoreClip(self.z_thresh, self.ema_decay, self.warmup_steps)
+        self._clipped: torch.Tensor | None = None  # device counter of clipped steps since the last log
+        self._steps = 0
+        self._excluded: tuple[str, ...] = ()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode, max_norm=self.max_norm, norm_type=self.norm_type)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                f"GradClip and `Trainer(gradient_clip_val={trainer.gradient_clip_val})` would both clip the gradients. "
+                "Remove `gradient_clip_val` from the Trainer (GradClip(mode='norm', max_norm=...) does the same, "
+                "AMP-aware and logged), or remove GradClip."
+            )
+        self._reset_state()
+        if self.mode == "agc":
+            if self.agc_exclude is not None:
+                self._excluded = tuple(self.agc_exclude)
+            else:
+                names = [n for n, _ in pl_module.named_parameters()]
+                head = (
+                    names[-1].rsplit(".", 1)[0] + "."
+                    if names and "." in names[-1]
+                    else (names[-1] if names else "")
+                )
+                self._excluded = (head,) if head else ()
+
+    # -- per step ---------------------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        stats = step_grad_stats(trainer, pl_module, optimizer, self.norm_type)  # pre-clip, shared
+        names, params, grads = params_with_grads(trainer, pl_module, optimizer)
+        if not grads:
+            return
+        pre = stats.total_norm
+        threshold: torch.Tensor | None = None
+        if self.mode in ("norm", "autoclip", "zscore"):
+            if self.mode == "norm":
+                threshold = torch.full_like(pre, float(self.max_norm or math.inf))
+            else:
+                assert self._adaptive is not None
+                threshold = self._adaptive.update(pre)
+                if self.max_norm is not None:
+                    threshold = threshold.clamp(max=self.max_norm)
+            coef = clip_coefficient(pre, threshold)
+            apply_coefficient_(grads, coef)
+            clipped = coef < 1
+        elif self.mode == "value":
+            bound: float | torch.Tensor = self.clip_value
+            if stats.inv_scale is not None:
+                bound = self.clip_value / stats.inv_scale  # the gradients are still loss-scaled
+            peak = torch.stack(torch._foreach_norm(grads, math.inf, dtype=torch.float32)).max()
+            if stats.inv_scale is not None:
+                peak = peak * stats.inv_scale
+            clipped = torch.isfinite(peak) & (peak > self.clip_value)
+            clip_value_(grads, bound)
+        else:
+            keep = [i for i, n in enumerate(names) if not n.startswith(self._excluded)]
+            clipped = agc_(
+                [params[i] for i in keep],
+                [grads[i] for i in keep],
+                self.agc_factor,
+                self.agc_eps,
+                stats.inv_scale,
+            )
+        self._clipped = (
+            clipped.long()
+            if self._clipped is None
+            else self._clipped + clipped.long().to(self._clipped.device)
+        )
+        self._steps += 1
+        if _logging.should_log_step(trainer):
+            self._log(trainer, pl_module, stats, grads, threshold, pre)
+
+    def _log(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        stats: Any,
+        grads: list[torch.Tensor],
+        threshold: Any,
+        pre: torch.Tensor,
+    ) -> None:
+        if threshold is not None:
+            post = torch.where(torch.isfinite(pre), torch.minimum(pre, threshold.to(pre.device)), pre)
+        else:
+            norms = tensor_norms(grads, self.norm_type)
+            if stats.inv_scale is not None:
+                norms = norms * stats.inv_scale
+            post = total_from_norms(norms, self.norm_type)
+        assert self._clipped is not None
+        parts = [
+            pre.float().view(1),
+            post.float().view(1).to(pre.device),
+            self._clipped.float().view(1).to(pre.device),
+        ]
+        if threshold is not None:
+            parts.append(threshold.float().view(1).to(pre.device))
+        values = torch.cat(parts).tolist()
+        pre_v, post_v, clipped_v = values[:3]
+        metrics = {
+            "diag/clip/pre_norm": pre_v,
+            "diag/clip/post_norm": post_v,
+            "diag/clip/coef": post_v / pre_v if pre_v > 0 and math.isfinite(pre_v) else 1.0,
+            "diag/clip/rate": clipped_v / max(self._steps, 1),
+        }
+        if threshold is not None and math.isfinite(values[3]):
+            metrics["diag/clip/threshold"] = values[3]
+        _logging.log_step(pl_module, metrics)
+        self._clipped.zero_()
+        self._steps = 0
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"findings": self._findings_state()}
+        if self._adaptive is not None:
+            state["adaptive"] = self._adaptive.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._adaptive is not None and "adaptive" in state_dict:
+            self._adaptive.load_state_dict(state_dict["adaptive"])
+        self._load_findings_state(state_dict)
