@@ -23,12 +23,18 @@ from lightning.pytorch.cli import LightningCLI
 import lightning_diag
 from tests.helpers import Regression, loader, trainer
 
-#: Two settings per exported callback: the first is the plain default use, the second differs in its state_key.
+#: Settings per exported callback: the first is the plain default use, each other one differs in its state_key.
 REGISTRY: dict[str, list[dict[str, Any]]] = {
     "EarlyStop": [
         {"monitor": "val_loss", "patience": 2},
         {"monitor": "val_loss", "mode": "max", "patience": 1},
     ],
+    "GradClip": [
+        {"max_norm": 1.0},
+        {"mode": "zscore", "warmup_steps": 3},
+        {"mode": "autoclip", "percentile": 50.0},
+    ],
+    "GradNormMonitor": [{}, {"group_by": "parameter", "exploding_threshold": 0.5}],
     "WarmupCosine": [{"warmup_steps": 2}, {"warmup_ratio": 0.1, "num_cycles": 2, "min_lr_ratio": 0.1}],
 }
 #: Exported base classes that are not meant to be used on their own.

@@ -75,17 +75,27 @@ def tensor_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> tor
     return _dtensor_norms(tensors, norm_type)
 
 
+def _foreach_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """One foreach call; float64 inputs keep float64 accumulation (``_foreach_norm`` will not narrow them)."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.stack(
+            [n.to(torch.float32) for n in torch._foreach_norm(tensors, norm_type, dtype=torch.float64)]
+        )
+    return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=torch.float32))
+
+
 def _stack_norms(tensors: Sequence[torch.Tensor], norm_type: float) -> torch.Tensor:
     devices = {t.device for t in tensors}
     if len(devices) == 1:
-        return torch.stack(torch._foreach_norm(list(tensors), norm_type, dtype=torch.float32))
+        return _foreach_norms(list(tensors), norm_type)
     # Rare (model parallel across devices): one foreach per device, gathered on the first device.
     target = tensors[0].device
     out = torch.empty(len(tensors), dtype=torch.float32, device=target)
     for device in devices:
         idx = [i for i, t in enumerate(tensors) if t.device == device]
-        norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx], norm_type, dtype=torch.float32))
-        out[torch.tensor(idx, device=target)] = norms.to(target)
+        out[torch.tensor(idx, device=target)] = _foreach_norms([tensors[i] for i in idx], norm_type).to(
+            target
+        )
     return out
 
 
