@@ -40,3 +40,61 @@ def test_ddp_two_processes_decide_alike(tmp_path) -> None:
     assert (tmp_path / "root0" / "diagnosis.json").exists()
     assert not (tmp_path / "root1" / "diagnosis.json").exists()
     assert proc.stdout.count("lightning_diag: run finished") == 1
+
+
+def run_grad_script(kind: str, out) -> dict[int, dict]:
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("LOCAL_RANK", None)
+    script = os.path.join(ROOT, "tests", "scripts", "grad_dist.py")
+    proc = subprocess.run(
+        [sys.executable, script, kind, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        env=env,
+        cwd=str(out),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = {}
+    for rank in (0, 1):
+        path = out / f"{kind}-rank{rank}.json"
+        if path.exists():
+            ranks[rank] = json.loads(path.read_text())
+    return ranks
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_grad_norms_and_clipping_agree_across_single_ddp_and_fsdp2(tmp_path) -> None:
+    from tests.readers import csv_scalars
+
+    logged = {}
+    for kind in ("single", "ddp", "fsdp2"):
+        ranks = run_grad_script(kind, tmp_path)
+        assert len(ranks) == (1 if kind == "single" else 2)
+        if kind == "fsdp2":
+            assert ranks[0]["grad_types"] == ["DTensor"]  # really sharded
+        series = csv_scalars(os.path.join(ranks[0]["log_dir"], "metrics.csv"))
+        logged[kind] = series
+        before = {int(k): v for k, v in ranks[0]["before"].items()}
+        for step, value in series["diag/grad_norm/total"]:
+            assert value == pytest.approx(before[step], rel=1e-5), (kind, step)  # global, pre-clip norm
+        for step, value in series["diag/clip/pre_norm"]:
+            assert value == pytest.approx(before[step], rel=1e-5), (kind, step)
+        for rank in ranks.values():
+            assert all(v <= 0.5 * (1 + 1e-5) for v in rank["after"].values())  # the step used clipped grads
+        if kind != "single":
+            assert ranks[0]["before"] == ranks[1]["before"] and ranks[0]["after"] == ranks[1]["after"]
+            assert ranks[1]["log_dir"] is None  # only rank 0 logs
+    for key in (
+        "diag/grad_norm/total",
+        "diag/grad_norm/net.0",
+        "diag/grad_norm/net.4",
+        "diag/param_norm/total",
+    ):
+        reference = dict(logged["single"][key])
+        for kind in ("ddp", "fsdp2"):
+            got = dict(logged[kind][key])
+            assert got.keys() == reference.keys()
+            for step, value in got.items():
+                assert value == pytest.approx(reference[step], rel=1e-4), (kind, key, step)
