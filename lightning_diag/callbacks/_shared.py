@@ -55,14 +55,29 @@ def named_optimizer_params(trainer: Any, pl_module: Any, optimizer: Any) -> list
 def params_with_grads(
     trainer: Any, pl_module: Any, optimizer: Any
 ) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
-    """Names, parameters and gradients of the optimizer's parameters that have a gradient this step."""
+    """Names, parameters and gradients of the optimizer's parameters that have a gradient this step.
+
+    Built once per optimizer step and shared, like the statistics.
+    """
+    entry = _CACHE.setdefault(trainer, {"params": {}, "stats": {}})
+    key = (trainer.global_step, id(optimizer), "grads")
+    found = entry["stats"].get(key)
+    if found is not None:
+        return found
     names, params, grads = [], [], []
     for name, param in named_optimizer_params(trainer, pl_module, optimizer):
         if param.grad is not None:
             names.append(name)
             params.append(param)
             grads.append(param.grad)
+    _remember(entry, key, (names, params, grads))
     return names, params, grads
+
+
+def _remember(entry: dict[str, Any], key: tuple[Any, ...], value: Any) -> None:
+    if any(k[0] != key[0] for k in entry["stats"]):
+        entry["stats"] = {}  # only the current step is ever needed
+    entry["stats"][key] = value
 
 
 def step_grad_stats(trainer: Any, pl_module: Any, optimizer: Any, norm_type: float = 2.0) -> GradStats:
@@ -79,7 +94,5 @@ def step_grad_stats(trainer: Any, pl_module: Any, optimizer: Any, norm_type: flo
         # Fused optimizers unscale inside step(): the gradients we see are still multiplied by the scale.
         inv_scale = scale_tensor(scaler).reciprocal()
     stats = compute_grad_stats(names, grads, norm_type, inv_scale)
-    if any(k[0] != key[0] for k in entry["stats"]):
-        entry["stats"] = {}  # only the current step is ever needed
-    entry["stats"][key] = stats
+    _remember(entry, key, stats)
     return stats

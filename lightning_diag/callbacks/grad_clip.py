@@ -140,8 +140,10 @@ class GradClip(DiagCallback):
             self._adaptive = AutoClip(self.percentile, self.history_size)
         elif self.mode == "zscore":
             self._adaptive = ZScoreClip(self.z_thresh, self.ema_decay, self.warmup_steps)
-        self._clipped: torch.Tensor | None = None  # device counter of clipped steps since the last log
-        self._steps = 0
+        # Per step since the last log: the clip coefficient (norm-based modes) or a "clipped" flag (others).
+        # Kept as device tensors and reduced at the logging step, so a quiet step adds no kernel for the rate.
+        self._since_log: list[torch.Tensor] = []
+        self._threshold_tensor: torch.Tensor | None = None  # max_norm as a device tensor (mode="norm")
         self._excluded: tuple[str, ...] = ()
 
     @property
@@ -172,6 +174,15 @@ class GradClip(DiagCallback):
                 self._excluded = (head,) if head else ()
 
     # -- per step ---------------------------------------------------------------------------------------------
+    def _fixed_threshold(self, like: torch.Tensor) -> torch.Tensor:
+        cached = getattr(self, "_threshold_tensor", None)
+        if cached is None or cached.device != like.device:
+            cached = self._threshold_tensor = torch.tensor(
+                float(self.max_norm or math.inf), device=like.device
+            )
+        return cached
+
+    @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         stats = step_grad_stats(trainer, pl_module, optimizer, self.norm_type)  # pre-clip, shared
         names, params, grads = params_with_grads(trainer, pl_module, optimizer)
@@ -181,7 +192,7 @@ class GradClip(DiagCallback):
         threshold: torch.Tensor | None = None
         if self.mode in ("norm", "autoclip", "zscore"):
             if self.mode == "norm":
-                threshold = torch.full_like(pre, float(self.max_norm or math.inf))
+                threshold = self._fixed_threshold(pre)
             else:
                 assert self._adaptive is not None
                 threshold = self._adaptive.update(pre)
@@ -189,7 +200,7 @@ class GradClip(DiagCallback):
                     threshold = threshold.clamp(max=self.max_norm)
             coef = clip_coefficient(pre, threshold)
             apply_coefficient_(grads, coef)
-            clipped = coef < 1
+            clipped = coef
         elif self.mode == "value":
             bound: float | torch.Tensor = self.clip_value
             if stats.inv_scale is not None:
@@ -197,23 +208,18 @@ class GradClip(DiagCallback):
             peak = torch.stack(torch._foreach_norm(grads, math.inf, dtype=torch.float32)).max()
             if stats.inv_scale is not None:
                 peak = peak * stats.inv_scale
-            clipped = torch.isfinite(peak) & (peak > self.clip_value)
+            clipped = ~(torch.isfinite(peak) & (peak > self.clip_value))  # as a coefficient: 0 when clipped
             clip_value_(grads, bound)
         else:
             keep = [i for i, n in enumerate(names) if not n.startswith(self._excluded)]
-            clipped = agc_(
+            clipped = ~agc_(
                 [params[i] for i in keep],
                 [grads[i] for i in keep],
                 self.agc_factor,
                 self.agc_eps,
                 stats.inv_scale,
             )
-        self._clipped = (
-            clipped.long()
-            if self._clipped is None
-            else self._clipped + clipped.long().to(self._clipped.device)
-        )
-        self._steps += 1
+        self._since_log.append(clipped)
         if _logging.should_log_step(trainer):
             self._log(trainer, pl_module, stats, grads, threshold, pre)
 
@@ -233,12 +239,9 @@ class GradClip(DiagCallback):
             if stats.inv_scale is not None:
                 norms = norms * stats.inv_scale
             post = total_from_norms(norms, self.norm_type)
-        assert self._clipped is not None
-        parts = [
-            pre.float().view(1),
-            post.float().view(1).to(pre.device),
-            self._clipped.float().view(1).to(pre.device),
-        ]
+        steps = len(self._since_log)
+        clipped_steps = (torch.stack([c.float().to(pre.device) for c in self._since_log]) < 1).sum()
+        parts = [pre.float().view(1), post.float().view(1).to(pre.device), clipped_steps.float().view(1)]
         if threshold is not None:
             parts.append(threshold.float().view(1).to(pre.device))
         values = torch.cat(parts).tolist()
@@ -247,13 +250,12 @@ class GradClip(DiagCallback):
             "diag/clip/pre_norm": pre_v,
             "diag/clip/post_norm": post_v,
             "diag/clip/coef": post_v / pre_v if pre_v > 0 and math.isfinite(pre_v) else 1.0,
-            "diag/clip/rate": clipped_v / max(self._steps, 1),
+            "diag/clip/rate": clipped_v / max(steps, 1),
         }
         if threshold is not None and math.isfinite(values[3]):
             metrics["diag/clip/threshold"] = values[3]
         _logging.log_step(pl_module, metrics)
-        self._clipped.zero_()
-        self._steps = 0
+        self._since_log = []
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -152,76 +152,105 @@ class GradNormMonitor(DiagCallback):
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self._dev: dict[
-            str, torch.Tensor
-        ] = {}  # device-side running state, created lazily on the grads' device
+        # Running statistics, replayed on the host from the pending steps at each logging step.
+        self._ema = 0.0
+        self._ema_count = 0
+        self._skipped = 0  # steps the GradScaler skipped
+        self._skip_run = 0  # current run of consecutive skipped steps
+        self._max_run = 0  # longest run of skipped steps since the last AMP check
+        self._pending: list[
+            tuple[int, torch.Tensor, torch.Tensor]
+        ] = []  # (step, total norm, per-tensor norms)
         self._groups: GroupIndex | None = None
         self._vanishing_streak: dict[str, int] = {}
         # (parameters, their copy before the step, per-group parameter norms, groups, global step) of a logging step
         self._snapshot: (
             tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, GroupIndex, int] | None
         ) = None
+        self._names: tuple[str, ...] = ()
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(group_by=self.group_by, depth=self.depth, norm_type=self.norm_type)
 
     # -- per step ---------------------------------------------------------------------------------------------
-    def _state(self, device: torch.device, n: int) -> dict[str, torch.Tensor]:
-        dev = self._dev
-        if "worst_norms" not in dev or dev["ema"].device != device or dev["worst_norms"].numel() != n:
-            old = {k: v.to(device) for k, v in dev.items() if v.ndim == 0}
-            zero = torch.zeros((), device=device)
-            dev.clear()
-            dev.update({
-                "ema": zero.clone(), "ema_count": zero.clone(), "flags": zero.clone(), "worst": zero.clone(),
-                "worst_ratio": zero.clone(), "worst_step": zero - 1, "nonfinite": zero.clone(),
-                "skipped": zero.clone(), "run": zero.clone(), "max_run": zero.clone(),
-            })  # fmt: skip
-            dev.update(old)
-            dev["worst_norms"] = torch.zeros(n, device=device)
-        return dev
-
+    @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         stats = step_grad_stats(trainer, pl_module, optimizer, self.norm_type)
         if stats.norms.numel() == 0:
             return
-        total = stats.total_norm
-        dev = self._state(total.device, stats.norms.numel())
-        scaler = amp_scaler(trainer)
-        finite = ~stats.nonfinite
-        warmed = dev["ema_count"] >= self.spike_warmup_steps
-        ratio = total / dev["ema"].clamp(min=1e-12)
-        spike = finite & warmed & (ratio > self.spike_ratio)
-        flagged = spike
-        if self.exploding_threshold is not None:
-            flagged = flagged | (finite & (total > self.exploding_threshold))
-        worse = flagged & (total > dev["worst"])
-        dev["flags"] += flagged
-        dev["worst"] = torch.where(worse, total, dev["worst"])
-        dev["worst_ratio"] = torch.where(worse, ratio, dev["worst_ratio"])
-        dev["worst_step"] = torch.where(worse, torch.full_like(total, trainer.global_step), dev["worst_step"])
-        dev["worst_norms"] = torch.where(worse, stats.norms, dev["worst_norms"])
-        calm = finite & ~spike
-        first = dev["ema_count"] == 0
-        blended = torch.where(first, total, self.ema_decay * dev["ema"] + (1 - self.ema_decay) * total)
-        dev["ema"] = torch.where(calm, blended, dev["ema"])
-        dev["ema_count"] += calm
-        if scaler is None:
-            dev["nonfinite"] += stats.nonfinite
-        else:
-            dev["skipped"] += stats.nonfinite
-            dev["run"] = torch.where(stats.nonfinite, dev["run"] + 1, torch.zeros_like(dev["run"]))
-            dev["max_run"] = torch.maximum(dev["max_run"], dev["run"])
+        # A quiet step costs no kernel and no sync: keep references to the norms computed for everyone anyway.
+        self._pending.append((trainer.global_step, stats.total_norm, stats.norms))
+        self._names = stats.names
         if _logging.should_log_step(trainer):
-            self._log_and_check(trainer, pl_module, optimizer, stats, scaler)
+            self._log_and_check(trainer, pl_module, optimizer, stats)
+        elif len(self._pending) >= self.max_pending_steps:
+            self._replay(trainer, self._fetch_pending())
 
-    def _log_and_check(self, trainer: Any, pl_module: Any, optimizer: Any, stats: Any, scaler: Any) -> None:
+    #: Pending steps kept before the statistics are replayed even without logging (bounds memory and latency).
+    max_pending_steps = 256
+
+    def _fetch_pending(self, extra: torch.Tensor | None = None) -> list[float]:
+        """The pending total norms (then ``extra``) in one host transfer."""
+        parts = [torch.stack([total for _, total, _ in self._pending]).float()] if self._pending else []
+        if extra is not None:
+            parts.append(extra)
+        return torch.cat(parts).tolist() if parts else []
+
+    def _replay(self, trainer: Any, totals: list[float]) -> None:
+        """Run the running statistics over the pending steps, in order, and record what they show."""
+        pending, self._pending = self._pending, []
+        scaled = amp_scaler(trainer) is not None
+        flagged, worst, worst_ratio, worst_at, nonfinite, max_run = 0, 0.0, 0.0, -1, 0, 0
+        for (step, _, _), total in zip(pending, totals, strict=False):
+            if not math.isfinite(total):
+                if scaled:  # the GradScaler skips this step: count it, keep it out of the statistics
+                    self._skipped += 1
+                    self._skip_run += 1
+                    max_run = max(max_run, self._skip_run)
+                else:
+                    nonfinite += 1
+                continue
+            self._skip_run = 0
+            ratio = total / max(self._ema, 1e-12)
+            spike = self._ema_count >= self.spike_warmup_steps and ratio > self.spike_ratio
+            over = self.exploding_threshold is not None and total > self.exploding_threshold
+            if spike or over:
+                flagged += 1
+                if total > worst:
+                    worst, worst_ratio, worst_at = total, ratio, step
+            if not spike:
+                self._ema = (
+                    total
+                    if self._ema_count == 0
+                    else self.ema_decay * self._ema + (1 - self.ema_decay) * total
+                )
+                self._ema_count += 1
+        if flagged:
+            norms = next(n for s, _, n in pending if s == worst_at).tolist()
+            self._report_exploding(
+                trainer, flagged, worst, worst_ratio, worst_at, self._ema, norms, self._names
+            )
+        if nonfinite:
+            self.record(
+                trainer,
+                "non_finite_gradients",
+                "error",
+                f"{nonfinite} step(s) had NaN/Inf gradients (total norm not finite), without a GradScaler to "
+                "skip them: the parameters took non-finite updates.",
+                evidence={"steps": nonfinite},
+                advice=[
+                    "Add NaNGuard to skip such steps and locate the layer that produced the first non-finite value."
+                ],
+            )
+        self._max_run = max(self._max_run, max_run)
+
+    def _log_and_check(self, trainer: Any, pl_module: Any, optimizer: Any, stats: Any) -> None:
         device = stats.norms.device
         if self._groups is None or self._groups.names != self._group_names(stats.names):
             self._groups = group_index(stats.names, self.group_by, self.depth, device)
         groups = self._groups
-        dev = self._dev
+        scaler = amp_scaler(trainer)
         pieces = {"total": stats.total_norm.view(1)}
         if self.group_by != "total":
             pieces["groups"] = stats.grouped(groups)
@@ -233,27 +262,18 @@ class GradNormMonitor(DiagCallback):
             if self.log_update_ratio:
                 before = list(torch._foreach_mul(params, 1.0))
                 self._snapshot = (params, before, pieces["param_groups"], groups, trainer.global_step)
-        scale = (
-            scale_tensor(scaler).to(device).view(1) if scaler is not None else torch.zeros(1, device=device)
-        )
-        counters = torch.stack([
-            dev["flags"], dev["worst"], dev["worst_ratio"], dev["worst_step"], dev["ema"], dev["nonfinite"],
-            dev["skipped"], dev["max_run"], stats.nonfinite.float(),
-        ]).to(device).view(-1)  # fmt: skip
+        if scaler is not None:
+            pieces["scale"] = scale_tensor(scaler).to(device).view(1)
         layout = [(k, v.numel()) for k, v in pieces.items()]
-        flat = torch.cat(
-            [*(v.float().to(device) for v in pieces.values()), scale, counters, dev["worst_norms"]]
-        )
-        values = flat.tolist()  # the one host transfer of the logging step
+        n_pending = len(self._pending)
+        values = self._fetch_pending(
+            torch.cat([v.float().to(device) for v in pieces.values()])
+        )  # one transfer
+        self._replay(trainer, values[:n_pending])
         out: dict[str, list[float]] = {}
-        i = 0
+        i = n_pending
         for key, size in layout:
             out[key], i = values[i : i + size], i + size
-        scale_value = values[i]
-        flags, worst, worst_ratio, worst_step, ema, nonfinite, skipped, max_run, skipped_now = values[
-            i + 1 : i + 10
-        ]
-        worst_norms = values[i + 10 :]
 
         metrics: dict[str, float] = {"diag/grad_norm/total": out["total"][0]}
         for name, value in zip(groups.names, out.get("groups", []), strict=False):
@@ -264,34 +284,15 @@ class GradNormMonitor(DiagCallback):
                 for name, value in zip(groups.names, out["param_groups"], strict=True):
                     metrics[f"diag/param_norm/{name}"] = value
         if scaler is not None and self.log_amp:
-            metrics["diag/amp/scale"] = scale_value
-            metrics["diag/amp/skipped_steps"] = skipped
+            metrics["diag/amp/scale"] = out["scale"][0]
+            metrics["diag/amp/skipped_steps"] = float(self._skipped)
         _logging.log_step(pl_module, metrics)
         if self.log_histogram:
             _logging.log_histogram(trainer, "diag/grad_norm/hist", stats.norms, step=trainer.global_step)
-
-        if flags > 0:
-            self._report_exploding(
-                trainer, flags, worst, worst_ratio, int(worst_step), ema, worst_norms, stats.names
-            )
-            dev["flags"].zero_()
-            dev["worst"].zero_()
-        if nonfinite > 0:
-            self.record(
-                trainer,
-                "non_finite_gradients",
-                "error",
-                f"{int(nonfinite)} step(s) had NaN/Inf gradients (total norm not finite), without a GradScaler to "
-                "skip them: the parameters took non-finite updates.",
-                evidence={"steps": int(nonfinite)},
-                advice=[
-                    "Add NaNGuard to skip such steps and locate the layer that produced the first non-finite value."
-                ],
-            )
-            dev["nonfinite"].zero_()
         if scaler is not None:
-            self._check_amp(trainer, scale_value, skipped, int(max_run))
-        if self.group_by != "total" and not skipped_now:
+            self._check_amp(trainer, out["scale"][0], self._skipped, self._max_run)
+            self._max_run = 0
+        if self.group_by != "total" and math.isfinite(out["total"][0]):
             self._check_vanishing(trainer, groups.names, out["groups"])
 
     def _group_names(self, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -409,22 +410,39 @@ class GradNormMonitor(DiagCallback):
         )
 
     # -- state ----------------------------------------------------------------------------------------------
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._pending:  # steps after the last logging step still get their say
+            self._replay(trainer, self._fetch_pending())
+
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self._reset_state()
 
     def state_dict(self) -> dict[str, Any]:
-        keep = ("ema", "ema_count", "skipped")
-        return {
-            **{k: self._dev[k].detach().cpu() for k in keep if k in self._dev},
+        state: dict[str, Any] = {
+            "ema": self._ema,
+            "ema_count": self._ema_count,
+            "skipped": self._skipped,
+            "skip_run": self._skip_run,
             "vanishing_streak": dict(self._vanishing_streak),
             "findings": self._findings_state(),
         }
+        if self._pending:  # steps not replayed yet: saved raw, so a resumed run replays them alike
+            state["pending_steps"] = [step for step, _, _ in self._pending]
+            state["pending_totals"] = torch.stack([t for _, t, _ in self._pending]).detach().cpu()
+            state["pending_norms"] = torch.stack([n for _, _, n in self._pending]).detach().cpu()
+            state["pending_names"] = list(self._names)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key in ("ema", "ema_count", "skipped"):
-            if key in state_dict:
-                self._dev[key] = torch.as_tensor(state_dict[key]).clone()
+        self._ema = float(state_dict.get("ema", self._ema))
+        self._ema_count = int(state_dict.get("ema_count", self._ema_count))
+        self._skipped = int(state_dict.get("skipped", self._skipped))
+        self._skip_run = int(state_dict.get("skip_run", self._skip_run))
         self._vanishing_streak = {str(k): int(v) for k, v in state_dict.get("vanishing_streak", {}).items()}
+        if "pending_steps" in state_dict:
+            totals, norms = state_dict["pending_totals"], state_dict["pending_norms"]
+            self._pending = [(int(s), totals[i], norms[i]) for i, s in enumerate(state_dict["pending_steps"])]
+            self._names = tuple(state_dict.get("pending_names", ()))
         self._load_findings_state(state_dict)

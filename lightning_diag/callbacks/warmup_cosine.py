@@ -45,7 +45,7 @@ class WarmupCosine(DiagCallback):
         cycle_mul: each cycle is this many times as long as the previous one.
         cycle_decay: each cycle's peak rate is this many times the previous one's.
         interval: ``"step"`` or ``"epoch"``.
-        log_lr: log the rate of every param group each optimizer step.
+        log_lr: log the rate of every param group (at the logging interval, ``Trainer(log_every_n_steps)``).
 
     Logged metrics:
         ============================  =============================================================
@@ -257,8 +257,8 @@ class WarmupCosine(DiagCallback):
             self._apply(trainer, trainer.global_step)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if not self.log_lr or optimizer is not trainer.optimizers[0]:
-            return
+        if not self.log_lr or optimizer is not trainer.optimizers[0] or not _logging.should_log_step(trainer):
+            return  # Lightning writes step metrics only at the logging interval: other steps would be wasted work
         metrics: dict[str, float] = {}
         index = 0
         for opt in trainer.optimizers:

@@ -37,19 +37,23 @@ EPS = 1e-6
 
 def clip_coefficient(total_norm: torch.Tensor, max_norm: torch.Tensor | float) -> torch.Tensor:
     """``min(1, max_norm / total_norm)``; exactly 1 where the norm or the threshold is not finite."""
-    coef = (max_norm / (total_norm + EPS)).clamp(max=1.0)
-    return torch.where(torch.isfinite(coef) & torch.isfinite(total_norm), coef, torch.ones_like(coef))
+    coef = (max_norm / (total_norm + EPS)).clamp(max=1.0)  # NaN threshold or norm: NaN; Inf norm: 0
+    return torch.where(torch.isfinite(total_norm), coef, 1.0).nan_to_num(nan=1.0)
 
 
 def apply_coefficient_(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
     """Multiply every gradient by ``coef`` in place, on device (one foreach kernel per device/dtype)."""
     if not grads:
         return
-    by_device: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    devices = {g.device for g in grads}
+    if len(devices) == 1:
+        torch._foreach_mul_(list(grads), coef.to(next(iter(devices))))  # a 0-d tensor multiplies any dtype
+        return
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
     for g in grads:
-        by_device.setdefault((g.device, g.dtype), []).append(g)
-    for (device, dtype), group in by_device.items():
-        torch._foreach_mul_(group, coef.to(device, dtype))
+        by_device.setdefault(g.device, []).append(g)
+    for device, group in by_device.items():
+        torch._foreach_mul_(group, coef.to(device))
 
 
 def clip_value_(grads: Sequence[torch.Tensor], bound: float | torch.Tensor) -> None:

@@ -162,7 +162,6 @@ class GradStats:
         names: the parameter names, aligned with ``norms``.
         norms: per-tensor gradient norms (unscaled), float32.
         total_norm: the norm of all gradients together (unscaled), a 0-d tensor.
-        nonfinite: a 0-d bool tensor, True when any gradient holds NaN/Inf.
         norm_type: the p of the p-norm.
         inv_scale: ``1 / scale`` when the gradients are still multiplied by a GradScaler scale (fused optimizers
             under 16-bit AMP), else ``None``. Norms above are already unscaled.
@@ -171,9 +170,13 @@ class GradStats:
     names: tuple[str, ...]
     norms: torch.Tensor
     total_norm: torch.Tensor
-    nonfinite: torch.Tensor
     norm_type: float
     inv_scale: torch.Tensor | None = None
+
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        """A 0-d bool tensor: whether any gradient holds NaN/Inf (computed on demand: one kernel)."""
+        return ~torch.isfinite(self.total_norm)
 
     def grouped(self, groups: GroupIndex) -> torch.Tensor:
         return grouped_norms(self.norms, groups, self.norm_type)
@@ -201,7 +204,6 @@ def compute_grad_stats(
         names=tuple(names),
         norms=norms,
         total_norm=total,
-        nonfinite=~torch.isfinite(total),
         norm_type=norm_type,
         inv_scale=inv_scale,
     )
