@@ -10,23 +10,24 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "scripts", "ddp_run.py")
+
+
+def run_script(name: str, *args: str, cwd) -> subprocess.CompletedProcess[str]:
+    """Run tests/scripts/<name> in a fresh interpreter (Lightning's DDP launcher re-runs the script per rank)."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("LOCAL_RANK", None)
+    script = os.path.join(ROOT, "tests", "scripts", name)
+    proc = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=200, env=env, cwd=str(cwd)
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
 def test_ddp_two_processes_decide_alike(tmp_path) -> None:
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=200,
-        env=env,
-        cwd=str(tmp_path),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script("ddp_run.py", str(tmp_path), cwd=tmp_path)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     # Rank 0's plateau decides for both: rank 1's own (improving) values would never have stopped it.
@@ -43,18 +44,7 @@ def test_ddp_two_processes_decide_alike(tmp_path) -> None:
 
 
 def run_grad_script(kind: str, out) -> dict[int, dict]:
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("LOCAL_RANK", None)
-    script = os.path.join(ROOT, "tests", "scripts", "grad_dist.py")
-    proc = subprocess.run(
-        [sys.executable, script, kind, str(out)],
-        capture_output=True,
-        text=True,
-        timeout=200,
-        env=env,
-        cwd=str(out),
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_script("grad_dist.py", kind, str(out), cwd=out)
     ranks = {}
     for rank in (0, 1):
         path = out / f"{kind}-rank{rank}.json"

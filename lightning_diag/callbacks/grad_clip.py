@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 
 from lightning_diag import _logging
-from lightning_diag._validation import check_choice, check_int, check_positive
+from lightning_diag._validation import check_choice, check_fraction, check_int, check_positive
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._shared import params_with_grads, step_grad_stats
 from lightning_diag.core.clipping import (
@@ -116,9 +116,7 @@ class GradClip(DiagCallback):
             raise ValueError(f"`percentile` must be in (0, 100], got {percentile!r}.")
         check_int("history_size", history_size, minimum=1)
         check_positive("z_thresh", z_thresh)
-        check_positive("ema_decay", ema_decay)
-        if ema_decay >= 1:
-            raise ValueError(f"`ema_decay` must be in (0, 1), got {ema_decay!r}.")
+        check_fraction("ema_decay", ema_decay, low_open=True, high_open=True)
         check_int("warmup_steps", warmup_steps, minimum=0)
         self.mode = mode
         self.max_norm = max_norm

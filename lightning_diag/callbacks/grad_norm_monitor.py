@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 
 from lightning_diag import _logging
-from lightning_diag._validation import check_choice, check_int, check_positive
+from lightning_diag._validation import check_choice, check_fraction, check_int, check_positive
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._shared import amp_scaler, params_with_grads, scale_tensor, step_grad_stats
 from lightning_diag.core.grad_stats import GroupIndex, group_index, group_name, grouped_norms, tensor_norms
@@ -125,9 +125,7 @@ class GradNormMonitor(DiagCallback):
         if spike_ratio <= 1:
             raise ValueError(f"`spike_ratio` must be > 1, got {spike_ratio!r}.")
         check_int("spike_warmup_steps", spike_warmup_steps, minimum=0)
-        check_positive("ema_decay", ema_decay)
-        if ema_decay >= 1:
-            raise ValueError(f"`ema_decay` must be in (0, 1), got {ema_decay!r}.")
+        check_fraction("ema_decay", ema_decay, low_open=True, high_open=True)
         check_positive("vanishing_threshold", vanishing_threshold, strict=False)
         check_positive("vanishing_ratio", vanishing_ratio, strict=False)
         check_int("vanishing_window", vanishing_window, minimum=1)
@@ -158,9 +156,8 @@ class GradNormMonitor(DiagCallback):
         self._skipped = 0  # steps the GradScaler skipped
         self._skip_run = 0  # current run of consecutive skipped steps
         self._max_run = 0  # longest run of skipped steps since the last AMP check
-        self._pending: list[
-            tuple[int, torch.Tensor, torch.Tensor]
-        ] = []  # (step, total norm, per-tensor norms)
+        # (global step, total norm, per-tensor norms) of the steps not replayed yet
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._groups: GroupIndex | None = None
         self._vanishing_streak: dict[str, int] = {}
         # (parameters, their copy before the step, per-group parameter norms, groups, global step) of a logging step

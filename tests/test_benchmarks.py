@@ -1,0 +1,25 @@
+"""The overhead benchmark runs (tiny settings): its numbers are reported, never asserted as thresholds."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_runs(capsys) -> None:
+    spec = importlib.util.spec_from_file_location("overhead", os.path.join(ROOT, "benchmarks", "overhead.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    configs = ["GradNormMonitor+GradClip", "Lightning grad_norm+log_dict"]
+    results = module.main(
+        ["--steps", "3", "--warmup", "1", "--rounds", "1", "--workloads", "mlp12", "--configs", *configs]
+    )
+    assert set(results["mlp12"]) == {"bare", *configs}
+    assert results["mlp12"]["bare"] == (1.0, 1.0)
+    assert all(ratio > 0 for pair in results["mlp12"].values() for ratio in pair)
+    assert "| GradNormMonitor+GradClip |" in capsys.readouterr().out
