@@ -37,7 +37,7 @@ from lightning.pytorch.utilities import grad_norm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_diag import EarlyStop, GradClip, GradNormMonitor, WarmupCosine
+from lightning_diag import EarlyStop, GradClip, GradNormMonitor, SpeedMonitor, WarmupCosine
 
 warnings.filterwarnings("ignore")
 
@@ -134,12 +134,14 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "GradNormMonitor": lambda: {"callbacks": [GradNormMonitor()]},
     "GradClip(norm)": lambda: {"callbacks": [GradClip(max_norm=1.0)]},
     "GradNormMonitor+GradClip": lambda: {"callbacks": [GradNormMonitor(), GradClip(max_norm=1.0)]},
+    "SpeedMonitor": lambda: {"callbacks": [SpeedMonitor()]},
     "whole suite": lambda: {
         "callbacks": [
             WarmupCosine(warmup_ratio=0.05),
             GradNormMonitor(),
             GradClip(max_norm=1.0),
             EarlyStop(monitor="train_loss", strict=False),
+            SpeedMonitor(),
         ]
     },
     "Lightning grad_norm+log_dict": lambda: {"lightning_grad_norm": True},

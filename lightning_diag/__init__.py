@@ -6,6 +6,7 @@ from lightning_diag.callbacks import (
     EarlyStop,
     GradClip,
     GradNormMonitor,
+    SpeedMonitor,
     WarmupCosine,
     collect_findings,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "GradClip",
     "GradNormMonitor",
     "LightningDiagWarning",
+    "SpeedMonitor",
     "WarmupCosine",
     "__version__",
     "collect_findings",

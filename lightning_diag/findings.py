@@ -55,6 +55,8 @@ CODES: dict[str, str] = {
     "cannot_overfit_batch": "the model cannot fit a single batch",
     "dataloader_bound": "the step spends a large share of time waiting for data",
     "early_stopped": "training was stopped early (with reason and best score)",
+    "host_sync": "the training step makes the host wait for the device (synchronising calls)",
+    "dataloader_config": "a DataLoader setting that slows training on this device (e.g. pin_memory off on CUDA)",
 }
 
 

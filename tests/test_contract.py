@@ -35,6 +35,7 @@ REGISTRY: dict[str, list[dict[str, Any]]] = {
         {"mode": "autoclip", "percentile": 50.0},
     ],
     "GradNormMonitor": [{}, {"group_by": "parameter", "exploding_threshold": 0.5}],
+    "SpeedMonitor": [{"window": 4, "warmup_steps": 1}, {"window": 8, "data_share": 0.5}],
     "WarmupCosine": [{"warmup_steps": 2}, {"warmup_ratio": 0.1, "num_cycles": 2, "min_lr_ratio": 0.1}],
 }
 #: Exported base classes that are not meant to be used on their own.

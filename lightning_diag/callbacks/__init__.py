@@ -4,6 +4,15 @@ from lightning_diag.callbacks._base import DiagCallback, collect_findings
 from lightning_diag.callbacks.early_stop import EarlyStop
 from lightning_diag.callbacks.grad_clip import GradClip
 from lightning_diag.callbacks.grad_norm_monitor import GradNormMonitor
+from lightning_diag.callbacks.speed_monitor import SpeedMonitor
 from lightning_diag.callbacks.warmup_cosine import WarmupCosine
 
-__all__ = ["DiagCallback", "EarlyStop", "GradClip", "GradNormMonitor", "WarmupCosine", "collect_findings"]
+__all__ = [
+    "DiagCallback",
+    "EarlyStop",
+    "GradClip",
+    "GradNormMonitor",
+    "SpeedMonitor",
+    "WarmupCosine",
+    "collect_findings",
+]

@@ -1,0 +1,326 @@
+"""SpeedMonitor: where a training step's time goes (waiting for data vs computing), and what to change."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections import deque
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_diag import _logging
+from lightning_diag._validation import check_fraction, check_int
+from lightning_diag.callbacks._base import DiagCallback
+
+__all__ = ["SpeedMonitor"]
+
+
+def _batch_size(batch: Any) -> int:
+    """The leading dimension of the first tensor found in the batch (0 when there is none)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.ndim else 1
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            size = _batch_size(item)
+            if size:
+                return size
+    return 0
+
+
+def _first_loader(loaders: Any) -> DataLoader | None:
+    if isinstance(loaders, DataLoader):
+        return loaders
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        for item in loaders:
+            found = _first_loader(item)
+            if found is not None:
+                return found
+    return None
+
+
+class SpeedMonitor(DiagCallback):
+    """Split every training step's wall time into waiting for the batch and computing on it, and say why it is slow.
+
+    Waiting is the time from one ``on_train_batch_end`` to the next ``on_train_batch_start`` (the data loader's
+    ``next()`` and Lightning's transfer of the batch); computing is from ``on_train_batch_start`` to
+    ``on_train_batch_end``. Both are host clocks read in Python: no synchronisation is added. The first batch of
+    each epoch is left out (worker start-up). On a CUDA device the device time of the logging steps is also
+    measured with CUDA events, read one logging interval later (by then they have completed: no wait).
+
+    Args:
+        window: the steps averaged for the logged values and the findings.
+        warmup_steps: steps ignored at the start of the fit (compilation, caches, worker start-up).
+        data_share: waiting for data above this share of the step time is ``dataloader_bound``.
+        check_host_syncs: on CUDA, watch ``sync_check_steps`` steps after warm-up with
+            ``torch.cuda.set_sync_debug_mode("warn")`` and report synchronising calls (``host_sync``).
+        sync_check_steps: how many steps that check covers.
+
+    Logged metrics (at the logging interval, averages over the window):
+        ====================================  ===================================================
+        key                                   value
+        ====================================  ===================================================
+        ``diag/throughput/data_wait_ms``      waiting for the batch, per step
+        ``diag/throughput/compute_ms``        computing on the batch, per step
+        ``diag/throughput/data_share``        waiting / (waiting + computing)
+        ``diag/throughput/steps_per_sec``     training batches per second
+        ``diag/throughput/samples_per_sec``   samples per second (leading dimension of the batch)
+        ``diag/throughput/device_ms``         CUDA device time of a logging step (CUDA only)
+        ====================================  ===================================================
+
+    Findings:
+        ``dataloader_bound`` (warning): waiting for data takes more than ``data_share`` of the step time, with the
+        share, the milliseconds per step and the DataLoader's ``num_workers``/``pin_memory``/
+        ``persistent_workers``/batch size, and advice that follows from them. ``dataloader_config`` (warning):
+        ``pin_memory=False`` while training on a CUDA device. ``host_sync`` (warning, CUDA only): synchronising
+        calls inside the step, with their call sites.
+
+    Raises:
+        ValueError: at construction for a window below 2, a negative warm-up or a share outside ``(0, 1)``.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_diag import SpeedMonitor
+        >>> trainer = pl.Trainer(callbacks=[SpeedMonitor(window=50, data_share=0.2)])
+
+    Note:
+        With gradient accumulation every micro-batch is a step here (each one waits for its own batch). Under
+        DDP each rank measures itself; findings are recorded from rank 0's view (the report is written there).
+    """
+
+    def __init__(
+        self,
+        window: int = 20,
+        warmup_steps: int = 5,
+        data_share: float = 0.3,
+        check_host_syncs: bool = True,
+        sync_check_steps: int = 3,
+    ) -> None:
+        super().__init__()
+        check_int("window", window, minimum=2)
+        check_int("warmup_steps", warmup_steps, minimum=0)
+        check_fraction("data_share", data_share, low_open=True, high_open=True)
+        check_int("sync_check_steps", sync_check_steps, minimum=1)
+        self.window = window
+        self.warmup_steps = warmup_steps
+        self.data_share = float(data_share)
+        self.check_host_syncs = check_host_syncs
+        self.sync_check_steps = sync_check_steps
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._waits: deque[float] = deque(maxlen=self.window)
+        self._computes: deque[float] = deque(maxlen=self.window)
+        self._samples: deque[int] = deque(maxlen=self.window)
+        self._last_end: float | None = None
+        self._start = 0.0
+        self._wait: float | None = None
+        self._batches = 0
+        self._last_logged = -1
+        self._events: tuple[Any, Any] | None = (
+            None  # CUDA events of the last logging step, read at the next one
+        )
+        self._device_ms: float | None = None
+        self._sync_watch: Any = None
+        self._sync_records: list[Any] = []
+        self._sync_seen: list[str] = []
+        self._sync_steps_done = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(window=self.window, data_share=self.data_share)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._reset_state()
+
+    # -- per step ---------------------------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._last_end = None  # the first batch of an epoch waits for worker start-up: not representative
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        self._wait = None if self._last_end is None else now - self._last_end
+        self._start = now
+        cuda = pl_module.device.type == "cuda"
+        if cuda and self._logs_this_batch(trainer, upcoming=True):
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._events = (start, None)
+        if cuda and self.check_host_syncs and self._watching_syncs():
+            self._begin_sync_watch()
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        if self._sync_watch is not None:
+            self._end_sync_watch(trainer)
+        if self._events is not None and self._events[1] is None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events = (self._events[0], end)
+        self._batches += 1
+        if self._wait is not None and self._batches > self.warmup_steps:
+            self._waits.append(self._wait)
+            self._computes.append(now - self._start)
+            self._samples.append(_batch_size(batch))
+        if self._logs_this_batch(trainer) and trainer.global_step != self._last_logged:
+            self._last_logged = trainer.global_step
+            self._log_and_check(trainer, pl_module)
+        self._last_end = time.perf_counter()  # our own work above is not counted as waiting for data
+
+    def _logs_this_batch(self, trainer: Any, upcoming: bool = False) -> bool:
+        every = max(int(trainer.log_every_n_steps or 1), 1)
+        step = trainer.global_step + (1 if upcoming else 0)
+        return step % every == 0
+
+    def _log_and_check(self, trainer: Any, pl_module: Any) -> None:
+        if len(self._waits) < max(2, self.window // 2):
+            return
+        wait = sum(self._waits) / len(self._waits)
+        compute = sum(self._computes) / len(self._computes)
+        step = wait + compute
+        share = wait / step if step > 0 else 0.0
+        metrics = {
+            "diag/throughput/data_wait_ms": wait * 1e3,
+            "diag/throughput/compute_ms": compute * 1e3,
+            "diag/throughput/data_share": share,
+            "diag/throughput/steps_per_sec": 1.0 / step if step > 0 else 0.0,
+            "diag/throughput/samples_per_sec": (sum(self._samples) / len(self._samples)) / step
+            if step > 0
+            else 0.0,
+        }
+        self._read_device_time()
+        if self._device_ms is not None:
+            metrics["diag/throughput/device_ms"] = self._device_ms
+        _logging.log_step(pl_module, metrics)
+        loader = _first_loader(trainer.train_dataloader)
+        if share > self.data_share:
+            self._report_bound(trainer, pl_module, loader, share, wait, compute)
+        if loader is not None and pl_module.device.type == "cuda" and not loader.pin_memory:
+            self.record(
+                trainer,
+                "dataloader_config",
+                "warning",
+                "Training on CUDA with `DataLoader(pin_memory=False)`: host-to-device copies of each batch are slower "
+                "and cannot overlap with compute.",
+                evidence={"pin_memory": 0, "num_workers": loader.num_workers},
+                advice=["Pass `pin_memory=True` to the training DataLoader."],
+            )
+
+    def _report_bound(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        loader: DataLoader | None,
+        share: float,
+        wait: float,
+        compute: float,
+    ) -> None:
+        evidence: dict[str, float | int | str] = {
+            "data_share": share,
+            "data_wait_ms": wait * 1e3,
+            "compute_ms": compute * 1e3,
+            "steps_averaged": len(self._waits),
+        }
+        advice: list[str] = []
+        if loader is not None:
+            workers = loader.num_workers
+            evidence.update(
+                {
+                    "num_workers": workers,
+                    "pin_memory": int(loader.pin_memory),
+                    "persistent_workers": int(loader.persistent_workers),
+                    "batch_size": loader.batch_size if loader.batch_size is not None else -1,
+                }
+            )
+            cpus = os.cpu_count() or 1
+            if workers == 0:
+                advice.append(
+                    f"`num_workers=0` loads every batch in the training process, between steps: use "
+                    f"`DataLoader(num_workers=N)` (this machine has {cpus} CPUs) so batches are prepared while the "
+                    "model computes."
+                )
+            else:
+                advice.append(
+                    f"The {workers} worker(s) cannot keep up: raise `num_workers` or `prefetch_factor`, or make "
+                    "`__getitem__` cheaper (decode/resize once and cache, move augmentation to the GPU)."
+                )
+                if not loader.persistent_workers:
+                    advice.append("`persistent_workers=True` avoids restarting the workers at every epoch.")
+            if pl_module.device.type == "cuda" and not loader.pin_memory:
+                advice.append("`pin_memory=True` speeds up and overlaps the host-to-device copy.")
+        advice.append("Check the storage: reading many small files from a network disk is a common cause.")
+        self.record(
+            trainer,
+            "dataloader_bound",
+            "warning",
+            f"Waiting for data takes {share:.0%} of each training step ({wait * 1e3:.1f} ms waiting, "
+            f"{compute * 1e3:.1f} ms computing, averaged over {len(self._waits)} steps): the model is starved.",
+            evidence=evidence,
+            advice=advice,
+        )
+
+    # -- CUDA only --------------------------------------------------------------------------------------------
+    def _read_device_time(self) -> None:
+        if self._events is None or self._events[1] is None:
+            return
+        start, end = self._events
+        if end.query():  # completed long ago by now, normally: reading it does not wait
+            self._device_ms = float(start.elapsed_time(end))
+            self._events = None
+
+    def _watching_syncs(self) -> bool:
+        return self._batches >= self.warmup_steps and self._sync_steps_done < self.sync_check_steps
+
+    def _begin_sync_watch(self) -> None:
+        self._sync_watch = warnings.catch_warnings(record=True)
+        self._sync_records = self._sync_watch.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def _end_sync_watch(self, trainer: Any) -> None:
+        torch.cuda.set_sync_debug_mode(0)
+        records = list(self._sync_records or [])
+        self._sync_watch.__exit__(None, None, None)
+        self._sync_watch = None
+        self._sync_steps_done += 1
+        self._sync_seen.extend(
+            f"{os.path.basename(r.filename)}:{r.lineno}"
+            for r in records
+            if "synchroniz" in str(r.message).lower()
+        )
+        if self._sync_steps_done == self.sync_check_steps and self._sync_seen:
+            sites = sorted(set(self._sync_seen))
+            self.record(
+                trainer,
+                "host_sync",
+                "warning",
+                f"{len(self._sync_seen)} synchronising CUDA call(s) in {self.sync_check_steps} watched steps; the host "
+                f"waits for the device at: {', '.join(sites[:6])}.",
+                evidence={
+                    "syncs": len(self._sync_seen),
+                    "steps": self.sync_check_steps,
+                    "call_sites": ", ".join(sites[:12]),
+                },
+                advice=[
+                    "Avoid `.item()`, `.cpu()`, `print(tensor)` and Python `if tensor:` in the training step; log tensors "
+                    "with `self.log` (Lightning converts them at the logging interval).",
+                    "Avoid data-dependent shapes (`nonzero`, boolean masks) in the hot path.",
+                ],
+            )
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"findings": self._findings_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._load_findings_state(state_dict)

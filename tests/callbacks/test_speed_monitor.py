@@ -1,0 +1,121 @@
+"""SpeedMonitor on real Trainers: a slow loader is caught with numbers, the fixed one and a fast one are clean."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_diag import SpeedMonitor, collect_findings
+from tests.helpers import Regression, find, regression_data, trainer
+from tests.readers import csv_scalars
+
+COMPUTE_S = 0.010  # each training step "computes" for 10 ms (a sleep: no CPU contention with loader workers)
+
+
+class SlowData(Dataset):
+    """`__getitem__` sleeps: 8 samples x 2 ms = 16 ms per batch, more than the 10 ms step."""
+
+    def __init__(self, n: int = 256, delay_s: float = 0.002) -> None:
+        self.data = regression_data(n)
+        self.delay_s = delay_s
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        time.sleep(self.delay_s)
+        return self.data[i]
+
+
+class Busy(Regression):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        time.sleep(COMPUTE_S)
+        return super().training_step(batch, batch_idx)
+
+
+def fit(loader: DataLoader, tmp_path) -> Any:
+    t = trainer(
+        max_epochs=1,
+        logger=CSVLogger(str(tmp_path)),
+        log_every_n_steps=10,
+        callbacks=[SpeedMonitor(window=20, warmup_steps=3)],
+    )
+    t.fit(Busy(), loader)
+    return t
+
+
+def test_slow_loader_is_dataloader_bound_with_numbers(tmp_path) -> None:
+    t = fit(DataLoader(SlowData(), batch_size=8, num_workers=0), tmp_path)
+    finding = find(collect_findings(t), "dataloader_bound")
+    assert finding is not None and finding.severity == "warning"
+    ev = finding.evidence
+    assert ev["num_workers"] == 0 and ev["batch_size"] == 8 and ev["pin_memory"] == 0
+    assert 12 < ev["data_wait_ms"] < 60 and 8 < ev["compute_ms"] < 40 and ev["data_share"] > 0.4
+    assert any("num_workers" in a for a in finding.advice)
+    series = csv_scalars(os.path.join(t.logger.log_dir, "metrics.csv"))
+    assert [s for s, _ in series["diag/throughput/data_share"]] == [
+        19,
+        29,
+    ]  # the logging steps with a full window
+    assert all(v > 0.4 for _, v in series["diag/throughput/data_share"])
+    samples = dict(series["diag/throughput/samples_per_sec"])
+    steps = dict(series["diag/throughput/steps_per_sec"])
+    assert all(samples[s] == pytest.approx(8 * steps[s]) for s in steps)
+
+
+def test_enough_workers_fix_it(tmp_path) -> None:
+    loader = DataLoader(SlowData(), batch_size=8, num_workers=4, persistent_workers=True, prefetch_factor=4)
+    t = fit(loader, tmp_path)
+    assert find(collect_findings(t), "dataloader_bound") is None
+    series = csv_scalars(os.path.join(t.logger.log_dir, "metrics.csv"))
+    assert all(v < 0.3 for _, v in series["diag/throughput/data_share"])
+
+
+def test_fast_in_memory_data_is_clean(tmp_path) -> None:
+    t = fit(DataLoader(regression_data(256), batch_size=8), tmp_path)
+    assert collect_findings(t) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"window": 1}, r"`window` must be >= 2, got 1"),
+        ({"warmup_steps": -1}, r"`warmup_steps` must be >= 0, got -1"),
+        ({"data_share": 1.0}, r"`data_share` must be in \(0, 1\), got 1\.0"),
+        ({"data_share": 0}, r"`data_share` must be in \(0, 1\), got 0"),
+    ],
+)
+def test_bad_arguments(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        SpeedMonitor(**kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_time_host_syncs_and_pin_memory(tmp_path) -> None:
+    class Syncing(Regression):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            print(loss.item())  # a host sync every step
+            return loss
+
+    t = trainer(
+        accelerator="cuda",
+        max_epochs=1,
+        logger=CSVLogger(str(tmp_path)),
+        log_every_n_steps=10,
+        callbacks=[SpeedMonitor(window=10, warmup_steps=2)],
+    )
+    t.fit(Syncing(), DataLoader(regression_data(512), batch_size=8, pin_memory=False))
+    codes = {f.code for f in collect_findings(t)}
+    assert {"host_sync", "dataloader_config"} <= codes
+    sync = find(collect_findings(t), "host_sync")
+    assert "test_speed_monitor.py" in sync.evidence["call_sites"]
+    series = csv_scalars(os.path.join(t.logger.log_dir, "metrics.csv"))
+    assert series["diag/throughput/device_ms"] and all(v > 0 for _, v in series["diag/throughput/device_ms"])
