@@ -41,15 +41,17 @@ Scalar = torch.Tensor | float | int
 HISTOGRAM_QUANTILES: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def should_log_step(trainer: Any) -> bool:
+def should_log_step(trainer: Any, *, step_done: bool = False) -> bool:
     """Whether the optimizer step in progress is one Lightning will flush to the loggers.
 
-    Call it in ``on_before_optimizer_step`` (where ``global_step`` is the index of the step being taken). It
-    mirrors Lightning's ``log_every_n_steps`` rule so callbacks compute costly per-layer values only when they
-    will be written.
+    It mirrors Lightning's ``log_every_n_steps`` rule so callbacks compute costly per-layer values only when they
+    will be written. Call it before the optimizer step (``on_train_batch_start``, ``on_before_optimizer_step``:
+    ``global_step`` is the index of the step being taken), or with ``step_done=True`` in ``on_train_batch_end``,
+    where ``global_step`` already counts the step just taken.
     """
     every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
-    return (trainer.global_step + 1) % every == 0 or bool(trainer.should_stop)
+    index = trainer.global_step - 1 if step_done else trainer.global_step
+    return (index + 1) % every == 0 or bool(trainer.should_stop)
 
 
 def log_step(pl_module: Any, metrics: Mapping[str, Scalar], *, prog_bar: bool = False) -> None:

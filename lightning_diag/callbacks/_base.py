@@ -27,8 +27,8 @@ class DiagCallback(Callback):
 
     Subclasses call :meth:`record` for each conclusion. The last lightning_diag callback in
     ``trainer.callbacks`` writes ``diagnosis.json`` (global rank 0) and prints the summary at the end of ``fit``
-    and when ``fit`` dies of an exception. Subclasses that override ``setup``, ``on_fit_end`` or ``on_exception``
-    must call ``super()``.
+    and when ``fit`` dies of an exception. Subclasses put their per-fit state in ``_reset_state`` (called at
+    ``setup("fit")``); those that override ``setup``, ``on_fit_end`` or ``on_exception`` must call ``super()``.
     """
 
     def __init__(self) -> None:
@@ -75,8 +75,12 @@ class DiagCallback(Callback):
     # -- hooks ----------------------------------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
-            # A new fit starts clean; a resumed one gets its findings back from load_state_dict (called later).
+            # A new fit starts clean; a resumed one gets its state back from load_state_dict (called later).
             self._finding_log.clear()
+            self._reset_state()
+
+    def _reset_state(self) -> None:
+        """Forget what the previous fit left behind (called at ``setup("fit")``, before any state is loaded)."""
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._finish_run(trainer, "finished")

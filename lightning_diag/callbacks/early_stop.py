@@ -163,15 +163,8 @@ class EarlyStop(EarlyStopping, DiagCallback):
         self.start_from_epoch = start_from_epoch
         self.baseline = baseline
 
-        self._tracker = self._new_tracker()
-        self.stopped_epoch = 0
-        self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
-        self.stopping_reason_message: str | None = None
-        self.best_epoch: int | None = None
-        self.best_step: int | None = None
-        self.restored_epoch: int | None = None
-        self._best_weights: dict[str, torch.Tensor] | None = None
         self._checkpoint_callback: ModelCheckpoint | None = None
+        self._reset_state()
 
     def _new_tracker(self) -> StopTracker:
         return StopTracker(
@@ -217,13 +210,6 @@ class EarlyStop(EarlyStopping, DiagCallback):
             self._check_on_train_epoch_end = (
                 trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
             )
-        # A new fit starts from scratch; a resumed fit gets its state back from load_state_dict (called later).
-        self._tracker = self._new_tracker()
-        self.stopped_epoch = 0
-        self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
-        self.stopping_reason_message = None
-        self.best_epoch = self.best_step = self.restored_epoch = None
-        self._best_weights = None
         self._checkpoint_callback = self._find_checkpoint_callback(trainer)
         if self.restore_from == "checkpoint" and self._checkpoint_callback is None:
             raise ValueError(
@@ -231,6 +217,17 @@ class EarlyStop(EarlyStopping, DiagCallback):
                 f"mode={self.mode!r})` among the callbacks (with `save_top_k != 0`). Add one, or use "
                 "`restore_from='memory'`."
             )
+
+    def _reset_state(self) -> None:
+        # A new fit starts from scratch; a resumed fit gets its state back from load_state_dict (called later).
+        self._tracker = self._new_tracker()
+        self.stopped_epoch = 0
+        self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
+        self.stopping_reason_message: str | None = None
+        self.best_epoch: int | None = None
+        self.best_step: int | None = None
+        self.restored_epoch: int | None = None
+        self._best_weights: dict[str, torch.Tensor] | None = None
 
     def _find_checkpoint_callback(self, trainer: Any) -> ModelCheckpoint | None:
         if self.restore_from == "memory":

@@ -158,7 +158,6 @@ class GradClip(DiagCallback):
                 "Remove `gradient_clip_val` from the Trainer (GradClip(mode='norm', max_norm=...) does the same, "
                 "AMP-aware and logged), or remove GradClip."
             )
-        self._reset_state()
         if self.mode == "agc":
             if self.agc_exclude is not None:
                 self._excluded = tuple(self.agc_exclude)
@@ -173,12 +172,9 @@ class GradClip(DiagCallback):
 
     # -- per step ---------------------------------------------------------------------------------------------
     def _fixed_threshold(self, like: torch.Tensor) -> torch.Tensor:
-        cached = getattr(self, "_threshold_tensor", None)
-        if cached is None or cached.device != like.device:
-            cached = self._threshold_tensor = torch.tensor(
-                float(self.max_norm or math.inf), device=like.device
-            )
-        return cached
+        if self._threshold_tensor is None or self._threshold_tensor.device != like.device:
+            self._threshold_tensor = torch.tensor(float(self.max_norm or math.inf), device=like.device)
+        return self._threshold_tensor
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:

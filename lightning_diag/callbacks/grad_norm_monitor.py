@@ -411,11 +411,6 @@ class GradNormMonitor(DiagCallback):
         if self._pending:  # steps after the last logging step still get their say
             self._replay(trainer, self._fetch_pending())
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            self._reset_state()
-
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "ema": self._ema,

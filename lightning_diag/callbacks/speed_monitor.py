@@ -136,11 +136,6 @@ class SpeedMonitor(DiagCallback):
     def state_key(self) -> str:
         return self._generate_state_key(window=self.window, data_share=self.data_share)
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            self._reset_state()
-
     # -- per step ---------------------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._last_end = None  # the first batch of an epoch waits for worker start-up: not representative
@@ -150,7 +145,7 @@ class SpeedMonitor(DiagCallback):
         self._wait = None if self._last_end is None else now - self._last_end
         self._start = now
         cuda = pl_module.device.type == "cuda"
-        if cuda and self._logs_this_batch(trainer, upcoming=True):
+        if cuda and _logging.should_log_step(trainer):
             start = torch.cuda.Event(enable_timing=True)
             start.record()
             self._events = (start, None)
@@ -172,15 +167,10 @@ class SpeedMonitor(DiagCallback):
             self._waits.append(self._wait)
             self._computes.append(now - self._start)
             self._samples.append(_batch_size(batch))
-        if self._logs_this_batch(trainer) and trainer.global_step != self._last_logged:
+        if _logging.should_log_step(trainer, step_done=True) and trainer.global_step != self._last_logged:
             self._last_logged = trainer.global_step
             self._log_and_check(trainer, pl_module)
         self._last_end = time.perf_counter()  # our own work above is not counted as waiting for data
-
-    def _logs_this_batch(self, trainer: Any, upcoming: bool = False) -> bool:
-        every = max(int(trainer.log_every_n_steps or 1), 1)
-        step = trainer.global_step + (1 if upcoming else 0)
-        return step % every == 0
 
     def _log_and_check(self, trainer: Any, pl_module: Any) -> None:
         if len(self._waits) < max(2, self.window // 2):

@@ -75,6 +75,11 @@ class WarmupCosine(DiagCallback):
         computes the same rate from the same step, so no communication is needed.
     """
 
+    # The schedule as resolved for the current fit (see ``_reset_state`` and ``on_fit_start``).
+    base_lrs: list[list[float]] | None
+    resolved_total_steps: int | None
+    resolved_warmup_steps: int | None
+
     def __init__(
         self,
         warmup_steps: int | None = None,
@@ -131,10 +136,7 @@ class WarmupCosine(DiagCallback):
         self.interval = interval
         self.log_lr = log_lr
 
-        # Resolved at on_fit_start (or restored from a checkpoint).
-        self.base_lrs: list[list[float]] | None = None
-        self.resolved_total_steps: int | None = None
-        self.resolved_warmup_steps: int | None = None
+        self._reset_state()
 
     @property
     def state_key(self) -> str:
@@ -217,13 +219,12 @@ class WarmupCosine(DiagCallback):
                 group["lr"] = self.lr_at(step, base_lr)
 
     # -- hooks ----------------------------------------------------------------------------------------------
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            # A new fit resolves its own schedule; a resumed one gets it back from load_state_dict (called later).
-            self.base_lrs = None
-            self.resolved_total_steps = None
-            self.resolved_warmup_steps = None
+    def _reset_state(self) -> None:
+        # Resolved at on_fit_start: a new fit resolves its own schedule, a resumed one gets it back from
+        # load_state_dict (called after setup, before on_fit_start).
+        self.base_lrs = None
+        self.resolved_total_steps = None
+        self.resolved_warmup_steps = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if trainer.lr_scheduler_configs:
