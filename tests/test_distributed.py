@@ -37,6 +37,18 @@ def test_ddp_two_processes_decide_alike(tmp_path) -> None:
     assert r0["global_step"] == r1["global_step"]
     assert r0["lrs"] == r1["lrs"] and len(r0["lrs"]) == r0["global_step"]
     assert r0["weights"] == r1["weights"]  # replicas identical after restoring the best weights
+    expected = {
+        "any": True,
+        "all": False,
+        "all_true": True,
+        "sum": 3.0,
+        "mean": 1.5,
+        "max": 2.0,
+        "min": 1.0,
+        "input_untouched": True,
+        "broadcast": "from rank 0",
+    }
+    assert r0["collectives"] == r1["collectives"] == expected
     # I/O on global rank 0 only
     assert (tmp_path / "root0" / "diagnosis.json").exists()
     assert not (tmp_path / "root1" / "diagnosis.json").exists()
@@ -88,3 +100,16 @@ def test_grad_norms_and_clipping_agree_across_single_ddp_and_fsdp2(tmp_path) -> 
             assert got.keys() == reference.keys()
             for step, value in got.items():
                 assert value == pytest.approx(reference[step], rel=1e-4), (kind, key, step)
+
+
+def test_collectives_are_identities_on_one_process() -> None:
+    import torch
+
+    from lightning_diag._distributed import all_ranks, any_rank, broadcast, is_distributed, reduce
+    from tests.helpers import trainer
+
+    t = trainer()
+    x = torch.tensor([2.0])
+    assert not is_distributed(t)
+    assert any_rank(t, True) and not any_rank(t, False) and all_ranks(t, True) and not all_ranks(t, False)
+    assert reduce(t, x, "max") is x and broadcast(t, {"a": 1}) == {"a": 1}

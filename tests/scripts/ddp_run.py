@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from lightning_diag import EarlyStop, WarmupCosine
+from lightning_diag._distributed import all_ranks, any_rank, broadcast, reduce
 from tests.helpers import Regression, loader
 
 RANK0 = [5.0, 4.0, 3.0, 3.1, 3.2, 3.3, 3.4, 3.5, 3.6, 3.7]  # plateaus: stop at epoch 4 with patience 2
@@ -36,6 +37,24 @@ class RankDependent(Regression):
 class Record(pl.Callback):
     def __init__(self) -> None:
         self.lrs: list[float] = []
+        self.collectives: dict[str, Any] = {}
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.current_epoch != 0:
+            return
+        rank = trainer.global_rank
+        local = torch.tensor([rank + 1.0])
+        self.collectives = {
+            "any": any_rank(trainer, rank == 1),  # only rank 1 sees the condition
+            "all": all_ranks(trainer, rank == 1),
+            "all_true": all_ranks(trainer, True),
+            "sum": reduce(trainer, local, "sum").item(),
+            "mean": reduce(trainer, local, "mean").item(),
+            "max": reduce(trainer, local, "max").item(),
+            "min": reduce(trainer, local, "min").item(),
+            "input_untouched": local.item() == rank + 1.0,
+            "broadcast": broadcast(trainer, f"from rank {rank}"),
+        }
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self.lrs.append(optimizer.param_groups[0]["lr"])
@@ -68,6 +87,7 @@ def main(out: str) -> None:
         "global_step": trainer.global_step,
         "lrs": record.lrs,
         "weights": [float(p.detach().sum()) for p in model.parameters()],
+        "collectives": record.collectives,
     }
     with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as handle:
         json.dump(result, handle)
