@@ -13,7 +13,6 @@ from typing import Any
 __all__ = [
     "check_choice",
     "check_exclusive",
-    "check_finite",
     "check_fraction",
     "check_int",
     "check_number",
@@ -35,11 +34,6 @@ def check_number(name: str, value: Any, *, allow_inf: bool = False) -> float:
     if math.isnan(value) or (math.isinf(value) and not allow_inf):
         raise _fail(name, "a finite number", value)
     return float(value)
-
-
-def check_finite(name: str, value: Any) -> float:
-    """A finite real number."""
-    return check_number(name, value)
 
 
 def check_positive(name: str, value: Any, *, strict: bool = True, allow_inf: bool = False) -> float:
