@@ -13,8 +13,9 @@ spent inside the lightning_diag callbacks' per-step hooks (logging steps include
 written as a share of the bare step time; for the references, the time inside the LightningModule hook that
 does their work (``on_before_optimizer_step``, ``configure_gradient_clipping``). It leaves out second-order effects (caches), which the end-to-end
 ratios include. References: Lightning's ``grad_norm`` utility logged
-with ``log_dict`` every step (the documented replacement for ``track_grad_norm``) and
-``Trainer(gradient_clip_val=1.0)``.
+with ``log_dict`` every step (the documented replacement for ``track_grad_norm``),
+``Trainer(gradient_clip_val=1.0)`` and ``Trainer(detect_anomaly=True)`` (autograd's anomaly mode, the built-in
+way to locate a NaN, which NaNGuard replaces).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from lightning.pytorch.utilities import grad_norm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_diag import EarlyStop, GradClip, GradNormMonitor, SpeedMonitor, WarmupCosine
+from lightning_diag import EarlyStop, GradClip, GradNormMonitor, NaNGuard, SpeedMonitor, WarmupCosine
 
 warnings.filterwarnings("ignore")
 
@@ -53,7 +54,13 @@ class StepTimer(pl.Callback):
         return [b - a for a, b in zip(self.starts[skip:], self.starts[skip + 1 :], strict=False)]
 
 
-HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end", "on_train_epoch_end")
+HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+)
 
 
 def time_hooks(callbacks: list[pl.Callback], spent: list[float]) -> None:
@@ -135,17 +142,21 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "GradClip(norm)": lambda: {"callbacks": [GradClip(max_norm=1.0)]},
     "GradNormMonitor+GradClip": lambda: {"callbacks": [GradNormMonitor(), GradClip(max_norm=1.0)]},
     "SpeedMonitor": lambda: {"callbacks": [SpeedMonitor()]},
+    "NaNGuard": lambda: {"callbacks": [NaNGuard()]},
+    "NaNGuard(rollback, snapshot_every=100)": lambda: {"callbacks": [NaNGuard(action="rollback")]},
     "whole suite": lambda: {
         "callbacks": [
             WarmupCosine(warmup_ratio=0.05),
             GradNormMonitor(),
             GradClip(max_norm=1.0),
+            NaNGuard(),
             EarlyStop(monitor="train_loss", strict=False),
             SpeedMonitor(),
         ]
     },
     "Lightning grad_norm+log_dict": lambda: {"lightning_grad_norm": True},
     "Trainer(gradient_clip_val=1.0)": lambda: {"gradient_clip_val": 1.0},
+    "Trainer(detect_anomaly=True)": lambda: {"detect_anomaly": True},
 }
 
 

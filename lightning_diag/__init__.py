@@ -6,16 +6,13 @@ from lightning_diag.callbacks import (
     EarlyStop,
     GradClip,
     GradNormMonitor,
+    NaNGuard,
+    NonFiniteError,
     SpeedMonitor,
     WarmupCosine,
     collect_findings,
 )
-from lightning_diag.findings import CODES, Finding
-
-
-class LightningDiagWarning(UserWarning):
-    """Base class of the warnings lightning_diag emits (tests turn them into errors)."""
-
+from lightning_diag.findings import CODES, Finding, LightningDiagWarning
 
 __all__ = [
     "CODES",
@@ -25,6 +22,8 @@ __all__ = [
     "GradClip",
     "GradNormMonitor",
     "LightningDiagWarning",
+    "NaNGuard",
+    "NonFiniteError",
     "SpeedMonitor",
     "WarmupCosine",
     "__version__",

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["all_ranks", "any_rank", "broadcast", "is_distributed", "reduce"]
+__all__ = ["all_ranks", "any_rank", "broadcast", "gather_objects", "is_distributed", "reduce"]
 
 
 def is_distributed(trainer: Any) -> bool:
@@ -53,3 +53,12 @@ def broadcast(trainer: Any, obj: Any, src: int = 0) -> Any:
     if not is_distributed(trainer):
         return obj
     return trainer.strategy.broadcast(obj, src=src)
+
+
+def gather_objects(trainer: Any, obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (a single-element list on one process)."""
+    if not is_distributed(trainer) or not torch.distributed.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out

@@ -22,11 +22,17 @@ __all__ = [
     "Evidence",
     "Finding",
     "FindingLog",
+    "LightningDiagWarning",
     "Severity",
     "build_report",
     "format_summary",
     "write_report",
 ]
+
+
+class LightningDiagWarning(UserWarning):
+    """Base class of the warnings lightning_diag emits (tests turn them into errors)."""
+
 
 Severity = Literal["info", "warning", "error"]
 Evidence = dict[str, float | int | str]

@@ -35,6 +35,7 @@ REGISTRY: dict[str, list[dict[str, Any]]] = {
         {"mode": "autoclip", "percentile": 50.0},
     ],
     "GradNormMonitor": [{}, {"group_by": "parameter", "exploding_threshold": 0.5}],
+    "NaNGuard": [{}, {"action": "rollback", "spike_action": "skip", "snapshot_every": 3}],
     "SpeedMonitor": [{"window": 4, "warmup_steps": 1}, {"window": 8, "data_share": 0.5}],
     "WarmupCosine": [{"warmup_steps": 2}, {"warmup_ratio": 0.1, "num_cycles": 2, "min_lr_ratio": 0.1}],
 }
@@ -135,7 +136,11 @@ def test_parses_from_lightning_cli_yaml(name: str, index: int, tmp_path) -> None
 
 @pytest.mark.parametrize(
     ("name", "init_args"),
-    [("WarmupCosine", {"interval": "batch"}), ("EarlyStop", {"monitor": "val_loss", "mode": "avg"})],
+    [
+        ("WarmupCosine", {"interval": "batch"}),
+        ("EarlyStop", {"monitor": "val_loss", "mode": "avg"}),
+        ("NaNGuard", {"action": "ignore"}),
+    ],
 )
 def test_cli_rejects_a_bad_choice_at_parse_time(
     name: str, init_args: dict[str, Any], tmp_path, capsys

@@ -113,3 +113,35 @@ def test_collectives_are_identities_on_one_process() -> None:
     assert not is_distributed(t)
     assert any_rank(t, True) and not any_rank(t, False) and all_ranks(t, True) and not all_ranks(t, False)
     assert reduce(t, x, "max") is x and broadcast(t, {"a": 1}) == {"a": 1}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_nan_guard_ranks_agree_when_only_rank_1_sees_the_fault(kind: str, tmp_path) -> None:
+    run_script("nan_dist.py", kind, str(tmp_path), cwd=tmp_path)
+    r0, r1 = (json.loads((tmp_path / f"{kind}-rank{r}.json").read_text()) for r in (0, 1))
+    expected = {
+        # scenario: (updates applied, skipped, rollbacks, phase, module)
+        "skip-input": (7, 1, 0, "input", ""),
+        "rollback-forward": (6, 1, 1, "forward", "net.2"),  # snapshot before step 2, fault at step 3
+        "skip-gradient": (7, 1, 0, "backward", "net.2"),
+        "raise-loss": (3, 0, 0, "loss", ""),
+    }
+    for scenario, (updates, skipped, rollbacks, phase, module) in expected.items():
+        a, b = r0[scenario], r1[scenario]
+        # the same decision on both ranks, and replicas still identical and finite
+        assert a["adam_steps"] == b["adam_steps"] == [updates], scenario
+        assert (a["skipped"], a["rollbacks"]) == (b["skipped"], b["rollbacks"]) == (skipped, rollbacks)
+        assert a["weights"] == b["weights"] and a["finite"] and b["finite"]
+        assert a["step"] == b["step"]
+        # rank 0 reports where rank 1's NaN began
+        (finding,) = a["findings"]
+        assert finding["rank"] == 1 and finding["phase"] == phase and finding["module"] == module
+        assert finding["reproduced"] == 1
+        if scenario.startswith("raise"):
+            assert a["raised"] and a["raised"] == b["raised"] and "step 3" in a["raised"]
+        else:
+            assert not a["raised"] and not b["raised"]
+    for scenario in expected:
+        assert (tmp_path / f"{kind}-{scenario}" / "diagnosis.json").exists()

@@ -65,3 +65,17 @@ def test_digits_python_form_learns(tmp_path) -> None:
     acc = float(proc.stdout.strip().splitlines()[-1].split("val_acc = ")[1])
     assert acc > 0.85, proc.stdout[-2000:]
     assert os.path.exists(single(str(tmp_path), "diagnosis.json"))
+
+
+@pytest.mark.slow
+def test_nan_guard_before_after(tmp_path) -> None:
+    script = os.path.join(ROOT, "example_projects", "nan_guard", "before_after.py")
+    proc = run([script, "--steps", "40", "--root", str(tmp_path)], cwd=str(tmp_path))
+    without, with_guard = proc.stdout.split("== with NaNGuard(action='skip') ==")
+    assert "NaN from step 6 on; last loss nan; weights finite: False" in without
+    assert "weights finite: True; skipped steps: 3" in with_guard
+    assert "forward pass of `net.0` (LogFeatures)" in with_guard  # the localisation message, printed
+    report = json.loads((tmp_path / "diagnosis.json").read_text())
+    (finding,) = report["findings"]
+    assert finding["code"] == "non_finite_loss" and finding["count"] == 3
+    assert finding["evidence"]["module"] == "net.0" and finding["evidence"]["batch_idx"] == "6"

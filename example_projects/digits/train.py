@@ -10,7 +10,15 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_diag import EarlyStop, GradClip, GradNormMonitor, SpeedMonitor, WarmupCosine, collect_findings
+from lightning_diag import (
+    EarlyStop,
+    GradClip,
+    GradNormMonitor,
+    NaNGuard,
+    SpeedMonitor,
+    WarmupCosine,
+    collect_findings,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from digits import DigitsClassifier, DigitsDataModule
@@ -32,6 +40,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
             WarmupCosine(warmup_ratio=0.05, min_lr_ratio=0.01),
             GradNormMonitor(depth=2, exploding_threshold=100.0),
             GradClip(mode="norm", max_norm=5.0),
+            NaNGuard(action="skip"),
             SpeedMonitor(),
             EarlyStop(monitor="val_loss", patience=5, min_delta=0.001),
             ModelCheckpoint(monitor="val_loss", mode="min", save_top_k=1),

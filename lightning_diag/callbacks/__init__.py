@@ -4,6 +4,7 @@ from lightning_diag.callbacks._base import DiagCallback, collect_findings
 from lightning_diag.callbacks.early_stop import EarlyStop
 from lightning_diag.callbacks.grad_clip import GradClip
 from lightning_diag.callbacks.grad_norm_monitor import GradNormMonitor
+from lightning_diag.callbacks.nan_guard import NaNGuard, NonFiniteError
 from lightning_diag.callbacks.speed_monitor import SpeedMonitor
 from lightning_diag.callbacks.warmup_cosine import WarmupCosine
 
@@ -12,6 +13,8 @@ __all__ = [
     "EarlyStop",
     "GradClip",
     "GradNormMonitor",
+    "NaNGuard",
+    "NonFiniteError",
     "SpeedMonitor",
     "WarmupCosine",
     "collect_findings",

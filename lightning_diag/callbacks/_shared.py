@@ -64,19 +64,18 @@ def params_with_grads(
     found = entry["stats"].get(key)
     if found is not None:
         return found
-    names, params, grads = [], [], []
-    for name, param in named_optimizer_params(trainer, pl_module, optimizer):
-        if param.grad is not None:
-            names.append(name)
-            params.append(param)
-            grads.append(param.grad)
-    _remember(entry, key, (names, params, grads))
-    return names, params, grads
+    with_grad = [
+        (n, p, p.grad) for n, p in named_optimizer_params(trainer, pl_module, optimizer) if p.grad is not None
+    ]
+    found = ([n for n, _, _ in with_grad], [p for _, p, _ in with_grad], [g for _, _, g in with_grad])
+    _remember(entry, key, found)
+    return found
 
 
 def _remember(entry: dict[str, Any], key: tuple[Any, ...], value: Any) -> None:
-    if any(k[0] != key[0] for k in entry["stats"]):
+    if entry.get("step") != key[0]:
         entry["stats"] = {}  # only the current step is ever needed
+        entry["step"] = key[0]
     entry["stats"][key] = value
 
 

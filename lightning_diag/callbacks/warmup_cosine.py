@@ -73,12 +73,19 @@ class WarmupCosine(DiagCallback):
         The resolved schedule length and the base rates are saved in the checkpoint; a resumed run keeps them
         (so changing ``max_epochs`` on resume does not stretch a schedule already under way). Under DDP every rank
         computes the same rate from the same step, so no communication is needed.
+
+        With :class:`~lightning_diag.NaNGuard` in the same Trainer, a skipped step does not advance the schedule
+        (``interval="step"``): the schedule step is ``global_step - held_steps``, where NaNGuard raises
+        ``held_steps`` by one per skipped step and by the number of discarded steps on a rollback; a rollback's LR
+        back-off multiplies every rate by ``lr_scale``. Both are saved in the checkpoint.
     """
 
     # The schedule as resolved for the current fit (see ``_reset_state`` and ``on_fit_start``).
     base_lrs: list[list[float]] | None
     resolved_total_steps: int | None
     resolved_warmup_steps: int | None
+    held_steps: int
+    lr_scale: float
 
     def __init__(
         self,
@@ -216,7 +223,16 @@ class WarmupCosine(DiagCallback):
     def _apply(self, trainer: Any, step: int) -> None:
         for optimizer, base_lrs in zip(trainer.optimizers, self.base_lrs or [], strict=False):
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=False):
-                group["lr"] = self.lr_at(step, base_lr)
+                group["lr"] = self.lr_at(step, base_lr) * self.lr_scale
+
+    def hold(self, steps: int) -> None:
+        """Keep the schedule where it is for ``steps`` optimizer steps that did not update the model."""
+        if self.interval == "step":
+            self.held_steps += int(steps)
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply every rate from now on by ``factor`` (an LR back-off that the schedule keeps)."""
+        self.lr_scale *= float(factor)
 
     # -- hooks ----------------------------------------------------------------------------------------------
     def _reset_state(self) -> None:
@@ -225,6 +241,8 @@ class WarmupCosine(DiagCallback):
         self.base_lrs = None
         self.resolved_total_steps = None
         self.resolved_warmup_steps = None
+        self.held_steps = 0
+        self.lr_scale = 1.0
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if trainer.lr_scheduler_configs:
@@ -255,7 +273,7 @@ class WarmupCosine(DiagCallback):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.interval == "step":
             # Idempotent within an accumulation window: global_step only moves on a real optimizer step.
-            self._apply(trainer, trainer.global_step)
+            self._apply(trainer, max(trainer.global_step - self.held_steps, 0))
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if not self.log_lr or optimizer is not trainer.optimizers[0] or not _logging.should_log_step(trainer):
@@ -274,6 +292,8 @@ class WarmupCosine(DiagCallback):
             "base_lrs": [list(g) for g in self.base_lrs] if self.base_lrs is not None else None,
             "total_steps": self.resolved_total_steps,
             "warmup_steps": self.resolved_warmup_steps,
+            "held_steps": self.held_steps,
+            "lr_scale": self.lr_scale,
             "findings": self._findings_state(),
         }
 
@@ -284,4 +304,6 @@ class WarmupCosine(DiagCallback):
             self.resolved_total_steps = int(state_dict["total_steps"])
         if state_dict.get("warmup_steps") is not None:
             self.resolved_warmup_steps = int(state_dict["warmup_steps"])
+        self.held_steps = int(state_dict.get("held_steps", 0))
+        self.lr_scale = float(state_dict.get("lr_scale", 1.0))
         self._load_findings_state(state_dict)

@@ -1,0 +1,297 @@
+"""Locate where a non-finite value first appeared: the input, a module's forward, the loss, or the backward.
+
+:func:`trace_step` replays one batch through ``compute_loss`` with hooks on every submodule:
+
+* **input**: the first batch tensor holding NaN/Inf (by its path, e.g. ``batch[0]`` or ``batch['image']``);
+* **forward**: the first module, in execution order, whose output is non-finite although its inputs were finite
+  (the innermost one: a child finishes before its parent). When a module *receives* a non-finite input that no
+  hooked module produced, the culprit is functional code (``torch.log``, a division...) in the module that was
+  running at the time: that module is named, with the input it passed on;
+* **loss**: every module output finite, the loss not;
+* **backward**: the first gradient in backward order that is non-finite: a parameter's gradient (the module and
+  parameter are named) or the gradient arriving at a module's output (the code after that module produced it).
+
+The replay leaves no trace: gradients, buffers (BatchNorm statistics) and the RNG states are put back as they
+were, and the optimizer is never touched. :func:`non_finite_tensors` names the non-finite entries of a list of
+tensors (parameters after an update, gradients that were not reproduced by a replay).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Trace",
+    "first_non_finite",
+    "iter_tensors",
+    "non_finite_kind",
+    "non_finite_tensors",
+    "preserved_rng",
+    "trace_step",
+]
+
+
+@dataclasses.dataclass
+class Trace:
+    """Where a non-finite value first appeared.
+
+    Attributes:
+        phase: ``"input"``, ``"forward"``, ``"loss"``, ``"backward"`` or ``"optimizer"``.
+        module: qualified module name (``"(root)"`` for the top module, ``""`` when no module applies).
+        module_type: the module's class name.
+        tensor: which tensor: a batch path, ``"output"``, ``"input of <module>"``, ``"loss"`` or a parameter name.
+        kind: ``"nan"``, ``"inf"`` or ``"nan+inf"``.
+    """
+
+    phase: str
+    module: str = ""
+    module_type: str = ""
+    tensor: str = ""
+    kind: str = ""
+
+    def describe(self) -> str:
+        where = {
+            "input": f"in the input batch, `{self.tensor}`",
+            "forward": f"in the forward pass of `{self.module}` ({self.module_type})"
+            + (f", {self.tensor}" if self.tensor and self.tensor != "output" else ", its output"),
+            "loss": "in the loss computation (every module output was finite)",
+            "backward": f"in the backward pass at `{self.module}` ({self.module_type})"
+            + (f", the gradient of {self.tensor}" if self.tensor else ""),
+            "optimizer": f"in the optimizer update: parameter `{self.tensor}` of `{self.module}` ({self.module_type})",
+        }[self.phase]
+        names = {"nan": "NaN", "inf": "Inf", "nan+inf": "NaN and Inf"}
+        return f"{names.get(self.kind, 'a non-finite value')} first appeared {where}"
+
+
+def non_finite_kind(t: torch.Tensor) -> str:
+    """``"nan"``, ``"inf"``, ``"nan+inf"`` or ``""`` for a finite tensor (synchronises: call on detection only)."""
+    t = _local(t).detach()
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
+        return ""
+    has_nan, has_inf = bool(torch.isnan(t).any()), bool(torch.isinf(t).any())
+    return "+".join(k for k, v in (("nan", has_nan), ("inf", has_inf)) if v)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def iter_tensors(obj: Any, path: str = "batch") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(path, tensor)`` for every tensor in a nested batch (dicts, lists, tuples, dataclasses)."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from iter_tensors(value, f"{path}[{key!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from iter_tensors(value, f"{path}[{i}]")
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for field in dataclasses.fields(obj):
+            yield from iter_tensors(getattr(obj, field.name), f"{path}.{field.name}")
+
+
+def first_non_finite(obj: Any, path: str = "batch") -> tuple[str, str] | None:
+    """``(path, kind)`` of the first tensor in a nested structure that holds NaN/Inf, else ``None``.
+
+    For a tensor with a batch dimension the path ends with the first bad sample, as ``(sample i)``.
+
+    Example:
+        >>> first_non_finite({"x": torch.ones(2), "y": (torch.zeros(3), torch.tensor([1.0, float("nan")]))})
+        ("batch['y'][1] (sample 1)", 'nan')
+    """
+    for name, tensor in iter_tensors(obj, path):
+        kind = non_finite_kind(tensor)
+        if kind:
+            local = _local(tensor).detach()
+            if local.dim() >= 1 and local.shape[0] > 1:
+                bad_rows = (~torch.isfinite(local.reshape(local.shape[0], -1))).any(dim=1)
+                name += f" (sample {int(bad_rows.nonzero()[0, 0])})"
+            return name, kind
+    return None
+
+
+def non_finite_tensors(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> list[tuple[str, str]]:
+    """``(name, kind)`` for each tensor holding NaN/Inf, in the given order."""
+    found = []
+    for name, t in zip(names, tensors, strict=True):
+        kind = non_finite_kind(t)
+        if kind:
+            found.append((name, kind))
+    return found
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore the Python, NumPy, torch CPU and current CUDA device RNG states on exit."""
+    py_state = random.getstate()
+    cpu_state = torch.get_rng_state()
+    cuda_state = (
+        torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
+    try:
+        import numpy as np
+
+        np_state: Any = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+        np, np_state = None, None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state)
+        if np_state is not None:
+            np.random.set_state(np_state)
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    return [t for _, t in iter_tensors(obj, "")]
+
+
+def _first_bad(obj: Any) -> str:
+    for t in _tensors(obj):
+        kind = non_finite_kind(t)
+        if kind:
+            return kind
+    return ""
+
+
+class _Recorder:
+    """Forward/backward hooks on every submodule, recording the first non-finite event of each pass."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self.names = {m: (n or "(root)") for n, m in root.named_modules()}
+        self.stack: list[nn.Module] = []
+        self.forward: Trace | None = None
+        self.backward: Trace | None = None
+        self.handles: list[Any] = []
+        # id(tensor) -> the innermost module that took it as input; the tensors are kept alive so ids stay unique
+        self.consumers: dict[int, nn.Module] = {}
+        self.alive: list[torch.Tensor] = []
+
+    def _trace(self, phase: str, module: nn.Module, tensor: str, kind: str) -> Trace:
+        return Trace(phase, self.names.get(module, "(root)"), type(module).__name__, tensor, kind)
+
+    def __enter__(self) -> _Recorder:
+        for module in self.names:
+            self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(self._post, always_call=True))
+        for name, param in self.root.named_parameters():
+            if param.requires_grad:
+                self.handles.append(param.register_hook(self._param_grad_hook(name, param)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self.forward is None:
+            kind = _first_bad((args, kwargs))
+            if kind:
+                # A non-finite value reached this module without any hooked module producing it: functional code
+                # in the module running now (or the caller of the top module) made it.
+                caller = self.stack[-1] if self.stack else self.root
+                self.forward = self._trace("forward", caller, f"input of `{self.names[module]}`", kind)
+        for t in _tensors((args, kwargs)):
+            if t.requires_grad:
+                self.consumers[id(t)] = module
+                self.alive.append(t)
+        self.stack.append(module)
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+        if self.forward is None:
+            kind = _first_bad(output)
+            if kind:
+                self.forward = self._trace("forward", module, "output", kind)
+        if torch.is_grad_enabled():
+            for t in _tensors(output):
+                if t.requires_grad:
+                    t.register_hook(self._output_grad_hook(module, t))
+                    self.alive.append(t)
+
+    def _output_grad_hook(self, module: nn.Module, tensor: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        def hook(grad: torch.Tensor) -> None:
+            if self.backward is None:
+                kind = non_finite_kind(grad)
+                if not kind:
+                    return
+                consumer = self.consumers.get(id(tensor))
+                if consumer is not None and consumer is not module:
+                    # The module that took this output as its input made the gradient in its backward.
+                    self.backward = self._trace("backward", consumer, "its input", kind)
+                else:
+                    self.backward = self._trace(
+                        "backward", module, "its output (made by the code after it)", kind
+                    )
+
+        return hook
+
+    def _param_grad_hook(self, name: str, param: nn.Parameter) -> Callable[[torch.Tensor], None]:
+        owner_name = name.rsplit(".", 1)[0] if "." in name else ""
+        owner = self.root.get_submodule(owner_name) if owner_name else self.root
+
+        def hook(grad: torch.Tensor) -> None:
+            if self.backward is None:
+                kind = non_finite_kind(grad)
+                if kind:
+                    self.backward = self._trace("backward", owner, f"parameter `{name}`", kind)
+
+        return hook
+
+
+def trace_step(
+    module: nn.Module,
+    batch: Any,
+    compute_loss: Callable[[], torch.Tensor | None],
+    *,
+    backward: bool = True,
+) -> Trace | None:
+    """Replay one batch and return where a non-finite value first appeared (``None``: the replay stayed finite).
+
+    Args:
+        module: the model (hooks go on it and every submodule).
+        batch: the batch ``compute_loss`` consumes (checked first, as the ``input`` phase).
+        compute_loss: runs the forward pass and returns the loss (or ``None``).
+        backward: also replay the backward pass (always done when a loss exists, even a non-finite one, so that
+            every rank of a sharded model runs the same collectives).
+    """
+    found = first_non_finite(batch)
+    input_trace = Trace("input", "", "", found[0], found[1]) if found else None
+    saved_grads = {p: p.grad for p in module.parameters()}
+    saved_buffers = [(b, _local(b).detach().clone()) for b in module.buffers()]
+    try:
+        with preserved_rng(), torch.enable_grad(), _Recorder(module) as recorder:
+            for p in saved_grads:
+                p.grad = None
+            loss = compute_loss()
+            loss_kind = non_finite_kind(loss) if isinstance(loss, torch.Tensor) else ""
+            if backward and isinstance(loss, torch.Tensor) and loss.requires_grad:
+                loss.float().sum().backward()
+    finally:
+        for p, g in saved_grads.items():
+            p.grad = g
+        with torch.no_grad():
+            for b, copy in saved_buffers:
+                _local(b).copy_(copy)
+    if input_trace is not None:
+        return input_trace
+    if recorder.forward is not None:
+        return recorder.forward
+    if loss_kind:
+        return Trace("loss", "", "", "loss", loss_kind)
+    return recorder.backward
