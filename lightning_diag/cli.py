@@ -1,8 +1,16 @@
 """The ``lightning-diag`` command.
 
-``lightning-diag report PATH`` prints the summary of a ``diagnosis.json`` (a file, or a run directory searched
-recursively for the newest one) and exits non-zero when a finding reaches ``--fail-on``, so a CI job can gate
-on a training run. ``lightning-diag codes`` lists the finding codes.
+``lightning-diag report PATH`` reports on a run and exits non-zero when a finding reaches ``--fail-on``, so a CI
+job can gate on a training run:
+
+* ``PATH`` a ``diagnosis.json``: print its summary.
+* ``PATH`` a directory holding logs (TensorBoard event files or Lightning's ``metrics.csv``, searched
+  recursively, newest run first): diagnose the learning curves post-hoc (any run, also one without lightning_diag
+  callbacks), merge the result with the run's own ``diagnosis.json`` when there is one, write ``diagnosis.json``
+  and the plots into the run's directory and print the summary.
+* ``PATH`` a directory with only a ``diagnosis.json`` somewhere below: print the newest one.
+
+``lightning-diag codes`` lists the finding codes.
 """
 
 from __future__ import annotations
@@ -12,9 +20,19 @@ import glob
 import json
 import os
 import sys
+from typing import Any
 
+from lightning_diag import plots, posthoc
 from lightning_diag.__about__ import __version__
-from lightning_diag.findings import CODES, REPORT_FILENAME, SEVERITIES, format_summary
+from lightning_diag.findings import (
+    CODES,
+    REPORT_FILENAME,
+    SEVERITIES,
+    Finding,
+    build_report,
+    format_summary,
+    write_report,
+)
 
 __all__ = ["main"]
 
@@ -29,19 +47,72 @@ def _find_report(path: str) -> str:
         if found:
             return max(found, key=os.path.getmtime)
         raise FileNotFoundError(
-            f"no {REPORT_FILENAME} under {path!r}: has a run with a lightning_diag callback finished there?"
+            f"no run logs (metrics.csv or TensorBoard event files) and no {REPORT_FILENAME} under {path!r}: "
+            "point at a run directory."
         )
     raise FileNotFoundError(f"{path!r} does not exist.")
 
 
-def _report(path: str, fail_on: str) -> int:
-    report_path = _find_report(path)
+def _load(report_path: str) -> dict[str, Any]:
     with open(report_path, encoding="utf-8") as handle:
         report = json.load(handle)
     if not isinstance(report, dict) or "findings" not in report or "summary" not in report:
         raise ValueError(
             f"{report_path!r} is not a lightning_diag report (expected keys 'findings' and 'summary')."
         )
+    return report
+
+
+def _post_hoc(path: str, args: argparse.Namespace) -> tuple[dict[str, Any], str] | None:
+    """Diagnose the newest logged run under ``path``; ``None`` when there are no logs."""
+    runs = posthoc.find_runs(path)
+    if not runs:
+        return None
+    kind, location = runs[0]
+    run_dir = os.path.dirname(location) if kind == "csv" else location
+    existing_path = os.path.join(run_dir, REPORT_FILENAME)
+    existing = _load(existing_path) if os.path.isfile(existing_path) else None
+    series = posthoc.read_series(kind, location)
+    try:
+        found, plot_series = posthoc.diagnose_run(series, args.train_key, args.val_key, args.baseline)
+    except KeyError as error:
+        if existing is None or args.train_key is not None or args.val_key is not None:
+            raise ValueError(f"cannot diagnose the curves of {location!r}: {error.args[0]}") from error
+        # A run with its own report but no loss curves in its logs: the report alone, with a note.
+        print(f"lightning-diag: no curve diagnosis for {location!r}: {error.args[0]}", file=sys.stderr)
+        return existing, existing_path
+    kept = [Finding.from_dict(f) for f in existing["findings"]] if existing else []
+    have = {f.code for f in kept}
+    findings = kept + [f for f in found if f.code not in have]  # the callbacks' own findings win
+    steps = [s for values in series.values() for s, _ in values]
+    if existing:
+        summary = existing["summary"]
+        report = build_report(
+            findings,
+            status=summary["status"],
+            global_step=summary["global_step"],
+            epoch=summary["epoch"],
+            error=summary.get("error"),
+        )
+    else:
+        epochs = series.get("epoch", [])
+        last_epoch = int(max(e for _, e in epochs)) if epochs else 0
+        report = build_report(
+            findings, status="post-hoc", global_step=max(steps, default=0), epoch=last_epoch
+        )
+    report["summary"]["logs"] = os.path.abspath(location)
+    report["plots"] = plots.save_figures(plots.build_figures(plot_series, report["findings"]), run_dir)
+    return report, write_report(report, run_dir)
+
+
+def _report(args: argparse.Namespace) -> int:
+    path, fail_on = args.path, args.fail_on
+    done = _post_hoc(path, args) if os.path.isdir(path) else None
+    if done is None:
+        report_path = _find_report(path)
+        report = _load(report_path)
+    else:
+        report, report_path = done
     print(format_summary(report, report_path))
     if fail_on == "never":
         return EXIT_OK
@@ -63,8 +134,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lightning-diag {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    report = sub.add_parser("report", help="print the summary of a diagnosis.json (file or run directory)")
-    report.add_argument("path", help="a diagnosis.json, or a directory to search for the newest one")
+    report = sub.add_parser(
+        "report",
+        help="diagnose a run from its logs (TensorBoard / metrics.csv) or print a diagnosis.json",
+    )
+    report.add_argument("path", help="a run directory (searched for logs and reports) or a diagnosis.json")
+    report.add_argument(
+        "--train-key",
+        help=f"the training-loss key in the logs (default: first of {', '.join(posthoc.TRAIN_KEYS)})",
+    )
+    report.add_argument(
+        "--val-key",
+        help=f"the validation-loss key in the logs (default: first of {', '.join(posthoc.VAL_KEYS)})",
+    )
+    report.add_argument(
+        "--baseline",
+        type=float,
+        help="reference loss for under-fitting (e.g. ln(num_classes)); default: initial loss",
+    )
     report.add_argument(
         "--fail-on",
         choices=("never", *SEVERITIES),
@@ -79,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "report":
-            return _report(args.path, args.fail_on)
+            return _report(args)
         return _codes()
-    except (FileNotFoundError, ValueError, json.JSONDecodeError) as error:
+    except (FileNotFoundError, ValueError, RuntimeError, json.JSONDecodeError) as error:
         print(f"lightning-diag: error: {error}", file=sys.stderr)
         return EXIT_USAGE
 

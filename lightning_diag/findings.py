@@ -231,6 +231,8 @@ def format_summary(report: Mapping[str, Any], path: str | None = None) -> str:
             seen += f"-{f['last_step']}, seen {f['count']}x"
         lines.append(f"  [{f['severity'].upper():7}] {f['code']} ({seen}, {f['source']}): {f['message']}")
         lines.extend(f"            - {advice}" for advice in f.get("advice", []))
+    if report.get("plots"):
+        lines.append(f"  Plots: {', '.join(report['plots'])} (next to the report)")
     if path:
         lines.append(f"  Full report: {path}")
     return "\n".join(lines)

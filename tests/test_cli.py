@@ -47,7 +47,10 @@ def test_errors_are_clear(tmp_path, capsys) -> None:
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["report", str(tmp_path)]) == 2
-    assert "no diagnosis.json under" in capsys.readouterr().err
+    assert (
+        "no run logs (metrics.csv or TensorBoard event files) and no diagnosis.json under"
+        in capsys.readouterr().err
+    )
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"a": 1}))
     assert main(["report", str(bad)]) == 2
@@ -63,3 +66,68 @@ def test_console_script_is_installed() -> None:
     exe = shutil.which("lightning-diag") or os.path.join(os.path.dirname(sys.executable), "lightning-diag")
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == f"lightning-diag {__version__}"
+
+
+def plain_run(root, logger: str, scenario: str = "overfitting") -> None:
+    """A plain Lightning run (no lightning_diag callback) logging to CSV or TensorBoard."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from tests.callbacks.curve_helpers import SCENARIOS, Net, loaders
+
+    kwargs, _, _, epochs, _ = SCENARIOS[scenario]
+    log = CSVLogger(root, name="run") if logger == "csv" else TensorBoardLogger(root, name="run")
+    trainer(max_epochs=epochs, num_sanity_val_steps=0, logger=log).fit(Net(**kwargs), *loaders(scenario))
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard"])
+def test_report_diagnoses_a_plain_lightning_run_from_its_logs(tmp_path, capsys, logger) -> None:
+    plain_run(tmp_path, logger)
+    assert main(["report", str(tmp_path), "--fail-on", "warning"]) == 1  # overfitting is a warning
+    out = capsys.readouterr().out
+    assert "overfitting" in out and "lightning-diag report" in out
+    run_dir = tmp_path / "run" / "version_0"
+    report = json.loads((run_dir / "diagnosis.json").read_text())
+    codes = {(f["code"], f["severity"]) for f in report["findings"]}
+    assert ("overfitting", "warning") in codes
+    assert {c for c, _ in codes} == {"overfitting"}
+    warning = next(f for f in report["findings"] if f["severity"] == "warning")
+    assert (
+        warning["evidence"]["val_key"] == "val_loss"
+        and warning["evidence"]["train_key"] == "train_loss_epoch"
+    )
+    assert warning["evidence"]["onset_x"] == warning["evidence"]["best_x"] + 1
+    assert report["summary"]["status"] == "post-hoc" and report["plots"] == ["learning_curves.png"]
+    assert (run_dir / "learning_curves.png").stat().st_size > 10_000
+
+
+def test_report_on_a_healthy_plain_run_finds_nothing(tmp_path, capsys) -> None:
+    plain_run(tmp_path, "csv", "healthy")
+    assert main(["report", str(tmp_path), "--fail-on", "info"]) == 0
+    assert "No findings" in capsys.readouterr().out
+
+
+def test_report_key_errors_list_the_logged_keys(tmp_path, capsys) -> None:
+    plain_run(tmp_path, "csv", "healthy")
+    assert main(["report", str(tmp_path), "--val-key", "valid/loss"]) == 2
+    err = capsys.readouterr().err
+    assert "'valid/loss' is not in the logs" in err and "'val_loss'" in err and "'train_loss_epoch'" in err
+
+
+def test_report_merges_with_the_callbacks_report(tmp_path, capsys) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    from tests.callbacks.curve_helpers import SCENARIOS, Net, loaders
+
+    kwargs, _, _, epochs, _ = SCENARIOS["overfitting"]
+    early = EarlyStop("val_loss", patience=8)
+    t = trainer(
+        max_epochs=epochs, num_sanity_val_steps=0, logger=CSVLogger(tmp_path, name="run"), callbacks=[early]
+    )
+    t.fit(Net(**kwargs), *loaders("overfitting"))
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--fail-on", "never"]) == 0
+    report = json.loads((tmp_path / "run" / "version_0" / "diagnosis.json").read_text())
+    sources = {f["code"]: f["source"] for f in report["findings"]}
+    assert sources["early_stopped"] == "EarlyStop"  # kept from the run's own report
+    assert sources["overfitting"] == "lightning-diag report"  # added from the logs
+    assert report["summary"]["status"] == "finished"

@@ -79,3 +79,24 @@ def test_nan_guard_before_after(tmp_path) -> None:
     (finding,) = report["findings"]
     assert finding["code"] == "non_finite_loss" and finding["count"] == 3
     assert finding["evidence"]["module"] == "net.0" and finding["evidence"]["batch_idx"] == "6"
+
+
+@pytest.mark.slow
+def test_curves_overfit_example(tmp_path) -> None:
+    script = os.path.join(ROOT, "example_projects", "curves", "overfit.py")
+    proc = run([script, "--root", str(tmp_path)], cwd=str(tmp_path))
+    report_path = single(str(tmp_path), "diagnosis.json")
+    report = json.loads(Path(report_path).read_text())
+    codes = {(f["code"], f["severity"], f["source"]) for f in report["findings"]}
+    assert ("overfitting", "warning", "OverfitDetector") in codes
+    assert ("early_stopped", "info", "OverfitDetector") in codes
+    assert report["plots"] == ["learning_curves.png", "lr_schedule.png", "grad_norms.png"]
+    assert "EarlyStop: restored the best weights" in proc.stderr and "at epoch 10)" in proc.stderr
+    # the same run, diagnosed again from its TensorBoard logs by the command
+    cli = subprocess.run(
+        [sys.executable, "-m", "lightning_diag.cli", "report", str(tmp_path), "--fail-on", "warning"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 1 and "overfitting" in cli.stdout

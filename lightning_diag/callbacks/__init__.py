@@ -5,6 +5,7 @@ from lightning_diag.callbacks.early_stop import EarlyStop
 from lightning_diag.callbacks.grad_clip import GradClip
 from lightning_diag.callbacks.grad_norm_monitor import GradNormMonitor
 from lightning_diag.callbacks.nan_guard import NaNGuard, NonFiniteError
+from lightning_diag.callbacks.overfit_detector import OverfitDetector
 from lightning_diag.callbacks.speed_monitor import SpeedMonitor
 from lightning_diag.callbacks.warmup_cosine import WarmupCosine
 
@@ -15,6 +16,7 @@ __all__ = [
     "GradNormMonitor",
     "NaNGuard",
     "NonFiniteError",
+    "OverfitDetector",
     "SpeedMonitor",
     "WarmupCosine",
     "collect_findings",

@@ -7,7 +7,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from lightning_diag import _logging
+from lightning_diag import _logging, plots
 from lightning_diag.findings import (
     Evidence,
     Finding,
@@ -82,6 +82,10 @@ class DiagCallback(Callback):
     def _reset_state(self) -> None:
         """Forget what the previous fit left behind (called at ``setup("fit")``, before any state is loaded)."""
 
+    def report_series(self) -> dict[str, Any]:
+        """Series this callback contributes to the end-of-run plots (``{}``: none)."""
+        return {}
+
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._finish_run(trainer, "finished")
 
@@ -100,10 +104,18 @@ class DiagCallback(Callback):
             epoch=trainer.current_epoch,
             error=error,
         )
-        path = write_report(report, _logging.log_dir(trainer))
+        directory = _logging.log_dir(trainer)
+        series: dict[str, Any] = {}
+        for callback in reporters:
+            series.update(callback.report_series())
+        figures = plots.build_figures(series, report["findings"])
+        report["plots"] = plots.save_figures(figures, directory)
+        path = write_report(report, directory)
         text = format_summary(report, path)
         print(text, file=sys.stdout, flush=True)
         _logging.log_text(trainer, "diag/diagnosis", text, step=trainer.global_step)
+        for name, figure in figures.items():
+            _logging.log_figure(trainer, f"diag/{name}", figure, step=trainer.global_step)
 
 
 def collect_findings(trainer: Any) -> list[Finding]:

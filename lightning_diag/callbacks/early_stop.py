@@ -358,6 +358,17 @@ class EarlyStop(EarlyStopping, DiagCallback):
                 )
 
     # -- state ----------------------------------------------------------------------------------------------
+    def report_series(self) -> dict[str, Any]:
+        """Where the run stopped and which epoch was best (counted in epochs done, like the curve)."""
+        if self.best_epoch is None:
+            return {}
+        return {
+            "early_stop": {
+                "best_x": self.best_epoch + 1,
+                "stopped_x": self.stopped_epoch + 1 if self.stopped_epoch else None,
+            }
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {
             **self._tracker.state_dict(),

@@ -30,6 +30,10 @@ _VANISHING_ADVICE = [
 ]
 
 
+#: Points kept per series for the end-of-run plots (older points are thinned, never dropped wholesale).
+MAX_HISTORY = 2000
+
+
 class GradNormMonitor(DiagCallback):
     """Watch gradient norms every optimizer step and log them per layer at the logging interval.
 
@@ -160,6 +164,8 @@ class GradNormMonitor(DiagCallback):
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._groups: GroupIndex | None = None
         self._vanishing_streak: dict[str, int] = {}
+        # Per-group norms at the logging steps, for the end-of-run heatmap (bounded: see _remember_norms)
+        self.norm_history: dict[str, list[tuple[int, float]]] = {}
         # (parameters, their copy before the step, per-group parameter norms, groups, global step) of a logging step
         self._snapshot: (
             tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, GroupIndex, int] | None
@@ -284,6 +290,9 @@ class GradNormMonitor(DiagCallback):
             metrics["diag/amp/scale"] = out["scale"][0]
             metrics["diag/amp/skipped_steps"] = float(self._skipped)
         _logging.log_step(pl_module, metrics)
+        self._remember_norms(
+            trainer.global_step, groups.names if self.group_by != "total" else ("total",), out
+        )
         if self.log_histogram:
             _logging.log_histogram(trainer, "diag/grad_norm/hist", stats.norms, step=trainer.global_step)
         if scaler is not None:
@@ -291,6 +300,18 @@ class GradNormMonitor(DiagCallback):
             self._max_run = 0
         if self.group_by != "total" and math.isfinite(out["total"][0]):
             self._check_vanishing(trainer, groups.names, out["groups"])
+
+    def _remember_norms(self, step: int, names: tuple[str, ...], out: dict[str, list[float]]) -> None:
+        values = out.get("groups", out["total"]) if self.group_by != "total" else out["total"]
+        for name, value in zip(names, values, strict=False):
+            series = self.norm_history.setdefault(name, [])
+            series.append((int(step), float(value)))
+            if len(series) > 2 * MAX_HISTORY:
+                del series[::2]  # keep the whole run at half the resolution
+
+    def report_series(self) -> dict[str, Any]:
+        """Per-group gradient norms over time (logging steps), for the end-of-run plots."""
+        return {"grad_norms": {k: list(v) for k, v in self.norm_history.items()}} if self.norm_history else {}
 
     def _group_names(self, names: tuple[str, ...]) -> tuple[str, ...]:
         seen: dict[str, None] = {}

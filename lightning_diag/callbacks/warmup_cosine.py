@@ -243,6 +243,7 @@ class WarmupCosine(DiagCallback):
         self.resolved_warmup_steps = None
         self.held_steps = 0
         self.lr_scale = 1.0
+        self.lr_history: list[tuple[int, float]] = []  # (global step, rate of group 0) at the logging steps
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if trainer.lr_scheduler_configs:
@@ -285,6 +286,13 @@ class WarmupCosine(DiagCallback):
                 metrics[f"diag/lr/group{index}"] = float(group["lr"])
                 index += 1
         _logging.log_step(pl_module, metrics)
+        self.lr_history.append((int(trainer.global_step), metrics["diag/lr/group0"]))
+        if len(self.lr_history) > 4000:
+            del self.lr_history[::2]
+
+    def report_series(self) -> dict[str, Any]:
+        """The learning rate of param group 0 over time (logging steps), for the end-of-run plots."""
+        return {"lr": list(self.lr_history)} if self.lr_history else {}
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -175,7 +175,9 @@ def test_two_rollbacks_to_one_snapshot_replay_the_schedule_from_it() -> None:
             lrs.append(optimizer.param_groups[0]["lr"])
 
     schedule = WarmupCosine(warmup_steps=2, total_steps=20)
-    guard = NaNGuard(action="rollback", snapshot_every=100, detect_spikes=False)  # only the snapshot at step 0
+    guard = NaNGuard(
+        action="rollback", snapshot_every=100, detect_spikes=False
+    )  # only the snapshot at step 0
     t = trainer(max_steps=STEPS, callbacks=[LR(), schedule, guard])
     t.fit(Faulty("forward", {2, 5}), faulty_loader())
     assert guard.rollbacks == 2 and adam_steps(t.optimizers[0]) == 2  # steps 6 and 7, from the step-0 state

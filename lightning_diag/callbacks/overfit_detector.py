@@ -1,0 +1,262 @@
+"""OverfitDetector: reads the learning curves live and says what it sees (and what to try)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+
+from lightning_diag import _distributed, _logging
+from lightning_diag._validation import check_choice, check_number
+from lightning_diag.callbacks._base import DiagCallback
+from lightning_diag.core.curves import CurvePoint, CurveRules, Detection, diagnose
+from lightning_diag.findings import LightningDiagWarning
+
+__all__ = ["OverfitDetector"]
+
+#: Detections that ``action="stop"`` stops on (the others cannot be cured by stopping).
+STOP_CODES = ("overfitting", "divergence")
+
+
+class OverfitDetector(DiagCallback):
+    """Turn the train/validation curves into findings: overfitting, underfitting, loss plateau, divergence.
+
+    After every validation run (also several per epoch with ``val_check_interval < 1``), one point is added to
+    the curve: the validation loss (``val_key`` from ``trainer.callback_metrics``) and the mean training loss since
+    the previous validation. The training loss is the loss ``training_step`` returned, summed on the device batch
+    by batch and read once per evaluation; with ``train_key`` set, the logged epoch value of that key is used
+    instead at end-of-epoch evaluations (read in ``on_train_epoch_end``, when Lightning has reduced it). Then the
+    rules of :mod:`lightning_diag.core.curves` run on the whole history (thresholds below) and each conclusion is
+    recorded once, with repeats counted. Under DDP rank 0's values are broadcast first, so every rank keeps the
+    same curve and takes the same decision.
+
+    Args:
+        val_key: the validation loss key (``RuntimeError`` listing the logged keys when it is missing and
+            ``strict``).
+        train_key: a logged training-loss key to use at end-of-epoch evaluations (``None``: the returned loss).
+        action: ``"warn"`` records findings; ``"stop"`` also stops training on ``overfitting`` (the rising-loss
+            kind) or ``divergence`` (with EarlyStop(restore_best_weights=True) in the callbacks, you get the best
+            weights back).
+        window: evaluations a trend must hold before a rule fires.
+        rise_tolerance: how far above its best (relative) the validation loss must rise to count as overfitting.
+        plateau_threshold: relative improvement over ``window`` below which the training loss is flat.
+        high_ratio: a flat loss is "high" above this fraction of the reference loss.
+        close_ratio: validation and training losses are "close" within this relative distance.
+        divergence_ratio: a rising training loss diverges above this multiple of its lowest value.
+        baseline: the reference loss for "high" (e.g. ``ln(num_classes)`` or the loss of the best constant
+            predictor); ``None``: the first evaluation's training loss.
+        strict: raise when ``val_key`` is missing; otherwise warn once and only watch the training loss.
+
+    Logged metrics (at each evaluation, written directly to the loggers at the global step):
+        ============================  =============================================================
+        key                           value
+        ============================  =============================================================
+        ``diag/overfit/gap``          validation loss - training loss
+        ``diag/overfit/train_loss``   the training loss of the curve (mean since the last evaluation)
+        ============================  =============================================================
+
+    Findings:
+        ``overfitting`` (warning; info for an early widening gap), ``underfitting``, ``loss_plateau``,
+        ``divergence``; ``early_stopped`` (info) when ``action="stop"`` stopped the run.
+
+    Raises:
+        ValueError: at construction for an unknown action or an out-of-range threshold.
+        RuntimeError: at the first validation when ``val_key`` is missing and ``strict``.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_diag import EarlyStop, OverfitDetector
+        >>> trainer = pl.Trainer(callbacks=[OverfitDetector(action="stop"), EarlyStop(monitor="val_loss")])
+    """
+
+    def __init__(
+        self,
+        val_key: str = "val_loss",
+        train_key: str | None = None,
+        action: Literal["warn", "stop"] = "warn",
+        window: int = 3,
+        rise_tolerance: float = 0.02,
+        plateau_threshold: float = 0.01,
+        high_ratio: float = 0.5,
+        close_ratio: float = 0.15,
+        divergence_ratio: float = 1.5,
+        baseline: float | None = None,
+        strict: bool = True,
+    ) -> None:
+        super().__init__()
+        check_choice("action", action, ("warn", "stop"))
+        if baseline is not None:
+            check_number("baseline", baseline)
+        self.rules = CurveRules(
+            window=window,
+            rise_tolerance=rise_tolerance,
+            plateau_threshold=plateau_threshold,
+            high_ratio=high_ratio,
+            close_ratio=close_ratio,
+            divergence_ratio=divergence_ratio,
+        )
+        self.val_key = val_key
+        self.train_key = train_key
+        self.action = action
+        self.window = window
+        self.rise_tolerance = rise_tolerance
+        self.plateau_threshold = plateau_threshold
+        self.high_ratio = high_ratio
+        self.close_ratio = close_ratio
+        self.divergence_ratio = divergence_ratio
+        self.baseline = baseline
+        self.strict = strict
+        self._reset_state()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(val_key=self.val_key, train_key=self.train_key, action=self.action)
+
+    def _reset_state(self) -> None:
+        self.points: list[CurvePoint] = []
+        self.steps: list[int] = []
+        self.stopped_at: float | None = None
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+        self._pending: tuple[float, float, float | None] | None = (
+            None  # (x, train mean, val) awaiting epoch end
+        )
+        self._missing_warned = False
+
+    # -- gather ---------------------------------------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor):
+            value = loss.detach().float().sum()
+            self._sum = value if self._sum is None else self._sum + value.to(self._sum.device)
+            self._count += 1
+
+    def _take_train_mean(self) -> float | None:
+        if self._sum is None or self._count == 0:
+            return None
+        mean = float(self._sum) / self._count  # one host read per evaluation
+        self._sum, self._count = None, 0
+        return mean
+
+    def _val_value(self, trainer: Any) -> float | None:
+        value = trainer.callback_metrics.get(self.val_key)
+        if value is None:
+            keys = sorted(trainer.callback_metrics)
+            message = (
+                f"OverfitDetector: `val_key={self.val_key!r}` is not among the logged metrics {keys}. Log it in "
+                "`validation_step` (self.log(...)) or pass the right `val_key`."
+            )
+            if self.strict:
+                raise RuntimeError(message)
+            if not self._missing_warned and trainer.is_global_zero:
+                warnings.warn(message, LightningDiagWarning, stacklevel=2)
+            self._missing_warned = True
+            return None
+        return float(value)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        val = self._val_value(trainer)
+        train = self._take_train_mean()
+        if train is None:
+            return  # no training batch since the last evaluation
+        loop = trainer.fit_loop.epoch_loop
+        end_of_epoch = bool(loop.batch_progress.is_last_batch)
+        batches = trainer.num_training_batches
+        if end_of_epoch or not isinstance(batches, int) or batches <= 0:
+            x = float(trainer.current_epoch + 1)  # x counts epochs done
+        else:
+            x = trainer.current_epoch + (loop.batch_idx + 1) / batches
+        if end_of_epoch and self.train_key is not None:
+            self._pending = (
+                x,
+                train,
+                val,
+            )  # the logged epoch value of train_key is ready in on_train_epoch_end
+            return
+        self._add(trainer, x, train, val)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._pending is None:
+            return
+        x, _, val = self._pending
+        self._pending = None
+        logged = trainer.callback_metrics.get(
+            f"{self.train_key}_epoch", trainer.callback_metrics.get(self.train_key)
+        )
+        if logged is None:
+            keys = sorted(trainer.callback_metrics)
+            raise RuntimeError(
+                f"OverfitDetector: `train_key={self.train_key!r}` is not among the logged metrics {keys}. Log it "
+                "with on_epoch=True, or leave `train_key=None` to use the loss training_step returns."
+            )
+        self._add(trainer, x, float(logged), val)
+
+    # -- decide ---------------------------------------------------------------------------------------------
+    def _add(self, trainer: Any, x: float, train: float, val: float | None) -> None:
+        x, train, val = _distributed.broadcast(trainer, (x, train, val))  # rank 0's curve for everyone
+        self.points.append(CurvePoint(x, train, val))
+        self.steps.append(int(trainer.global_step))
+        metrics = {"diag/overfit/train_loss": train}
+        if val is not None and math.isfinite(val) and math.isfinite(train):
+            metrics["diag/overfit/gap"] = val - train
+        _logging.log_direct(trainer, metrics, step=trainer.global_step)
+        stop_reason: Detection | None = None
+        for detection in diagnose(self.points, self.rules, self.baseline, unit="epoch"):
+            self.record(
+                trainer,
+                detection.code,
+                detection.severity,  # type: ignore[arg-type]
+                detection.message,
+                evidence=detection.evidence,
+                advice=detection.advice,
+                key=f"{detection.code}:{detection.severity}",
+            )
+            if detection.code in STOP_CODES and detection.severity != "info":
+                stop_reason = stop_reason or detection
+        if self.action == "stop" and stop_reason is not None and not trainer.should_stop:
+            trainer.should_stop = True
+            self.stopped_at = x
+            self.record(
+                trainer,
+                "early_stopped",
+                "info",
+                f"OverfitDetector stopped training after {x:g} epochs: {stop_reason.code}.",
+                evidence={"reason": stop_reason.code, "x": x},
+                advice=[
+                    "Keep the best weights with EarlyStop(restore_best_weights=True) in the same Trainer."
+                ],
+            )
+
+    # -- report ---------------------------------------------------------------------------------------------
+    def report_series(self) -> dict[str, Any]:
+        """The learning curve for the end-of-run plots."""
+        return {
+            "curve": [(p.x, p.train, p.val) for p in self.points],
+            "stopped_at": self.stopped_at,
+        }
+
+    # -- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "points": [[p.x, p.train, p.val] for p in self.points],
+            "steps": list(self.steps),
+            "stopped_at": self.stopped_at,
+            "findings": self._findings_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "points" in state_dict:
+            self.points = [
+                CurvePoint(float(x), float(t), None if v is None else float(v))
+                for x, t, v in state_dict["points"]
+            ]
+        self.steps = [int(s) for s in state_dict.get("steps", self.steps)]
+        self.stopped_at = state_dict.get("stopped_at", self.stopped_at)
+        self._load_findings_state(state_dict)

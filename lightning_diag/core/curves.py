@@ -1,0 +1,336 @@
+"""Learning-curve diagnosis: overfitting, underfitting, loss plateau and divergence, from loss series alone.
+
+The input is one point per evaluation: ``(x, train, val)`` where ``x`` is the number of epochs completed (1.0 at the
+end of Lightning's epoch 0, 0.5 half-way through it; or a step count), ``train`` the mean
+training loss since the previous evaluation and ``val`` the validation loss (``None`` where there was none).
+Epoch-level means are already smooth; the rules below compare them over a ``window`` of evaluations and measure
+"noise" as the median absolute difference between successive values (robust to one outlier).
+:func:`diagnose` applies every rule to the history so far, so the same code serves the live callback (called
+after each evaluation) and the post-hoc report (called once on a whole run).
+
+Rules (thresholds are :class:`CurveRules` fields):
+
+* **overfitting** (warning): the validation loss has not improved for ``window`` evaluations and now stands
+  above its best by more than ``rise_tolerance`` (relative) and twice its noise, while the training loss kept
+  falling. Evidence: the best evaluation, the onset (the first evaluation after the best), the generalisation gap
+  (val - train) and ratio at the best and now.
+* **gap widening** (an ``overfitting`` finding with severity info): no new best validation loss for ``window``
+  evaluations while the gap grew at each of them and training kept falling: the early sign of the above.
+* **divergence** (error): the training loss is non-finite, or it rose over the last ``window`` evaluations to
+  more than ``divergence_ratio`` times its lowest value.
+* **loss_plateau** (warning): the training loss improved by less than ``plateau_threshold`` (relative) over the
+  last ``window`` evaluations while still above ``high_ratio`` of the reference loss (a given ``baseline``, e.g.
+  the loss of the best constant predictor, else the initial loss). Reported when it is still creeping down at
+  every evaluation (a learning rate too low), or when the validation loss is not close to it.
+* **underfitting** (warning): the same flat, high training loss, no longer moving (not creeping down), with the
+  validation loss within ``close_ratio`` of it: the model learned what it can and it is not enough.
+
+Oscillation (the noise relative to the loss level above ``oscillation_ratio``) is added to the evidence of a
+divergence or a plateau as a hint of a learning rate too high.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["CurvePoint", "CurveRules", "Detection", "diagnose", "noise"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvePoint:
+    """One evaluation: ``x`` (epoch or step), mean training loss since the last one, validation loss."""
+
+    x: float
+    train: float
+    val: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CurveRules:
+    """Thresholds of the curve rules (see the module docstring)."""
+
+    window: int = 3
+    rise_tolerance: float = 0.02
+    plateau_threshold: float = 0.01
+    high_ratio: float = 0.5
+    close_ratio: float = 0.15
+    divergence_ratio: float = 1.5
+    oscillation_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
+            raise ValueError(f"`window` must be an int >= 2, got {self.window!r}.")
+        for name in ("rise_tolerance", "plateau_threshold", "high_ratio", "close_ratio", "oscillation_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+                raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+        if not (isinstance(self.divergence_ratio, (int, float)) and self.divergence_ratio > 1):
+            raise ValueError(f"`divergence_ratio` must be > 1, got {self.divergence_ratio!r}.")
+
+
+@dataclasses.dataclass
+class Detection:
+    """What a rule concluded (becomes a :class:`~lightning_diag.Finding`)."""
+
+    code: str
+    severity: str
+    message: str
+    x: float
+    evidence: dict[str, Any]
+    advice: list[str]
+
+
+def noise(values: Sequence[float]) -> float:
+    """The median absolute difference between successive values (0 for fewer than two).
+
+    Example:
+        >>> noise([1.0, 1.1, 1.0, 1.2])
+        0.1
+    """
+    diffs = [abs(b - a) for a, b in itertools.pairwise(values)]
+    return round(statistics.median(diffs), 12) if diffs else 0.0
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def diagnose(
+    points: Sequence[CurvePoint],
+    rules: CurveRules | None = None,
+    baseline: float | None = None,
+    unit: str = "epoch",
+) -> list[Detection]:
+    """Apply every rule to the history ``points`` (in evaluation order); return what holds at its end.
+
+    ``unit`` names what ``x`` counts in the messages (``"epoch"`` or ``"step"``).
+    """
+    rules = rules or CurveRules()
+    if not points:
+        return []
+
+    found: list[Detection] = []
+    divergence = _divergence(points, rules, unit)
+    if divergence is not None:
+        return [divergence]  # the other rules read a loss that is still meaningful
+    overfit = _overfitting(points, rules, unit)
+    if overfit is not None:
+        found.append(overfit)
+    plateau = _plateau_or_underfitting(points, rules, baseline, unit)
+    if plateau is not None and overfit is None:
+        found.append(plateau)
+    return found
+
+
+def _oscillation(train: Sequence[float], rules: CurveRules) -> dict[str, Any]:
+    level = abs(statistics.fmean(train)) if train else 0.0
+    ratio = noise(train) / level if level > 0 else 0.0
+    return {"oscillation": round(ratio, 4)} if ratio > rules.oscillation_ratio else {}
+
+
+def _divergence(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> Detection | None:
+    train = [p.train for p in points]
+    last = points[-1]
+    if not math.isfinite(last.train):
+        finite = [t for t in train if math.isfinite(t)]
+        return Detection(
+            "divergence",
+            "error",
+            f"The training loss became non-finite ({last.train}) at {_x(last, unit)}.",
+            last.x,
+            {"train_loss": str(last.train), "best_train_loss": min(finite) if finite else "n/a"},
+            _DIVERGENCE_ADVICE,
+        )
+    w = rules.window
+    if len(points) <= w:
+        return None
+    lowest = min(train)
+    recent = train[-w - 1 :]
+    rising = all(b >= a for a, b in itertools.pairwise(recent)) and recent[-1] > recent[0]
+    if lowest > 0 and rising and last.train > rules.divergence_ratio * lowest:
+        best_at = points[train.index(lowest)]
+        evidence: dict[str, Any] = {
+            "train_loss": last.train,
+            "best_train_loss": lowest,
+            "best_x": best_at.x,
+            "ratio": round(last.train / lowest, 4),
+            **_oscillation(train, rules),
+        }
+        return Detection(
+            "divergence",
+            "error",
+            f"The training loss is rising: {_fmt(last.train)} at {_x(last, unit)}, {last.train / lowest:.2f}x its lowest "
+            f"({_fmt(lowest)} at {_x(best_at, unit)}), and it went up at each of the last {w} evaluations.",
+            last.x,
+            evidence,
+            _DIVERGENCE_ADVICE,
+        )
+    return None
+
+
+def _overfitting(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> Detection | None:
+    evaluated = [p for p in points if p.val is not None and math.isfinite(p.val)]
+    w = rules.window
+    if len(evaluated) <= w:
+        return None
+    vals = [p.val for p in evaluated if p.val is not None]
+    best_index = min(range(len(vals)), key=vals.__getitem__)
+    if len(evaluated) - 1 - best_index < w:
+        return None  # the validation loss improved within the window
+    best, last = evaluated[best_index], evaluated[-1]
+    assert best.val is not None and last.val is not None
+    onset = evaluated[best_index + 1]
+    train_fell = last.train < best.train
+    gap_best, gap_now = best.val - best.train, last.val - last.train
+    evidence: dict[str, Any] = {
+        "best_x": best.x,
+        "onset_x": onset.x,
+        **(
+            {"best_epoch": _epoch_index(best.x), "onset_epoch": _epoch_index(onset.x)}
+            if unit == "epoch"
+            else {}
+        ),
+        "best_val_loss": best.val,
+        "val_loss": last.val,
+        "train_loss": last.train,
+        "gap_at_best": round(gap_best, 6),
+        "gap": round(gap_now, 6),
+        "gap_ratio": round(last.val / last.train, 4) if last.train > 0 else "n/a",
+    }
+    rise = last.val - best.val
+    if train_fell and rise > max(rules.rise_tolerance * abs(best.val), 2 * noise(vals)):
+        return Detection(
+            "overfitting",
+            "warning",
+            f"Overfitting since {_x(onset, unit)}: the validation loss rose from its best {_fmt(best.val)} ({_x(best, unit)}) to "
+            f"{_fmt(last.val)} while the training loss kept falling ({_fmt(best.train)} -> {_fmt(last.train)}); "
+            f"the gap val - train grew from {_fmt(gap_best)} to {_fmt(gap_now)}.",
+            last.x,
+            evidence,
+            _OVERFIT_ADVICE,
+        )
+    recent = evaluated[-w - 1 :]
+    gaps = [(p.val or 0.0) - p.train for p in recent]
+    widening = all(b > a for a, b in itertools.pairwise(gaps))
+    grew = gap_now - gap_best > max(rules.rise_tolerance * abs(best.val), 2 * noise(vals))
+    if train_fell and widening and grew:
+        return Detection(
+            "overfitting",
+            "info",
+            f"The generalisation gap is widening: no better validation loss than {_fmt(best.val)} ({_x(best, unit)}) for "
+            f"{len(evaluated) - 1 - best_index} evaluations while the training loss kept falling; the gap grew at "
+            f"each of the last {w} to {_fmt(gap_now)}.",
+            last.x,
+            evidence,
+            _OVERFIT_ADVICE,
+        )
+    return None
+
+
+def _plateau_or_underfitting(
+    points: Sequence[CurvePoint], rules: CurveRules, baseline: float | None, unit: str
+) -> Detection | None:
+    w = rules.window
+    if len(points) <= w:
+        return None
+    train = [p.train for p in points]
+    reference = baseline if baseline is not None else train[0]
+    last = points[-1]
+    start = train[-w - 1]
+    if reference <= 0 or start <= 0:
+        return None
+    improvement = (start - last.train) / abs(start)
+    high = last.train > rules.high_ratio * reference
+    if improvement >= rules.plateau_threshold or not high:
+        return None
+    # Saturated: the curve has flattened after real progress (the average rate of improvement so far is many
+    # times the current one). A loss still falling at its usual slow rate (or never moving) is not saturated.
+    overall = (train[0] - last.train) / abs(train[0]) if train[0] else 0.0
+    rate_overall = overall / (len(train) - 1)
+    rate_now = improvement / w
+    saturated = overall >= rules.plateau_threshold and rate_overall >= 5 * max(rate_now, 0.0)
+    steady = overall < rules.plateau_threshold or rate_overall <= 2 * rate_now
+    if not (saturated or steady):
+        return None  # still decelerating: too early to tell a plateau from convergence
+    creeping = steady and improvement > 0
+    close = (
+        last.val is not None
+        and math.isfinite(last.val)
+        and abs(last.val - last.train) <= rules.close_ratio * abs(last.train)
+    )
+    evidence: dict[str, Any] = {
+        "train_loss": last.train,
+        "reference_loss": reference,
+        "reference": "baseline" if baseline is not None else "initial",
+        "improvement_over_window": round(improvement, 6),
+        "window": w,
+        **_oscillation(train, rules),
+    }
+    if last.val is not None:
+        evidence["val_loss"] = last.val
+    evidence["improvement_overall"] = round(overall, 6)
+    if close and saturated:
+        return Detection(
+            "underfitting",
+            "warning",
+            f"Underfitting: the training loss has stopped improving at {_fmt(last.train)} "
+            f"({last.train / reference:.0%} of the {evidence['reference']} loss {_fmt(reference)}) and the "
+            f"validation loss ({_fmt(last.val or 0.0)}) is just as high: the model is not fitting the training data.",
+            last.x,
+            evidence,
+            _UNDERFIT_ADVICE,
+        )
+    how = "is still falling at its usual slow rate, by less than" if creeping else "improved by less than"
+    return Detection(
+        "loss_plateau",
+        "warning",
+        f"The training loss {how} {rules.plateau_threshold:.0%} over the last {w} evaluations, at {_fmt(last.train)} "
+        f"({last.train / reference:.0%} of the {evidence['reference']} loss {_fmt(reference)}).",
+        last.x,
+        evidence,
+        _PLATEAU_ADVICE_CREEPING if creeping else _PLATEAU_ADVICE,
+    )
+
+
+def _x(point: CurvePoint, unit: str) -> str:
+    """Where an evaluation happened, in the words of Lightning (0-based epoch index) when ``x`` counts epochs."""
+    if unit != "epoch":
+        return f"{unit} {point.x:g}"
+    return f"epoch {_epoch_index(point.x)}" + (
+        "" if float(point.x).is_integer() else f", {point.x % 1:.0%} through"
+    )
+
+
+def _epoch_index(x: float) -> int:
+    """The 0-based index of the epoch an evaluation at ``x`` epochs completed belongs to."""
+    return max(math.ceil(x) - 1, 0)
+
+
+_DIVERGENCE_ADVICE = [
+    "The learning rate is likely too high: lower it (by 3-10x), or add/lengthen a warmup (WarmupCosine).",
+    "Clip gradients (GradClip) to keep single bad steps from throwing the weights off.",
+    "Under float16 AMP, prefer bf16-mixed; NaNGuard can skip or roll back the steps that blow up.",
+]
+_OVERFIT_ADVICE = [
+    "Keep the weights of the best evaluation (EarlyStop(restore_best_weights=True)) and stop around the onset.",
+    "Regularise: weight decay, dropout, data augmentation; or reduce the model's capacity.",
+    "Get more training data, or check that train and validation come from the same distribution.",
+]
+_UNDERFIT_ADVICE = [
+    "Increase capacity (width, depth) or use a better-suited architecture or features.",
+    "Train longer or with a higher learning rate; check the schedule did not decay the rate too early.",
+    "If the loss never moved from its initial value, check that gradients reach the weights (GradNormMonitor).",
+]
+_PLATEAU_ADVICE_CREEPING = [
+    "The loss keeps falling slowly at every evaluation: the learning rate is probably too low; raise it 3-10x.",
+    "Check the schedule: a warmup that is too long or a decay that starts too early has the same effect.",
+]
+_PLATEAU_ADVICE = [
+    "Try a higher learning rate, or a schedule with warm restarts (WarmupCosine(num_cycles=...)).",
+    "Check capacity and the data (labels, normalisation); the model may have learned all it can from them.",
+]
