@@ -10,6 +10,11 @@ job can gate on a training run:
   and the plots into the run's directory and print the summary.
 * ``PATH`` a directory with only a ``diagnosis.json`` somewhere below: print the newest one.
 
+``lightning-diag doctor MODULE:CLASS [--datamodule MODULE:CLASS] [--config YAML]`` builds your LightningModule
+(and datamodule; or both from a LightningCLI config), runs SanityCheck's checks on the first training batches
+without training, prints the findings and exits 1 when one reaches ``--fail-on`` (``error`` by default): a CI gate
+for model code. ``MODULE`` is an importable module or a path to a ``.py`` file.
+
 ``lightning-diag codes`` lists the finding codes.
 """
 
@@ -121,6 +126,119 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_FINDINGS if failing else EXIT_OK
 
 
+def _import(target: str) -> Any:
+    """``module:Class`` or ``path/to/file.py:Class`` -> the object."""
+    import importlib
+    import importlib.util
+
+    module_name, sep, attr = target.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{target!r} must look like 'package.module:Class' or 'path/to/file.py:Class'.")
+    try:
+        if module_name.endswith(".py"):
+            path = os.path.abspath(module_name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{module_name!r} does not exist.")
+            name = "_lightning_diag_doctor_" + os.path.splitext(os.path.basename(path))[0]
+            module = sys.modules.get(name)
+            if module is None or getattr(module, "__file__", None) != path:
+                sys.path.insert(0, os.path.dirname(path))
+                spec = importlib.util.spec_from_file_location(name, path)
+                assert spec is not None and spec.loader is not None
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except (ImportError, SyntaxError) as error:
+        raise ValueError(f"cannot import {module_name!r}: {type(error).__name__}: {error}") from error
+    try:
+        return getattr(module, attr)
+    except AttributeError as error:
+        raise ValueError(f"{module_name!r} has no attribute {attr!r}.") from error
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    import lightning.pytorch as pl
+
+    from lightning_diag.callbacks.sanity_check import run_checks
+
+    model_class = _import(args.model)
+    if not (isinstance(model_class, type) and issubclass(model_class, pl.LightningModule)):
+        raise ValueError(f"{args.model!r} is not a LightningModule subclass.")
+    dm_class = _import(args.datamodule) if args.datamodule else None
+    if dm_class is not None and not (
+        isinstance(dm_class, type) and issubclass(dm_class, pl.LightningDataModule)
+    ):
+        raise ValueError(f"{args.datamodule!r} is not a LightningDataModule subclass.")
+    if args.config:
+        import yaml
+        from lightning.pytorch.cli import LightningCLI
+
+        with open(args.config, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle) or {}
+        if isinstance(config, dict) and config.get("data") is not None and dm_class is None:
+            raise ValueError(
+                f"{args.config!r} has a `data` section: name its class with --datamodule MODULE:CLASS."
+            )
+
+        cli = LightningCLI(
+            model_class,
+            dm_class,
+            run=False,
+            args=["--config", args.config, "--trainer.logger=false"],
+            save_config_callback=None,
+        )
+        model, datamodule = cli.model, cli.datamodule
+    else:
+        model, datamodule = model_class(), dm_class() if dm_class is not None else None
+    if datamodule is not None:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        source = datamodule
+    else:
+        source = model
+    try:
+        train_loader = source.train_dataloader()
+    except Exception as error:  # Lightning raises MisconfigurationException when it is not implemented
+        owner = type(source).__name__
+        raise ValueError(f"{owner} has no usable train_dataloader(): {error}") from error
+    batches = []
+    for batch in train_loader:
+        batches.append(batch)
+        if len(batches) >= args.batches:
+            break
+    if not batches:
+        raise ValueError("the train dataloader yielded no batch.")
+    issues = run_checks(model, batches, None, overfit_batch_steps=args.overfit_steps)
+    findings = [
+        Finding(
+            code=i.code,
+            severity=i.severity,  # type: ignore[arg-type]
+            message=i.message,
+            step=0,
+            epoch=0,
+            evidence=i.evidence,
+            advice=i.advice,
+            source="lightning-diag doctor",
+        )
+        for i in issues
+    ]
+    report = build_report(findings, status="checked", global_step=0, epoch=0)
+    print(
+        format_summary(report).replace(
+            "lightning_diag: run checked at step 0 (epoch 0)",
+            f"lightning-diag doctor: {model_class.__name__}",
+        )
+    )
+    if args.fail_on == "never":
+        return EXIT_OK
+    threshold = SEVERITIES.index(args.fail_on)
+    return EXIT_FINDINGS if any(SEVERITIES.index(f.severity) >= threshold for f in findings) else EXIT_OK
+
+
 def _codes() -> int:
     width = max(map(len, CODES))
     for code, meaning in CODES.items():
@@ -158,6 +276,29 @@ def build_parser() -> argparse.ArgumentParser:
         default="error",
         help="exit with status 1 when a finding of this severity or worse exists (default: error)",
     )
+    doctor = sub.add_parser(
+        "doctor", help="run the pre-flight sanity checks on a LightningModule without training (a CI gate)"
+    )
+    doctor.add_argument(
+        "model", help="the LightningModule: 'package.module:Class' or 'path/to/file.py:Class'"
+    )
+    doctor.add_argument(
+        "--datamodule", help="a LightningDataModule, same form (else the model's train_dataloader)"
+    )
+    doctor.add_argument("--config", help="a LightningCLI YAML config to build the model and datamodule from")
+    doctor.add_argument("--batches", type=int, default=1, help="training batches the data checks look at")
+    doctor.add_argument(
+        "--overfit-steps",
+        type=int,
+        default=0,
+        help="also train a copy on one batch for this many steps (0: off)",
+    )
+    doctor.add_argument(
+        "--fail-on",
+        choices=("never", *SEVERITIES),
+        default="error",
+        help="exit with status 1 when a finding of this severity or worse exists (default: error)",
+    )
     sub.add_parser("codes", help="list the finding codes and what they mean")
     return parser
 
@@ -167,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "report":
             return _report(args)
+        if args.command == "doctor":
+            return _doctor(args)
         return _codes()
     except (FileNotFoundError, ValueError, RuntimeError, json.JSONDecodeError) as error:
         print(f"lightning-diag: error: {error}", file=sys.stderr)

@@ -63,6 +63,8 @@ CODES: dict[str, str] = {
     "early_stopped": "training was stopped early (with reason and best score)",
     "host_sync": "the training step makes the host wait for the device (synchronising calls)",
     "dataloader_config": "a DataLoader setting that slows training on this device (e.g. pin_memory off on CUDA)",
+    "input_scale": "float inputs far from unit scale (unnormalised)",
+    "label_distribution": "integer labels of a batch that are all one class or heavily imbalanced",
 }
 
 

@@ -131,3 +131,77 @@ def test_report_merges_with_the_callbacks_report(tmp_path, capsys) -> None:
     assert sources["early_stopped"] == "EarlyStop"  # kept from the run's own report
     assert sources["overfitting"] == "lightning-diag report"  # added from the logs
     assert report["summary"]["status"] == "finished"
+
+
+DIGITS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_projects", "digits"
+)
+BROKEN_MODULE = """
+import torch
+from torch import nn
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Broken(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(8, 3)
+        self.unused = nn.Linear(8, 8)  # defined, never called
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)), batch_size=16)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class NoData(Broken):
+    def train_dataloader(self):
+        return super(Broken, self).train_dataloader()
+"""
+
+
+def test_doctor_passes_the_digits_example(capsys) -> None:
+    model = os.path.join(DIGITS, "digits.py") + ":DigitsClassifier"
+    data = os.path.join(DIGITS, "digits.py") + ":DigitsDataModule"
+    assert main(["doctor", model, "--datamodule", data, "--overfit-steps", "30"]) == 0
+    assert "No findings" in capsys.readouterr().out
+    config = os.path.join(DIGITS, "config.yaml")
+    assert main(["doctor", model, "--datamodule", data, "--config", config]) == 0
+
+
+def test_doctor_fails_a_broken_model(tmp_path, capsys) -> None:
+    (tmp_path / "broken_model.py").write_text(BROKEN_MODULE)
+    assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Broken"]) == 1
+    out = capsys.readouterr().out
+    assert "missing_gradients" in out and "unused.weight" in out
+    assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Broken", "--fail-on", "never"]) == 0
+    # importable module form, from the current directory (the tests run in tmp_path)
+    assert main(["doctor", "broken_model:Broken"]) == 1
+
+
+def test_doctor_errors_are_clear(tmp_path, capsys) -> None:
+    (tmp_path / "broken_model.py").write_text(BROKEN_MODULE)
+    cases = [
+        (["doctor", "no_such_module:X"], "cannot import 'no_such_module'"),
+        (["doctor", "broken_model"], "must look like 'package.module:Class'"),
+        (["doctor", "broken_model:Missing"], "has no attribute 'Missing'"),
+        (["doctor", "torch.nn:Linear"], "is not a LightningModule subclass"),
+        (["doctor", "broken_model:NoData"], "NoData has no usable train_dataloader()"),
+        (
+            ["doctor", "broken_model:Broken", "--datamodule", "broken_model:Broken"],
+            "is not a LightningDataModule",
+        ),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv

@@ -15,6 +15,7 @@ from lightning_diag import (
     GradClip,
     GradNormMonitor,
     NaNGuard,
+    SanityCheck,
     SpeedMonitor,
     WarmupCosine,
     collect_findings,
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
         default_root_dir=args.root,
         logger=TensorBoardLogger(args.root, name="tb"),
         callbacks=[
+            SanityCheck(overfit_batch_steps=30),
             WarmupCosine(warmup_ratio=0.05, min_lr_ratio=0.01),
             GradNormMonitor(depth=2, exploding_threshold=100.0),
             GradClip(mode="norm", max_norm=5.0),

@@ -6,6 +6,7 @@ from lightning_diag.callbacks.grad_clip import GradClip
 from lightning_diag.callbacks.grad_norm_monitor import GradNormMonitor
 from lightning_diag.callbacks.nan_guard import NaNGuard, NonFiniteError
 from lightning_diag.callbacks.overfit_detector import OverfitDetector
+from lightning_diag.callbacks.sanity_check import SanityCheck, SanityCheckError
 from lightning_diag.callbacks.speed_monitor import SpeedMonitor
 from lightning_diag.callbacks.warmup_cosine import WarmupCosine
 
@@ -17,6 +18,8 @@ __all__ = [
     "NaNGuard",
     "NonFiniteError",
     "OverfitDetector",
+    "SanityCheck",
+    "SanityCheckError",
     "SpeedMonitor",
     "WarmupCosine",
     "collect_findings",

@@ -7,14 +7,23 @@ the statistics are always *pre-clip*, whatever the order of the callbacks list (
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from lightning_diag.core.grad_stats import GradStats, compute_grad_stats
 
-__all__ = ["amp_scaler", "named_optimizer_params", "params_with_grads", "scale_tensor", "step_grad_stats"]
+__all__ = [
+    "amp_scaler",
+    "named_optimizer_params",
+    "params_with_grads",
+    "scale_tensor",
+    "step_grad_stats",
+    "training_step_loss",
+]
 
 # trainer -> {"params": {id(optimizer): [(name, param)]}, "stats": {(step, id(optimizer), norm_type): GradStats}}
 _CACHE: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
@@ -95,3 +104,24 @@ def step_grad_stats(trainer: Any, pl_module: Any, optimizer: Any, norm_type: flo
     stats = compute_grad_stats(names, grads, norm_type, inv_scale)
     _remember(entry, key, stats)
     return stats
+
+
+def training_step_loss(trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> torch.Tensor | None:
+    """Run ``pl_module.training_step`` outside the loop (under the run's precision context, ``self.log`` silenced)
+    and return its loss (``None`` if it returned none)."""
+
+    def silent(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    pl_module.log, pl_module.log_dict = silent, silent  # a replay or a check must not log
+    context = (
+        trainer.precision_plugin.train_step_context() if trainer is not None else contextlib.nullcontext()
+    )
+    try:
+        with context:
+            out = pl_module.training_step(batch, batch_idx)
+    finally:
+        del pl_module.log, pl_module.log_dict
+    if isinstance(out, Mapping):
+        out = out.get("loss")
+    return out if isinstance(out, torch.Tensor) else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -19,6 +18,7 @@ from lightning_diag.callbacks._shared import (
     params_with_grads,
     scale_tensor,
     step_grad_stats,
+    training_step_loss,
 )
 from lightning_diag.core.nan_trace import (
     Trace,
@@ -472,26 +472,11 @@ class NaNGuard(DiagCallback):
         first: Trace | None = None
         for batch, batch_idx in self._batches:
             trace = trace_step(
-                pl_module, batch, functools.partial(self._replay_loss, trainer, pl_module, batch, batch_idx)
+                pl_module, batch, functools.partial(training_step_loss, trainer, pl_module, batch, batch_idx)
             )
             if first is None and trace is not None:
                 first = trace
         return first
-
-    @staticmethod
-    def _replay_loss(trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        def silent(*args: Any, **kwargs: Any) -> None:
-            return None
-
-        pl_module.log, pl_module.log_dict = silent, silent  # the replay must not log
-        try:
-            with trainer.precision_plugin.train_step_context():
-                out = pl_module.training_step(batch, batch_idx)
-        finally:
-            del pl_module.log, pl_module.log_dict
-        if isinstance(out, Mapping):
-            out = out.get("loss")
-        return out if isinstance(out, torch.Tensor) else None
 
     def _observed(
         self, trainer: Any, pl_module: Any, optimizer: Any, input_bad: bool, loss_bad: bool, grad_bad: bool

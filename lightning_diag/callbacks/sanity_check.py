@@ -1,0 +1,284 @@
+"""SanityCheck: pre-flight checks on the first batches, before the first update; can refuse to start training."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal
+
+import torch
+
+from lightning_diag import _distributed
+from lightning_diag._validation import check_choice, check_fraction, check_int
+from lightning_diag.callbacks._base import DiagCallback
+from lightning_diag.callbacks._shared import training_step_loss
+from lightning_diag.core import sanity
+from lightning_diag.core.nan_trace import iter_tensors
+from lightning_diag.findings import SEVERITIES
+
+__all__ = ["SanityCheck", "SanityCheckError", "model_input", "run_checks"]
+
+#: Keys tried, in order, to find the model input in a dict batch.
+INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "input_ids")
+
+
+class SanityCheckError(RuntimeError):
+    """Raised by :class:`SanityCheck` when a finding reaches ``fail_on``: training does not start."""
+
+
+def model_input(batch: Any) -> torch.Tensor | None:
+    """The tensor a model's ``forward`` takes, by convention: ``batch[0]`` of a tuple/list, a known key of a dict
+    (``x``, ``input``, ``image``...), else the first tensor; the batch itself if it is a tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in INPUT_KEYS:
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key]
+    return next((t for _, t in iter_tensors(batch)), None)
+
+
+def _labels(batch: Any, size: int) -> torch.Tensor | None:
+    found = [
+        t for _, t in iter_tensors(batch) if not t.is_floating_point() and t.dim() == 1 and t.shape[0] == size
+    ]
+    return found[-1] if found else None
+
+
+@contextlib.contextmanager
+def _without_trainer(pl_module: Any) -> Iterator[None]:
+    """Detach the Trainer reference so ``copy.deepcopy(pl_module)`` copies the model only."""
+    saved = getattr(pl_module, "_trainer", None)
+    pl_module._trainer = None
+    try:
+        yield
+    finally:
+        pl_module._trainer = saved
+
+
+def run_checks(
+    pl_module: Any,
+    batches: list[Any],
+    trainer: Any = None,
+    *,
+    data: bool = True,
+    loss_at_init: bool = True,
+    gradients: bool = True,
+    batch_independence: bool = True,
+    overfit_batch_steps: int = 0,
+    overfit_lr: float = 1e-3,
+    min_drop: float = 0.5,
+) -> list[sanity.Issue]:
+    """All enabled checks on ``batches`` (data checks on each, model checks on the first), model left untouched.
+
+    Usable without a Trainer (``lightning-diag doctor``): the batches must then already be on the model's device.
+    """
+    issues: list[sanity.Issue] = []
+    if data:
+        seen: set[tuple[str, str]] = set()
+        for batch in batches:
+            for issue in sanity.check_data(batch):
+                key = (issue.code, issue.message)
+                if key not in seen:
+                    seen.add(key)
+                    issues.append(issue)
+    if not batches:
+        return issues
+    batch = batches[0]
+
+    def loss_of(module: Any) -> torch.Tensor:
+        loss = training_step_loss(trainer if module is pl_module else None, module, batch, 0)
+        if loss is None:
+            raise RuntimeError("training_step returned no loss on the first batch")
+        return loss
+
+    x = model_input(batch)
+    if loss_at_init and x is not None:
+        with sanity.preserved_module(pl_module), torch.no_grad():
+            try:
+                out = pl_module(x)
+                loss = loss_of(pl_module)
+            except Exception:  # forward may need more than one input: the check does not apply
+                out, loss = None, None
+        labels = _labels(batch, x.shape[0]) if x.dim() >= 1 else None
+        if (
+            isinstance(out, torch.Tensor)
+            and loss is not None
+            and out.is_floating_point()
+            and out.dim() == 2
+            and labels is not None
+            and out.shape[0] == labels.shape[0]
+        ):
+            issues += sanity.check_loss_at_init(float(loss.float().sum()), int(out.shape[1]))
+    if gradients:
+        issues += sanity.check_gradients(pl_module, lambda: loss_of(pl_module))
+    if batch_independence and x is not None and x.is_floating_point():
+        # forward may need more than one input: then the check does not apply
+        with contextlib.suppress(Exception):
+            issues += sanity.check_batch_independence(pl_module, pl_module, x)
+    if overfit_batch_steps > 0:
+        with _without_trainer(pl_module):
+            issues += sanity.check_overfit_batch(
+                pl_module,
+                loss_of,
+                lambda params: torch.optim.Adam(params, lr=overfit_lr),
+                steps=overfit_batch_steps,
+                min_drop=min_drop,
+            )
+    return issues
+
+
+class SanityCheck(DiagCallback):
+    """Pre-flight checks before the first optimizer step; say what is wrong before hours are spent.
+
+    On the first training batch of a fresh run (``on_train_batch_start`` at step 0, so the batch is the real one,
+    already on the device, and no extra data is drawn), SanityCheck runs the checks of
+    :mod:`lightning_diag.core.sanity` and records each failure as a finding:
+
+    * data (on the first ``num_batches`` batches): NaN/Inf (``non_finite_input``), float inputs far from unit scale
+      (``input_scale``, info), integer labels all of one class or heavily imbalanced (``label_distribution``);
+    * ``loss_at_init``: for a model whose output is ``[batch, C]`` with integer labels, the loss at initialisation
+      against ``ln(C)`` (far above: an overconfident init; near 0: a leak);
+    * ``missing_gradients``: trainable parameters the loss does not reach (names listed), or a loss detached
+      from every parameter;
+    * ``batch_dependence``: the output of one sample must not depend on the others (gradient test; BatchNorm is
+      put in eval mode for it, which the finding says);
+    * ``cannot_overfit_batch`` (``overfit_batch_steps > 0``): a copy of the model trained on the first batch with
+      Adam must cut its loss by ``min_drop``.
+
+    Weights, gradients, buffers, train/eval modes, the optimizer state and the RNG states are left exactly as they
+    were. The model's input is found by convention (``batch[0]``, or ``x``/``input``/``image``... in a dict); the
+    checks that need ``forward(input)`` are skipped when that call fails. Then ``fail_on`` decides: a finding of
+    that severity or worse (on any rank) raises :class:`SanityCheckError` before the first update.
+
+    Args:
+        fail_on: ``"error"`` (default), ``"warning"`` or ``"never"``.
+        num_batches: batches the data checks look at.
+        check_data: run the data checks.
+        check_loss_at_init: run the loss-at-initialisation check.
+        check_gradients: run the missing-gradient check.
+        check_batch_independence: run the batch-mixing check.
+        overfit_batch_steps: steps of the overfit-one-batch check (0: off; it trains a copy of the model).
+        overfit_lr: Adam's learning rate for that check.
+        min_drop: the fraction by which the loss must fall in that check.
+
+    Findings:
+        ``non_finite_input``, ``input_scale``, ``label_distribution``, ``loss_at_init``, ``missing_gradients``,
+        ``non_finite_gradients``, ``batch_dependence``, ``cannot_overfit_batch``.
+
+    Raises:
+        ValueError: at construction for an unknown ``fail_on`` or out-of-range numbers.
+        SanityCheckError: at the first batch when a finding reaches ``fail_on``.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning_diag import SanityCheck
+        >>> trainer = pl.Trainer(callbacks=[SanityCheck(overfit_batch_steps=50)])
+
+    Note:
+        A run resumed from a checkpoint (``global_step > 0``) is not checked again. Under DDP each rank checks its
+        own batch; the decision to stop is agreed by all ranks, the report lists rank 0's findings.
+    """
+
+    def __init__(
+        self,
+        fail_on: Literal["never", "error", "warning"] = "error",
+        num_batches: int = 1,
+        check_data: bool = True,
+        check_loss_at_init: bool = True,
+        check_gradients: bool = True,
+        check_batch_independence: bool = True,
+        overfit_batch_steps: int = 0,
+        overfit_lr: float = 1e-3,
+        min_drop: float = 0.5,
+    ) -> None:
+        super().__init__()
+        check_choice("fail_on", fail_on, ("never", "error", "warning"))
+        check_int("num_batches", num_batches, minimum=1)
+        check_int("overfit_batch_steps", overfit_batch_steps, minimum=0)
+        check_fraction("overfit_lr", overfit_lr, low_open=True)
+        check_fraction("min_drop", min_drop, low_open=True, high_open=True)
+        self.fail_on = fail_on
+        self.num_batches = num_batches
+        self.check_data = check_data
+        self.check_loss_at_init = check_loss_at_init
+        self.check_gradients = check_gradients
+        self.check_batch_independence = check_batch_independence
+        self.overfit_batch_steps = overfit_batch_steps
+        self.overfit_lr = float(overfit_lr)
+        self.min_drop = float(min_drop)
+        self._reset_state()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            fail_on=self.fail_on, num_batches=self.num_batches, overfit_batch_steps=self.overfit_batch_steps
+        )
+
+    def _reset_state(self) -> None:
+        self.done = False
+        self._batches: list[Any] = []
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.done:
+            return
+        if trainer.global_step > 0 and not self._batches:
+            self.done = True  # a resumed run: it was checked when it started
+            return
+        self._batches.append(batch)
+        last_wanted = len(self._batches) >= self.num_batches
+        if not last_wanted and batch_idx + 1 < _num_batches(trainer):
+            if self._batches[0] is batch:
+                self._check(
+                    trainer, pl_module, model=True, data=False
+                )  # model checks before the first update
+            return
+        self._check(trainer, pl_module, model=len(self._batches) == 1, data=True)
+        self.done = True
+        self._batches = []
+
+    def _check(self, trainer: Any, pl_module: Any, *, model: bool, data: bool) -> None:
+        issues = run_checks(
+            pl_module,
+            self._batches if data else self._batches[:1],
+            trainer,
+            data=data and self.check_data,
+            loss_at_init=model and self.check_loss_at_init,
+            gradients=model and self.check_gradients,
+            batch_independence=model and self.check_batch_independence,
+            overfit_batch_steps=self.overfit_batch_steps if model else 0,
+            overfit_lr=self.overfit_lr,
+            min_drop=self.min_drop,
+        )
+        for issue in issues:
+            self.record(
+                trainer,
+                issue.code,
+                issue.severity,  # type: ignore[arg-type]
+                issue.message,
+                evidence=issue.evidence,
+                advice=issue.advice,
+                key=issue.message,
+            )
+        threshold = None if self.fail_on == "never" else SEVERITIES.index(self.fail_on)
+        failing = [i for i in issues if threshold is not None and SEVERITIES.index(i.severity) >= threshold]
+        if _distributed.any_rank(trainer, bool(failing)):
+            listed = "; ".join(f"{i.code}: {i.message}" for i in failing) or "on another rank"
+            raise SanityCheckError(
+                f"SanityCheck found {len(failing)} problem(s) at or above '{self.fail_on}' before training: {listed} "
+                "(set SanityCheck(fail_on='never') to train anyway)."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done, "findings": self._findings_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = bool(state_dict.get("done", self.done))
+        self._load_findings_state(state_dict)
+
+
+def _num_batches(trainer: Any) -> int:
+    n = trainer.num_training_batches
+    return int(n) if isinstance(n, (int, float)) and n != float("inf") else 1 << 30

@@ -1,0 +1,334 @@
+"""Pre-flight checks on a model and a batch, the ones practitioners run by hand before a long training run.
+
+Each check returns :class:`Issue` s (empty when all is well) and leaves the model as it found it: parameter values
+and gradients, buffers (BatchNorm statistics), train/eval mode and the RNG states are restored, no optimizer is
+touched (the overfit check trains a deep copy).
+
+* :func:`check_data`: NaN/Inf in the batch, float inputs far from unit scale, integer labels that are all one
+  class or heavily imbalanced.
+* :func:`check_loss_at_init`: a classification loss at initialisation should be close to ``ln(C)``.
+* :func:`check_gradients`: trainable parameters the loss does not reach (no gradient), and non-finite gradients.
+* :func:`check_batch_independence`: the gradient of sample ``i``'s output with respect to the inputs must be zero
+  for every other sample (a view/reshape that mixes the batch dimension breaks it). Modules that mix samples on
+  purpose in training mode (BatchNorm) are put in eval mode for the test, and the issue says so.
+* :func:`check_overfit_batch`: a copy of the model trained on one batch must drive its loss down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_diag.core.nan_trace import first_non_finite, iter_tensors, preserved_rng
+
+__all__ = [
+    "Issue",
+    "check_batch_independence",
+    "check_data",
+    "check_gradients",
+    "check_loss_at_init",
+    "check_overfit_batch",
+    "preserved_module",
+]
+
+_MIXING = (nn.modules.batchnorm._BatchNorm,)
+
+
+@dataclasses.dataclass
+class Issue:
+    """One failed check: a finding code, its severity, a message, evidence and advice."""
+
+    code: str
+    severity: str
+    message: str
+    evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
+    advice: list[str] = dataclasses.field(default_factory=list)
+
+
+@contextlib.contextmanager
+def preserved_module(module: nn.Module) -> Iterator[None]:
+    """Restore gradients, buffers, train/eval modes and RNG states of ``module`` on exit."""
+    grads = {p: p.grad for p in module.parameters()}
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    modes = {m: m.training for m in module.modules()}
+    try:
+        with preserved_rng():
+            yield
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, training in modes.items():
+            m.train(training)
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9) -> list[Issue]:
+    """NaN/Inf anywhere in the batch; float inputs whose typical magnitude exceeds ``scale_limit``; integer
+    targets (the last integer tensor of the batch) that are all one class or with one class above ``imbalance``."""
+    issues: list[Issue] = []
+    bad = first_non_finite(batch)
+    if bad is not None:
+        issues.append(
+            Issue(
+                "non_finite_input",
+                "error",
+                f"The batch holds {bad[1].upper()} in `{bad[0]}`.",
+                {"phase": "input", "tensor": bad[0], "kind": bad[1]},
+                ["Clean the data or drop such samples in the Dataset/collate_fn before training."],
+            )
+        )
+    tensors = list(iter_tensors(batch))
+    for name, t in tensors:
+        if not t.is_floating_point() or t.numel() < 2 or not bool(torch.isfinite(t).all()):
+            continue
+        rms = float(t.float().pow(2).mean().sqrt())
+        if rms > scale_limit:
+            issues.append(
+                Issue(
+                    "input_scale",
+                    "info",
+                    f"`{name}` looks unnormalised: root-mean-square {rms:.3g} (mean {float(t.float().mean()):.3g}, "
+                    f"std {float(t.float().std()):.3g}).",
+                    {"tensor": name, "rms": rms},
+                    [
+                        "Standardise inputs (zero mean, unit variance) or scale them to [0, 1]; large inputs slow and "
+                        "destabilise training."
+                    ],
+                )
+            )
+    labels = [(n, t) for n, t in tensors if not t.is_floating_point() and t.dim() == 1 and t.numel() > 1]
+    if labels:
+        name, y = labels[-1]
+        values, counts = torch.unique(y, return_counts=True)
+        top = float(counts.max()) / y.numel()
+        if len(values) == 1:
+            issues.append(
+                Issue(
+                    "label_distribution",
+                    "warning",
+                    f"Every label in `{name}` is {int(values[0])}: the batch has a single class.",
+                    {"tensor": name, "classes": 1, "batch_size": int(y.numel())},
+                    [
+                        "Shuffle the training data (DataLoader(shuffle=True)); check the labels were not overwritten."
+                    ],
+                )
+            )
+        elif top > imbalance:
+            issues.append(
+                Issue(
+                    "label_distribution",
+                    "warning",
+                    f"`{name}` is heavily imbalanced: the most frequent class is {top:.0%} of the batch.",
+                    {"tensor": name, "classes": len(values), "top_share": round(top, 4)},
+                    ["Rebalance (WeightedRandomSampler, class weights in the loss) or check the sampling."],
+                )
+            )
+    return issues
+
+
+# -- loss at init --------------------------------------------------------------------------------------------------
+def check_loss_at_init(loss: float, num_classes: int, *, high: float = 1.5, low: float = 0.1) -> list[Issue]:
+    """A cross-entropy loss at initialisation should be near ``ln(num_classes)`` (uniform predictions)."""
+    if num_classes < 2 or not math.isfinite(loss):
+        return []
+    expected = math.log(num_classes)
+    evidence = {"loss": loss, "expected": round(expected, 6), "num_classes": num_classes}
+    if loss > high * expected:
+        return [
+            Issue(
+                "loss_at_init",
+                "warning",
+                f"The loss at initialisation is {loss:.4g}, {loss / expected:.1f}x ln({num_classes}) = {expected:.4g}: "
+                "the untrained model is confidently wrong.",
+                evidence,
+                [
+                    "Initialise the last layer with small weights (and a zero or prior bias) so the first predictions "
+                    "are close to uniform.",
+                    "Check that the loss gets logits (not probabilities or log-probabilities twice).",
+                ],
+            )
+        ]
+    if loss < low * expected:
+        return [
+            Issue(
+                "loss_at_init",
+                "warning",
+                f"The loss at initialisation is {loss:.4g}, suspiciously close to 0 next to ln({num_classes}) = "
+                f"{expected:.4g}.",
+                evidence,
+                ["Check for a label leaking into the inputs, or a loss that ignores most of the batch."],
+            )
+        ]
+    return []
+
+
+# -- gradients -----------------------------------------------------------------------------------------------------
+def check_gradients(module: nn.Module, compute_loss: Callable[[], torch.Tensor]) -> list[Issue]:
+    """Trainable parameters that get no gradient from the loss, and non-finite gradients (module restored)."""
+    with preserved_module(module), torch.enable_grad():
+        for p in module.parameters():
+            p.grad = None
+        loss = compute_loss()
+        if not loss.requires_grad:
+            return [
+                Issue(
+                    "missing_gradients",
+                    "error",
+                    "The loss does not depend on any trainable parameter (it does not require grad): the graph is "
+                    "detached (`.detach()`, `.item()`, `torch.no_grad()`, numpy round trip) or every parameter is "
+                    "frozen.",
+                    {"parameters": sum(1 for p in module.parameters() if p.requires_grad)},
+                    ["Find where the output leaves autograd; keep the loss computation in torch tensors."],
+                )
+            ]
+        loss.float().sum().backward()
+        missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+        bad = [
+            n
+            for n, p in module.named_parameters()
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
+    issues = []
+    if missing:
+        issues.append(
+            Issue(
+                "missing_gradients",
+                "error",
+                f"{len(missing)} trainable parameter(s) get no gradient from the loss: {', '.join(missing[:8])}"
+                + (" ..." if len(missing) > 8 else "")
+                + ".",
+                {"parameters": ",".join(missing), "count": len(missing)},
+                [
+                    "An unused layer (defined but not called in forward), a branch cut by `.detach()`, or a head that "
+                    "the loss ignores.",
+                    "If they are meant to stay fixed, set `requires_grad_(False)`; under DDP unused parameters also "
+                    "need `find_unused_parameters=True`.",
+                ],
+            )
+        )
+    if bad:
+        issues.append(
+            Issue(
+                "non_finite_gradients",
+                "error",
+                f"Non-finite gradients at initialisation in: {', '.join(bad[:8])}.",
+                {"parameters": ",".join(bad), "phase": "backward"},
+                ["Run NaNGuard (or lightning_diag.testing.assert_forward_backward) to find the operation."],
+            )
+        )
+    return issues
+
+
+# -- batch independence ----------------------------------------------------------------------------------------------
+def check_batch_independence(
+    forward: Callable[[torch.Tensor], Any], module: nn.Module, x: torch.Tensor, sample: int = 0
+) -> list[Issue]:
+    """The output of sample ``sample`` must not depend on any other sample of ``x`` (gradient test)."""
+    if not x.is_floating_point() or x.dim() < 1 or x.shape[0] < 2:
+        return []
+    mixing = [n for n, m in module.named_modules() if isinstance(m, _MIXING)]
+    with preserved_module(module), torch.enable_grad():
+        if mixing:
+            for m in module.modules():
+                if isinstance(m, _MIXING):
+                    m.eval()  # BatchNorm mixes samples by design in training mode
+        inputs = x.detach().clone().requires_grad_(True)
+        out = forward(inputs)
+        outputs = [
+            t
+            for _, t in iter_tensors(out)
+            if t.is_floating_point() and t.dim() >= 1 and t.shape[0] == x.shape[0]
+        ]
+        if not outputs:
+            return []
+        target = sum(o[sample].float().sum() for o in outputs)
+        if not isinstance(target, torch.Tensor) or not target.requires_grad:
+            return []
+        (grad,) = torch.autograd.grad(target, inputs, allow_unused=True)
+    if grad is None:
+        return []
+    per_sample = grad.reshape(grad.shape[0], -1).abs().amax(dim=1)
+    others = [i for i in range(x.shape[0]) if i != sample and float(per_sample[i]) > 0]
+    if not others:
+        return []
+    note = f" (BatchNorm layers {', '.join(mixing[:3])} were put in eval mode for the test)" if mixing else ""
+    return [
+        Issue(
+            "batch_dependence",
+            "error",
+            f"The output of sample {sample} depends on {len(others)} other sample(s) of the batch (e.g. sample "
+            f"{others[0]}){note}: something mixes the batch dimension.",
+            {
+                "sample": sample,
+                "dependent_samples": len(others),
+                "first": others[0],
+                "batchnorm_eval": int(bool(mixing)),
+            },
+            [
+                "Look for a view/reshape/transpose that moves the batch dimension (e.g. x.view(-1, batch) instead of "
+                "x.view(batch, -1)), or a reduction over dim 0 (mean/softmax over the batch).",
+            ],
+        )
+    ]
+
+
+# -- overfit one batch -------------------------------------------------------------------------------------------------
+def check_overfit_batch(
+    module: nn.Module,
+    compute_loss: Callable[[nn.Module], torch.Tensor],
+    make_optimizer: Callable[[Sequence[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    steps: int = 50,
+    min_drop: float = 0.5,
+) -> list[Issue]:
+    """Train a deep copy of ``module`` on one batch for ``steps`` steps: its loss must fall by ``min_drop``."""
+    clone = copy.deepcopy(module)
+    clone.train()
+    params = [p for p in clone.parameters() if p.requires_grad]
+    if not params:
+        return [
+            Issue(
+                "cannot_overfit_batch",
+                "error",
+                "The model has no trainable parameter: it cannot learn anything.",
+                {},
+                ["Check `requires_grad` and what `configure_optimizers` returns."],
+            )
+        ]
+    optimizer = make_optimizer(params) if make_optimizer else torch.optim.Adam(params, lr=1e-3)
+    losses: list[float] = []
+    with preserved_rng(), torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = compute_loss(clone).float().sum()
+            losses.append(float(loss.detach()))
+            if not loss.requires_grad:
+                break
+            loss.backward()
+            optimizer.step()
+        losses.append(float(compute_loss(clone).float().sum().detach()))
+    first, last = losses[0], losses[-1]
+    if math.isfinite(first) and math.isfinite(last) and (first <= 0 or last <= (1 - min_drop) * first):
+        return []
+    return [
+        Issue(
+            "cannot_overfit_batch",
+            "error" if not math.isfinite(last) or last >= first else "warning",
+            f"Trained on a single batch for {len(losses) - 1} steps, the loss went from {first:.4g} to {last:.4g} "
+            f"(less than the {min_drop:.0%} drop a working model achieves).",
+            {"first_loss": first, "last_loss": last, "steps": len(losses) - 1},
+            [
+                "A model that cannot memorise one batch has a bug: detached graph, frozen layers, wrong loss input "
+                "(probabilities vs logits), labels misaligned with inputs, or a learning rate far off.",
+            ],
+        )
+    ]
