@@ -100,3 +100,46 @@ def test_curves_overfit_example(tmp_path) -> None:
         timeout=120,
     )
     assert cli.returncode == 1 and "overfitting" in cli.stdout
+
+
+@pytest.mark.slow
+def test_failure_gallery_reports_what_it_claims_and_matches_the_readme(tmp_path) -> None:
+    script = os.path.join(ROOT, "example_projects", "gallery", "run_all.py")
+    proc = run([script, "--root", str(tmp_path)], cwd=str(tmp_path))  # exits 1 on a mismatch
+    rows = [
+        line for line in proc.stdout.splitlines() if line.startswith("| ") and not line.startswith("| entry")
+    ]
+    assert len(rows) == 10
+    readme = Path(ROOT, "README.md").read_text(encoding="utf-8")
+    for row in rows:
+        assert row in readme, f"README gallery table is stale: {row}"
+    healthy = json.loads(Path(single(str(tmp_path / "healthy"), "diagnosis.json")).read_text())
+    assert healthy["summary"]["healthy"] is True
+
+
+@pytest.mark.slow
+def test_charlm_recipe_runs_healthy_in_bf16(tmp_path) -> None:
+    main = os.path.join(ROOT, "example_projects", "charlm", "main.py")
+    config = os.path.join(ROOT, "example_projects", "charlm", "config.yaml")
+    run(
+        [
+            main,
+            "fit",
+            "--config",
+            config,
+            "--trainer.max_steps=12",
+            "--trainer.val_check_interval=6",
+            "--trainer.limit_val_batches=2",
+            "--trainer.enable_progress_bar=false",
+            "--data.max_chars=40000",
+        ],
+        cwd=str(tmp_path),
+    )
+    report = json.loads(Path(single(str(tmp_path / "runs" / "charlm"), "diagnosis.json")).read_text())
+    assert report["summary"]["status"] == "finished" and report["summary"]["healthy"], report["findings"]
+    scalars = tb_scalars(os.path.dirname(single(str(tmp_path / "runs" / "charlm"), "diagnosis.json")))
+    assert "diag/clip/pre_norm" in scalars and "diag/nan/skipped_steps" in scalars and "val_bpc" in scalars
+    assert (
+        scalars["diag/lr/group0"][0][1] < scalars["diag/lr/group0"][-1][1]
+        or len(scalars["diag/lr/group0"]) == 1
+    )

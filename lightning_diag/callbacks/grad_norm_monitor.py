@@ -235,15 +235,29 @@ class GradNormMonitor(DiagCallback):
                 trainer, flagged, worst, worst_ratio, worst_at, self._ema, norms, self._names
             )
         if nonfinite:
+            guarded = any(
+                type(cb).__name__ == "NaNGuard" and getattr(cb, "action", "warn") != "warn"
+                for cb in trainer.callbacks
+            )
+            what = (
+                f"{nonfinite} step(s) had a non-finite gradient norm (NaN/Inf gradients, or finite ones too large for "
+                "float32) without a GradScaler to skip them"
+            )
             self.record(
                 trainer,
                 "non_finite_gradients",
-                "error",
-                f"{nonfinite} step(s) had NaN/Inf gradients (total norm not finite), without a GradScaler to "
-                "skip them: the parameters took non-finite updates.",
+                "warning" if guarded else "error",
+                what
+                + (
+                    ": NaNGuard decided what to do with them (see its findings)."
+                    if guarded
+                    else ": the parameters took those updates."
+                ),
                 evidence={"steps": nonfinite},
                 advice=[
-                    "Add NaNGuard to skip such steps and locate the layer that produced the first non-finite value."
+                    "See NaNGuard's finding for where the first non-finite value appeared."
+                    if guarded
+                    else "Add NaNGuard to skip such steps and locate the layer that produced the first non-finite value."
                 ],
             )
         self._max_run = max(self._max_run, max_run)

@@ -62,6 +62,8 @@ _ADVICE: dict[str, list[str]] = {
     "loss": [
         "The loss took a log of 0 or divided by 0: use the fused, stable forms (cross_entropy on logits, "
         "binary_cross_entropy_with_logits) or add an epsilon.",
+        "The predictions are huge and their squared error overflowed: the weights are blowing up (learning rate too "
+        "high: lower it, clip gradients, add warmup).",
         "Targets out of the loss's domain (class index out of range, labels outside [0, 1]), or an empty mask "
         "averaged over zero elements.",
     ],
@@ -394,6 +396,9 @@ class NaNGuard(DiagCallback):
         params_bad: bool,
     ) -> None:
         trace, reproduced, rank = self._locate(trainer, pl_module, optimizer, loss_bad, grad_bad, input_bad)
+        overflow_only = trace is None and grad_bad and not (loss_bad or input_bad or params_bad)
+        if overflow_only and self._on_norm_overflow(trainer, pl_module, optimizer):
+            return
         if trace is not None and trace.phase == "optimizer":
             params_bad = True
         action = self._resolve(self.action, cannot_skip=params_bad)
@@ -426,6 +431,37 @@ class NaNGuard(DiagCallback):
         advice = _advice(trace, pl_module, trainer) if trace is not None else []
         self.record(trainer, code, severity, message, evidence=evidence, advice=advice, key=key)
         self._act(trainer, pl_module, optimizer, action, code, message)
+
+    def _on_norm_overflow(self, trainer: Any, pl_module: Any, optimizer: Any) -> bool:
+        """Finite gradients whose norm overflows float32: exploding, not NaN. Act on it like a non-finite step."""
+        names, _, grads = params_with_grads(trainer, pl_module, optimizer)
+        if not grads:
+            return False
+        peaks = torch.stack([p.float() for p in torch._foreach_norm([g.detach() for g in grads], math.inf)])
+        peak_values = _distributed.reduce(trainer, peaks, "max").tolist()
+        if not all(math.isfinite(v) for v in peak_values):
+            return False  # really non-finite somewhere: the usual path
+        worst = max(range(len(peak_values)), key=peak_values.__getitem__)
+        action = self._resolve(self.action, cannot_skip=False)
+        message = (
+            f"Exploding gradients at step {trainer.global_step}: every gradient is finite but their norm overflows "
+            f"float32 (largest |g| = {peak_values[worst]:.3g} in `{names[worst]}`). Action: "
+            f"{self._describe_action(action)}."
+        )
+        self.record(
+            trainer,
+            "exploding_gradients",
+            "warning" if action in ("skip", "rollback") else "error",
+            message,
+            evidence={"max_abs_grad": peak_values[worst], "tensor": names[worst], "action": action},
+            advice=[
+                "The learning rate is far too high (or the loss scale is): lower it, add warmup (WarmupCosine).",
+                "Clip gradients (GradClip) so one step cannot throw the weights this far.",
+            ],
+            key="norm_overflow",
+        )
+        self._act(trainer, pl_module, optimizer, action, "exploding_gradients", message)
+        return True
 
     def _code_from_flags(self, loss_bad: bool, grad_bad: bool, input_bad: bool, params_bad: bool) -> str:
         if input_bad:

@@ -27,7 +27,8 @@ class OverfitDetector(DiagCallback):
     After every validation run (also several per epoch with ``val_check_interval < 1``), one point is added to
     the curve: the validation loss (``val_key`` from ``trainer.callback_metrics``) and the mean training loss since
     the previous validation. The training loss is the loss ``training_step`` returned, summed on the device batch
-    by batch and read once per evaluation; with ``train_key`` set, the logged epoch value of that key is used
+    by batch and read once per evaluation (non-finite step losses, e.g. steps NaNGuard skipped, are left out of
+    the mean; if every one was non-finite the point is NaN, a divergence); with ``train_key`` set, the logged epoch value of that key is used
     instead at end-of-epoch evaluations (read in ``on_train_epoch_end``, when Lightning has reduced it). Then the
     rules of :mod:`lightning_diag.core.curves` run on the whole history (thresholds below) and each conclusion is
     recorded once, with repeats counted. Under DDP rank 0's values are broadcast first, so every rank keeps the
@@ -133,15 +134,18 @@ class OverfitDetector(DiagCallback):
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):
             value = loss.detach().float().sum()
-            self._sum = value if self._sum is None else self._sum + value.to(self._sum.device)
+            finite = torch.isfinite(value)
+            # Non-finite step losses (a step NaNGuard skipped) stay out of the mean; all of them non-finite -> NaN.
+            pair = torch.stack([torch.where(finite, value, torch.zeros_like(value)), finite.float()])
+            self._sum = pair if self._sum is None else self._sum + pair.to(self._sum.device)
             self._count += 1
 
     def _take_train_mean(self) -> float | None:
         if self._sum is None or self._count == 0:
             return None
-        mean = float(self._sum) / self._count  # one host read per evaluation
+        total, finite = self._sum.tolist()  # one host read per evaluation
         self._sum, self._count = None, 0
-        return mean
+        return total / finite if finite > 0 else math.nan
 
     def _val_value(self, trainer: Any) -> float | None:
         value = trainer.callback_metrics.get(self.val_key)

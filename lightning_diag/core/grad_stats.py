@@ -135,10 +135,15 @@ def _dtensor_norms(tensors: Sequence[torch.Tensor], norm_type: float) -> torch.T
 
 
 def total_from_norms(norms: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:
-    """The norm of the concatenation of tensors, from their individual norms."""
+    """The norm of the concatenation of tensors, from their individual norms.
+
+    Accumulated in float64 (a few numbers), so finite per-tensor norms never add up to a float32 overflow.
+    """
     if norms.numel() == 0:
         return torch.zeros((), device=norms.device)
-    return torch.linalg.vector_norm(norms, norm_type)
+    if norms.device.type == "mps":  # no float64 there
+        return torch.linalg.vector_norm(norms, norm_type)
+    return torch.linalg.vector_norm(norms.double(), norm_type).float()
 
 
 def grouped_norms(norms: torch.Tensor, groups: GroupIndex, norm_type: float = 2.0) -> torch.Tensor:
