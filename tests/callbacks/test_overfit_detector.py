@@ -103,3 +103,20 @@ def test_gap_is_logged(tmp_path) -> None:
 def test_bad_arguments_fail_at_construction(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         OverfitDetector(**kwargs)
+
+
+def test_skipped_non_finite_steps_stay_out_of_the_training_mean() -> None:
+    from lightning_diag import NaNGuard
+    from tests.callbacks.curve_helpers import circles
+
+    data = circles(1024, 0)
+    data.tensors[0][300, 0] = float("nan")  # one bad sample: its step is skipped by NaNGuard
+    detector = OverfitDetector()
+    guard = NaNGuard(action="skip", detect_spikes=False)
+    from torch.utils.data import DataLoader
+
+    t = trainer(max_epochs=3, callbacks=[guard, detector], num_sanity_val_steps=0)
+    t.fit(Net(), DataLoader(data, batch_size=64), loaders("healthy")[1])
+    assert guard.skipped_steps == 3
+    assert all(p.train == p.train for p in detector.points)  # no NaN in the curve
+    assert not [f for f in detector.findings if f.code == "divergence"]

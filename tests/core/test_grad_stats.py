@@ -76,3 +76,12 @@ def test_inverse_scale_unscales() -> None:
 def test_empty() -> None:
     stats = compute_grad_stats([], [])
     assert stats.norms.numel() == 0 and stats.total_norm.item() == 0.0 and not stats.nonfinite.item()
+
+
+def test_total_norm_of_huge_finite_norms_does_not_overflow() -> None:
+    from lightning_diag.core.grad_stats import total_from_norms
+
+    norms = torch.tensor([3e20, 4e20], dtype=torch.float32)  # squares overflow float32, the total does not
+    total = total_from_norms(norms)
+    assert torch.isfinite(total) and float(total) == pytest.approx(5e20, rel=1e-6)
+    assert total.dtype == torch.float32
