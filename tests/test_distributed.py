@@ -145,3 +145,49 @@ def test_nan_guard_ranks_agree_when_only_rank_1_sees_the_fault(kind: str, tmp_pa
             assert not a["raised"] and not b["raised"]
     for scenario in expected:
         assert (tmp_path / f"{kind}-{scenario}" / "diagnosis.json").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("kind", ["single", "ddp", "fsdp2"])
+def test_every_callback_together_decides_alike_and_resumes(kind: str, tmp_path) -> None:
+    """The whole suite in one run per strategy; rank 1 alone sees a NaN batch, its own val_loss, an odd first batch."""
+    run_script("matrix.py", kind, str(tmp_path), cwd=tmp_path)
+    ranks = [0] if kind == "single" else [0, 1]
+    runs = [json.loads((tmp_path / f"{kind}-rank{r}.json").read_text()) for r in ranks]
+    r0 = runs[0]
+    # rank 0's val_loss plateaus after epoch 2 (best), rank 1's keeps falling: EarlyStop follows rank 0 everywhere
+    assert (r0["stopped_epoch"], r0["best_epoch"]) == (4, 2)
+    assert [round(p[2], 6) for p in r0["curve"]] == [
+        2.0,
+        1.5,
+        1.2,
+        1.25,
+        1.3,
+    ]  # OverfitDetector: rank 0's values
+    steps_per_epoch = 32 if kind == "single" else 16
+    nan_steps = [str(3 + e * steps_per_epoch) for e in range(5)]
+    assert [k for k, moved in r0["applied"].items() if not moved] == nan_steps  # NaNGuard skipped those steps
+    assert r0["skipped"] == 5
+    for other in runs[1:]:
+        for key in ("global_step", "lrs", "applied", "skipped", "stopped_epoch", "best_epoch", "curve"):
+            assert other[key] == r0[key], key
+    # I/O on global rank 0 only: the report and its plots
+    assert (tmp_path / "root0" / "diagnosis.json").exists() and (
+        tmp_path / "root0" / "learning_curves.png"
+    ).exists()
+    assert not (tmp_path / "root1").exists() or not list((tmp_path / "root1").glob("diagnosis.json"))
+
+    # resume from the end of epoch 1 (a distributed checkpoint directory under FSDP2): the same decisions after it
+    run_script(
+        "matrix.py", kind, str(tmp_path), str(tmp_path / f"ckpt-{kind}" / "epoch=1.ckpt"), cwd=tmp_path
+    )
+    for r in ranks:
+        resumed = json.loads((tmp_path / f"{kind}-resumed-rank{r}.json").read_text())
+        straight = runs[r]
+        assert resumed["lrs"] and all(
+            straight["lrs"][k] == pytest.approx(v, rel=1e-12) for k, v in resumed["lrs"].items()
+        )
+        assert all(straight["applied"][k] == v for k, v in resumed["applied"].items())
+        for key in ("global_step", "skipped", "stopped_epoch", "best_epoch"):
+            assert resumed[key] == straight[key], key

