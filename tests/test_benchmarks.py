@@ -23,3 +23,14 @@ def test_overhead_benchmark_runs(capsys) -> None:
     assert results["mlp12"]["bare"] == (1.0, 1.0)
     assert all(ratio > 0 for pair in results["mlp12"].values() for ratio in pair)
     assert "| GradNormMonitor+GradClip |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_scale_benchmark_runs(capsys) -> None:
+    spec = importlib.util.spec_from_file_location("scale", os.path.join(ROOT, "benchmarks", "scale.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--steps", "3", "--rounds", "1", "--shapes", "2"])
+    assert [r[0] for r in rows] == ["10 tensors, width 64", "100 tensors, width 64"]
+    assert all(r[1] > 0 and r[2] > 0 and r[3] > 0 for r in rows)
+    assert "| 100 tensors, width 64 |" in capsys.readouterr().out

@@ -191,3 +191,27 @@ def test_every_callback_together_decides_alike_and_resumes(kind: str, tmp_path) 
         assert all(straight["applied"][k] == v for k, v in resumed["applied"].items())
         for key in ("global_step", "skipped", "stopped_epoch", "best_epoch"):
             assert resumed[key] == straight[key], key
+
+
+@pytest.mark.parametrize(
+    ("make", "allowed"),
+    [
+        (lambda: __import__("lightning_diag").GradNormMonitor(), False),
+        (lambda: __import__("lightning_diag").GradClip(max_norm=1.0), False),
+        (lambda: __import__("lightning_diag").NaNGuard(action="rollback"), False),
+        (lambda: __import__("lightning_diag").NaNGuard(action="skip"), True),
+    ],
+)
+def test_fsdp1_is_refused_where_gradients_would_be_wrong(make, allowed) -> None:
+    """FSDP1 needs a GPU to run; its strategy object is enough to check the refusal at setup."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    callback = make()
+    fake_trainer = SimpleNamespace(strategy=FSDPStrategy(), gradient_clip_val=None)
+    if allowed:
+        callback.setup(fake_trainer, None, "fit")
+    else:
+        with pytest.raises(ValueError, match="does not support `FSDPStrategy` yet"):
+            callback.setup(fake_trainer, None, "fit")

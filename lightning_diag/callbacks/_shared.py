@@ -18,6 +18,7 @@ from lightning_diag.core.grad_stats import GradStats, compute_grad_stats
 
 __all__ = [
     "amp_scaler",
+    "check_strategy",
     "named_optimizer_params",
     "params_with_grads",
     "scale_tensor",
@@ -125,3 +126,21 @@ def training_step_loss(trainer: Any, pl_module: Any, batch: Any, batch_idx: int)
     if isinstance(out, Mapping):
         out = out.get("loss")
     return out if isinstance(out, torch.Tensor) else None
+
+
+def check_strategy(trainer: Any, who: str, *, fsdp1: bool = False) -> None:
+    """Refuse, at setup, strategies whose gradients these callbacks cannot read correctly yet.
+
+    ``strategy="fsdp"`` (FSDP1) keeps each rank's shard of flat parameters: per-rank norms are not the global norm
+    and a clip coefficient computed from them would differ between ranks. DeepSpeed owns the optimizer step (and
+    its own clipping and loss scaling). Both need a GPU, where they have not been tested; FSDP2
+    (``ModelParallelStrategy``) and DDP are supported and tested. ``fsdp1=True`` lets a callback that only needs
+    per-rank non-finite checks through under FSDP1.
+    """
+    name = type(getattr(trainer, "strategy", None)).__name__
+    if name.startswith("DeepSpeed") or (name == "FSDPStrategy" and not fsdp1):
+        raise ValueError(
+            f"{who} does not support `{name}` yet: its gradients are sharded or managed outside Lightning's "
+            "optimizer step, so norms, clipping and skips would not be correct. Use DDP or FSDP2 "
+            "(`ModelParallelStrategy`), or remove the callback."
+        )

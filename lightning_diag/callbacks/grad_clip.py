@@ -10,7 +10,7 @@ import torch
 from lightning_diag import _logging
 from lightning_diag._validation import check_choice, check_fraction, check_int, check_positive
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.callbacks._shared import params_with_grads, step_grad_stats
+from lightning_diag.callbacks._shared import check_strategy, params_with_grads, step_grad_stats
 from lightning_diag.core.clipping import (
     AutoClip,
     ZScoreClip,
@@ -152,6 +152,7 @@ class GradClip(DiagCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        check_strategy(trainer, "GradClip")
         if trainer.gradient_clip_val:
             raise ValueError(
                 f"GradClip and `Trainer(gradient_clip_val={trainer.gradient_clip_val})` would both clip the gradients. "

@@ -11,7 +11,13 @@ import torch
 from lightning_diag import _logging
 from lightning_diag._validation import check_choice, check_fraction, check_int, check_positive
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.callbacks._shared import amp_scaler, params_with_grads, scale_tensor, step_grad_stats
+from lightning_diag.callbacks._shared import (
+    amp_scaler,
+    check_strategy,
+    params_with_grads,
+    scale_tensor,
+    step_grad_stats,
+)
 from lightning_diag.core.grad_stats import GroupIndex, group_index, group_name, grouped_norms, tensor_norms
 
 __all__ = ["GradNormMonitor"]
@@ -152,6 +158,11 @@ class GradNormMonitor(DiagCallback):
         self.amp_min_scale = float(amp_min_scale)
         self.amp_max_consecutive_skips = amp_max_consecutive_skips
         self._reset_state()
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            check_strategy(trainer, "GradNormMonitor")
 
     def _reset_state(self) -> None:
         # Running statistics, replayed on the host from the pending steps at each logging step.

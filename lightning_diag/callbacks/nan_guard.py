@@ -14,6 +14,7 @@ from lightning_diag._validation import check_choice, check_fraction, check_int, 
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._shared import (
     amp_scaler,
+    check_strategy,
     named_optimizer_params,
     params_with_grads,
     scale_tensor,
@@ -256,6 +257,13 @@ class NaNGuard(DiagCallback):
         """Whether a rollback can happen (then snapshots are taken)."""
         policies = {self.action, self.spike_action}
         return "rollback" in policies or ("skip" in policies and self.escalate_to == "rollback")
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            # Under FSDP1 each rank checks its own shards and the flags are combined: detection and skip are
+            # correct; a rollback (snapshots of flat parameters) is not supported there.
+            check_strategy(trainer, "NaNGuard", fsdp1=not self.rollback_possible)
 
     def _reset_state(self) -> None:
         self.skipped_steps = 0
