@@ -115,3 +115,15 @@ def isclose(a: float, b: float, rel: float = 1e-9, abs_: float = 1e-12) -> bool:
 
 def find(findings: list[Any], code: str) -> Any | None:
     return next((f for f in findings if f.code == code), None)
+
+
+def shard_linear_layers(module: pl.LightningModule, layers: nn.Module) -> None:
+    """FSDP2 for the tests' MLPs: shard every Linear of ``layers``, then the module, over the data-parallel mesh
+    (call from ``configure_model`` under ``ModelParallelStrategy``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = module.device_mesh["data_parallel"]
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(module, mesh=mesh)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from lightning_diag import GradClip, GradNormMonitor
-from tests.helpers import regression_data
+from tests.helpers import regression_data, shard_linear_layers
 
 
 class MLP(pl.LightningModule):
@@ -32,13 +32,7 @@ class MLP(pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for layer in self.net:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(self, mesh=mesh)
+            shard_linear_layers(self, self.net)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -32,7 +32,7 @@ from lightning_diag import (
     SpeedMonitor,
     WarmupCosine,
 )
-from tests.helpers import regression_data
+from tests.helpers import regression_data, shard_linear_layers
 
 VAL = {0: [2.0, 1.5, 1.2, 1.25, 1.3, 1.35, 1.4, 1.45], 1: [2.0, 1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2]}
 
@@ -46,13 +46,7 @@ class Model(pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = self.device_mesh["data_parallel"]
-            for layer in self.net:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(self, mesh=mesh)
+            shard_linear_layers(self, self.net)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from lightning_diag import NaNGuard, NonFiniteError
 from tests.callbacks.nan_helpers import Faulty, all_finite
-from tests.helpers import regression_data
+from tests.helpers import regression_data, shard_linear_layers
 
 SCENARIOS = [("skip", "input"), ("rollback", "forward"), ("skip", "gradient"), ("raise", "loss")]
 AT = 3
@@ -27,13 +27,7 @@ AT = 3
 
 class Sharded(Faulty):
     def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, torch.nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self, mesh=mesh)
+        shard_linear_layers(self, self.net)
 
 
 def rank_loader(rank: int, inject: str) -> DataLoader:
