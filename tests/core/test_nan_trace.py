@@ -63,7 +63,9 @@ def test_forward_names_the_innermost_module() -> None:
 def test_forward_functional_code_names_the_running_module() -> None:
     model = nn.Sequential(nn.Linear(3, 3), LogThenLinear())
     with torch.no_grad():
-        model[1].a.weight.fill_(-1.0)
+        model[0].weight.fill_(1.0)  # positive inputs to `1.a`, whatever the random init
+        model[0].bias.fill_(0.0)
+        model[1].a.weight.fill_(-1.0)  # so `1.a` is negative, relu makes it 0 and log gives -inf
         model[1].a.bias.fill_(0.0)
     x = torch.ones(2, 3)
     trace = trace_step(model, x, loss_of(model, x))
