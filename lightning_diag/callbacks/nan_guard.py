@@ -21,6 +21,7 @@ from lightning_diag.callbacks._shared import (
     step_grad_stats,
     training_step_loss,
 )
+from lightning_diag.core.grad_stats import local_tensor
 from lightning_diag.core.nan_trace import (
     Trace,
     first_non_finite,
@@ -385,8 +386,8 @@ class NaNGuard(DiagCallback):
     def _params_peak(trainer: Any, pl_module: Any, optimizer: Any, device: torch.device) -> torch.Tensor:
         """The largest ``|parameter|`` (this rank's shards): NaN/Inf when a parameter is non-finite."""
         params = [p for _, p in named_optimizer_params(trainer, pl_module, optimizer)]
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
-        local = [p.detach() for p in local if p.numel()]
+        local = [local_tensor(p).detach() for p in params]
+        local = [p for p in local if p.numel()]
         if not local:
             return torch.zeros((), device=device)
         peaks = torch._foreach_norm(local, math.inf)  # max |x| never overflows, and NaN propagates

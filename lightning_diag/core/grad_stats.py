@@ -17,7 +17,15 @@ from typing import Literal
 
 import torch
 
-__all__ = ["GradStats", "GroupIndex", "compute_grad_stats", "group_index", "group_name", "tensor_norms"]
+__all__ = [
+    "GradStats",
+    "GroupIndex",
+    "compute_grad_stats",
+    "group_index",
+    "group_name",
+    "local_tensor",
+    "tensor_norms",
+]
 
 GroupBy = Literal["total", "module", "parameter"]
 
@@ -60,6 +68,12 @@ def group_index(
     names: dict[str, int] = {}
     index = [names.setdefault(group_name(n, group_by, depth), len(names)) for n in param_names]
     return GroupIndex(tuple(names), torch.tensor(index, dtype=torch.long, device=device))
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2), or the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -27,12 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_diag.core.grad_stats import local_tensor
+
 __all__ = [
     "Trace",
     "first_non_finite",
     "iter_tensors",
     "non_finite_kind",
     "non_finite_tensors",
+    "preserved_module",
     "preserved_rng",
     "trace_step",
 ]
@@ -72,16 +75,11 @@ class Trace:
 
 def non_finite_kind(t: torch.Tensor) -> str:
     """``"nan"``, ``"inf"``, ``"nan+inf"`` or ``""`` for a finite tensor (synchronises: call on detection only)."""
-    t = _local(t).detach()
+    t = local_tensor(t).detach()
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return ""
     has_nan, has_inf = bool(torch.isnan(t).any()), bool(torch.isinf(t).any())
     return "+".join(k for k, v in (("nan", has_nan), ("inf", has_inf)) if v)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
 
 
 def iter_tensors(obj: Any, path: str = "batch") -> Iterator[tuple[str, torch.Tensor]]:
@@ -111,7 +109,7 @@ def first_non_finite(obj: Any, path: str = "batch") -> tuple[str, str] | None:
     for name, tensor in iter_tensors(obj, path):
         kind = non_finite_kind(tensor)
         if kind:
-            local = _local(tensor).detach()
+            local = local_tensor(tensor).detach()
             if local.dim() >= 1 and local.shape[0] > 1:
                 bad_rows = (~torch.isfinite(local.reshape(local.shape[0], -1))).any(dim=1)
                 name += f" (sample {int(bad_rows.nonzero()[0, 0])})"
@@ -152,6 +150,25 @@ def preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state(cuda_state)
         if np_state is not None:
             np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def preserved_module(module: nn.Module) -> Iterator[None]:
+    """Restore the gradients, buffers (BatchNorm statistics), train/eval modes and RNG states of ``module`` on exit."""
+    grads = {p: p.grad for p in module.parameters()}
+    buffers = [(b, local_tensor(b).detach().clone()) for b in module.buffers()]
+    modes = {m: m.training for m in module.modules()}
+    try:
+        with preserved_rng():
+            yield
+    finally:
+        for p, g in grads.items():
+            p.grad = g
+        with torch.no_grad():
+            for b, saved in buffers:
+                local_tensor(b).copy_(saved)
+        for m, training in modes.items():
+            m.train(training)
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -272,22 +289,13 @@ def trace_step(
     """
     found = first_non_finite(batch)
     input_trace = Trace("input", "", "", found[0], found[1]) if found else None
-    saved_grads = {p: p.grad for p in module.parameters()}
-    saved_buffers = [(b, _local(b).detach().clone()) for b in module.buffers()]
-    try:
-        with preserved_rng(), torch.enable_grad(), _Recorder(module) as recorder:
-            for p in saved_grads:
-                p.grad = None
-            loss = compute_loss()
-            loss_kind = non_finite_kind(loss) if isinstance(loss, torch.Tensor) else ""
-            if backward and isinstance(loss, torch.Tensor) and loss.requires_grad:
-                loss.float().sum().backward()
-    finally:
-        for p, g in saved_grads.items():
-            p.grad = g
-        with torch.no_grad():
-            for b, copy in saved_buffers:
-                _local(b).copy_(copy)
+    with preserved_module(module), torch.enable_grad(), _Recorder(module) as recorder:
+        for p in module.parameters():
+            p.grad = None
+        loss = compute_loss()
+        loss_kind = non_finite_kind(loss) if isinstance(loss, torch.Tensor) else ""
+        if backward and isinstance(loss, torch.Tensor) and loss.requires_grad:
+            loss.float().sum().backward()
     if input_trace is not None:
         return input_trace
     if recorder.forward is not None:

@@ -16,17 +16,16 @@ touched (the overfit check trains a deep copy).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_diag.core.nan_trace import first_non_finite, iter_tensors, preserved_rng
+from lightning_diag.core.nan_trace import first_non_finite, iter_tensors, preserved_module, preserved_rng
 
 __all__ = [
     "Issue",
@@ -50,25 +49,6 @@ class Issue:
     message: str
     evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
     advice: list[str] = dataclasses.field(default_factory=list)
-
-
-@contextlib.contextmanager
-def preserved_module(module: nn.Module) -> Iterator[None]:
-    """Restore gradients, buffers, train/eval modes and RNG states of ``module`` on exit."""
-    grads = {p: p.grad for p in module.parameters()}
-    buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    modes = {m: m.training for m in module.modules()}
-    try:
-        with preserved_rng():
-            yield
-    finally:
-        for p, g in grads.items():
-            p.grad = g
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        for m, training in modes.items():
-            m.train(training)
 
 
 # -- data ----------------------------------------------------------------------------------------------------------

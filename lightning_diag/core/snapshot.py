@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_diag.core.grad_stats import local_tensor
+
 __all__ = ["Snapshot"]
 
 #: Param-group keys that belong to the learning-rate schedule, not to the optimizer's state: a rollback leaves
@@ -26,14 +28,9 @@ __all__ = ["Snapshot"]
 SCHEDULE_KEYS = frozenset({"lr", "initial_lr"})
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
 def _copy_to_cpu(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return _local(value).detach().to("cpu", copy=True)
+        return local_tensor(value).detach().to("cpu", copy=True)
     return value
 
 
@@ -87,7 +84,7 @@ class Snapshot:
         for key, saved in self.module_state.items():
             target = live[key]
             if isinstance(saved, torch.Tensor) and isinstance(target, torch.Tensor):
-                _local(target).copy_(saved)
+                local_tensor(target).copy_(saved)
         if len(optimizers) != len(self.optimizer_states):
             raise RuntimeError("The number of optimizers changed since the snapshot was taken.")
         for optimizer, saved_opt in zip(optimizers, self.optimizer_states, strict=True):
@@ -109,8 +106,8 @@ class Snapshot:
             for key, value in state.items():
                 current = live.get(key)
                 if isinstance(value, torch.Tensor):
-                    if isinstance(current, torch.Tensor) and _local(current).shape == value.shape:
-                        _local(current).copy_(value)
+                    if isinstance(current, torch.Tensor) and local_tensor(current).shape == value.shape:
+                        local_tensor(current).copy_(value)
                     else:
                         device = current.device if isinstance(current, torch.Tensor) else value.device
                         live[key] = value.clone().to(device)
