@@ -143,7 +143,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "GradNormMonitor+GradClip": lambda: {"callbacks": [GradNormMonitor(), GradClip(max_norm=1.0)]},
     "SpeedMonitor": lambda: {"callbacks": [SpeedMonitor()]},
     "NaNGuard": lambda: {"callbacks": [NaNGuard()]},
-    "NaNGuard(rollback, snapshot_every=100)": lambda: {"callbacks": [NaNGuard(action="rollback")]},
+    "NaNGuard(rollback, snapshot_every_n_steps=100)": lambda: {"callbacks": [NaNGuard(action="rollback")]},
     "whole suite": lambda: {
         "callbacks": [
             WarmupCosine(warmup_ratio=0.05),

@@ -29,6 +29,7 @@ from typing import Any
 
 from lightning_diag import plots, posthoc
 from lightning_diag.__about__ import __version__
+from lightning_diag.core.verdict import fails
 from lightning_diag.findings import (
     CODES,
     REPORT_FILENAME,
@@ -119,10 +120,7 @@ def _report(args: argparse.Namespace) -> int:
     else:
         report, report_path = done
     print(format_summary(report, report_path))
-    if fail_on == "never":
-        return EXIT_OK
-    threshold = SEVERITIES.index(fail_on)
-    failing = [f for f in report["findings"] if SEVERITIES.index(f["severity"]) >= threshold]
+    failing = [f for f in report["findings"] if fails(f["severity"], fail_on)]
     return EXIT_FINDINGS if failing else EXIT_OK
 
 
@@ -163,7 +161,8 @@ def _import(target: str) -> Any:
 def _doctor(args: argparse.Namespace) -> int:
     import lightning.pytorch as pl
 
-    from lightning_diag.callbacks.sanity_check import run_checks
+    from lightning_diag import _lightning
+    from lightning_diag.core.sanity import run_checks
 
     model_class = _import(args.model)
     if not (isinstance(model_class, type) and issubclass(model_class, pl.LightningModule)):
@@ -212,11 +211,17 @@ def _doctor(args: argparse.Namespace) -> int:
             break
     if not batches:
         raise ValueError("the train dataloader yielded no batch.")
-    issues = run_checks(model, batches, None, overfit_batch_steps=args.overfit_steps)
+    issues = run_checks(
+        model,
+        batches,
+        lambda module, batch: _lightning.replay_training_step(None, module, batch, 0),
+        copyable=lambda: _lightning.detached_trainer(model),
+        overfit_batch_steps=args.overfit_steps,
+    )
     findings = [
         Finding(
             code=i.code,
-            severity=i.severity,  # type: ignore[arg-type]
+            severity=i.severity,
             message=i.message,
             step=0,
             epoch=0,
@@ -233,10 +238,7 @@ def _doctor(args: argparse.Namespace) -> int:
             f"lightning-diag doctor: {model_class.__name__}",
         )
     )
-    if args.fail_on == "never":
-        return EXIT_OK
-    threshold = SEVERITIES.index(args.fail_on)
-    return EXIT_FINDINGS if any(SEVERITIES.index(f.severity) >= threshold for f in findings) else EXIT_OK
+    return EXIT_FINDINGS if any(fails(f.severity, args.fail_on) for f in findings) else EXIT_OK
 
 
 def _codes() -> int:

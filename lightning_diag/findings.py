@@ -13,7 +13,9 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
+
+from lightning_diag.core.verdict import SEVERITIES, Severity
 
 __all__ = [
     "CODES",
@@ -34,10 +36,7 @@ class LightningDiagWarning(UserWarning):
     """Base class of the warnings lightning_diag emits (tests turn them into errors)."""
 
 
-Severity = Literal["info", "warning", "error"]
 Evidence = dict[str, float | int | str]
-
-SEVERITIES: tuple[Severity, ...] = ("info", "warning", "error")
 REPORT_FILENAME = "diagnosis.json"
 REPORT_VERSION = 1
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning_diag.core.curves import CurvePoint, CurveRules, diagnose
-from lightning_diag.findings import Finding
+from lightning_diag.findings import Finding, FindingLog
 
 __all__ = [
     "TRAIN_KEYS",
@@ -146,24 +146,20 @@ def diagnose_run(
     train = resolve_key(series, train_key, TRAIN_KEYS, "train loss")
     val = resolve_key(series, val_key, VAL_KEYS, "val loss")
     points, steps, unit = curve_from_series(series, train, val)
-    findings: dict[tuple[str, str], Finding] = {}
+    log = FindingLog()
     for n in range(1, len(points) + 1):  # as the live callback would have seen it, evaluation by evaluation
-        for detection in diagnose(points[:n], rules, baseline, unit=unit):
-            key = (detection.code, detection.severity)
-            if key in findings:
-                findings[key].count += 1
-                findings[key].last_step = steps[n - 1]
-                continue
-            findings[key] = Finding(
-                code=detection.code,
-                severity=detection.severity,  # type: ignore[arg-type]
-                message=detection.message,
+        for verdict in diagnose(points[:n], rules, baseline, unit=unit):
+            finding = Finding(
+                code=verdict.code,
+                severity=verdict.severity,
+                message=verdict.message,
                 step=steps[n - 1],
                 epoch=int(points[n - 1].x) - 1 if unit == "epoch" else 0,
-                evidence={**detection.evidence, "train_key": train, "val_key": val},
-                advice=detection.advice,
+                evidence={**verdict.evidence, "train_key": train, "val_key": val},
+                advice=verdict.advice,
                 source="lightning-diag report",
             )
+            log.record(finding, key=verdict.severity)
     plot_series: dict[str, Any] = {"curve": [(p.x, p.train, p.val) for p in points]}
     lr_key = next((k for k in series if k.startswith(("diag/lr/group0", "lr-", "lr/"))), None)
     if lr_key:
@@ -176,4 +172,4 @@ def diagnose_run(
     norms.pop("total", None)
     if norms:
         plot_series["grad_norms"] = norms
-    return list(findings.values()), plot_series
+    return log.as_list(), plot_series

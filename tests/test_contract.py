@@ -31,14 +31,14 @@ REGISTRY: dict[str, list[dict[str, Any]]] = {
     ],
     "GradClip": [
         {"max_norm": 1.0},
-        {"mode": "zscore", "warmup_steps": 3},
-        {"mode": "autoclip", "percentile": 50.0},
+        {"algorithm": "zscore", "spike_warmup_steps": 3},
+        {"algorithm": "autoclip", "percentile": 50.0},
     ],
     "GradNormMonitor": [{}, {"group_by": "parameter", "exploding_threshold": 0.5}],
-    "NaNGuard": [{}, {"action": "rollback", "spike_action": "skip", "snapshot_every": 3}],
-    "OverfitDetector": [{}, {"action": "stop", "window": 2, "baseline": 1.0}],
+    "NaNGuard": [{}, {"action": "rollback", "spike_action": "skip", "snapshot_every_n_steps": 3}],
+    "OverfitDetector": [{}, {"action": "stop", "window": 2, "chance_loss": 1.0}],
     "SanityCheck": [{}, {"fail_on": "never", "num_batches": 2, "overfit_batch_steps": 5}],
-    "SpeedMonitor": [{"window": 4, "warmup_steps": 1}, {"window": 8, "data_share": 0.5}],
+    "SpeedMonitor": [{"window": 4, "ignore_first_steps": 1}, {"window": 8, "data_share": 0.5}],
     "WarmupCosine": [{"warmup_steps": 2}, {"warmup_ratio": 0.1, "num_cycles": 2, "min_lr_ratio": 0.1}],
 }
 #: Exported base classes that are not meant to be used on their own.

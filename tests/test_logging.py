@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 
 from lightning_diag import _logging
 from lightning_diag.callbacks import DiagCallback
+from lightning_diag.core.verdict import Verdict
 from tests.helpers import Regression, loader, trainer
 from tests.readers import csv_scalars, mlflow_metrics, tb_scalars, tb_tags, wandb_history
 
@@ -31,7 +32,7 @@ class Probe(DiagCallback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         _logging.log_direct(trainer, {"diag/test/direct": torch.tensor(7.0)}, step=trainer.global_step)
         _logging.log_histogram(trainer, "diag/test/hist", torch.arange(101.0), step=trainer.global_step)
-        self.record(trainer, "loss_plateau", "warning", "probe finding", evidence={"x": 1.0})
+        self.record(trainer, Verdict("loss_plateau", "warning", "probe finding", evidence={"x": 1.0}))
 
 
 EXPECTED = {

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> pl.Trainer:
             SanityCheck(overfit_batch_steps=30),
             WarmupCosine(warmup_ratio=0.05, min_lr_ratio=0.01),
             GradNormMonitor(depth=2, exploding_threshold=100.0),
-            GradClip(mode="norm", max_norm=5.0),
+            GradClip(algorithm="norm", max_norm=5.0),
             NaNGuard(action="skip"),
             SpeedMonitor(),
             EarlyStop(monitor="val_loss", patience=5, min_delta=0.001),

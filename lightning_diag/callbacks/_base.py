@@ -8,11 +8,10 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 
 from lightning_diag import _logging, plots
+from lightning_diag.core.verdict import Verdict
 from lightning_diag.findings import (
-    Evidence,
     Finding,
     FindingLog,
-    Severity,
     build_report,
     format_summary,
     sort_findings,
@@ -40,26 +39,20 @@ class DiagCallback(Callback):
         """The findings this callback recorded during the current (or last) fit."""
         return self._finding_log.as_list()
 
-    def record(
-        self,
-        trainer: Any,
-        code: str,
-        severity: Severity,
-        message: str,
-        *,
-        evidence: Evidence | None = None,
-        advice: list[str] | None = None,
-        key: str = "",
-    ) -> Finding:
-        """Record a finding at the trainer's current step; a repeat of ``(code, key)`` only raises its count."""
+    def record(self, trainer: Any, verdict: Verdict, *, key: str = "") -> Finding:
+        """Record ``verdict`` at the trainer's current step; a repeat of ``(code, key)`` only raises its count.
+
+        The one way a callback records what it concluded: core rules return :class:`~lightning_diag.core.verdict.Verdict`
+        objects, and a callback's own conclusions are built as one.
+        """
         finding = Finding(
-            code=code,
-            severity=severity,
-            message=message,
+            code=verdict.code,
+            severity=verdict.severity,
+            message=verdict.message,
             step=int(trainer.global_step),
             epoch=int(trainer.current_epoch),
-            evidence=dict(evidence or {}),
-            advice=list(advice or []),
+            evidence=dict(verdict.evidence),
+            advice=list(verdict.advice),
             source=type(self).__name__,
         )
         return self._finding_log.record(finding, key=key)

@@ -11,10 +11,12 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_diag import _lightning
 from lightning_diag._distributed import broadcast
 from lightning_diag._validation import check_choice, check_int, check_number, check_positive
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core.stopping import StopTracker
+from lightning_diag.core.verdict import Verdict
 
 __all__ = ["EarlyStop"]
 
@@ -243,11 +245,11 @@ class EarlyStop(EarlyStopping, DiagCallback):
         return None
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._check_on_train_epoch_end and not self._should_skip_check(trainer):
+        if self._check_on_train_epoch_end and not _skip_check(trainer):
             self._run_early_stopping_check(trainer)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if not self._check_on_train_epoch_end and not self._should_skip_check(trainer):
+        if not self._check_on_train_epoch_end and not _skip_check(trainer):
             self._run_early_stopping_check(trainer)
 
     def _run_early_stopping_check(self, trainer: Any) -> None:
@@ -289,27 +291,29 @@ class EarlyStop(EarlyStopping, DiagCallback):
         )
         self.record(
             trainer,
-            "early_stopped",
-            severity,
-            f"Training stopped at epoch {self.stopped_epoch}: {decision.message}",
-            evidence={
-                "monitor": self.monitor,
-                "reason": decision.reason,
-                "value": current,
-                "best_score": self._tracker.best_seen,
-                "best_epoch": -1 if self.best_epoch is None else self.best_epoch,
-                "stopped_epoch": self.stopped_epoch,
-                "wait_count": self._tracker.wait_count,
-                "patience": self.patience,
-            },
-            advice=_ADVICE[decision.reason],
+            Verdict(
+                "early_stopped",
+                severity,
+                f"Training stopped at epoch {self.stopped_epoch}: {decision.message}",
+                evidence={
+                    "monitor": self.monitor,
+                    "reason": decision.reason,
+                    "value": current,
+                    "best_score": self._tracker.best_seen,
+                    "best_epoch": -1 if self.best_epoch is None else self.best_epoch,
+                    "stopped_epoch": self.stopped_epoch,
+                    "wait_count": self._tracker.wait_count,
+                    "patience": self.patience,
+                },
+                advice=_ADVICE[decision.reason],
+            ),
         )
 
     @staticmethod
     def _can_stop(trainer: Any) -> bool:
         """Whether the trainer would honour ``should_stop`` now (the ``min_epochs``/``min_steps`` rule)."""
         loop = trainer.fit_loop
-        met_epochs = not loop.min_epochs or loop.epoch_progress.current.processed >= loop.min_epochs
+        met_epochs = not loop.min_epochs or _lightning.epochs_processed(trainer) >= loop.min_epochs
         met_steps = not loop.min_steps or trainer.global_step >= loop.min_steps
         return bool(met_epochs and met_steps)
 
@@ -393,3 +397,8 @@ class EarlyStop(EarlyStopping, DiagCallback):
         self.best_step = state_dict.get("best_step", self.best_step)
         self._best_weights = state_dict.get("best_weights", self._best_weights)
         self._load_findings_state(state_dict)
+
+
+def _skip_check(trainer: Any) -> bool:
+    """No early-stopping check outside ``fit`` or during the sanity-check validation (public trainer state)."""
+    return trainer.state.fn != "fit" or bool(trainer.sanity_checking)

@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_diag import _logging
-from lightning_diag._validation import check_choice, check_fraction, check_int, check_positive
+from lightning_diag import _lightning, _logging
+from lightning_diag._validation import check_choice, check_int, check_positive
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.callbacks._shared import check_strategy, params_with_grads, step_grad_stats
+from lightning_diag.callbacks._context import step_context
 from lightning_diag.core.clipping import (
     AutoClip,
     ZScoreClip,
@@ -19,11 +19,11 @@ from lightning_diag.core.clipping import (
     clip_coefficient,
     clip_value_,
 )
-from lightning_diag.core.grad_stats import tensor_norms, total_from_norms
+from lightning_diag.core.grad_stats import max_abs, tensor_norms, total_from_norms
 
 __all__ = ["GradClip"]
 
-Mode = Literal["norm", "value", "agc", "autoclip", "zscore"]
+Algorithm = Literal["norm", "value", "agc", "autoclip", "zscore"]
 
 
 class GradClip(DiagCallback):
@@ -36,9 +36,10 @@ class GradClip(DiagCallback):
     adaptive statistics.
 
     Args:
-        mode: ``"norm"`` (total norm capped at ``max_norm``), ``"value"`` (elements clamped to
+        algorithm: ``"norm"`` (total norm capped at ``max_norm``), ``"value"`` (elements clamped to
             ``±clip_value``), ``"agc"`` (unit-wise adaptive clipping), ``"autoclip"`` (threshold = a percentile of
-            the norm history) or ``"zscore"`` (threshold = EMA mean + ``z_thresh`` EMA std).
+            the norm history) or ``"zscore"`` (threshold = EMA mean + ``spike_threshold`` EMA std). Named like
+            Lightning's ``gradient_clip_algorithm``.
         max_norm: the threshold of ``"norm"`` (required there); an upper cap for ``"autoclip"``/``"zscore"``.
         norm_type: p of the p-norm for the norm-based modes.
         clip_value: the bound of ``"value"``.
@@ -49,9 +50,10 @@ class GradClip(DiagCallback):
             owning the last registered parameter, as recommended for the classifier head; ``[]``: nothing).
         percentile: ``"autoclip"``'s percentile, in ``(0, 100]``.
         history_size: ``"autoclip"``'s bounded history of finite norms.
-        z_thresh: ``"zscore"``'s threshold in standard deviations.
-        ema_decay: ``"zscore"``'s EMA decay.
-        warmup_steps: ``"zscore"``: finite norms observed (unclipped) before clipping starts.
+        spike_threshold: ``"zscore"``'s threshold in standard deviations.
+        spike_window: ``"zscore"``'s EMA span in optimizer steps (``alpha = 2 / (spike_window + 1)``, as in
+            NaNGuard's and GradNormMonitor's spike statistics).
+        spike_warmup_steps: ``"zscore"``: finite norms observed (unclipped) before clipping starts.
 
     Logged metrics (at the logging interval):
         ==========================  ==============================================================
@@ -68,14 +70,14 @@ class GradClip(DiagCallback):
         None: clipping is an action; GradNormMonitor reports the gradients themselves.
 
     Raises:
-        ValueError: at construction for an unknown mode, a non-positive threshold, a percentile outside
-            ``(0, 100]``, ``mode="norm"`` without ``max_norm``; at ``setup`` when ``Trainer(gradient_clip_val=...)``
+        ValueError: at construction for an unknown algorithm, a non-positive threshold, a percentile outside
+            ``(0, 100]``, ``algorithm="norm"`` without ``max_norm``; at ``setup`` when ``Trainer(gradient_clip_val=...)``
             is also set (the gradients would be clipped twice).
 
     Example:
         >>> import lightning.pytorch as pl
         >>> from lightning_diag import GradClip
-        >>> trainer = pl.Trainer(callbacks=[GradClip(mode="zscore", z_thresh=2.5, max_norm=5.0)])
+        >>> trainer = pl.Trainer(callbacks=[GradClip(algorithm="zscore", spike_threshold=2.5, max_norm=5.0)])
 
     Note:
         Fused optimizers (``AdamW(fused=True)``) under a GradScaler unscale inside ``step()``, so their gradients
@@ -87,7 +89,7 @@ class GradClip(DiagCallback):
 
     def __init__(
         self,
-        mode: Mode = "norm",
+        algorithm: Algorithm = "norm",
         max_norm: float | None = None,
         norm_type: float = 2.0,
         clip_value: float = 1.0,
@@ -96,17 +98,17 @@ class GradClip(DiagCallback):
         agc_exclude: list[str] | None = None,
         percentile: float = 10.0,
         history_size: int = 1000,
-        z_thresh: float = 2.5,
-        ema_decay: float = 0.97,
-        warmup_steps: int = 25,
+        spike_threshold: float = 2.5,
+        spike_window: int = 66,
+        spike_warmup_steps: int = 25,
     ) -> None:
         super().__init__()
-        check_choice("mode", mode, ("norm", "value", "agc", "autoclip", "zscore"))
+        check_choice("algorithm", algorithm, ("norm", "value", "agc", "autoclip", "zscore"))
         if max_norm is not None:
             check_positive("max_norm", max_norm)
-        elif mode == "norm":
+        elif algorithm == "norm":
             raise ValueError(
-                "`max_norm` must be set for mode='norm', got None. For example GradClip(max_norm=1.0)."
+                "`max_norm` must be set for algorithm='norm', got None. For example GradClip(max_norm=1.0)."
             )
         check_positive("norm_type", norm_type, allow_inf=True)
         check_positive("clip_value", clip_value)
@@ -115,10 +117,10 @@ class GradClip(DiagCallback):
         if not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
             raise ValueError(f"`percentile` must be in (0, 100], got {percentile!r}.")
         check_int("history_size", history_size, minimum=1)
-        check_positive("z_thresh", z_thresh)
-        check_fraction("ema_decay", ema_decay, low_open=True, high_open=True)
-        check_int("warmup_steps", warmup_steps, minimum=0)
-        self.mode = mode
+        check_positive("spike_threshold", spike_threshold)
+        check_int("spike_window", spike_window, minimum=1)
+        check_int("spike_warmup_steps", spike_warmup_steps, minimum=0)
+        self.algorithm = algorithm
         self.max_norm = max_norm
         self.norm_type = float(norm_type)
         self.clip_value = float(clip_value)
@@ -127,17 +129,18 @@ class GradClip(DiagCallback):
         self.agc_exclude = agc_exclude
         self.percentile = float(percentile)
         self.history_size = history_size
-        self.z_thresh = float(z_thresh)
-        self.ema_decay = float(ema_decay)
-        self.warmup_steps = warmup_steps
+        self.spike_threshold = float(spike_threshold)
+        self.spike_window = spike_window
+        self.spike_warmup_steps = spike_warmup_steps
         self._adaptive: AutoClip | ZScoreClip | None = None
         self._reset_state()
 
     def _reset_state(self) -> None:
-        if self.mode == "autoclip":
+        if self.algorithm == "autoclip":
             self._adaptive = AutoClip(self.percentile, self.history_size)
-        elif self.mode == "zscore":
-            self._adaptive = ZScoreClip(self.z_thresh, self.ema_decay, self.warmup_steps)
+        elif self.algorithm == "zscore":
+            decay = 1.0 - 2.0 / (self.spike_window + 1.0)
+            self._adaptive = ZScoreClip(self.spike_threshold, decay, self.spike_warmup_steps)
         # Per step since the last log: the clip coefficient (norm-based modes) or a "clipped" flag (others).
         # Kept as device tensors and reduced at the logging step, so a quiet step adds no kernel for the rate.
         self._since_log: list[torch.Tensor] = []
@@ -146,20 +149,22 @@ class GradClip(DiagCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(mode=self.mode, max_norm=self.max_norm, norm_type=self.norm_type)
+        return self._generate_state_key(
+            algorithm=self.algorithm, max_norm=self.max_norm, norm_type=self.norm_type
+        )
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        check_strategy(trainer, "GradClip")
+        _lightning.check_strategy(trainer, "GradClip")
         if trainer.gradient_clip_val:
             raise ValueError(
                 f"GradClip and `Trainer(gradient_clip_val={trainer.gradient_clip_val})` would both clip the gradients. "
-                "Remove `gradient_clip_val` from the Trainer (GradClip(mode='norm', max_norm=...) does the same, "
+                "Remove `gradient_clip_val` from the Trainer (GradClip(algorithm='norm', max_norm=...) does the same, "
                 "AMP-aware and logged), or remove GradClip."
             )
-        if self.mode == "agc":
+        if self.algorithm == "agc":
             if self.agc_exclude is not None:
                 self._excluded = tuple(self.agc_exclude)
             else:
@@ -179,14 +184,15 @@ class GradClip(DiagCallback):
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        stats = step_grad_stats(trainer, pl_module, optimizer, self.norm_type)  # pre-clip, shared
-        names, params, grads = params_with_grads(trainer, pl_module, optimizer)
-        if not grads:
-            return
+        step = step_context(trainer, pl_module, optimizer)
+        if not step.grads or step.skipped:
+            return  # nothing to clip, or a guard withheld this update
+        stats = step.grad_stats(self.norm_type)  # pre-clip, shared
+        names, params, grads = step.names, step.params, step.grads
         pre = stats.total_norm
         threshold: torch.Tensor | None = None
-        if self.mode in ("norm", "autoclip", "zscore"):
-            if self.mode == "norm":
+        if self.algorithm in ("norm", "autoclip", "zscore"):
+            if self.algorithm == "norm":
                 threshold = self._fixed_threshold(pre)
             else:
                 assert self._adaptive is not None
@@ -196,11 +202,11 @@ class GradClip(DiagCallback):
             coef = clip_coefficient(pre, threshold)
             apply_coefficient_(grads, coef)
             clipped = coef
-        elif self.mode == "value":
+        elif self.algorithm == "value":
             bound: float | torch.Tensor = self.clip_value
             if stats.inv_scale is not None:
                 bound = self.clip_value / stats.inv_scale  # the gradients are still loss-scaled
-            peak = torch.stack(torch._foreach_norm(grads, math.inf, dtype=torch.float32)).max()
+            peak = max_abs(grads).max()
             if stats.inv_scale is not None:
                 peak = peak * stats.inv_scale
             clipped = ~(torch.isfinite(peak) & (peak > self.clip_value))  # as a coefficient: 0 when clipped

@@ -8,22 +8,26 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_diag import _logging
-from lightning_diag._validation import check_choice, check_fraction, check_int, check_positive
+from lightning_diag import _lightning, _logging
+from lightning_diag._validation import check_choice, check_int, check_positive
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.callbacks._shared import (
-    amp_scaler,
-    check_strategy,
-    params_with_grads,
-    scale_tensor,
-    step_grad_stats,
+from lightning_diag.callbacks._context import run_context, step_context
+from lightning_diag.core.grad_stats import (
+    GroupIndex,
+    copy_tensors,
+    group_index,
+    group_name,
+    grouped_norms,
+    subtract_tensors,
+    tensor_norms,
 )
-from lightning_diag.core.grad_stats import GroupIndex, group_index, group_name, grouped_norms, tensor_norms
+from lightning_diag.core.spikes import SpikeDetector
+from lightning_diag.core.verdict import Verdict
 
 __all__ = ["GradNormMonitor"]
 
 _EXPLODING_ADVICE = [
-    "Clip gradients (GradClip(max_norm=1.0), or an adaptive mode such as mode='zscore').",
+    "Clip gradients (GradClip(max_norm=1.0), or an adaptive algorithm such as algorithm='zscore').",
     "Lower the learning rate, or add/extend a warmup (WarmupCosine).",
     "Check the initialisation and add normalisation (LayerNorm/BatchNorm) or residual connections in deep stacks.",
     "Under fp16, prefer bf16 or make sure the loss is scaled (16-mixed uses a GradScaler).",
@@ -61,9 +65,12 @@ class GradNormMonitor(DiagCallback):
             without histograms).
         log_amp: under a GradScaler, log the loss scale and the number of steps it skipped.
         exploding_threshold: a total norm above this is exploding (``None``: only the spike rule applies).
-        spike_ratio: a finite total norm above ``spike_ratio`` times its running mean is a spike.
+        spike_threshold: a spike of the total norm is this many standard deviations above its running mean...
+        spike_ratio: ...and also above ``spike_ratio`` times that mean (the rule of
+            :class:`~lightning_diag.core.spikes.SpikeDetector`, shared with NaNGuard).
+        spike_window: EMA span of the running statistics, in optimizer steps (spikes and skipped steps are kept
+            out of them).
         spike_warmup_steps: finite steps observed before spikes are looked for.
-        ema_decay: decay of the running mean of the total norm (spikes and skipped steps are kept out of it).
         vanishing_threshold: a group norm below this is vanishing.
         vanishing_ratio: a group norm below ``vanishing_ratio`` times the median group norm is vanishing.
         vanishing_window: consecutive logging checks a group must be vanishing before it is reported.
@@ -116,9 +123,10 @@ class GradNormMonitor(DiagCallback):
         log_histogram: bool = False,
         log_amp: bool = True,
         exploding_threshold: float | None = None,
+        spike_threshold: float = 6.0,
         spike_ratio: float = 10.0,
+        spike_window: int = 100,
         spike_warmup_steps: int = 20,
-        ema_decay: float = 0.98,
         vanishing_threshold: float = 1e-8,
         vanishing_ratio: float = 1e-4,
         vanishing_window: int = 3,
@@ -131,11 +139,12 @@ class GradNormMonitor(DiagCallback):
         check_positive("norm_type", norm_type, allow_inf=True)
         if exploding_threshold is not None:
             check_positive("exploding_threshold", exploding_threshold)
+        check_positive("spike_threshold", spike_threshold)
         check_positive("spike_ratio", spike_ratio)
         if spike_ratio <= 1:
             raise ValueError(f"`spike_ratio` must be > 1, got {spike_ratio!r}.")
+        check_int("spike_window", spike_window, minimum=1)
         check_int("spike_warmup_steps", spike_warmup_steps, minimum=0)
-        check_fraction("ema_decay", ema_decay, low_open=True, high_open=True)
         check_positive("vanishing_threshold", vanishing_threshold, strict=False)
         check_positive("vanishing_ratio", vanishing_ratio, strict=False)
         check_int("vanishing_window", vanishing_window, minimum=1)
@@ -149,9 +158,10 @@ class GradNormMonitor(DiagCallback):
         self.log_histogram = log_histogram
         self.log_amp = log_amp
         self.exploding_threshold = exploding_threshold
+        self.spike_threshold = float(spike_threshold)
         self.spike_ratio = float(spike_ratio)
+        self.spike_window = spike_window
         self.spike_warmup_steps = spike_warmup_steps
-        self.ema_decay = float(ema_decay)
         self.vanishing_threshold = float(vanishing_threshold)
         self.vanishing_ratio = float(vanishing_ratio)
         self.vanishing_window = vanishing_window
@@ -162,12 +172,13 @@ class GradNormMonitor(DiagCallback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
-            check_strategy(trainer, "GradNormMonitor")
+            _lightning.check_strategy(trainer, "GradNormMonitor")
 
     def _reset_state(self) -> None:
         # Running statistics, replayed on the host from the pending steps at each logging step.
-        self._ema = 0.0
-        self._ema_count = 0
+        self._spikes = SpikeDetector(
+            self.spike_window, self.spike_threshold, self.spike_ratio, self.spike_warmup_steps
+        )
         self._skipped = 0  # steps the GradScaler skipped
         self._skip_run = 0  # current run of consecutive skipped steps
         self._max_run = 0  # longest run of skipped steps since the last AMP check
@@ -190,14 +201,15 @@ class GradNormMonitor(DiagCallback):
     # -- per step ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        stats = step_grad_stats(trainer, pl_module, optimizer, self.norm_type)
+        step = step_context(trainer, pl_module, optimizer)
+        stats = step.grad_stats(self.norm_type)
         if stats.norms.numel() == 0:
             return
         # A quiet step costs no kernel and no sync: keep references to the norms computed for everyone anyway.
         self._pending.append((trainer.global_step, stats.total_norm, stats.norms))
         self._names = stats.names
         if _logging.should_log_step(trainer):
-            self._log_and_check(trainer, pl_module, optimizer, stats)
+            self._log_and_check(trainer, pl_module, step.params, stats)
         elif len(self._pending) >= self.max_pending_steps:
             self._replay(trainer, self._fetch_pending())
 
@@ -214,8 +226,9 @@ class GradNormMonitor(DiagCallback):
     def _replay(self, trainer: Any, totals: list[float]) -> None:
         """Run the running statistics over the pending steps, in order, and record what they show."""
         pending, self._pending = self._pending, []
-        scaled = amp_scaler(trainer) is not None
+        scaled = _lightning.amp_scaler(trainer) is not None
         flagged, worst, worst_ratio, worst_at, nonfinite, max_run = 0, 0.0, 0.0, -1, 0, 0
+        worst_mean = 0.0
         for (step, _, _), total in zip(pending, totals, strict=False):
             if not math.isfinite(total):
                 if scaled:  # the GradScaler skips this step: count it, keep it out of the statistics
@@ -226,72 +239,66 @@ class GradNormMonitor(DiagCallback):
                     nonfinite += 1
                 continue
             self._skip_run = 0
-            ratio = total / max(self._ema, 1e-12)
-            spike = self._ema_count >= self.spike_warmup_steps and ratio > self.spike_ratio
+            mean = self._spikes.mean
+            spike = self._spikes.update(total)  # spikes never enter the statistics
             over = self.exploding_threshold is not None and total > self.exploding_threshold
             if spike or over:
                 flagged += 1
                 if total > worst:
-                    worst, worst_ratio, worst_at = total, ratio, step
-            if not spike:
-                self._ema = (
-                    total
-                    if self._ema_count == 0
-                    else self.ema_decay * self._ema + (1 - self.ema_decay) * total
-                )
-                self._ema_count += 1
+                    worst, worst_ratio, worst_at, worst_mean = total, total / max(mean, 1e-12), step, mean
         if flagged:
             norms = next(n for s, _, n in pending if s == worst_at).tolist()
             self._report_exploding(
-                trainer, flagged, worst, worst_ratio, worst_at, self._ema, norms, self._names
+                trainer, flagged, worst, worst_ratio, worst_at, worst_mean, norms, self._names
             )
         if nonfinite:
-            guarded = any(
-                type(cb).__name__ == "NaNGuard" and getattr(cb, "action", "warn") != "warn"
-                for cb in trainer.callbacks
-            )
+            guarded = run_context(trainer).nonfinite_handled
             what = (
                 f"{nonfinite} step(s) had a non-finite gradient norm (NaN/Inf gradients, or finite ones too large for "
                 "float32) without a GradScaler to skip them"
             )
             self.record(
                 trainer,
-                "non_finite_gradients",
-                "warning" if guarded else "error",
-                what
-                + (
-                    ": NaNGuard decided what to do with them (see its findings)."
-                    if guarded
-                    else ": the parameters took those updates."
+                Verdict(
+                    "non_finite_gradients",
+                    "warning" if guarded else "error",
+                    what
+                    + (
+                        ": NaNGuard decided what to do with them (see its findings)."
+                        if guarded
+                        else ": the parameters took those updates."
+                    ),
+                    evidence={"steps": nonfinite},
+                    advice=[
+                        "See NaNGuard's finding for where the first non-finite value appeared."
+                        if guarded
+                        else "Add NaNGuard to skip such steps and locate the layer that produced the first non-finite value."
+                    ],
                 ),
-                evidence={"steps": nonfinite},
-                advice=[
-                    "See NaNGuard's finding for where the first non-finite value appeared."
-                    if guarded
-                    else "Add NaNGuard to skip such steps and locate the layer that produced the first non-finite value."
-                ],
             )
         self._max_run = max(self._max_run, max_run)
 
-    def _log_and_check(self, trainer: Any, pl_module: Any, optimizer: Any, stats: Any) -> None:
+    def _log_and_check(
+        self, trainer: Any, pl_module: Any, step_params: list[torch.Tensor], stats: Any
+    ) -> None:
         device = stats.norms.device
         if self._groups is None or self._groups.names != self._group_names(stats.names):
             self._groups = group_index(stats.names, self.group_by, self.depth, device)
         groups = self._groups
-        scaler = amp_scaler(trainer)
+        scaler = _lightning.amp_scaler(trainer)
         pieces = {"total": stats.total_norm.view(1)}
         if self.group_by != "total":
             pieces["groups"] = stats.grouped(groups)
-        params = [p.detach() for p in params_with_grads(trainer, pl_module, optimizer)[1]]
+        params = [p.detach() for p in step_params]
         if self.log_param_norms or self.log_update_ratio:
             pnorms = tensor_norms(params, self.norm_type)
             pieces["param_groups"] = grouped_norms(pnorms, groups, self.norm_type)
             pieces["param_total"] = torch.linalg.vector_norm(pnorms, self.norm_type).view(1)
             if self.log_update_ratio:
-                before = list(torch._foreach_mul(params, 1.0))
+                before = copy_tensors(params)
                 self._snapshot = (params, before, pieces["param_groups"], groups, trainer.global_step)
         if scaler is not None:
-            pieces["scale"] = scale_tensor(scaler).to(device).view(1)
+            pieces["scale"] = _lightning.loss_scale(scaler).to(device).view(1)
         layout = [(k, v.numel()) for k, v in pieces.items()]
         n_pending = len(self._pending)
         values = self._fetch_pending(
@@ -365,19 +372,21 @@ class GradNormMonitor(DiagCallback):
         )
         self.record(
             trainer,
-            "exploding_gradients",
-            "warning",
-            f"Gradient norm reached {worst:.4g} at step {step} ({why}); {int(flags)} flagged step(s) in this "
-            f"interval. Largest tensors: {layers}.",
-            evidence={
-                "worst_norm": worst,
-                "worst_step": step,
-                "ratio_to_mean": ratio,
-                "running_mean": ema,
-                "flagged_steps": int(flags),
-                "largest_tensors": layers,
-            },
-            advice=_EXPLODING_ADVICE,
+            Verdict(
+                "exploding_gradients",
+                "warning",
+                f"Gradient norm reached {worst:.4g} at step {step} ({why}); {int(flags)} flagged step(s) in this "
+                f"interval. Largest tensors: {layers}.",
+                evidence={
+                    "worst_norm": worst,
+                    "worst_step": step,
+                    "ratio_to_mean": ratio,
+                    "running_mean": ema,
+                    "flagged_steps": int(flags),
+                    "largest_tensors": layers,
+                },
+                advice=_EXPLODING_ADVICE,
+            ),
         )
 
     def _check_amp(self, trainer: Any, scale: float, skipped: float, max_run: int) -> None:
@@ -392,15 +401,17 @@ class GradNormMonitor(DiagCallback):
         )
         self.record(
             trainer,
-            "amp_overflow",
-            "warning",
-            f"GradScaler: {what}; {int(skipped)} step(s) skipped so far. Occasional skips are normal, this is not.",
-            evidence={"scale": scale, "skipped_steps": int(skipped), "max_consecutive_skips": max_run},
-            advice=[
-                "Gradients overflow fp16 even at a small scale: the model produces values beyond fp16's range.",
-                "Switch to bf16-mixed (same speed on recent GPUs, no overflow), or lower the learning rate.",
-                "Add NaNGuard to see whether the values are truly non-finite (a bug) rather than large.",
-            ],
+            Verdict(
+                "amp_overflow",
+                "warning",
+                f"GradScaler: {what}; {int(skipped)} step(s) skipped so far. Occasional skips are normal, this is not.",
+                evidence={"scale": scale, "skipped_steps": int(skipped), "max_consecutive_skips": max_run},
+                advice=[
+                    "Gradients overflow fp16 even at a small scale: the model produces values beyond fp16's range.",
+                    "Switch to bf16-mixed (same speed on recent GPUs, no overflow), or lower the learning rate.",
+                    "Add NaNGuard to see whether the values are truly non-finite (a bug) rather than large.",
+                ],
+            ),
         )
 
     def _check_vanishing(self, trainer: Any, names: tuple[str, ...], norms: list[float]) -> None:
@@ -419,18 +430,20 @@ class GradNormMonitor(DiagCallback):
         listed = ", ".join(f"{n} ({v:.3g})" for n, v in vanishing[:8])
         self.record(
             trainer,
-            "vanishing_gradients",
-            "warning",
-            f"{len(vanishing)} of {len(names)} layer group(s) have ~0 gradients for {self.vanishing_window} "
-            f"logging checks (median group norm {median:.3g}): {listed}.",
-            evidence={
-                "layers": ", ".join(n for n, _ in vanishing),
-                "smallest_norm": min(v for _, v in vanishing),
-                "median_group_norm": median,
-                "threshold": self.vanishing_threshold,
-                "ratio": self.vanishing_ratio,
-            },
-            advice=_VANISHING_ADVICE,
+            Verdict(
+                "vanishing_gradients",
+                "warning",
+                f"{len(vanishing)} of {len(names)} layer group(s) have ~0 gradients for {self.vanishing_window} "
+                f"logging checks (median group norm {median:.3g}): {listed}.",
+                evidence={
+                    "layers": ", ".join(n for n, _ in vanishing),
+                    "smallest_norm": min(v for _, v in vanishing),
+                    "median_group_norm": median,
+                    "threshold": self.vanishing_threshold,
+                    "ratio": self.vanishing_ratio,
+                },
+                advice=_VANISHING_ADVICE,
+            ),
         )
 
     def on_train_batch_end(
@@ -442,7 +455,7 @@ class GradNormMonitor(DiagCallback):
         if trainer.global_step != step + 1:
             return  # the optimizer has not stepped yet (accumulation)
         self._snapshot = None
-        updates = tensor_norms(torch._foreach_sub(params, before), self.norm_type)
+        updates = tensor_norms(subtract_tensors(params, before), self.norm_type)
         ratios = grouped_norms(updates, groups, self.norm_type) / param_groups.clamp(min=1e-12)
         _logging.log_step(
             pl_module,
@@ -459,8 +472,7 @@ class GradNormMonitor(DiagCallback):
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
-            "ema": self._ema,
-            "ema_count": self._ema_count,
+            "spikes": self._spikes.state_dict(),
             "skipped": self._skipped,
             "skip_run": self._skip_run,
             "vanishing_streak": dict(self._vanishing_streak),
@@ -474,8 +486,8 @@ class GradNormMonitor(DiagCallback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._ema = float(state_dict.get("ema", self._ema))
-        self._ema_count = int(state_dict.get("ema_count", self._ema_count))
+        if "spikes" in state_dict:
+            self._spikes.load_state_dict(state_dict["spikes"])
         self._skipped = int(state_dict.get("skipped", self._skipped))
         self._skip_run = int(state_dict.get("skip_run", self._skip_run))
         self._vanishing_streak = {str(k): int(v) for k, v in state_dict.get("vanishing_streak", {}).items()}

@@ -1,4 +1,9 @@
-"""NaNGuard: detect, localise and survive NaN/Inf and spikes: warn, skip, roll back or stop, alike on every rank."""
+"""NaNGuard: detect, localise and survive NaN/Inf and spikes: warn, skip, roll back or stop, alike on every rank.
+
+The callback gathers (inputs, loss, gradient statistics, parameters), reduces the step's flags across ranks with
+one collective, lets :class:`~lightning_diag.core.guard.GuardPolicy` decide, acts, records and logs. Where a
+non-finite value began is found by :mod:`lightning_diag.core.nan_trace`.
+"""
 
 from __future__ import annotations
 
@@ -7,36 +12,31 @@ import math
 import warnings
 from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
-from lightning_diag import _distributed, _logging
+from lightning_diag import _distributed, _lightning, _logging
 from lightning_diag._validation import check_choice, check_fraction, check_int, check_number, check_positive
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.callbacks._shared import (
-    amp_scaler,
-    check_strategy,
-    named_optimizer_params,
-    params_with_grads,
-    scale_tensor,
-    step_grad_stats,
-    training_step_loss,
-)
-from lightning_diag.core.grad_stats import local_tensor
+from lightning_diag.callbacks._context import StepContext, run_context, step_context
+from lightning_diag.core.grad_stats import max_abs
+from lightning_diag.core.guard import ACTIONS, Action, Decision, GuardPolicy, StepFlags, back_off_lr
 from lightning_diag.core.nan_trace import (
     Trace,
-    first_non_finite,
+    choose_origin,
     iter_tensors,
-    non_finite_tensors,
+    observed_origin,
+    origin_advice,
+    parameter_origin,
     trace_step,
 )
 from lightning_diag.core.snapshot import Snapshot
 from lightning_diag.core.spikes import SpikeDetector
+from lightning_diag.core.verdict import Verdict
 from lightning_diag.findings import LightningDiagWarning, Severity
 
 __all__ = ["NaNGuard", "NonFiniteError"]
-
-Action = Literal["warn", "skip", "rollback", "raise"]
-ACTIONS = ("warn", "skip", "rollback", "raise")
 
 _CODE_OF_PHASE = {
     "input": "non_finite_input",
@@ -45,71 +45,22 @@ _CODE_OF_PHASE = {
     "backward": "non_finite_gradients",
     "optimizer": "non_finite_parameters",
 }
+_SPIKE_ADVICE = [
+    "Lower the learning rate or lengthen the warmup (WarmupCosine).",
+    "Clip gradients (GradClip(algorithm='zscore') adapts to the norm's own statistics).",
+    "Look for bad or mislabelled samples in the batches of that step (batch_idx in the evidence).",
+]
+_OVERFLOW_ADVICE = [
+    "The learning rate is far too high (or the loss scale is): lower it, add warmup (WarmupCosine).",
+    "Clip gradients (GradClip) so one step cannot throw the weights this far.",
+]
 
-_FUNCTIONAL = (
-    "Functional code in or around this module (log, sqrt, division, exp, pow) met an out-of-domain value: add an "
-    "epsilon or clamp its input (e.g. log(x.clamp_min(1e-8)))."
-)
-_FP16 = "In float16 anything above 65504 is Inf: prefer bf16-mixed, or add normalisation before this module."
-_WEIGHTS = (
-    "Weights grown too large: lower the learning rate, clip gradients (GradClip), add warmup (WarmupCosine)."
-)
-
-_ADVICE: dict[str, list[str]] = {
-    "input": [
-        "The data holds NaN/Inf: find the sample (batch and sample index are in the evidence), clean the dataset or "
-        "drop such samples in the Dataset/collate_fn.",
-        "Check preprocessing that divides by a per-sample statistic (std, max) that can be 0.",
-    ],
-    "loss": [
-        "The loss took a log of 0 or divided by 0: use the fused, stable forms (cross_entropy on logits, "
-        "binary_cross_entropy_with_logits) or add an epsilon.",
-        "The predictions are huge and their squared error overflowed: the weights are blowing up (learning rate too "
-        "high: lower it, clip gradients, add warmup).",
-        "Targets out of the loss's domain (class index out of range, labels outside [0, 1]), or an empty mask "
-        "averaged over zero elements.",
-    ],
-    "backward": [
-        "The derivative of sqrt/log/pow/norm at 0 is infinite: add an epsilon inside the function "
-        "(e.g. sqrt(x + eps), norm with eps).",
-        "A custom autograd Function's backward can produce it: check it with torch.autograd.gradcheck.",
-    ],
-    "optimizer": [
-        "The update itself made the parameters non-finite: the learning rate is too high for this step; lower it, "
-        "add warmup (WarmupCosine) or clip gradients (GradClip).",
-        "With Adam/AdamW in low precision, a tiny `eps` can divide by ~0: raise `eps` (e.g. 1e-6) or keep optimizer "
-        "state in float32.",
-    ],
-}
-
-
-def _advice(trace: Trace, pl_module: Any, trainer: Any) -> list[str]:
-    """Advice for where the value appeared, narrowed by what the module is and the run's precision."""
-    half = str(getattr(trainer.precision_plugin, "precision", "")).startswith("16")
-    if trace.phase != "forward":
-        advice = list(_ADVICE.get(trace.phase, []))
-        if trace.phase == "backward" and half:
-            advice.append("Under float16, gradients overflow easily: prefer bf16-mixed.")
-        return advice
-    try:
-        module = pl_module.get_submodule("" if trace.module == "(root)" else trace.module)
-        has_weights = any(True for _ in module.parameters(recurse=False))
-    except AttributeError:
-        has_weights = False
-    advice = (
-        [_WEIGHTS, _FUNCTIONAL] if has_weights and not trace.tensor.startswith("input of") else [_FUNCTIONAL]
-    )
-    if half:
-        advice.append(_FP16)
-    return advice
+#: Localisations per fit; after that, findings rely on the flags (a run left broken under "warn" stays cheap).
+MAX_TRACES = 20
 
 
 class NonFiniteError(RuntimeError):
     """Raised by :class:`NaNGuard` when its policy is ``"raise"`` (or an escalation ends there)."""
-
-
-#: Localisations per fit; after that, findings rely on the flags (a run left broken under "warn" stays cheap).
-MAX_TRACES = 20
 
 
 def _floating(batch: Any) -> list[torch.Tensor]:
@@ -120,7 +71,7 @@ class NaNGuard(DiagCallback):
     """Catch NaN/Inf (and loss/gradient-norm spikes) before the update; say where they began; survive them.
 
     Every optimizer step, before the update, NaNGuard checks the loss of each micro-batch, the gradients (shared
-    statistics, computed once per step), the float tensors of each input batch and, every ``check_params_every``
+    statistics, computed once per step), the float tensors of each input batch and, every ``check_params_every_n_steps``
     steps, the parameters. It also feeds the loss and the total gradient norm to robust spike detectors
     (:class:`~lightning_diag.core.spikes.SpikeDetector`). All of that stays on the device; the flags of all ranks
     are then combined with **one all-reduce and one small host read per step**, so every rank takes the same
@@ -138,7 +89,7 @@ class NaNGuard(DiagCallback):
       not advance. After ``max_consecutive_skips`` consecutive skips (and whenever the parameters themselves are
       non-finite, which a skip cannot cure) the next one escalates to ``escalate_to``.
     * ``"rollback"``: restore the model and optimizer state from the last in-memory snapshot (a CPU copy taken
-      every ``snapshot_every`` good steps), multiply the learning rates by ``lr_backoff`` (kept by WarmupCosine
+      every ``snapshot_every_n_steps`` good steps), multiply the learning rates by ``lr_backoff`` (kept by WarmupCosine
       and by schedulers' ``base_lrs``), and go on with the next batch (the batches since the snapshot are not
       replayed). After ``max_rollbacks`` rollbacks, the next one raises.
     * ``"raise"``: stop with :class:`NonFiniteError`, whose message names the step, the phase and the module.
@@ -151,16 +102,16 @@ class NaNGuard(DiagCallback):
         action: the policy for non-finite values.
         spike_action: the policy for loss and gradient-norm spikes.
         check_inputs: check the float tensors of every training batch.
-        check_params_every: check the parameters every this many optimizer steps (``0``: never; they are also
+        check_params_every_n_steps: check the parameters every this many optimizer steps (``0``: never; they are also
             checked whenever something else is found).
         detect_spikes: run the spike detectors.
         spike_window: the EMA window of the spike statistics, in optimizer steps.
         spike_threshold: a spike is this many standard deviations above the EMA mean...
-        spike_min_ratio: ...and also this many times the mean (``1.0`` turns this guard off).
-        spike_warmup: optimizer steps observed before spikes can be flagged.
+        spike_ratio: ...and also this many times the mean (``1.0`` turns this guard off).
+        spike_warmup_steps: optimizer steps observed before spikes can be flagged.
         max_consecutive_skips: consecutive skips allowed before escalating.
         escalate_to: the policy after ``max_consecutive_skips``: ``"rollback"`` or ``"raise"``.
-        snapshot_every: good optimizer steps between two rollback snapshots (taken only when a rollback can
+        snapshot_every_n_steps: good optimizer steps between two rollback snapshots (taken only when a rollback can
             happen: a policy or ``escalate_to`` is ``"rollback"``).
         max_rollbacks: rollbacks allowed in one fit before the next one raises.
         lr_backoff: on each rollback, multiply the learning rates by this factor in ``(0, 1]``.
@@ -182,13 +133,13 @@ class NaNGuard(DiagCallback):
 
     Raises:
         ValueError: at construction for an unknown action, a negative window/threshold, ``max_consecutive_skips <
-            1``, ``snapshot_every < 1``, ``lr_backoff`` outside ``(0, 1]``.
+            1``, ``snapshot_every_n_steps < 1``, ``lr_backoff`` outside ``(0, 1]``.
         NonFiniteError: during fit, when the policy (or an escalation) is ``"raise"``.
 
     Example:
         >>> import lightning.pytorch as pl
         >>> from lightning_diag import NaNGuard
-        >>> trainer = pl.Trainer(callbacks=[NaNGuard(action="rollback", snapshot_every=200, lr_backoff=0.5)])
+        >>> trainer = pl.Trainer(callbacks=[NaNGuard(action="rollback", snapshot_every_n_steps=200, lr_backoff=0.5)])
 
     Note:
         Rollback memory: one CPU copy of the parameters and buffers plus the optimizer state (about 3x the
@@ -205,15 +156,15 @@ class NaNGuard(DiagCallback):
         action: Action = "skip",
         spike_action: Action = "warn",
         check_inputs: bool = True,
-        check_params_every: int = 50,
+        check_params_every_n_steps: int = 50,
         detect_spikes: bool = True,
         spike_window: int = 100,
         spike_threshold: float = 6.0,
-        spike_min_ratio: float = 1.5,
-        spike_warmup: int = 20,
+        spike_ratio: float = 1.5,
+        spike_warmup_steps: int = 20,
         max_consecutive_skips: int = 5,
         escalate_to: Literal["rollback", "raise"] = "raise",
-        snapshot_every: int = 100,
+        snapshot_every_n_steps: int = 100,
         max_rollbacks: int = 3,
         lr_backoff: float = 1.0,
         localize: bool = True,
@@ -221,32 +172,35 @@ class NaNGuard(DiagCallback):
         super().__init__()
         check_choice("action", action, ACTIONS)
         check_choice("spike_action", spike_action, ACTIONS)
-        check_int("check_params_every", check_params_every, minimum=0)
+        check_int("check_params_every_n_steps", check_params_every_n_steps, minimum=0)
         check_int("spike_window", spike_window, minimum=1)
         check_positive("spike_threshold", spike_threshold)
-        if check_number("spike_min_ratio", spike_min_ratio) < 1.0:
-            raise ValueError(f"`spike_min_ratio` must be >= 1, got {spike_min_ratio!r}.")
-        check_int("spike_warmup", spike_warmup, minimum=0)
+        if check_number("spike_ratio", spike_ratio) < 1.0:
+            raise ValueError(f"`spike_ratio` must be >= 1, got {spike_ratio!r}.")
+        check_int("spike_warmup_steps", spike_warmup_steps, minimum=0)
         check_int("max_consecutive_skips", max_consecutive_skips, minimum=1)
         check_choice("escalate_to", escalate_to, ("rollback", "raise"))
-        check_int("snapshot_every", snapshot_every, minimum=1)
+        check_int("snapshot_every_n_steps", snapshot_every_n_steps, minimum=1)
         check_int("max_rollbacks", max_rollbacks, minimum=1)
         check_fraction("lr_backoff", lr_backoff, low_open=True)
         self.action = action
         self.spike_action = spike_action
         self.check_inputs = check_inputs
-        self.check_params_every = check_params_every
+        self.check_params_every_n_steps = check_params_every_n_steps
         self.detect_spikes = detect_spikes
         self.spike_window = spike_window
         self.spike_threshold = float(spike_threshold)
-        self.spike_min_ratio = float(spike_min_ratio)
-        self.spike_warmup = spike_warmup
+        self.spike_ratio = float(spike_ratio)
+        self.spike_warmup_steps = spike_warmup_steps
         self.max_consecutive_skips = max_consecutive_skips
         self.escalate_to = escalate_to
-        self.snapshot_every = snapshot_every
+        self.snapshot_every_n_steps = snapshot_every_n_steps
         self.max_rollbacks = max_rollbacks
         self.lr_backoff = float(lr_backoff)
         self.localize = localize
+        self.policy = GuardPolicy(
+            action, spike_action, max_consecutive_skips, escalate_to, snapshot_every_n_steps, max_rollbacks
+        )
         self._reset_state()
 
     @property
@@ -256,35 +210,40 @@ class NaNGuard(DiagCallback):
     @property
     def rollback_possible(self) -> bool:
         """Whether a rollback can happen (then snapshots are taken)."""
-        policies = {self.action, self.spike_action}
-        return "rollback" in policies or ("skip" in policies and self.escalate_to == "rollback")
+        return self.policy.rollback_possible
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps whose update was withheld (skips and rollbacks) in this fit."""
+        return self.policy.skipped_steps
+
+    @property
+    def rollbacks(self) -> int:
+        """Rollbacks in this fit."""
+        return self.policy.rollbacks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             # Under FSDP1 each rank checks its own shards and the flags are combined: detection and skip are
             # correct; a rollback (snapshots of flat parameters) is not supported there.
-            check_strategy(trainer, "NaNGuard", fsdp1=not self.rollback_possible)
+            _lightning.check_strategy(trainer, "NaNGuard", fsdp1=not self.rollback_possible)
+            run_context(trainer).nonfinite_handled = self.action != "warn"
 
     def _reset_state(self) -> None:
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
-        self.rollbacks = 0
+        self.policy.reset()
         self.traces = 0
-        self.good_since_snapshot = 0
-        self.snapshot_step: int | None = None
         self._snapshot: Snapshot | None = None
-        # Steps since the model was last at the snapshot's state whose update went ahead (the schedule advanced).
-        self._advanced = 0
         self._loss_spikes = SpikeDetector(
-            self.spike_window, self.spike_threshold, self.spike_min_ratio, self.spike_warmup
+            self.spike_window, self.spike_threshold, self.spike_ratio, self.spike_warmup_steps
         )
         self._grad_spikes = SpikeDetector(
-            self.spike_window, self.spike_threshold, self.spike_min_ratio, self.spike_warmup
+            self.spike_window, self.spike_threshold, self.spike_ratio, self.spike_warmup_steps
         )
         self._warned: set[str] = set()
+        self._overflow: tuple[float, str] = (math.nan, "")  # (largest |g|, its tensor) of a norm overflow
         self._zero: torch.Tensor | None = None
-        self._last_values = (math.nan, math.nan)  # the step's (loss, gradient norm) as the detectors saw them
         self._clear_window()
 
     def _clear_window(self) -> None:
@@ -293,17 +252,19 @@ class NaNGuard(DiagCallback):
         self._input_sum: torch.Tensor | None = None
         self._step_loss: torch.Tensor | None = None
 
-    # -- hooks: gather ----------------------------------------------------------------------------------------
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+    # -- gather -----------------------------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._clear_window()
         if self.rollback_possible:
             # A resumed run snapshots the checkpoint's state but keeps the saved snapshot schedule.
             self._snapshot = Snapshot(pl_module, trainer.optimizers, trainer.global_step)
-            self._advanced = 0
-            if self.snapshot_step is None:
-                self.snapshot_step = trainer.global_step
+            self.policy.snapshot_taken(trainer.global_step, keep_schedule=True)
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx % max(int(trainer.accumulate_grad_batches), 1) == 0:
             self._clear_window()  # a new optimizer step begins (also after a window whose steps returned None)
         self._batches.append((batch, batch_idx))
@@ -318,63 +279,41 @@ class NaNGuard(DiagCallback):
                     total if self._input_sum is None else self._input_sum + total.to(self._input_sum.device)
                 )
 
-    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
         value = loss.detach().float().sum()
-        scaler = amp_scaler(trainer)
+        scaler = _lightning.amp_scaler(trainer)
         if scaler is not None:  # the hook sees the scaled loss
-            value = value * scale_tensor(scaler).to(value.device).reciprocal()
+            value = value * _lightning.loss_scale(scaler).to(value.device).reciprocal()
         # Summed over the micro-batches (Lightning already divided each by accumulate_grad_batches): the step's
         # loss, non-finite if any micro-batch's was.
         self._step_loss = value if self._step_loss is None else self._step_loss + value
 
-    # -- hooks: decide ----------------------------------------------------------------------------------------
+    # -- reduce -> decide -> act -> record -> log -------------------------------------------------------------
+    @override
     @torch.no_grad()
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        stats = step_grad_stats(trainer, pl_module, optimizer)  # shared, pre-clip
-        device = stats.total_norm.device
-        if self._zero is None or self._zero.device != device:
-            self._zero = torch.zeros((), device=device)
-        zero = self._zero
-        snapshot_due = self.rollback_possible and self.good_since_snapshot >= self.snapshot_every
-        check_params = snapshot_due or (
-            self.check_params_every > 0 and trainer.global_step % self.check_params_every == 0
-        )
-        values = torch.stack(
-            [
-                self._input_sum.to(device) if self._input_sum is not None else zero,
-                self._params_peak(trainer, pl_module, optimizer, device) if check_params else zero,
-                self._step_loss.to(device) if self._step_loss is not None else zero,
-                stats.total_norm.float() if stats.norms.numel() else zero,
-            ]
-        )
-        # One all-reduce (sum: a non-finite value anywhere stays non-finite) and one host read per step; every rank
-        # then holds the same numbers and takes the same decision.
-        world = max(int(getattr(trainer, "world_size", 1)), 1)
-        input_sum, params_peak, loss, grad_norm = _distributed.reduce(trainer, values, "sum").tolist()
-        input_bad = not math.isfinite(input_sum)
-        params_bad = not math.isfinite(params_peak)
-        loss_bad = not math.isfinite(loss)
-        # under a GradScaler, overflowing gradients are its business (it skips the step and lowers the scale)
-        grad_bad = not math.isfinite(grad_norm) and amp_scaler(trainer) is None
-        loss_spike = grad_spike = False
-        if self.detect_spikes:
-            self._last_values = (loss / world, grad_norm / world)
-            if self._step_loss is not None:
-                loss_spike = self._loss_spikes.update(loss / world)
-            if stats.norms.numel():
-                grad_spike = self._grad_spikes.update(grad_norm / world)
-
-        if loss_bad or grad_bad or input_bad or params_bad:
-            self._on_non_finite(trainer, pl_module, optimizer, loss_bad, grad_bad, input_bad, params_bad)
-        elif loss_spike or grad_spike:
-            self._on_spike(trainer, pl_module, optimizer, loss_spike, grad_spike)
-        else:
-            self.consecutive_skips = 0
-            if snapshot_due:
-                self._take_snapshot(trainer, pl_module)
-            if self.rollback_possible:
-                self.good_since_snapshot += 1
-            self._advanced += 1
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        step = step_context(trainer, pl_module, optimizer)
+        flags, values = self._reduce(trainer, pl_module, optimizer, step)
+        trace: Trace | None = None
+        reproduced, rank = False, 0
+        if flags.non_finite:
+            trace, reproduced, rank = self._locate(trainer, pl_module, optimizer, step, flags)
+            if trace is not None and trace.phase == "optimizer":
+                flags = StepFlags(**{**vars(flags), "params": True})
+            if trace is None and flags.grads and not (flags.loss or flags.input or flags.params):
+                flags = self._norm_overflow(trainer, step, flags)
+        decision = self.policy.update(flags, trainer.global_step)
+        if decision.snapshot_due:
+            self._snapshot = Snapshot(pl_module, trainer.optimizers, trainer.global_step)
+        if decision.action is not None:
+            code, message = self._record(trainer, pl_module, decision, flags, values, trace, reproduced, rank)
+            self._act(trainer, pl_module, optimizer, decision, code, message)
+            step.skipped = decision.withholds_update
         if _logging.should_log_step(trainer):
             _logging.log_step(
                 pl_module,
@@ -382,219 +321,188 @@ class NaNGuard(DiagCallback):
             )
         self._clear_window()
 
-    @staticmethod
-    def _params_peak(trainer: Any, pl_module: Any, optimizer: Any, device: torch.device) -> torch.Tensor:
-        """The largest ``|parameter|`` (this rank's shards): NaN/Inf when a parameter is non-finite."""
-        params = [p for _, p in named_optimizer_params(trainer, pl_module, optimizer)]
-        local = [local_tensor(p).detach() for p in params]
-        local = [p for p in local if p.numel()]
-        if not local:
-            return torch.zeros((), device=device)
-        peaks = torch._foreach_norm(local, math.inf)  # max |x| never overflows, and NaN propagates
-        return torch.stack([p.float().to(device) for p in peaks]).max()
+    def _reduce(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, step: StepContext
+    ) -> tuple[StepFlags, dict[str, float]]:
+        """The step's flags, the same on every rank: one all-reduce and one small host read."""
+        stats = step.grad_stats()  # shared, pre-clip
+        device = stats.total_norm.device
+        if self._zero is None or self._zero.device != device:
+            self._zero = torch.zeros((), device=device)
+        zero = self._zero
+        every = self.check_params_every_n_steps
+        check_params = self.policy.snapshot_due or (every > 0 and trainer.global_step % every == 0)
+        peak = zero
+        if check_params:
+            named = run_context(trainer).named_params(pl_module, optimizer)
+            peaks = max_abs([p for _, p in named], device)
+            peak = peaks.max() if peaks.numel() else zero
+        values = torch.stack(
+            [
+                self._input_sum.to(device) if self._input_sum is not None else zero,
+                peak,
+                self._step_loss.to(device) if self._step_loss is not None else zero,
+                stats.total_norm.float() if stats.norms.numel() else zero,
+            ]
+        )
+        # sum: a non-finite value anywhere stays non-finite; every rank then takes the same decision
+        input_sum, params_peak, loss, grad_norm = _distributed.reduce(trainer, values, "sum").tolist()
+        world = max(int(getattr(trainer, "world_size", 1)), 1)
+        loss, grad_norm = loss / world, grad_norm / world
+        loss_spike = grad_spike = False
+        if self.detect_spikes:
+            if self._step_loss is not None:
+                loss_spike = self._loss_spikes.update(loss)
+            if stats.norms.numel():
+                grad_spike = self._grad_spikes.update(grad_norm)
+        flags = StepFlags(
+            input=not math.isfinite(input_sum),
+            loss=not math.isfinite(loss),
+            # under a GradScaler, overflowing gradients are its business (it skips the step, lowers the scale)
+            grads=not math.isfinite(grad_norm) and _lightning.amp_scaler(trainer) is None,
+            params=not math.isfinite(params_peak),
+            loss_spike=loss_spike,
+            grad_spike=grad_spike,
+        )
+        return flags, {"loss": loss, "grad_norm": grad_norm}
 
-    # -- non-finite -------------------------------------------------------------------------------------------
-    def _on_non_finite(
-        self,
-        trainer: Any,
-        pl_module: Any,
-        optimizer: Any,
-        loss_bad: bool,
-        grad_bad: bool,
-        input_bad: bool,
-        params_bad: bool,
-    ) -> None:
-        trace, reproduced, rank = self._locate(trainer, pl_module, optimizer, loss_bad, grad_bad, input_bad)
-        overflow_only = trace is None and grad_bad and not (loss_bad or input_bad or params_bad)
-        if overflow_only and self._on_norm_overflow(trainer, pl_module, optimizer):
-            return
-        if trace is not None and trace.phase == "optimizer":
-            params_bad = True
-        action = self._resolve(self.action, cannot_skip=params_bad)
-        code = (
-            _CODE_OF_PHASE[trace.phase]
-            if trace is not None
-            else self._code_from_flags(loss_bad, grad_bad, input_bad, params_bad)
-        )
-        where = trace.describe() if trace is not None else "its origin was not located"
-        if trace is not None and not reproduced:
-            where += " (seen in this step's values; the replay did not reproduce it)"
-        message = (
-            f"Non-finite {code.removeprefix('non_finite_').replace('_', ' ')} at step {trainer.global_step} "
-            f"(epoch {trainer.current_epoch}): {where}. Action: {self._describe_action(action)}."
-        )
-        evidence: dict[str, Any] = {"action": action, "rank": rank, "reproduced": int(reproduced)}
-        if trace is not None:
-            evidence.update(
-                phase=trace.phase,
-                module=trace.module,
-                module_type=trace.module_type,
-                tensor=trace.tensor,
-                kind=trace.kind,
-            )
-        batch_indices = [idx for _, idx in self._batches]
-        if batch_indices:
-            evidence["batch_idx"] = ",".join(str(i) for i in batch_indices)
-        severity: Severity = "warning" if action in ("skip", "rollback") else "error"
-        key = f"{trace.phase}:{trace.module}:{trace.tensor}" if trace is not None else code
-        advice = _advice(trace, pl_module, trainer) if trace is not None else []
-        self.record(trainer, code, severity, message, evidence=evidence, advice=advice, key=key)
-        self._act(trainer, pl_module, optimizer, action, code, message)
-
-    def _on_norm_overflow(self, trainer: Any, pl_module: Any, optimizer: Any) -> bool:
-        """Finite gradients whose norm overflows float32: exploding, not NaN. Act on it like a non-finite step."""
-        names, _, grads = params_with_grads(trainer, pl_module, optimizer)
-        if not grads:
-            return False
-        peaks = torch.stack([p.float() for p in torch._foreach_norm([g.detach() for g in grads], math.inf)])
-        peak_values = _distributed.reduce(trainer, peaks, "max").tolist()
-        if not all(math.isfinite(v) for v in peak_values):
-            return False  # really non-finite somewhere: the usual path
-        worst = max(range(len(peak_values)), key=peak_values.__getitem__)
-        action = self._resolve(self.action, cannot_skip=False)
-        message = (
-            f"Exploding gradients at step {trainer.global_step}: every gradient is finite but their norm overflows "
-            f"float32 (largest |g| = {peak_values[worst]:.3g} in `{names[worst]}`). Action: "
-            f"{self._describe_action(action)}."
-        )
-        self.record(
-            trainer,
-            "exploding_gradients",
-            "warning" if action in ("skip", "rollback") else "error",
-            message,
-            evidence={"max_abs_grad": peak_values[worst], "tensor": names[worst], "action": action},
-            advice=[
-                "The learning rate is far too high (or the loss scale is): lower it, add warmup (WarmupCosine).",
-                "Clip gradients (GradClip) so one step cannot throw the weights this far.",
-            ],
-            key="norm_overflow",
-        )
-        self._act(trainer, pl_module, optimizer, action, "exploding_gradients", message)
-        return True
-
-    def _code_from_flags(self, loss_bad: bool, grad_bad: bool, input_bad: bool, params_bad: bool) -> str:
-        if input_bad:
-            return "non_finite_input"
-        if params_bad:
-            return "non_finite_parameters"
-        if loss_bad:
-            return "non_finite_loss"
-        return "non_finite_gradients"
+    def _norm_overflow(self, trainer: pl.Trainer, step: StepContext, flags: StepFlags) -> StepFlags:
+        """Finite gradients whose norm overflows float32 are exploding, not NaN: flag them so."""
+        if not step.grads:
+            return flags
+        peaks = _distributed.reduce(trainer, max_abs(step.grads), "max").tolist()
+        if not all(math.isfinite(v) for v in peaks):
+            return flags  # really non-finite somewhere: the usual path
+        worst = max(range(len(peaks)), key=peaks.__getitem__)
+        self._overflow = (peaks[worst], step.names[worst])
+        return StepFlags(norm_overflow=True)
 
     def _locate(
-        self, trainer: Any, pl_module: Any, optimizer: Any, loss_bad: bool, grad_bad: bool, input_bad: bool
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: Any,
+        step: StepContext,
+        flags: StepFlags,
     ) -> tuple[Trace | None, bool, int]:
         """Where the first non-finite value appeared: this rank's answer, then the first informative one of all."""
         if not self.localize or self.traces >= MAX_TRACES:
             return None, False, 0
         self.traces += 1
-        mine: tuple[dict[str, str] | None, bool] = (None, False)
-        params = named_optimizer_params(trainer, pl_module, optimizer)
-        bad_params = non_finite_tensors([n for n, _ in params], [p for _, p in params])
-        if bad_params:
-            name, kind = bad_params[0]
-            owner = name.rsplit(".", 1)[0] if "." in name else ""
-            module = pl_module.get_submodule(owner) if owner else pl_module
-            found: Trace | None = Trace("optimizer", owner or "(root)", type(module).__name__, name, kind)
-            mine = (vars(found), True)
-        else:
-            found = self._replay(trainer, pl_module)
-            if found is not None:
-                mine = (vars(found), True)
-            elif input_bad or loss_bad or grad_bad:
-                mine = (self._observed(trainer, pl_module, optimizer, input_bad, loss_bad, grad_bad), False)
-        answers = _distributed.gather_objects(trainer, mine)
-        for reproduced in (True, False):
-            for rank, (trace, was_reproduced) in enumerate(answers):
-                if trace is not None and was_reproduced == reproduced:
-                    return Trace(**trace), reproduced, rank
-        return None, False, 0
-
-    def _replay(self, trainer: Any, pl_module: Any) -> Trace | None:
-        """Replay every micro-batch of the step (all of them, on every rank, so sharded models stay in step)."""
-        if not pl_module.automatic_optimization:
-            return None
-        first: Trace | None = None
-        for batch, batch_idx in self._batches:
-            trace = trace_step(
-                pl_module, batch, functools.partial(training_step_loss, trainer, pl_module, batch, batch_idx)
-            )
-            if first is None and trace is not None:
-                first = trace
-        return first
-
-    def _observed(
-        self, trainer: Any, pl_module: Any, optimizer: Any, input_bad: bool, loss_bad: bool, grad_bad: bool
-    ) -> dict[str, str] | None:
-        """What this step's own values show, when the replay did not reproduce the problem."""
-        if input_bad:
-            for batch, _ in self._batches:
-                found = first_non_finite(batch)
-                if found:
-                    return vars(Trace("input", "", "", found[0], found[1]))
-        if grad_bad:
-            names, _, grads = params_with_grads(trainer, pl_module, optimizer)
-            bad = non_finite_tensors(names, grads)
-            if bad:
-                name, kind = bad[-1]  # backward runs from the last layer: its non-finite gradient came first
-                owner = name.rsplit(".", 1)[0] if "." in name else ""
-                module = pl_module.get_submodule(owner) if owner else pl_module
-                return vars(
-                    Trace("backward", owner or "(root)", type(module).__name__, f"parameter `{name}`", kind)
+        named = run_context(trainer).named_params(pl_module, optimizer)
+        found = parameter_origin(pl_module, [n for n, _ in named], [p for _, p in named])
+        if found is None and pl_module.automatic_optimization:
+            for (
+                batch,
+                batch_idx,
+            ) in self._batches:  # every micro-batch, on every rank: sharded models stay in step
+                replayed = trace_step(
+                    pl_module,
+                    batch,
+                    functools.partial(_lightning.replay_training_step, trainer, pl_module, batch, batch_idx),
                 )
-        if loss_bad:
-            return vars(Trace("loss", "", "", "loss", ""))
-        return None
+                found = found or replayed
+        mine: tuple[dict[str, str] | None, bool] = (vars(found), True) if found is not None else (None, False)
+        if found is None:
+            observed = observed_origin(
+                pl_module,
+                [b for b, _ in self._batches],
+                step.names,
+                step.grads,
+                input_bad=flags.input,
+                loss_bad=flags.loss,
+                grad_bad=flags.grads,
+            )
+            mine = (vars(observed) if observed is not None else None, False)
+        return choose_origin(_distributed.gather_objects(trainer, mine))
 
-    # -- spikes -----------------------------------------------------------------------------------------------
-    def _on_spike(
-        self, trainer: Any, pl_module: Any, optimizer: Any, loss_spike: bool, grad_spike: bool
-    ) -> None:
-        action = self._resolve(self.spike_action, cannot_skip=False)
-        last_message = ""
-        loss, grad_norm = self._last_values
+    def _record(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        decision: Decision,
+        flags: StepFlags,
+        values: dict[str, float],
+        trace: Trace | None,
+        reproduced: bool,
+        rank: int,
+    ) -> tuple[str, str]:
+        """Record the finding(s) of a bad step; returns the code and message of the main one."""
+        assert decision.action is not None
+        action = self._describe_action(decision.action)
+        # the update went ahead with a non-finite value (warn) or the run stops (raise): an error
+        severity: Severity = "warning" if decision.withholds_update else "error"
+        batch_idx = ",".join(str(i) for _, i in self._batches)
+        where = f"at step {trainer.global_step}"
+        if flags.norm_overflow:
+            peak, name = self._overflow
+            message = (
+                f"Exploding gradients {where}: every gradient is finite but their norm overflows float32 "
+                f"(largest |g| = {peak:.3g} in `{name}`). Action: {action}."
+            )
+            evidence: dict[str, Any] = {"max_abs_grad": peak, "tensor": name, "action": decision.action}
+            self.record(
+                trainer,
+                Verdict("exploding_gradients", severity, message, evidence=evidence, advice=_OVERFLOW_ADVICE),
+                key="norm_overflow",
+            )
+            return "exploding_gradients", message
+        if flags.non_finite:
+            code = (
+                _CODE_OF_PHASE[trace.phase]
+                if trace is not None
+                else (decision.code or "non_finite_gradients")
+            )
+            origin = trace.describe() if trace is not None else "its origin was not located"
+            if trace is not None and not reproduced:
+                origin += " (seen in this step's values; the replay did not reproduce it)"
+            message = (
+                f"Non-finite {code.removeprefix('non_finite_').replace('_', ' ')} {where} "
+                f"(epoch {trainer.current_epoch}): {origin}. Action: {action}."
+            )
+            evidence = {"action": decision.action, "rank": rank, "reproduced": int(reproduced)}
+            if trace is not None:
+                evidence.update(vars(trace))
+            if batch_idx:
+                evidence["batch_idx"] = batch_idx
+            half = str(getattr(trainer.precision_plugin, "precision", "")).startswith("16")
+            advice = origin_advice(trace, pl_module, half_precision=half) if trace is not None else []
+            key = f"{trace.phase}:{trace.module}:{trace.tensor}" if trace is not None else code
+            self.record(trainer, Verdict(code, severity, message, evidence=evidence, advice=advice), key=key)
+            return code, message
+        main = ("", "")
         for flagged, detector, code, what, value in (
-            (loss_spike, self._loss_spikes, "loss_spike", "loss", loss),
-            (grad_spike, self._grad_spikes, "exploding_gradients", "gradient norm", grad_norm),
+            (flags.loss_spike, self._loss_spikes, "loss_spike", "loss", values["loss"]),
+            (
+                flags.grad_spike,
+                self._grad_spikes,
+                "exploding_gradients",
+                "gradient norm",
+                values["grad_norm"],
+            ),
         ):
             if not flagged:
                 continue
-            mean, std = detector.mean, detector.std
             message = (
-                f"{what.capitalize()} spike at step {trainer.global_step}: {value:.4g}, more than "
-                f"{self.spike_threshold:g} standard deviations above its running mean {mean:.4g} (std {std:.4g}). "
-                f"Action: {self._describe_action(action)}."
+                f"{what.capitalize()} spike {where}: {value:.4g}, more than {self.spike_threshold:g} standard "
+                f"deviations above its running mean {detector.mean:.4g} (std {detector.std:.4g}). Action: {action}."
             )
-            advice = [
-                "Lower the learning rate or lengthen the warmup (WarmupCosine).",
-                "Clip gradients (GradClip(mode='zscore') adapts to the norm's own statistics).",
-                "Look for bad or mislabelled samples in the batches of that step (batch_idx in the evidence).",
-            ]
-            evidence: dict[str, Any] = {"value": value, "mean": mean, "std": std, "action": action}
-            if self._batches:
-                evidence["batch_idx"] = ",".join(str(i) for _, i in self._batches)
-            severity: Severity = "warning" if action != "raise" else "error"
+            evidence = {"value": value, "mean": detector.mean, "std": detector.std, "action": decision.action}
+            if batch_idx:
+                evidence["batch_idx"] = batch_idx
             self.record(
-                trainer, code, severity, message, evidence=evidence, advice=advice, key=f"spike:{what}"
+                trainer,
+                Verdict(
+                    code,
+                    "error" if decision.action == "raise" else "warning",
+                    message,
+                    evidence=evidence,
+                    advice=_SPIKE_ADVICE,
+                ),
+                key=f"spike:{what}",
             )
-            last_message = message
-        self._act(
-            trainer,
-            pl_module,
-            optimizer,
-            action,
-            "loss_spike" if loss_spike else "exploding_gradients",
-            last_message,
-        )
-
-    # -- policies ---------------------------------------------------------------------------------------------
-    def _resolve(self, action: str, *, cannot_skip: bool) -> str:
-        """The policy that applies now, after escalation."""
-        if action == "skip" and (cannot_skip or self.consecutive_skips >= self.max_consecutive_skips):
-            action = self.escalate_to
-        if action == "rollback" and (self._snapshot is None or self.rollbacks >= self.max_rollbacks):
-            action = "raise"
-        return action
+            main = main if main[0] else (code, message)
+        return main
 
     def _describe_action(self, action: str) -> str:
         return {
@@ -605,83 +513,48 @@ class NaNGuard(DiagCallback):
         }[action]
 
     def _act(
-        self, trainer: Any, pl_module: Any, optimizer: Any, action: str, code: str, message: str
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: Any,
+        decision: Decision,
+        code: str,
+        message: str,
     ) -> None:
-        if action == "warn":
-            self.consecutive_skips = 0
-            self._advanced += 1
+        if decision.action == "warn":
             if code not in self._warned and trainer.is_global_zero:
                 self._warned.add(code)
                 warnings.warn(message, LightningDiagWarning, stacklevel=2)
             return
-        if action == "raise":
+        if decision.action == "raise":
             raise NonFiniteError(message)
         optimizer.zero_grad(set_to_none=True)  # a true skip: no parameter or optimizer-state update
-        self.skipped_steps += 1
-        if action == "skip":
-            self.consecutive_skips += 1
-            self._hold_schedule(trainer, 1)
-            return
-        assert self._snapshot is not None
-        self._snapshot.restore(pl_module, trainer.optimizers)
-        self.rollbacks += 1
-        self.consecutive_skips = 0
-        self.good_since_snapshot = 0
-        # The schedule goes back to where it was at the snapshot: hold the steps it advanced since then, and this one.
-        self._hold_schedule(trainer, self._advanced + 1)
-        self._advanced = 0
-        if self.lr_backoff != 1.0:
-            self._back_off_lr(trainer)
-
-    def _hold_schedule(self, trainer: Any, steps: int) -> None:
-        from lightning_diag.callbacks.warmup_cosine import WarmupCosine
-
-        for callback in trainer.callbacks:
-            if isinstance(callback, WarmupCosine):
-                callback.hold(steps)
-
-    def _back_off_lr(self, trainer: Any) -> None:
-        from lightning_diag.callbacks.warmup_cosine import WarmupCosine
-
-        for callback in trainer.callbacks:
-            if isinstance(callback, WarmupCosine):
-                callback.scale_lr(self.lr_backoff)
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] *= self.lr_backoff
-                if "initial_lr" in group:
-                    group["initial_lr"] *= self.lr_backoff
-        for config in trainer.lr_scheduler_configs:
-            base_lrs = getattr(config.scheduler, "base_lrs", None)
-            if isinstance(base_lrs, list):
-                config.scheduler.base_lrs = [lr * self.lr_backoff for lr in base_lrs]
-
-    def _take_snapshot(self, trainer: Any, pl_module: Any) -> None:
-        self._snapshot = Snapshot(pl_module, trainer.optimizers, trainer.global_step)
-        self.snapshot_step = trainer.global_step
-        self.good_since_snapshot = 0
-        self._advanced = 0
+        context = run_context(trainer)
+        context.hold_schedule(decision.hold_steps)
+        if decision.action == "rollback":
+            assert self._snapshot is not None
+            self._snapshot.restore(pl_module, trainer.optimizers)
+            if self.lr_backoff != 1.0:
+                context.scale_lr(self.lr_backoff)
+                back_off_lr(
+                    trainer.optimizers, [c.scheduler for c in trainer.lr_scheduler_configs], self.lr_backoff
+                )
 
     # -- state ----------------------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "skipped_steps": self.skipped_steps,
-            "consecutive_skips": self.consecutive_skips,
-            "rollbacks": self.rollbacks,
+            **self.policy.state_dict(),
             "traces": self.traces,
-            "good_since_snapshot": self.good_since_snapshot,
-            "snapshot_step": self.snapshot_step,
             "loss_spikes": self._loss_spikes.state_dict(),
             "grad_spikes": self._grad_spikes.state_dict(),
             "findings": self._findings_state(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for key in ("skipped_steps", "consecutive_skips", "rollbacks", "traces", "good_since_snapshot"):
-            if key in state_dict:
-                setattr(self, key, int(state_dict[key]))
-        if state_dict.get("snapshot_step") is not None:
-            self.snapshot_step = int(state_dict["snapshot_step"])
+        self.policy.load_state_dict(state_dict)
+        self.traces = int(state_dict.get("traces", self.traces))
         if "loss_spikes" in state_dict:
             self._loss_spikes.load_state_dict(state_dict["loss_spikes"])
         if "grad_spikes" in state_dict:

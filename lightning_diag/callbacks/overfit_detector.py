@@ -9,10 +9,11 @@ from typing import Any, Literal
 
 import torch
 
-from lightning_diag import _distributed, _logging
+from lightning_diag import _distributed, _lightning, _logging
 from lightning_diag._validation import check_choice, check_number
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.core.curves import CurvePoint, CurveRules, Detection, diagnose
+from lightning_diag.core.curves import CurvePoint, CurveRules, diagnose
+from lightning_diag.core.verdict import Verdict
 from lightning_diag.findings import LightningDiagWarning
 
 __all__ = ["OverfitDetector"]
@@ -25,19 +26,19 @@ class OverfitDetector(DiagCallback):
     """Turn the train/validation curves into findings: overfitting, underfitting, loss plateau, divergence.
 
     After every validation run (also several per epoch with ``val_check_interval < 1``), one point is added to
-    the curve: the validation loss (``val_key`` from ``trainer.callback_metrics``) and the mean training loss since
+    the curve: the validation loss (``monitor`` from ``trainer.callback_metrics``) and the mean training loss since
     the previous validation. The training loss is the loss ``training_step`` returned, summed on the device batch
     by batch and read once per evaluation (non-finite step losses, e.g. steps NaNGuard skipped, are left out of
-    the mean; if every one was non-finite the point is NaN, a divergence); with ``train_key`` set, the logged epoch value of that key is used
+    the mean; if every one was non-finite the point is NaN, a divergence); with ``train_monitor`` set, the logged epoch value of that key is used
     instead at end-of-epoch evaluations (read in ``on_train_epoch_end``, when Lightning has reduced it). Then the
     rules of :mod:`lightning_diag.core.curves` run on the whole history (thresholds below) and each conclusion is
     recorded once, with repeats counted. Under DDP rank 0's values are broadcast first, so every rank keeps the
     same curve and takes the same decision.
 
     Args:
-        val_key: the validation loss key (``RuntimeError`` listing the logged keys when it is missing and
+        monitor: the validation loss key (``RuntimeError`` listing the logged keys when it is missing and
             ``strict``).
-        train_key: a logged training-loss key to use at end-of-epoch evaluations (``None``: the returned loss).
+        train_monitor: a logged training-loss key to use at end-of-epoch evaluations (``None``: the returned loss).
         action: ``"warn"`` records findings; ``"stop"`` also stops training on ``overfitting`` (the rising-loss
             kind) or ``divergence`` (with EarlyStop(restore_best_weights=True) in the callbacks, you get the best
             weights back).
@@ -47,9 +48,9 @@ class OverfitDetector(DiagCallback):
         high_ratio: a flat loss is "high" above this fraction of the reference loss.
         close_ratio: validation and training losses are "close" within this relative distance.
         divergence_ratio: a rising training loss diverges above this multiple of its lowest value.
-        baseline: the reference loss for "high" (e.g. ``ln(num_classes)`` or the loss of the best constant
+        chance_loss: the reference loss for "high" (e.g. ``ln(num_classes)`` or the loss of the best constant
             predictor); ``None``: the first evaluation's training loss.
-        strict: raise when ``val_key`` is missing; otherwise warn once and only watch the training loss.
+        strict: raise when ``monitor`` is missing; otherwise warn once and only watch the training loss.
 
     Logged metrics (at each evaluation, written directly to the loggers at the global step):
         ============================  =============================================================
@@ -65,7 +66,7 @@ class OverfitDetector(DiagCallback):
 
     Raises:
         ValueError: at construction for an unknown action or an out-of-range threshold.
-        RuntimeError: at the first validation when ``val_key`` is missing and ``strict``.
+        RuntimeError: at the first validation when ``monitor`` is missing and ``strict``.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -75,8 +76,8 @@ class OverfitDetector(DiagCallback):
 
     def __init__(
         self,
-        val_key: str = "val_loss",
-        train_key: str | None = None,
+        monitor: str = "val_loss",
+        train_monitor: str | None = None,
         action: Literal["warn", "stop"] = "warn",
         window: int = 3,
         rise_tolerance: float = 0.02,
@@ -84,13 +85,13 @@ class OverfitDetector(DiagCallback):
         high_ratio: float = 0.5,
         close_ratio: float = 0.15,
         divergence_ratio: float = 1.5,
-        baseline: float | None = None,
+        chance_loss: float | None = None,
         strict: bool = True,
     ) -> None:
         super().__init__()
         check_choice("action", action, ("warn", "stop"))
-        if baseline is not None:
-            check_number("baseline", baseline)
+        if chance_loss is not None:
+            check_number("chance_loss", chance_loss)
         self.rules = CurveRules(
             window=window,
             rise_tolerance=rise_tolerance,
@@ -99,8 +100,8 @@ class OverfitDetector(DiagCallback):
             close_ratio=close_ratio,
             divergence_ratio=divergence_ratio,
         )
-        self.val_key = val_key
-        self.train_key = train_key
+        self.monitor = monitor
+        self.train_monitor = train_monitor
         self.action = action
         self.window = window
         self.rise_tolerance = rise_tolerance
@@ -108,13 +109,15 @@ class OverfitDetector(DiagCallback):
         self.high_ratio = high_ratio
         self.close_ratio = close_ratio
         self.divergence_ratio = divergence_ratio
-        self.baseline = baseline
+        self.chance_loss = chance_loss
         self.strict = strict
         self._reset_state()
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(val_key=self.val_key, train_key=self.train_key, action=self.action)
+        return self._generate_state_key(
+            monitor=self.monitor, train_monitor=self.train_monitor, action=self.action
+        )
 
     def _reset_state(self) -> None:
         self.points: list[CurvePoint] = []
@@ -148,12 +151,12 @@ class OverfitDetector(DiagCallback):
         return total / finite if finite > 0 else math.nan
 
     def _val_value(self, trainer: Any) -> float | None:
-        value = trainer.callback_metrics.get(self.val_key)
+        value = trainer.callback_metrics.get(self.monitor)
         if value is None:
             keys = sorted(trainer.callback_metrics)
             message = (
-                f"OverfitDetector: `val_key={self.val_key!r}` is not among the logged metrics {keys}. Log it in "
-                "`validation_step` (self.log(...)) or pass the right `val_key`."
+                f"OverfitDetector: `monitor={self.monitor!r}` is not among the logged metrics {keys}. Log it in "
+                "`validation_step` (self.log(...)) or pass the right `monitor`."
             )
             if self.strict:
                 raise RuntimeError(message)
@@ -170,19 +173,18 @@ class OverfitDetector(DiagCallback):
         train = self._take_train_mean()
         if train is None:
             return  # no training batch since the last evaluation
-        loop = trainer.fit_loop.epoch_loop
-        end_of_epoch = bool(loop.batch_progress.is_last_batch)
+        end_of_epoch = _lightning.is_last_batch(trainer)
         batches = trainer.num_training_batches
         if end_of_epoch or not isinstance(batches, int) or batches <= 0:
             x = float(trainer.current_epoch + 1)  # x counts epochs done
         else:
-            x = trainer.current_epoch + (loop.batch_idx + 1) / batches
-        if end_of_epoch and self.train_key is not None:
+            x = trainer.current_epoch + (_lightning.train_batch_idx(trainer) + 1) / batches
+        if end_of_epoch and self.train_monitor is not None:
             self._pending = (
                 x,
                 train,
                 val,
-            )  # the logged epoch value of train_key is ready in on_train_epoch_end
+            )  # the logged epoch value of train_monitor is ready in on_train_epoch_end
             return
         self._add(trainer, x, train, val)
 
@@ -192,13 +194,13 @@ class OverfitDetector(DiagCallback):
         x, _, val = self._pending
         self._pending = None
         logged = trainer.callback_metrics.get(
-            f"{self.train_key}_epoch", trainer.callback_metrics.get(self.train_key)
+            f"{self.train_monitor}_epoch", trainer.callback_metrics.get(self.train_monitor)
         )
         if logged is None:
             keys = sorted(trainer.callback_metrics)
             raise RuntimeError(
-                f"OverfitDetector: `train_key={self.train_key!r}` is not among the logged metrics {keys}. Log it "
-                "with on_epoch=True, or leave `train_key=None` to use the loss training_step returns."
+                f"OverfitDetector: `train_monitor={self.train_monitor!r}` is not among the logged metrics {keys}. Log it "
+                "with on_epoch=True, or leave `train_monitor=None` to use the loss training_step returns."
             )
         self._add(trainer, x, float(logged), val)
 
@@ -211,17 +213,9 @@ class OverfitDetector(DiagCallback):
         if val is not None and math.isfinite(val) and math.isfinite(train):
             metrics["diag/overfit/gap"] = val - train
         _logging.log_direct(trainer, metrics, step=trainer.global_step)
-        stop_reason: Detection | None = None
-        for detection in diagnose(self.points, self.rules, self.baseline, unit="epoch"):
-            self.record(
-                trainer,
-                detection.code,
-                detection.severity,  # type: ignore[arg-type]
-                detection.message,
-                evidence=detection.evidence,
-                advice=detection.advice,
-                key=f"{detection.code}:{detection.severity}",
-            )
+        stop_reason: Verdict | None = None
+        for detection in diagnose(self.points, self.rules, self.chance_loss, unit="epoch"):
+            self.record(trainer, detection, key=f"{detection.code}:{detection.severity}")
             if detection.code in STOP_CODES and detection.severity != "info":
                 stop_reason = stop_reason or detection
         if self.action == "stop" and stop_reason is not None and not trainer.should_stop:
@@ -229,13 +223,15 @@ class OverfitDetector(DiagCallback):
             self.stopped_at = x
             self.record(
                 trainer,
-                "early_stopped",
-                "info",
-                f"OverfitDetector stopped training after {x:g} epochs: {stop_reason.code}.",
-                evidence={"reason": stop_reason.code, "x": x},
-                advice=[
-                    "Keep the best weights with EarlyStop(restore_best_weights=True) in the same Trainer."
-                ],
+                Verdict(
+                    "early_stopped",
+                    "info",
+                    f"OverfitDetector stopped training after {x:g} epochs: {stop_reason.code}.",
+                    evidence={"reason": stop_reason.code, "x": x},
+                    advice=[
+                        "Keep the best weights with EarlyStop(restore_best_weights=True) in the same Trainer."
+                    ],
+                ),
             )
 
     # -- report ---------------------------------------------------------------------------------------------

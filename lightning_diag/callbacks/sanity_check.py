@@ -2,132 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
-import torch
-
-from lightning_diag import _distributed
+from lightning_diag import _distributed, _lightning
 from lightning_diag._validation import check_choice, check_fraction, check_int
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.callbacks._shared import training_step_loss
 from lightning_diag.core import sanity
-from lightning_diag.core.nan_trace import iter_tensors
-from lightning_diag.findings import SEVERITIES
+from lightning_diag.core.verdict import fails
 
-__all__ = ["SanityCheck", "SanityCheckError", "model_input", "run_checks"]
-
-#: Keys tried, in order, to find the model input in a dict batch.
-INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "input_ids")
+__all__ = ["SanityCheck", "SanityCheckError"]
 
 
 class SanityCheckError(RuntimeError):
     """Raised by :class:`SanityCheck` when a finding reaches ``fail_on``: training does not start."""
-
-
-def model_input(batch: Any) -> torch.Tensor | None:
-    """The tensor a model's ``forward`` takes, by convention: ``batch[0]`` of a tuple/list, a known key of a dict
-    (``x``, ``input``, ``image``...), else the first tensor; the batch itself if it is a tensor."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in INPUT_KEYS:
-            if isinstance(batch.get(key), torch.Tensor):
-                return batch[key]
-    return next((t for _, t in iter_tensors(batch)), None)
-
-
-def _labels(batch: Any, size: int) -> torch.Tensor | None:
-    found = [
-        t for _, t in iter_tensors(batch) if not t.is_floating_point() and t.dim() == 1 and t.shape[0] == size
-    ]
-    return found[-1] if found else None
-
-
-@contextlib.contextmanager
-def _without_trainer(pl_module: Any) -> Iterator[None]:
-    """Detach the Trainer reference so ``copy.deepcopy(pl_module)`` copies the model only."""
-    saved = getattr(pl_module, "_trainer", None)
-    pl_module._trainer = None
-    try:
-        yield
-    finally:
-        pl_module._trainer = saved
-
-
-def run_checks(
-    pl_module: Any,
-    batches: list[Any],
-    trainer: Any = None,
-    *,
-    data: bool = True,
-    loss_at_init: bool = True,
-    gradients: bool = True,
-    batch_independence: bool = True,
-    overfit_batch_steps: int = 0,
-    overfit_lr: float = 1e-3,
-    min_drop: float = 0.5,
-) -> list[sanity.Issue]:
-    """All enabled checks on ``batches`` (data checks on each, model checks on the first), model left untouched.
-
-    Usable without a Trainer (``lightning-diag doctor``): the batches must then already be on the model's device.
-    """
-    issues: list[sanity.Issue] = []
-    if data:
-        seen: set[tuple[str, str]] = set()
-        for batch in batches:
-            for issue in sanity.check_data(batch):
-                key = (issue.code, issue.message)
-                if key not in seen:
-                    seen.add(key)
-                    issues.append(issue)
-    if not batches:
-        return issues
-    batch = batches[0]
-
-    def loss_of(module: Any) -> torch.Tensor:
-        loss = training_step_loss(trainer if module is pl_module else None, module, batch, 0)
-        if loss is None:
-            raise RuntimeError("training_step returned no loss on the first batch")
-        return loss
-
-    x = model_input(batch)
-    if loss_at_init and x is not None:
-        with sanity.preserved_module(pl_module), torch.no_grad():
-            try:
-                out = pl_module(x)
-                loss = loss_of(pl_module)
-            except Exception:  # forward may need more than one input: the check does not apply
-                out, loss = None, None
-        labels = _labels(batch, x.shape[0]) if x.dim() >= 1 else None
-        if (
-            isinstance(out, torch.Tensor)
-            and loss is not None
-            and out.is_floating_point()
-            and out.dim() == 2
-            and labels is not None
-            and out.shape[0] == labels.shape[0]
-        ):
-            issues += sanity.check_loss_at_init(float(loss.float().sum()), int(out.shape[1]))
-    if gradients:
-        issues += sanity.check_gradients(pl_module, lambda: loss_of(pl_module))
-    if batch_independence and x is not None and x.is_floating_point():
-        # forward may need more than one input: then the check does not apply
-        with contextlib.suppress(Exception):
-            issues += sanity.check_batch_independence(pl_module, pl_module, x)
-    if overfit_batch_steps > 0:
-        with _without_trainer(pl_module):
-            issues += sanity.check_overfit_batch(
-                pl_module,
-                loss_of,
-                lambda params: torch.optim.Adam(params, lr=overfit_lr),
-                steps=overfit_batch_steps,
-                min_drop=min_drop,
-            )
-    return issues
 
 
 class SanityCheck(DiagCallback):
@@ -240,10 +127,13 @@ class SanityCheck(DiagCallback):
         self._batches = []
 
     def _check(self, trainer: Any, pl_module: Any, *, model: bool, data: bool) -> None:
-        issues = run_checks(
+        issues = sanity.run_checks(
             pl_module,
             self._batches if data else self._batches[:1],
-            trainer,
+            lambda module, batch: _lightning.replay_training_step(
+                trainer if module is pl_module else None, module, batch, 0
+            ),
+            copyable=lambda: _lightning.detached_trainer(pl_module),
             data=data and self.check_data,
             loss_at_init=model and self.check_loss_at_init,
             gradients=model and self.check_gradients,
@@ -253,17 +143,8 @@ class SanityCheck(DiagCallback):
             min_drop=self.min_drop,
         )
         for issue in issues:
-            self.record(
-                trainer,
-                issue.code,
-                issue.severity,  # type: ignore[arg-type]
-                issue.message,
-                evidence=issue.evidence,
-                advice=issue.advice,
-                key=issue.message,
-            )
-        threshold = None if self.fail_on == "never" else SEVERITIES.index(self.fail_on)
-        failing = [i for i in issues if threshold is not None and SEVERITIES.index(i.severity) >= threshold]
+            self.record(trainer, issue, key=issue.message)
+        failing = [i for i in issues if fails(i.severity, self.fail_on)]
         if _distributed.any_rank(trainer, bool(failing)):
             listed = "; ".join(f"{i.code}: {i.message}" for i in failing) or "on another rank"
             raise SanityCheckError(

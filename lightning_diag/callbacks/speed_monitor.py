@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from lightning_diag import _logging
 from lightning_diag._validation import check_fraction, check_int
 from lightning_diag.callbacks._base import DiagCallback
+from lightning_diag.core.verdict import Verdict
 
 __all__ = ["SpeedMonitor"]
 
@@ -56,7 +57,7 @@ class SpeedMonitor(DiagCallback):
 
     Args:
         window: the steps averaged for the logged values and the findings.
-        warmup_steps: steps ignored at the start of the fit (compilation, caches, worker start-up).
+        ignore_first_steps: steps ignored at the start of the fit (compilation, caches, worker start-up).
         data_share: waiting for data above this share of the step time is ``dataloader_bound``.
         check_host_syncs: on CUDA, watch ``sync_check_steps`` steps after warm-up with
             ``torch.cuda.set_sync_debug_mode("warn")`` and report synchronising calls (``host_sync``).
@@ -97,18 +98,18 @@ class SpeedMonitor(DiagCallback):
     def __init__(
         self,
         window: int = 20,
-        warmup_steps: int = 5,
+        ignore_first_steps: int = 5,
         data_share: float = 0.3,
         check_host_syncs: bool = True,
         sync_check_steps: int = 3,
     ) -> None:
         super().__init__()
         check_int("window", window, minimum=2)
-        check_int("warmup_steps", warmup_steps, minimum=0)
+        check_int("ignore_first_steps", ignore_first_steps, minimum=0)
         check_fraction("data_share", data_share, low_open=True, high_open=True)
         check_int("sync_check_steps", sync_check_steps, minimum=1)
         self.window = window
-        self.warmup_steps = warmup_steps
+        self.ignore_first_steps = ignore_first_steps
         self.data_share = float(data_share)
         self.check_host_syncs = check_host_syncs
         self.sync_check_steps = sync_check_steps
@@ -163,7 +164,7 @@ class SpeedMonitor(DiagCallback):
             end.record()
             self._events = (self._events[0], end)
         self._batches += 1
-        if self._wait is not None and self._batches > self.warmup_steps:
+        if self._wait is not None and self._batches > self.ignore_first_steps:
             self._waits.append(self._wait)
             self._computes.append(now - self._start)
             self._samples.append(_batch_size(batch))
@@ -198,12 +199,14 @@ class SpeedMonitor(DiagCallback):
         if loader is not None and pl_module.device.type == "cuda" and not loader.pin_memory:
             self.record(
                 trainer,
-                "dataloader_config",
-                "warning",
-                "Training on CUDA with `DataLoader(pin_memory=False)`: host-to-device copies of each batch are slower "
-                "and cannot overlap with compute.",
-                evidence={"pin_memory": 0, "num_workers": loader.num_workers},
-                advice=["Pass `pin_memory=True` to the training DataLoader."],
+                Verdict(
+                    "dataloader_config",
+                    "warning",
+                    "Training on CUDA with `DataLoader(pin_memory=False)`: host-to-device copies of each batch are slower "
+                    "and cannot overlap with compute.",
+                    evidence={"pin_memory": 0, "num_workers": loader.num_workers},
+                    advice=["Pass `pin_memory=True` to the training DataLoader."],
+                ),
             )
 
     def _report_bound(
@@ -251,12 +254,14 @@ class SpeedMonitor(DiagCallback):
         advice.append("Check the storage: reading many small files from a network disk is a common cause.")
         self.record(
             trainer,
-            "dataloader_bound",
-            "warning",
-            f"Waiting for data takes {share:.0%} of each training step ({wait * 1e3:.1f} ms waiting, "
-            f"{compute * 1e3:.1f} ms computing, averaged over {len(self._waits)} steps): the model is starved.",
-            evidence=evidence,
-            advice=advice,
+            Verdict(
+                "dataloader_bound",
+                "warning",
+                f"Waiting for data takes {share:.0%} of each training step ({wait * 1e3:.1f} ms waiting, "
+                f"{compute * 1e3:.1f} ms computing, averaged over {len(self._waits)} steps): the model is starved.",
+                evidence=evidence,
+                advice=advice,
+            ),
         )
 
     # -- CUDA only --------------------------------------------------------------------------------------------
@@ -269,7 +274,7 @@ class SpeedMonitor(DiagCallback):
             self._events = None
 
     def _watching_syncs(self) -> bool:
-        return self._batches >= self.warmup_steps and self._sync_steps_done < self.sync_check_steps
+        return self._batches >= self.ignore_first_steps and self._sync_steps_done < self.sync_check_steps
 
     def _begin_sync_watch(self) -> None:
         self._sync_watch = warnings.catch_warnings(record=True)
@@ -292,20 +297,22 @@ class SpeedMonitor(DiagCallback):
             sites = sorted(set(self._sync_seen))
             self.record(
                 trainer,
-                "host_sync",
-                "warning",
-                f"{len(self._sync_seen)} synchronising CUDA call(s) in {self.sync_check_steps} watched steps; the host "
-                f"waits for the device at: {', '.join(sites[:6])}.",
-                evidence={
-                    "syncs": len(self._sync_seen),
-                    "steps": self.sync_check_steps,
-                    "call_sites": ", ".join(sites[:12]),
-                },
-                advice=[
-                    "Avoid `.item()`, `.cpu()`, `print(tensor)` and Python `if tensor:` in the training step; log tensors "
-                    "with `self.log` (Lightning converts them at the logging interval).",
-                    "Avoid data-dependent shapes (`nonzero`, boolean masks) in the hot path.",
-                ],
+                Verdict(
+                    "host_sync",
+                    "warning",
+                    f"{len(self._sync_seen)} synchronising CUDA call(s) in {self.sync_check_steps} watched steps; the host "
+                    f"waits for the device at: {', '.join(sites[:6])}.",
+                    evidence={
+                        "syncs": len(self._sync_seen),
+                        "steps": self.sync_check_steps,
+                        "call_sites": ", ".join(sites[:12]),
+                    },
+                    advice=[
+                        "Avoid `.item()`, `.cpu()`, `print(tensor)` and Python `if tensor:` in the training step; log tensors "
+                        "with `self.log` (Lightning converts them at the logging interval).",
+                        "Avoid data-dependent shapes (`nonzero`, boolean masks) in the hot path.",
+                    ],
+                ),
             )
 
     # -- state ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from lightning_diag._validation import (
     check_positive,
 )
 from lightning_diag.callbacks._base import DiagCallback
+from lightning_diag.callbacks._context import run_context
 from lightning_diag.core.schedules import warmup_cosine
 
 __all__ = ["WarmupCosine"]
@@ -75,9 +76,10 @@ class WarmupCosine(DiagCallback):
         computes the same rate from the same step, so no communication is needed.
 
         With :class:`~lightning_diag.NaNGuard` in the same Trainer, a skipped step does not advance the schedule
-        (``interval="step"``): the schedule step is ``global_step - held_steps``, where NaNGuard raises
-        ``held_steps`` by one per skipped step and by the number of discarded steps on a rollback; a rollback's LR
-        back-off multiplies every rate by ``lr_scale``. Both are saved in the checkpoint.
+        (``interval="step"``): the schedule step is ``global_step - held_steps``. NaNGuard asks for one held step
+        per skipped step and for the number of discarded steps on a rollback, and a rollback's LR back-off
+        multiplies every rate by ``lr_scale``; the requests travel through the run's shared context
+        (``callbacks/_context.py``) and are taken at the next batch boundary. Both are saved in the checkpoint.
     """
 
     # The schedule as resolved for the current fit (see ``_reset_state`` and ``on_fit_start``).
@@ -271,10 +273,25 @@ class WarmupCosine(DiagCallback):
         if self.interval == "epoch":
             self._apply(trainer, trainer.current_epoch)
 
+    def _take_requests(self, trainer: Any) -> None:
+        """Apply what a guard asked of the schedule owner (steps to hold, an LR back-off), once."""
+        held, scale = run_context(trainer).take_schedule_requests()
+        if held:
+            self.hold(held)
+        if scale != 1.0:
+            self.scale_lr(scale)
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._take_requests(trainer)
         if self.interval == "step":
             # Idempotent within an accumulation window: global_step only moves on a real optimizer step.
             self._apply(trainer, max(trainer.global_step - self.held_steps, 0))
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Taken before checkpoint callbacks run (Lightning calls them last), so a checkpoint holds the requests.
+        self._take_requests(trainer)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if not self.log_lr or optimizer is not trainer.optimizers[0] or not _logging.should_log_step(trainer):

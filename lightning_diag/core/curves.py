@@ -38,7 +38,9 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["CurvePoint", "CurveRules", "Detection", "diagnose", "noise"]
+from lightning_diag.core.verdict import Severity, Verdict
+
+__all__ = ["CurvePoint", "CurveRules", "diagnose", "noise"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,16 +75,10 @@ class CurveRules:
             raise ValueError(f"`divergence_ratio` must be > 1, got {self.divergence_ratio!r}.")
 
 
-@dataclasses.dataclass
-class Detection:
-    """What a rule concluded (becomes a :class:`~lightning_diag.Finding`)."""
-
-    code: str
-    severity: str
-    message: str
-    x: float
-    evidence: dict[str, Any]
-    advice: list[str]
+def _verdict(
+    code: str, severity: Severity, message: str, x: float, evidence: dict[str, Any], advice: list[str]
+) -> Verdict:
+    return Verdict(code, severity, message, dict(evidence), list(advice), x=x)
 
 
 def noise(values: Sequence[float]) -> float:
@@ -105,7 +101,7 @@ def diagnose(
     rules: CurveRules | None = None,
     baseline: float | None = None,
     unit: str = "epoch",
-) -> list[Detection]:
+) -> list[Verdict]:
     """Apply every rule to the history ``points`` (in evaluation order); return what holds at its end.
 
     ``unit`` names what ``x`` counts in the messages (``"epoch"`` or ``"step"``).
@@ -114,7 +110,7 @@ def diagnose(
     if not points:
         return []
 
-    found: list[Detection] = []
+    found: list[Verdict] = []
     divergence = _divergence(points, rules, unit)
     if divergence is not None:
         return [divergence]  # the other rules read a loss that is still meaningful
@@ -133,12 +129,12 @@ def _oscillation(train: Sequence[float], rules: CurveRules) -> dict[str, Any]:
     return {"oscillation": round(ratio, 4)} if ratio > rules.oscillation_ratio else {}
 
 
-def _divergence(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> Detection | None:
+def _divergence(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> Verdict | None:
     train = [p.train for p in points]
     last = points[-1]
     if not math.isfinite(last.train):
         finite = [t for t in train if math.isfinite(t)]
-        return Detection(
+        return _verdict(
             "divergence",
             "error",
             f"The training loss became non-finite ({last.train}) at {_x(last, unit)}.",
@@ -161,7 +157,7 @@ def _divergence(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> D
             "ratio": round(last.train / lowest, 4),
             **_oscillation(train, rules),
         }
-        return Detection(
+        return _verdict(
             "divergence",
             "error",
             f"The training loss is rising: {_fmt(last.train)} at {_x(last, unit)}, {last.train / lowest:.2f}x its lowest "
@@ -173,7 +169,7 @@ def _divergence(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> D
     return None
 
 
-def _overfitting(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> Detection | None:
+def _overfitting(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> Verdict | None:
     evaluated = [p for p in points if p.val is not None and math.isfinite(p.val)]
     w = rules.window
     if len(evaluated) <= w:
@@ -204,7 +200,7 @@ def _overfitting(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> 
     }
     rise = last.val - best.val
     if train_fell and rise > max(rules.rise_tolerance * abs(best.val), 2 * noise(vals)):
-        return Detection(
+        return _verdict(
             "overfitting",
             "warning",
             f"Overfitting since {_x(onset, unit)}: the validation loss rose from its best {_fmt(best.val)} ({_x(best, unit)}) to "
@@ -219,7 +215,7 @@ def _overfitting(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> 
     widening = all(b > a for a, b in itertools.pairwise(gaps))
     grew = gap_now - gap_best > max(rules.rise_tolerance * abs(best.val), 2 * noise(vals))
     if train_fell and widening and grew:
-        return Detection(
+        return _verdict(
             "overfitting",
             "info",
             f"The generalisation gap is widening: no better validation loss than {_fmt(best.val)} ({_x(best, unit)}) for "
@@ -234,7 +230,7 @@ def _overfitting(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> 
 
 def _plateau_or_underfitting(
     points: Sequence[CurvePoint], rules: CurveRules, baseline: float | None, unit: str
-) -> Detection | None:
+) -> Verdict | None:
     w = rules.window
     if len(points) <= w:
         return None
@@ -275,7 +271,7 @@ def _plateau_or_underfitting(
         evidence["val_loss"] = last.val
     evidence["improvement_overall"] = round(overall, 6)
     if close and saturated:
-        return Detection(
+        return _verdict(
             "underfitting",
             "warning",
             f"Underfitting: the training loss has stopped improving at {_fmt(last.train)} "
@@ -286,7 +282,7 @@ def _plateau_or_underfitting(
             _UNDERFIT_ADVICE,
         )
     how = "is still falling at its usual slow rate, by less than" if creeping else "improved by less than"
-    return Detection(
+    return _verdict(
         "loss_plateau",
         "warning",
         f"The training loss {how} {rules.plateau_threshold:.0%} over the last {w} evaluations, at {_fmt(last.train)} "

@@ -21,9 +21,12 @@ __all__ = [
     "GradStats",
     "GroupIndex",
     "compute_grad_stats",
+    "copy_tensors",
     "group_index",
     "group_name",
     "local_tensor",
+    "max_abs",
+    "subtract_tensors",
     "tensor_norms",
 ]
 
@@ -74,6 +77,28 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (FSDP2), or the tensor itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def copy_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of ``tensors`` in one foreach call (e.g. the weights before an update)."""
+    return list(torch._foreach_mul(list(tensors), 1.0)) if tensors else []
+
+
+def subtract_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``a[i] - b[i]`` for every pair, in one foreach call."""
+    return list(torch._foreach_sub(list(a), list(b))) if a else []
+
+
+def max_abs(tensors: Sequence[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """``max |x|`` per tensor (this rank's shards), stacked as float32 on ``device``: NaN/Inf propagate.
+
+    The max norm never overflows, so it tells finite-but-huge values apart from non-finite ones.
+    """
+    local = [t for t in (local_tensor(x).detach() for x in tensors) if t.numel()]
+    if not local:
+        return torch.zeros(0, device=device)
+    target = device if device is not None else local[0].device
+    return torch.stack([p.float().to(target) for p in torch._foreach_norm(local, math.inf)])
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

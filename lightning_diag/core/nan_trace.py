@@ -31,10 +31,15 @@ from lightning_diag.core.grad_stats import local_tensor
 
 __all__ = [
     "Trace",
+    "choose_origin",
     "first_non_finite",
     "iter_tensors",
     "non_finite_kind",
     "non_finite_tensors",
+    "observed_origin",
+    "origin_advice",
+    "owner_module",
+    "parameter_origin",
     "preserved_module",
     "preserved_rng",
     "trace_step",
@@ -303,3 +308,124 @@ def trace_step(
     if loss_kind:
         return Trace("loss", "", "", "loss", loss_kind)
     return recorder.backward
+
+
+# -- origin of a detection that was not (or could not be) replayed ----------------------------------------------
+def owner_module(model: nn.Module, param_name: str) -> tuple[str, str]:
+    """``(qualified name, class name)`` of the module that owns parameter ``param_name`` (``"(root)"`` on top)."""
+    owner = param_name.rsplit(".", 1)[0] if "." in param_name else ""
+    try:
+        module = model.get_submodule(owner) if owner else model
+    except AttributeError:
+        return owner or "(root)", ""
+    return owner or "(root)", type(module).__name__
+
+
+def parameter_origin(model: nn.Module, names: Sequence[str], params: Sequence[torch.Tensor]) -> Trace | None:
+    """The first non-finite parameter, as an ``optimizer``-phase trace (the update made it), or ``None``."""
+    bad = non_finite_tensors(names, params)
+    if not bad:
+        return None
+    name, kind = bad[0]
+    module, module_type = owner_module(model, name)
+    return Trace("optimizer", module, module_type, name, kind)
+
+
+def observed_origin(
+    model: nn.Module,
+    batches: Sequence[Any],
+    grad_names: Sequence[str],
+    grads: Sequence[torch.Tensor],
+    *,
+    input_bad: bool,
+    loss_bad: bool,
+    grad_bad: bool,
+) -> Trace | None:
+    """Where this step's own values (not a replay) show the problem: the input, the loss, or the gradient of the
+    last layer whose gradient is non-finite (backward runs from the last layer, so its gradient went bad first)."""
+    if input_bad:
+        for batch in batches:
+            found = first_non_finite(batch)
+            if found:
+                return Trace("input", "", "", found[0], found[1])
+    if loss_bad:
+        return Trace("loss", "", "", "loss", "")
+    if grad_bad:
+        bad = non_finite_tensors(grad_names, grads)
+        if bad:
+            name, kind = bad[-1]
+            module, module_type = owner_module(model, name)
+            return Trace("backward", module, module_type, f"parameter `{name}`", kind)
+    return None
+
+
+def choose_origin(
+    answers: Sequence[tuple[dict[str, str] | None, bool]],
+) -> tuple[Trace | None, bool, int]:
+    """The first informative answer of all ranks: ``(trace, reproduced, rank)``.
+
+    Each rank answers ``(vars(trace) or None, reproduced)``; a reproduced origin (seen again on replay, or a
+    parameter that is non-finite now) wins over one only observed in the step's values.
+    """
+    for reproduced in (True, False):
+        for rank, (trace, was_reproduced) in enumerate(answers):
+            if trace is not None and was_reproduced == reproduced:
+                return Trace(**trace), reproduced, rank
+    return None, False, 0
+
+
+# -- advice by origin ---------------------------------------------------------------------------------------------
+_FUNCTIONAL = (
+    "Functional code in or around this module (log, sqrt, division, exp, pow) met an out-of-domain value: add an "
+    "epsilon or clamp its input (e.g. log(x.clamp_min(1e-8)))."
+)
+_FP16 = "In float16 anything above 65504 is Inf: prefer bf16-mixed, or add normalisation before this module."
+_WEIGHTS = (
+    "Weights grown too large: lower the learning rate, clip gradients (GradClip), add warmup (WarmupCosine)."
+)
+_ADVICE: dict[str, list[str]] = {
+    "input": [
+        "The data holds NaN/Inf: find the sample (batch and sample index are in the evidence), clean the dataset or "
+        "drop such samples in the Dataset/collate_fn.",
+        "Check preprocessing that divides by a per-sample statistic (std, max) that can be 0.",
+    ],
+    "loss": [
+        "The loss took a log of 0 or divided by 0: use the fused, stable forms (cross_entropy on logits, "
+        "binary_cross_entropy_with_logits) or add an epsilon.",
+        "The predictions are huge and their squared error overflowed: the weights are blowing up (learning rate too "
+        "high: lower it, clip gradients, add warmup).",
+        "Targets out of the loss's domain (class index out of range, labels outside [0, 1]), or an empty mask "
+        "averaged over zero elements.",
+    ],
+    "backward": [
+        "The derivative of sqrt/log/pow/norm at 0 is infinite: add an epsilon inside the function "
+        "(e.g. sqrt(x + eps), norm with eps).",
+        "A custom autograd Function's backward can produce it: check it with torch.autograd.gradcheck.",
+    ],
+    "optimizer": [
+        "The update itself made the parameters non-finite: the learning rate is too high for this step; lower it, "
+        "add warmup (WarmupCosine) or clip gradients (GradClip).",
+        "With Adam/AdamW in low precision, a tiny `eps` can divide by ~0: raise `eps` (e.g. 1e-6) or keep optimizer "
+        "state in float32.",
+    ],
+}
+
+
+def origin_advice(trace: Trace, model: nn.Module, *, half_precision: bool) -> list[str]:
+    """Advice for where the value appeared, narrowed by what the module is and the run's precision."""
+    if trace.phase != "forward":
+        advice = list(_ADVICE.get(trace.phase, []))
+        if trace.phase == "backward" and half_precision:
+            advice.append("Under float16, gradients overflow easily: prefer bf16-mixed.")
+        return advice
+    try:
+        module = model.get_submodule("" if trace.module == "(root)" else trace.module)
+        has_weights = any(True for _ in module.parameters(recurse=False))
+    except AttributeError:
+        has_weights = False
+    advice = (
+        [_WEIGHTS, _FUNCTIONAL] if has_weights and not trace.tensor.startswith("input of") else [_FUNCTIONAL]
+    )
+    if half_precision:
+        advice.append(_FP16)
+    return advice

@@ -1,6 +1,6 @@
 """Pre-flight checks on a model and a batch, the ones practitioners run by hand before a long training run.
 
-Each check returns :class:`Issue` s (empty when all is well) and leaves the model as it found it: parameter values
+Each check returns :class:`~lightning_diag.core.verdict.Verdict` s (empty when all is well) and leaves the model as it found it: parameter values
 and gradients, buffers (BatchNorm statistics), train/eval mode and the RNG states are restored, no optimizer is
 touched (the overfit check trains a deep copy).
 
@@ -12,54 +12,49 @@ touched (the overfit check trains a deep copy).
   for every other sample (a view/reshape that mixes the batch dimension breaks it). Modules that mix samples on
   purpose in training mode (BatchNorm) are put in eval mode for the test, and the issue says so.
 * :func:`check_overfit_batch`: a copy of the model trained on one batch must drive its loss down.
+
+:func:`run_checks` runs the enabled checks on a list of batches; SanityCheck and ``lightning-diag doctor`` both use
+it, each with its own way of computing the loss of a module on a batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_diag.core.nan_trace import first_non_finite, iter_tensors, preserved_module, preserved_rng
+from lightning_diag.core.verdict import Verdict
 
 __all__ = [
-    "Issue",
+    "INPUT_KEYS",
     "check_batch_independence",
     "check_data",
     "check_gradients",
     "check_loss_at_init",
     "check_overfit_batch",
+    "model_input",
     "preserved_module",
+    "run_checks",
 ]
 
 _MIXING = (nn.modules.batchnorm._BatchNorm,)
 
 
-@dataclasses.dataclass
-class Issue:
-    """One failed check: a finding code, its severity, a message, evidence and advice."""
-
-    code: str
-    severity: str
-    message: str
-    evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
-    advice: list[str] = dataclasses.field(default_factory=list)
-
-
 # -- data ----------------------------------------------------------------------------------------------------------
-def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9) -> list[Issue]:
+def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9) -> list[Verdict]:
     """NaN/Inf anywhere in the batch; float inputs whose typical magnitude exceeds ``scale_limit``; integer
     targets (the last integer tensor of the batch) that are all one class or with one class above ``imbalance``."""
-    issues: list[Issue] = []
+    issues: list[Verdict] = []
     bad = first_non_finite(batch)
     if bad is not None:
         issues.append(
-            Issue(
+            Verdict(
                 "non_finite_input",
                 "error",
                 f"The batch holds {bad[1].upper()} in `{bad[0]}`.",
@@ -74,7 +69,7 @@ def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9)
         rms = float(t.float().pow(2).mean().sqrt())
         if rms > scale_limit:
             issues.append(
-                Issue(
+                Verdict(
                     "input_scale",
                     "info",
                     f"`{name}` looks unnormalised: root-mean-square {rms:.3g} (mean {float(t.float().mean()):.3g}, "
@@ -93,7 +88,7 @@ def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9)
         top = float(counts.max()) / y.numel()
         if len(values) == 1:
             issues.append(
-                Issue(
+                Verdict(
                     "label_distribution",
                     "warning",
                     f"Every label in `{name}` is {int(values[0])}: the batch has a single class.",
@@ -105,7 +100,7 @@ def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9)
             )
         elif top > imbalance:
             issues.append(
-                Issue(
+                Verdict(
                     "label_distribution",
                     "warning",
                     f"`{name}` is heavily imbalanced: the most frequent class is {top:.0%} of the batch.",
@@ -117,7 +112,9 @@ def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9)
 
 
 # -- loss at init --------------------------------------------------------------------------------------------------
-def check_loss_at_init(loss: float, num_classes: int, *, high: float = 1.5, low: float = 0.1) -> list[Issue]:
+def check_loss_at_init(
+    loss: float, num_classes: int, *, high: float = 1.5, low: float = 0.1
+) -> list[Verdict]:
     """A cross-entropy loss at initialisation should be near ``ln(num_classes)`` (uniform predictions)."""
     if num_classes < 2 or not math.isfinite(loss):
         return []
@@ -125,7 +122,7 @@ def check_loss_at_init(loss: float, num_classes: int, *, high: float = 1.5, low:
     evidence = {"loss": loss, "expected": round(expected, 6), "num_classes": num_classes}
     if loss > high * expected:
         return [
-            Issue(
+            Verdict(
                 "loss_at_init",
                 "warning",
                 f"The loss at initialisation is {loss:.4g}, {loss / expected:.1f}x ln({num_classes}) = {expected:.4g}: "
@@ -140,7 +137,7 @@ def check_loss_at_init(loss: float, num_classes: int, *, high: float = 1.5, low:
         ]
     if loss < low * expected:
         return [
-            Issue(
+            Verdict(
                 "loss_at_init",
                 "warning",
                 f"The loss at initialisation is {loss:.4g}, suspiciously close to 0 next to ln({num_classes}) = "
@@ -153,7 +150,7 @@ def check_loss_at_init(loss: float, num_classes: int, *, high: float = 1.5, low:
 
 
 # -- gradients -----------------------------------------------------------------------------------------------------
-def check_gradients(module: nn.Module, compute_loss: Callable[[], torch.Tensor]) -> list[Issue]:
+def check_gradients(module: nn.Module, compute_loss: Callable[[], torch.Tensor]) -> list[Verdict]:
     """Trainable parameters that get no gradient from the loss, and non-finite gradients (module restored)."""
     with preserved_module(module), torch.enable_grad():
         for p in module.parameters():
@@ -161,7 +158,7 @@ def check_gradients(module: nn.Module, compute_loss: Callable[[], torch.Tensor])
         loss = compute_loss()
         if not loss.requires_grad:
             return [
-                Issue(
+                Verdict(
                     "missing_gradients",
                     "error",
                     "The loss does not depend on any trainable parameter (it does not require grad): the graph is "
@@ -181,7 +178,7 @@ def check_gradients(module: nn.Module, compute_loss: Callable[[], torch.Tensor])
     issues = []
     if missing:
         issues.append(
-            Issue(
+            Verdict(
                 "missing_gradients",
                 "error",
                 f"{len(missing)} trainable parameter(s) get no gradient from the loss: {', '.join(missing[:8])}"
@@ -198,7 +195,7 @@ def check_gradients(module: nn.Module, compute_loss: Callable[[], torch.Tensor])
         )
     if bad:
         issues.append(
-            Issue(
+            Verdict(
                 "non_finite_gradients",
                 "error",
                 f"Non-finite gradients at initialisation in: {', '.join(bad[:8])}.",
@@ -212,7 +209,7 @@ def check_gradients(module: nn.Module, compute_loss: Callable[[], torch.Tensor])
 # -- batch independence ----------------------------------------------------------------------------------------------
 def check_batch_independence(
     forward: Callable[[torch.Tensor], Any], module: nn.Module, x: torch.Tensor, sample: int = 0
-) -> list[Issue]:
+) -> list[Verdict]:
     """The output of sample ``sample`` must not depend on any other sample of ``x`` (gradient test)."""
     if not x.is_floating_point() or x.dim() < 1 or x.shape[0] < 2:
         return []
@@ -243,7 +240,7 @@ def check_batch_independence(
         return []
     note = f" (BatchNorm layers {', '.join(mixing[:3])} were put in eval mode for the test)" if mixing else ""
     return [
-        Issue(
+        Verdict(
             "batch_dependence",
             "error",
             f"The output of sample {sample} depends on {len(others)} other sample(s) of the batch (e.g. sample "
@@ -269,14 +266,14 @@ def check_overfit_batch(
     make_optimizer: Callable[[Sequence[nn.Parameter]], torch.optim.Optimizer] | None = None,
     steps: int = 50,
     min_drop: float = 0.5,
-) -> list[Issue]:
+) -> list[Verdict]:
     """Train a deep copy of ``module`` on one batch for ``steps`` steps: its loss must fall by ``min_drop``."""
     clone = copy.deepcopy(module)
     clone.train()
     params = [p for p in clone.parameters() if p.requires_grad]
     if not params:
         return [
-            Issue(
+            Verdict(
                 "cannot_overfit_batch",
                 "error",
                 "The model has no trainable parameter: it cannot learn anything.",
@@ -300,7 +297,7 @@ def check_overfit_batch(
     if math.isfinite(first) and math.isfinite(last) and (first <= 0 or last <= (1 - min_drop) * first):
         return []
     return [
-        Issue(
+        Verdict(
             "cannot_overfit_batch",
             "error" if not math.isfinite(last) or last >= first else "warning",
             f"Trained on a single batch for {len(losses) - 1} steps, the loss went from {first:.4g} to {last:.4g} "
@@ -312,3 +309,109 @@ def check_overfit_batch(
             ],
         )
     ]
+
+
+# -- all of them ---------------------------------------------------------------------------------------------------
+#: Keys tried, in order, to find the model input in a dict batch.
+INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "input_ids")
+
+#: ``loss_fn(module, batch)``: the module's training loss on the batch (``None`` when it returns none)
+LossFn = Callable[[nn.Module, Any], "torch.Tensor | None"]
+
+
+def model_input(batch: Any) -> torch.Tensor | None:
+    """The tensor a model's ``forward`` takes, by convention: ``batch[0]`` of a tuple/list, a known key of a dict
+    (``x``, ``input``, ``image``...), else the first tensor; the batch itself if it is a tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in INPUT_KEYS:
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key]
+    return next((t for _, t in iter_tensors(batch)), None)
+
+
+def _labels(batch: Any, size: int) -> torch.Tensor | None:
+    found = [
+        t for _, t in iter_tensors(batch) if not t.is_floating_point() and t.dim() == 1 and t.shape[0] == size
+    ]
+    return found[-1] if found else None
+
+
+def run_checks(
+    model: nn.Module,
+    batches: list[Any],
+    loss_fn: LossFn,
+    *,
+    copyable: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    data: bool = True,
+    loss_at_init: bool = True,
+    gradients: bool = True,
+    batch_independence: bool = True,
+    overfit_batch_steps: int = 0,
+    overfit_lr: float = 1e-3,
+    min_drop: float = 0.5,
+) -> list[Verdict]:
+    """All enabled checks on ``batches`` (data checks on each, model checks on the first), model left untouched.
+
+    Args:
+        model: the model (a LightningModule, whose ``forward`` takes :func:`model_input` of a batch).
+        batches: batches already on the model's device.
+        loss_fn: ``loss_fn(module, batch)``, the training loss of ``module`` (the model or a copy) on ``batch``.
+        copyable: a context inside which ``copy.deepcopy(model)`` copies the model only (the overfit check).
+    """
+    results: list[Verdict] = []
+    if data:
+        seen: set[tuple[str, str]] = set()
+        for batch in batches:
+            for result in check_data(batch):
+                key = (result.code, result.message)
+                if key not in seen:
+                    seen.add(key)
+                    results.append(result)
+    if not batches:
+        return results
+    batch = batches[0]
+
+    def loss_of(module: nn.Module) -> torch.Tensor:
+        loss = loss_fn(module, batch)
+        if loss is None:
+            raise RuntimeError("training_step returned no loss on the first batch")
+        return loss
+
+    x = model_input(batch)
+    if loss_at_init and x is not None:
+        with preserved_module(model), torch.no_grad():
+            try:
+                out = model(x)
+                loss = loss_of(model)
+            except Exception:  # forward may need more than one input: the check does not apply
+                out, loss = None, None
+        labels = _labels(batch, x.shape[0]) if x.dim() >= 1 else None
+        if (
+            isinstance(out, torch.Tensor)
+            and loss is not None
+            and out.is_floating_point()
+            and out.dim() == 2
+            and labels is not None
+            and out.shape[0] == labels.shape[0]
+        ):
+            results += check_loss_at_init(float(loss.detach().float().sum()), int(out.shape[1]))
+    if gradients:
+        results += check_gradients(model, lambda: loss_of(model))
+    if batch_independence and x is not None and x.is_floating_point():
+        # forward may need more than one input: then the check does not apply
+        with contextlib.suppress(Exception):
+            results += check_batch_independence(model, model, x)
+    if overfit_batch_steps > 0:
+        with copyable():
+            results += check_overfit_batch(
+                model,
+                loss_of,
+                lambda params: torch.optim.Adam(params, lr=overfit_lr),
+                steps=overfit_batch_steps,
+                min_drop=min_drop,
+            )
+    return results

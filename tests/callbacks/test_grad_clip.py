@@ -66,7 +66,7 @@ def test_fused_optimizer_under_a_grad_scaler_is_clipped_correctly() -> None:
 
 def test_value_mode() -> None:
     before, after = GradRecorder(), GradRecorder()
-    fit(before, GradClip(mode="value", clip_value=0.05), after)
+    fit(before, GradClip(algorithm="value", clip_value=0.05), after)
     assert max(before.max_abs.values()) > 0.05
     assert all(v <= 0.05 * (1 + 1e-6) for v in after.max_abs.values())  # float32(0.05) > 0.05
 
@@ -80,7 +80,7 @@ def test_agc_keeps_unit_ratios_and_spares_the_head() -> None:
         def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
             weights[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
-    fit(before, Weights(), GradClip(mode="agc", agc_factor=0.01), after, model=model)
+    fit(before, Weights(), GradClip(algorithm="agc", agc_factor=0.01), after, model=model)
     for step in after.grads:
         for name in ("net.0.weight", "net.0.bias"):
             limit = 0.01 * unitwise_norm(weights[step][name]).clamp(min=1e-3)
@@ -89,11 +89,11 @@ def test_agc_keeps_unit_ratios_and_spares_the_head() -> None:
             assert torch.equal(after.grads[step][name], before.grads[step][name])
 
 
-@pytest.mark.parametrize("mode", ["autoclip", "zscore"])
-def test_adaptive_modes_log_their_threshold_and_respect_the_cap(tmp_path, mode: str) -> None:
+@pytest.mark.parametrize("algorithm", ["autoclip", "zscore"])
+def test_adaptive_algorithms_log_their_threshold_and_respect_the_cap(tmp_path, algorithm: str) -> None:
     after = GradRecorder()
     t = fit(
-        GradClip(mode=mode, percentile=50, warmup_steps=3, max_norm=0.5),
+        GradClip(algorithm=algorithm, percentile=50, spike_warmup_steps=3, max_norm=0.5),
         after,
         epochs=3,
         logger=CSVLogger(str(tmp_path)),
@@ -113,19 +113,19 @@ def test_refuses_double_clipping() -> None:
     ("kwargs", "match"),
     [
         (
-            {"mode": "huber"},
-            r"`mode` must be one of 'norm', 'value', 'agc', 'autoclip', 'zscore', got 'huber'",
+            {"algorithm": "huber"},
+            r"`algorithm` must be one of 'norm', 'value', 'agc', 'autoclip', 'zscore', got 'huber'",
         ),
-        ({}, r"`max_norm` must be set for mode='norm'"),
+        ({}, r"`max_norm` must be set for algorithm='norm'"),
         ({"max_norm": 0.0}, r"`max_norm` must be > 0, got 0\.0"),
         ({"max_norm": -1.0}, r"`max_norm` must be > 0, got -1\.0"),
-        ({"mode": "autoclip", "percentile": 0}, r"`percentile` must be in \(0, 100\], got 0"),
-        ({"mode": "autoclip", "percentile": 101}, r"`percentile` must be in \(0, 100\], got 101"),
-        ({"mode": "value", "clip_value": 0.0}, r"`clip_value` must be > 0, got 0\.0"),
-        ({"mode": "agc", "agc_factor": -0.1}, r"`agc_factor` must be > 0, got -0\.1"),
-        ({"mode": "zscore", "z_thresh": 0.0}, r"`z_thresh` must be > 0, got 0\.0"),
-        ({"mode": "zscore", "warmup_steps": -1}, r"`warmup_steps` must be >= 0, got -1"),
-        ({"mode": "autoclip", "history_size": 0}, r"`history_size` must be >= 1, got 0"),
+        ({"algorithm": "autoclip", "percentile": 0}, r"`percentile` must be in \(0, 100\], got 0"),
+        ({"algorithm": "autoclip", "percentile": 101}, r"`percentile` must be in \(0, 100\], got 101"),
+        ({"algorithm": "value", "clip_value": 0.0}, r"`clip_value` must be > 0, got 0\.0"),
+        ({"algorithm": "agc", "agc_factor": -0.1}, r"`agc_factor` must be > 0, got -0\.1"),
+        ({"algorithm": "zscore", "spike_threshold": 0.0}, r"`spike_threshold` must be > 0, got 0\.0"),
+        ({"algorithm": "zscore", "spike_warmup_steps": -1}, r"`spike_warmup_steps` must be >= 0, got -1"),
+        ({"algorithm": "autoclip", "history_size": 0}, r"`history_size` must be >= 1, got 0"),
     ],
 )
 def test_bad_arguments(kwargs, match) -> None:

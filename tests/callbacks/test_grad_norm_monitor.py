@@ -172,7 +172,9 @@ def test_amp_accounting_counts_skips_and_reports_a_collapse(tmp_path) -> None:
     assert series["diag/amp/scale"][-1][1] < 1.0  # 256 halved 16 times
     finding = find(collect_findings(t), "amp_overflow")
     assert finding is not None and finding.severity == "warning"
-    assert int(monitor.state_dict()["ema_count"]) == 0  # skipped steps never entered the running statistics
+    assert (
+        int(monitor.state_dict()["spikes"]["count"]) == 0
+    )  # skipped steps never entered the running statistics
     assert find(collect_findings(t), "non_finite_gradients") is None  # AMP overflow is not a failure
 
 
@@ -207,7 +209,7 @@ def test_no_host_sync_on_a_step_that_does_not_log() -> None:
     callbacks = [
         Enter(mode),
         GradClip(max_norm=0.5),
-        GradClip(mode="zscore", warmup_steps=2),
+        GradClip(algorithm="zscore", spike_warmup_steps=2),
         GradNormMonitor(),
         Exit(mode, per_step),
     ]
@@ -235,7 +237,7 @@ def test_no_host_sync_on_a_step_that_does_not_log() -> None:
         ({"depth": -1}, r"`depth` must be >= 0, got -1"),
         ({"exploding_threshold": 0.0}, r"`exploding_threshold` must be > 0, got 0\.0"),
         ({"spike_ratio": 1.0}, r"`spike_ratio` must be > 1, got 1\.0"),
-        ({"ema_decay": 1.0}, r"`ema_decay` must be in \(0, 1\), got 1\.0"),
+        ({"spike_window": 0}, r"`spike_window` must be >= 1, got 0"),
         ({"vanishing_window": 0}, r"`vanishing_window` must be >= 1, got 0"),
         ({"norm_type": -2.0}, r"`norm_type` must be > 0, got -2\.0"),
     ],

@@ -113,7 +113,7 @@ def test_consecutive_skips_escalate() -> None:
 def test_skips_that_recover_reset_the_consecutive_count() -> None:
     guard = NaNGuard(action="skip", max_consecutive_skips=1, detect_spikes=False)
     t, _, _ = fit("forward", guard, at=(1, 3, 5))
-    assert t.state.finished and guard.skipped_steps == 3 and guard.consecutive_skips == 0
+    assert t.state.finished and guard.skipped_steps == 3 and guard.policy.consecutive_skips == 0
     finding = find(guard.findings, "non_finite_loss")
     assert finding.count == 3 and finding.evidence["module"] == "net.2"
 
@@ -139,7 +139,7 @@ def test_skip_holds_the_warmup_cosine_schedule() -> None:
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("inject", ["input", "forward", "loss", "gradient", "parameter"])
 def test_rollback_restores_the_snapshot(inject: str, precision: str) -> None:
-    guard = NaNGuard(action="rollback", snapshot_every=2, detect_spikes=False)
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2, detect_spikes=False)
     at = AT + 1 if inject == "parameter" else AT  # the corrupted weight is seen by the step after the update
     t, model, watch = fit(inject, guard, precision, at=(AT,))
     assert t.state.finished and all_finite(model)
@@ -159,7 +159,7 @@ def test_rollback_restores_the_snapshot(inject: str, precision: str) -> None:
 
 def test_rollback_backs_off_the_learning_rate_and_the_schedule_keeps_it() -> None:
     schedule = WarmupCosine(warmup_steps=2, total_steps=20)
-    guard = NaNGuard(action="rollback", snapshot_every=2, lr_backoff=0.5, detect_spikes=False)
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2, lr_backoff=0.5, detect_spikes=False)
     t = trainer(max_steps=STEPS, callbacks=[schedule, guard])
     t.fit(Faulty("forward", {AT}), faulty_loader())
     assert schedule.lr_scale == 0.5 and schedule.held_steps == AT + 1 - 2
@@ -176,7 +176,7 @@ def test_two_rollbacks_to_one_snapshot_replay_the_schedule_from_it() -> None:
 
     schedule = WarmupCosine(warmup_steps=2, total_steps=20)
     guard = NaNGuard(
-        action="rollback", snapshot_every=100, detect_spikes=False
+        action="rollback", snapshot_every_n_steps=100, detect_spikes=False
     )  # only the snapshot at step 0
     t = trainer(max_steps=STEPS, callbacks=[LR(), schedule, guard])
     t.fit(Faulty("forward", {2, 5}), faulty_loader())
@@ -191,28 +191,28 @@ def test_rollback_backs_off_a_plain_scheduler_too() -> None:
             opt = torch.optim.SGD(self.parameters(), lr=0.01)
             return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)}
 
-    guard = NaNGuard(action="rollback", snapshot_every=2, lr_backoff=0.25, detect_spikes=False)
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2, lr_backoff=0.25, detect_spikes=False)
     t = trainer(max_steps=STEPS, callbacks=[guard])
     t.fit(WithScheduler("forward", {AT}), faulty_loader())
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0025)  # survived the scheduler's writes
 
 
 def test_rollbacks_are_bounded() -> None:
-    guard = NaNGuard(action="rollback", snapshot_every=1, max_rollbacks=2, detect_spikes=False)
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=1, max_rollbacks=2, detect_spikes=False)
     with pytest.raises(NonFiniteError, match="step 5"):
         fit("forward", guard, at=(2, 4, 5))
     assert guard.rollbacks == 2
 
 
 def test_skip_escalates_to_rollback_when_asked() -> None:
-    guard = NaNGuard(action="skip", escalate_to="rollback", snapshot_every=2, detect_spikes=False)
+    guard = NaNGuard(action="skip", escalate_to="rollback", snapshot_every_n_steps=2, detect_spikes=False)
     t, model, _ = fit("parameter", guard)
     assert t.state.finished and all_finite(model) and guard.rollbacks == 1
 
 
 # -- warn and raise ----------------------------------------------------------------------------------------------
 def test_warn_records_and_lets_the_update_happen() -> None:
-    guard = NaNGuard(action="warn", detect_spikes=False, check_params_every=0)
+    guard = NaNGuard(action="warn", detect_spikes=False, check_params_every_n_steps=0)
     with pytest.warns(LightningDiagWarning) as record:
         t, model, _ = fit("forward", guard)
     messages = [str(w.message) for w in record if issubclass(w.category, LightningDiagWarning)]
@@ -352,7 +352,7 @@ class Spiky(Faulty):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_loss_spike_is_flagged_and_skipped(precision: str) -> None:
-    guard = NaNGuard(spike_action="skip", spike_warmup=5, spike_window=20)
+    guard = NaNGuard(spike_action="skip", spike_warmup_steps=5, spike_window=20)
     t = trainer(max_steps=14, callbacks=[guard], **precision_kwargs(precision))
     t.fit(Spiky("", {10}, lr=1e-3), faulty_loader(n=256))
     spike = find(guard.findings, "loss_spike")
@@ -362,7 +362,7 @@ def test_loss_spike_is_flagged_and_skipped(precision: str) -> None:
 
 
 def test_healthy_run_has_no_findings() -> None:
-    guard = NaNGuard(spike_warmup=5)
+    guard = NaNGuard(spike_warmup_steps=5)
     t = trainer(max_epochs=6, callbacks=[guard])
     t.fit(Faulty(lr=1e-3), faulty_loader(n=256))
     assert guard.findings == [] and guard.skipped_steps == 0
@@ -371,7 +371,7 @@ def test_healthy_run_has_no_findings() -> None:
 # -- state -----------------------------------------------------------------------------------------------------
 def test_resume_after_a_rollback_restores_counters_and_snapshot_schedule(tmp_path) -> None:
     def run(ckpt_path: str | None, max_steps: int) -> NaNGuard:
-        guard = NaNGuard(action="rollback", snapshot_every=3, detect_spikes=False)
+        guard = NaNGuard(action="rollback", snapshot_every_n_steps=3, detect_spikes=False)
         save = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
         t = trainer(max_steps=max_steps, callbacks=[guard, save], enable_checkpointing=True)
         t.fit(Faulty("forward", {4}), faulty_loader(), ckpt_path=ckpt_path)
@@ -382,7 +382,10 @@ def test_resume_after_a_rollback_restores_counters_and_snapshot_schedule(tmp_pat
     saved = torch.load(tmp_path / "step=6.ckpt", weights_only=True)["callbacks"][straight.state_key]
     assert saved["rollbacks"] == 1 and saved["skipped_steps"] == 1 and saved["good_since_snapshot"] == 1
     assert resumed.state_dict()["good_since_snapshot"] == straight.state_dict()["good_since_snapshot"]
-    assert resumed.rollbacks == straight.rollbacks == 1 and resumed.snapshot_step == straight.snapshot_step
+    assert (
+        resumed.rollbacks == straight.rollbacks == 1
+        and resumed.policy.snapshot_step == straight.policy.snapshot_step
+    )
 
 
 # -- arguments -------------------------------------------------------------------------------------------------
@@ -393,14 +396,14 @@ def test_resume_after_a_rollback_restores_counters_and_snapshot_schedule(tmp_pat
         ({"spike_action": "stop"}, "`spike_action` must be one of"),
         ({"spike_window": 0}, "`spike_window` must be >= 1, got 0"),
         ({"spike_threshold": -1.0}, "`spike_threshold` must be > 0"),
-        ({"spike_warmup": -3}, "`spike_warmup` must be >= 0, got -3"),
-        ({"check_params_every": -1}, "`check_params_every` must be >= 0"),
+        ({"spike_warmup_steps": -3}, "`spike_warmup_steps` must be >= 0, got -3"),
+        ({"check_params_every_n_steps": -1}, "`check_params_every_n_steps` must be >= 0"),
         ({"max_consecutive_skips": 0}, "`max_consecutive_skips` must be >= 1, got 0"),
-        ({"action": "rollback", "snapshot_every": 0}, "`snapshot_every` must be >= 1, got 0"),
+        ({"action": "rollback", "snapshot_every_n_steps": 0}, "`snapshot_every_n_steps` must be >= 1, got 0"),
         ({"max_rollbacks": 0}, "`max_rollbacks` must be >= 1"),
         ({"lr_backoff": 0.0}, r"`lr_backoff` must be in \(0, 1\]"),
         ({"lr_backoff": 2.0}, r"`lr_backoff` must be in \(0, 1\]"),
-        ({"spike_min_ratio": 0.5}, "`spike_min_ratio` must be >= 1"),
+        ({"spike_ratio": 0.5}, "`spike_ratio` must be >= 1"),
         ({"escalate_to": "skip"}, "`escalate_to` must be one of"),
     ],
 )

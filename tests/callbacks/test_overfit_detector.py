@@ -53,8 +53,8 @@ def test_validation_several_times_per_epoch() -> None:
     assert detector.points[-1].train < detector.points[0].train
 
 
-def test_logged_train_key_is_used_at_epoch_end() -> None:
-    detector = OverfitDetector(train_key="train_loss")
+def test_logged_train_monitor_is_used_at_epoch_end() -> None:
+    detector = OverfitDetector(train_monitor="train_loss")
     t = trainer(max_epochs=3, callbacks=[detector], num_sanity_val_steps=0)
     t.fit(Net(), *loaders("healthy"))
     logged = float(t.callback_metrics["train_loss_epoch"])
@@ -62,15 +62,15 @@ def test_logged_train_key_is_used_at_epoch_end() -> None:
 
 
 def test_missing_key_lists_what_is_logged() -> None:
-    t = trainer(max_epochs=1, callbacks=[OverfitDetector(val_key="valid/loss")], num_sanity_val_steps=0)
+    t = trainer(max_epochs=1, callbacks=[OverfitDetector(monitor="valid/loss")], num_sanity_val_steps=0)
     with pytest.raises(
-        RuntimeError, match=r"`val_key='valid/loss'` is not among the logged metrics \[.*'val_loss'"
+        RuntimeError, match=r"`monitor='valid/loss'` is not among the logged metrics \[.*'val_loss'"
     ):
         t.fit(Net(), *loaders("healthy"))
 
 
 def test_missing_key_not_strict_warns_once_and_keeps_the_training_curve() -> None:
-    detector = OverfitDetector(val_key="nope", strict=False)
+    detector = OverfitDetector(monitor="nope", strict=False)
     t = trainer(max_epochs=3, callbacks=[detector], num_sanity_val_steps=0)
     with pytest.warns(LightningDiagWarning, match="nope"):
         t.fit(Net(), *loaders("healthy"))
@@ -97,7 +97,7 @@ def test_gap_is_logged(tmp_path) -> None:
         ({"window": 1}, "`window` must be an int >= 2, got 1"),
         ({"divergence_ratio": 0.9}, "`divergence_ratio` must be > 1"),
         ({"plateau_threshold": -0.1}, "`plateau_threshold` must be >= 0"),
-        ({"baseline": float("nan")}, "`baseline` must be a finite number"),
+        ({"chance_loss": float("nan")}, "`chance_loss` must be a finite number"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match) -> None:

@@ -39,12 +39,12 @@ class Busy(Regression):
         return super().training_step(batch, batch_idx)
 
 
-def fit(loader: DataLoader, tmp_path, warmup_steps: int = 3) -> Any:
+def fit(loader: DataLoader, tmp_path, ignore_first_steps: int = 3) -> Any:
     t = trainer(
         max_epochs=1,
         logger=CSVLogger(str(tmp_path)),
         log_every_n_steps=10,
-        callbacks=[SpeedMonitor(window=20, warmup_steps=warmup_steps)],
+        callbacks=[SpeedMonitor(window=20, ignore_first_steps=ignore_first_steps)],
     )
     t.fit(Busy(), loader)
     return t
@@ -72,7 +72,7 @@ def test_slow_loader_is_dataloader_bound_with_numbers(tmp_path) -> None:
 def test_enough_workers_fix_it(tmp_path) -> None:
     loader = DataLoader(SlowData(), batch_size=8, num_workers=4, persistent_workers=True, prefetch_factor=4)
     # A longer warm-up: starting 4 worker processes on a loaded 2-core machine can stall the first steps.
-    t = fit(loader, tmp_path, warmup_steps=10)
+    t = fit(loader, tmp_path, ignore_first_steps=10)
     assert find(collect_findings(t), "dataloader_bound") is None
     series = csv_scalars(os.path.join(t.logger.log_dir, "metrics.csv"))
     assert all(v < 0.3 for _, v in series["diag/throughput/data_share"])
@@ -87,7 +87,7 @@ def test_fast_in_memory_data_is_clean(tmp_path) -> None:
     ("kwargs", "match"),
     [
         ({"window": 1}, r"`window` must be >= 2, got 1"),
-        ({"warmup_steps": -1}, r"`warmup_steps` must be >= 0, got -1"),
+        ({"ignore_first_steps": -1}, r"`ignore_first_steps` must be >= 0, got -1"),
         ({"data_share": 1.0}, r"`data_share` must be in \(0, 1\), got 1\.0"),
         ({"data_share": 0}, r"`data_share` must be in \(0, 1\), got 0"),
     ],
@@ -111,7 +111,7 @@ def test_cuda_device_time_host_syncs_and_pin_memory(tmp_path) -> None:
         max_epochs=1,
         logger=CSVLogger(str(tmp_path)),
         log_every_n_steps=10,
-        callbacks=[SpeedMonitor(window=10, warmup_steps=2)],
+        callbacks=[SpeedMonitor(window=10, ignore_first_steps=2)],
     )
     t.fit(Syncing(), DataLoader(regression_data(512), batch_size=8, pin_memory=False))
     codes = {f.code for f in collect_findings(t)}

@@ -46,7 +46,7 @@ def main(kind: str, out: str) -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))
     for policy, inject in SCENARIOS:
         torch.manual_seed(0)
-        guard = NaNGuard(action=policy, snapshot_every=2, detect_spikes=False)
+        guard = NaNGuard(action=policy, snapshot_every_n_steps=2, detect_spikes=False)
         if kind == "ddp":
             strategy: Any = "ddp"
             model: Faulty = Faulty(inject, (AT,), ranks=(1,))

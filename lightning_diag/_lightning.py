@@ -1,0 +1,135 @@
+"""The only module that reads private Lightning and torch state.
+
+Every read below names the attribute it relies on and the versions it was checked on; ``tests/test_lightning.py``
+exercises each one against the installed versions, so a release that moves one fails there, loudly, instead of
+deep inside a user's run. Everything else in lightning_diag uses public APIs or these helpers.
+
+Checked on: lightning 2.4-2.6, torch 2.4-2.13.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+__all__ = [
+    "amp_scaler",
+    "check_strategy",
+    "detached_trainer",
+    "epochs_processed",
+    "fused_unscale",
+    "is_last_batch",
+    "loss_scale",
+    "replay_training_step",
+    "train_batch_idx",
+]
+
+
+def amp_scaler(trainer: Any) -> Any | None:
+    """The GradScaler of a 16-bit mixed-precision run, else ``None``.
+
+    Reads ``MixedPrecision.scaler`` (public attribute of the precision plugin; lightning 2.0-2.6).
+    """
+    return getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+
+
+def loss_scale(scaler: Any) -> torch.Tensor:
+    """The scaler's current scale as a 0-d float device tensor, without a host sync.
+
+    Reads ``GradScaler._scale`` (private: the scale tensor that ``get_scale()`` would copy to the host; torch
+    1.6-2.13). Falls back to ``get_scale()`` (one host read) before the scaler's first step, when ``_scale`` is
+    still ``None``.
+    """
+    scale = getattr(scaler, "_scale", None)
+    if isinstance(scale, torch.Tensor):
+        return scale.detach().float().reshape(())
+    return torch.tensor(float(scaler.get_scale()))
+
+
+def fused_unscale(optimizer: Any) -> bool:
+    """Whether the optimizer unscales its gradients inside ``step()`` (fused Adam/AdamW/SGD under a GradScaler).
+
+    Reads ``Optimizer._step_supports_amp_scaling`` (private flag that GradScaler itself checks; torch 1.13-2.13).
+    Lightning wraps optimizers in ``LightningOptimizer``, which forwards attribute reads.
+    """
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+@contextlib.contextmanager
+def detached_trainer(pl_module: Any) -> Iterator[None]:
+    """Detach the Trainer reference so ``copy.deepcopy(pl_module)`` copies the model only.
+
+    Writes ``LightningModule._trainer`` (private; lightning 2.0-2.6): the ``trainer`` property raises when the
+    module is not attached, so a copy made inside has none.
+    """
+    saved = getattr(pl_module, "_trainer", None)
+    pl_module._trainer = None
+    try:
+        yield
+    finally:
+        pl_module._trainer = saved
+
+
+def is_last_batch(trainer: Any) -> bool:
+    """Whether the training batch just run was the last of its epoch.
+
+    Reads ``trainer.fit_loop.epoch_loop.batch_progress.is_last_batch`` (lightning 2.0-2.6).
+    """
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+def train_batch_idx(trainer: Any) -> int:
+    """The index in its epoch of the training batch just run. Reads ``fit_loop.epoch_loop.batch_idx`` (2.0-2.6)."""
+    return int(trainer.fit_loop.epoch_loop.batch_idx)
+
+
+def epochs_processed(trainer: Any) -> int:
+    """Training epochs completed so far. Reads ``fit_loop.epoch_progress.current.processed`` (lightning 2.0-2.6)."""
+    return int(trainer.fit_loop.epoch_progress.current.processed)
+
+
+def replay_training_step(trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> torch.Tensor | None:
+    """Run ``pl_module.training_step`` outside the loop and return its loss (``None`` if it returned none).
+
+    Runs under the run's precision context (``trainer.precision_plugin.train_step_context()``, public) with
+    ``self.log``/``self.log_dict`` silenced by shadowing them on the instance: a replay or a check must not log.
+    ``trainer=None`` runs without a precision context (a detached copy of the model).
+    """
+
+    def silent(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    pl_module.log, pl_module.log_dict = silent, silent
+    context = (
+        trainer.precision_plugin.train_step_context() if trainer is not None else contextlib.nullcontext()
+    )
+    try:
+        with context:
+            out = pl_module.training_step(batch, batch_idx)
+    finally:
+        del pl_module.log, pl_module.log_dict
+    if isinstance(out, Mapping):
+        out = out.get("loss")
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def check_strategy(trainer: Any, who: str, *, fsdp1: bool = False) -> None:
+    """Refuse, at setup, strategies whose gradients these callbacks cannot read correctly yet.
+
+    ``strategy="fsdp"`` (FSDP1) keeps each rank's shard of flat parameters: per-rank norms are not the global norm
+    and a clip coefficient computed from them would differ between ranks. DeepSpeed owns the optimizer step (and
+    its own clipping and loss scaling). Both need a GPU, where they have not been tested; FSDP2
+    (``ModelParallelStrategy``) and DDP are supported and tested. ``fsdp1=True`` lets a callback that only needs
+    per-rank non-finite checks through under FSDP1. Matches strategy class names (lightning 2.0-2.6) so that
+    neither DeepSpeed nor FSDP1 needs to be importable.
+    """
+    name = type(getattr(trainer, "strategy", None)).__name__
+    if name.startswith("DeepSpeed") or (name == "FSDPStrategy" and not fsdp1):
+        raise ValueError(
+            f"{who} does not support `{name}` yet: its gradients are sharded or managed outside Lightning's "
+            "optimizer step, so norms, clipping and skips would not be correct. Use DDP or FSDP2 "
+            "(`ModelParallelStrategy`), or remove the callback."
+        )

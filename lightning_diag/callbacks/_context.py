@@ -1,0 +1,135 @@
+"""What the lightning_diag callbacks share during one fit, in one typed place.
+
+Callbacks never import each other. What they share travels here instead:
+
+* :class:`StepContext`: the optimizer step in progress: the ``(name, parameter, gradient)`` lists and the
+  gradient statistics per norm type. Whichever callback asks first in ``on_before_optimizer_step`` pays for the
+  one foreach pass; the others read the same :class:`~lightning_diag.core.grad_stats.GradStats`. Because the
+  first asker computes them before it acts, the statistics are always *pre-clip*, whatever the order of the
+  callbacks list (DESIGN.md section 2). A step whose update was withheld says so in ``skipped``.
+* :class:`RunContext`: what outlives one step: parameter names per optimizer (rebuilt when its param groups
+  change), whether a guard acts on non-finite steps (so reports can say who handled them), and the requests a
+  guard makes of whoever owns the learning-rate schedule (steps to hold, an LR back-off factor), consumed by the
+  schedule owner with :meth:`RunContext.take_schedule_requests`.
+
+One :class:`RunContext` per Trainer, found with :func:`run_context`; it lives as long as the Trainer does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any
+
+import torch
+
+from lightning_diag import _lightning
+from lightning_diag.core.grad_stats import GradStats, compute_grad_stats
+
+__all__ = ["RunContext", "StepContext", "run_context", "step_context"]
+
+
+@dataclasses.dataclass
+class StepContext:
+    """The optimizer step in progress, as every gradient callback sees it."""
+
+    step: int
+    optimizer_id: int
+    names: list[str]
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    inv_scale: (
+        torch.Tensor | None
+    )  # set when a fused optimizer will unscale inside step(): grads are still scaled
+    stats: dict[float, GradStats] = dataclasses.field(default_factory=dict)
+    #: set by a guard that withheld this step's update (gradients set to ``None``)
+    skipped: bool = False
+
+    def grad_stats(self, norm_type: float = 2.0) -> GradStats:
+        """The gradient statistics of this step for ``norm_type`` (computed on the first request, then shared)."""
+        key = float(norm_type)
+        stats = self.stats.get(key)
+        if stats is None:
+            stats = compute_grad_stats(self.names, self.grads, key, self.inv_scale)
+            self.stats[key] = stats
+        return stats
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What the callbacks of one Trainer share across steps."""
+
+    #: ``id(optimizer)`` -> ``(name, parameter)`` of every parameter it updates, named as in the LightningModule
+    param_names: dict[int, list[tuple[str, torch.Tensor]]] = dataclasses.field(default_factory=dict)
+    step: StepContext | None = None
+    #: a guard in the run acts on non-finite steps (skips, rolls back or raises): others only report them
+    nonfinite_handled: bool = False
+    #: optimizer steps the LR schedule must not count (skipped or rolled back), not yet taken by its owner
+    held_steps: int = 0
+    #: a factor the learning rates were backed off by, not yet taken by the schedule's owner
+    lr_scale: float = 1.0
+
+    def named_params(self, pl_module: Any, optimizer: Any) -> list[tuple[str, torch.Tensor]]:
+        """``(name, parameter)`` for every parameter the optimizer updates, named as in ``pl_module``."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not params:
+            return []
+        cached = self.param_names.get(id(optimizer))
+        if (
+            cached is None
+            or len(cached) != len(params)
+            or cached[0][1] is not params[0]
+            or cached[-1][1] is not params[-1]
+        ):
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            cached = [(names.get(id(p), f"param{i}"), p) for i, p in enumerate(params)]
+            self.param_names[id(optimizer)] = cached
+        return cached
+
+    def hold_schedule(self, steps: int) -> None:
+        """Ask the schedule's owner not to count ``steps`` optimizer steps that did not update the model."""
+        self.held_steps += int(steps)
+
+    def scale_lr(self, factor: float) -> None:
+        """Tell the schedule's owner that every rate from now on is multiplied by ``factor``."""
+        self.lr_scale *= float(factor)
+
+    def take_schedule_requests(self) -> tuple[int, float]:
+        """``(held_steps, lr_scale)`` requested since the last call; the requests are then cleared."""
+        requests = (self.held_steps, self.lr_scale)
+        self.held_steps, self.lr_scale = 0, 1.0
+        return requests
+
+
+_RUNS: weakref.WeakKeyDictionary[Any, RunContext] = weakref.WeakKeyDictionary()
+
+
+def run_context(trainer: Any) -> RunContext:
+    """The :class:`RunContext` of ``trainer`` (created on first use)."""
+    context = _RUNS.get(trainer)
+    if context is None:
+        context = _RUNS[trainer] = RunContext()
+    return context
+
+
+def step_context(trainer: Any, pl_module: Any, optimizer: Any) -> StepContext:
+    """The :class:`StepContext` of the optimizer step in progress (built on the first request of the step)."""
+    run = run_context(trainer)
+    current = run.step
+    if current is not None and current.step == trainer.global_step and current.optimizer_id == id(optimizer):
+        return current
+    with_grad = [(n, p) for n, p in run.named_params(pl_module, optimizer) if p.grad is not None]
+    inv_scale = None
+    scaler = _lightning.amp_scaler(trainer)
+    if scaler is not None and _lightning.fused_unscale(optimizer):
+        # Fused optimizers unscale inside step(): the gradients we see are still multiplied by the scale.
+        inv_scale = _lightning.loss_scale(scaler).reciprocal()
+    run.step = StepContext(
+        step=int(trainer.global_step),
+        optimizer_id=id(optimizer),
+        names=[n for n, _ in with_grad],
+        params=[p for _, p in with_grad],
+        grads=[p.grad for _, p in with_grad if p.grad is not None],
+        inv_scale=inv_scale,
+    )
+    return run.step
