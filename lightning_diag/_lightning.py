@@ -25,7 +25,15 @@ __all__ = [
     "loss_scale",
     "replay_training_step",
     "train_batch_idx",
+    "trainer_callbacks",
 ]
+
+
+def trainer_callbacks(trainer: Any) -> list[Any]:
+    """The Trainer's callbacks (``Trainer.callbacks`` is set in ``__init__`` by the callback connector, so type
+    checkers do not see it; lightning 2.0-2.6).
+    """
+    return list(getattr(trainer, "callbacks", []))
 
 
 def amp_scaler(trainer: Any) -> Any | None:
@@ -99,7 +107,7 @@ def replay_training_step(trainer: Any, pl_module: Any, batch: Any, batch_idx: in
     ``trainer=None`` runs without a precision context (a detached copy of the model).
     """
 
-    def silent(*args: Any, **kwargs: Any) -> None:
+    def silent(*_args: Any, **_kwargs: Any) -> None:
         return None
 
     pl_module.log, pl_module.log_dict = silent, silent

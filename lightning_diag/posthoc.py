@@ -39,7 +39,8 @@ VAL_KEYS = ("val_loss", "val/loss", "valid_loss", "validation_loss", "val_loss_e
 
 def find_runs(path: str) -> list[tuple[str, str]]:
     """``(kind, location)`` of every run under ``path``, newest first: ``("csv", metrics.csv path)`` or
-    ``("tensorboard", directory holding event files)``."""
+    ``("tensorboard", directory holding event files)``.
+    """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a directory.")
     runs: list[tuple[float, str, str]] = []

@@ -84,10 +84,17 @@ def test_builds_and_pickles(name: str, index: int) -> None:
 
 
 @pytest.mark.parametrize("name", [n for n in EXPORTED if n not in BASES])
-def test_state_key_differs_per_setting(name: str) -> None:
+def test_state_key_differs_per_setting(name: str, tmp_path) -> None:
     keys = {build(name, i).state_key for i in range(len(REGISTRY[name]))}
     assert len(keys) == len(REGISTRY[name])
-    assert trainer(callbacks=[build(name, i) for i in range(len(REGISTRY[name]))])  # both fit in one Trainer
+    # every setting in one Trainer: each keeps its own entry in the checkpoint
+    callbacks = [build(name, i) for i in range(len(REGISTRY[name]))]
+    t = trainer(max_epochs=1, callbacks=callbacks)
+    t.fit(Regression(), loader(n=32), loader(n=16))
+    path = str(tmp_path / "both.ckpt")
+    t.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["callbacks"]
+    assert keys <= set(saved)
 
 
 @pytest.mark.parametrize(("name", "index"), CASES)

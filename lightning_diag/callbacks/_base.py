@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
-from lightning_diag import _logging, plots
+from lightning_diag import _lightning, _logging, plots
 from lightning_diag.core.verdict import Verdict
 from lightning_diag.findings import (
     Finding,
@@ -25,7 +27,7 @@ class DiagCallback(Callback):
     """Base of the lightning_diag callbacks: records :class:`~lightning_diag.Finding` s and writes the report.
 
     Subclasses call :meth:`record` for each conclusion. The last lightning_diag callback in
-    ``trainer.callbacks`` writes ``diagnosis.json`` (global rank 0) and prints the summary at the end of ``fit``
+    ``_lightning.trainer_callbacks(trainer)`` writes ``diagnosis.json`` (global rank 0) and prints the summary at the end of ``fit``
     and when ``fit`` dies of an exception. Subclasses put their per-fit state in ``_reset_state`` (called at
     ``setup("fit")``); those that override ``setup``, ``on_fit_end`` or ``on_exception`` must call ``super()``.
     """
@@ -39,7 +41,7 @@ class DiagCallback(Callback):
         """The findings this callback recorded during the current (or last) fit."""
         return self._finding_log.as_list()
 
-    def record(self, trainer: Any, verdict: Verdict, *, key: str = "") -> Finding:
+    def record(self, trainer: pl.Trainer, verdict: Verdict, *, key: str = "") -> Finding:
         """Record ``verdict`` at the trainer's current step; a repeat of ``(code, key)`` only raises its count.
 
         The one way a callback records what it concluded: core rules return :class:`~lightning_diag.core.verdict.Verdict`
@@ -66,7 +68,8 @@ class DiagCallback(Callback):
             self._finding_log.load_state_dict(state["findings"])
 
     # -- hooks ----------------------------------------------------------------------------------------------
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             # A new fit starts clean; a resumed one gets its state back from load_state_dict (called later).
             self._finding_log.clear()
@@ -79,15 +82,19 @@ class DiagCallback(Callback):
         """Series this callback contributes to the end-of-run plots (``{}``: none)."""
         return {}
 
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish_run(trainer, "finished")
 
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
         self._finish_run(trainer, status, error=f"{type(exception).__name__}: {exception}")
 
-    def _finish_run(self, trainer: Any, status: str, error: str | None = None) -> None:
-        reporters = [cb for cb in trainer.callbacks if isinstance(cb, DiagCallback)]
+    def _finish_run(self, trainer: pl.Trainer, status: str, error: str | None = None) -> None:
+        reporters = [cb for cb in _lightning.trainer_callbacks(trainer) if isinstance(cb, DiagCallback)]
         if not reporters or reporters[-1] is not self or not trainer.is_global_zero:
             return
         report = build_report(
@@ -111,10 +118,10 @@ class DiagCallback(Callback):
             _logging.log_figure(trainer, f"diag/{name}", figure, step=trainer.global_step)
 
 
-def collect_findings(trainer: Any) -> list[Finding]:
+def collect_findings(trainer: pl.Trainer) -> list[Finding]:
     """All findings recorded by the lightning_diag callbacks of ``trainer``, in time order."""
     found: list[Finding] = []
-    for callback in trainer.callbacks:
+    for callback in _lightning.trainer_callbacks(trainer):
         if isinstance(callback, DiagCallback):
             found.extend(callback.findings)
     return sort_findings(found)

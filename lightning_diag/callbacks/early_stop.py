@@ -6,10 +6,12 @@ import difflib
 import logging
 from typing import Any, Literal, cast
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from lightning_diag import _lightning
 from lightning_diag._distributed import broadcast
@@ -204,7 +206,8 @@ class EarlyStop(EarlyStopping, DiagCallback):
         self._tracker.best = float(value)
 
     # -- hooks ----------------------------------------------------------------------------------------------
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         DiagCallback.setup(self, trainer, pl_module, stage)
         if stage != "fit":
             return
@@ -231,10 +234,10 @@ class EarlyStop(EarlyStopping, DiagCallback):
         self.restored_epoch: int | None = None
         self._best_weights: dict[str, torch.Tensor] | None = None
 
-    def _find_checkpoint_callback(self, trainer: Any) -> ModelCheckpoint | None:
+    def _find_checkpoint_callback(self, trainer: pl.Trainer) -> ModelCheckpoint | None:
         if self.restore_from == "memory":
             return None
-        for callback in trainer.callbacks:
+        for callback in _lightning.trainer_callbacks(trainer):
             if (
                 isinstance(callback, ModelCheckpoint)
                 and callback.monitor == self.monitor
@@ -244,16 +247,18 @@ class EarlyStop(EarlyStopping, DiagCallback):
                 return callback
         return None
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._check_on_train_epoch_end and not _skip_check(trainer):
             self._run_early_stopping_check(trainer)
 
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._check_on_train_epoch_end and not _skip_check(trainer):
             self._run_early_stopping_check(trainer)
 
-    def _run_early_stopping_check(self, trainer: Any) -> None:
-        if trainer.fast_dev_run or trainer.current_epoch < self.start_from_epoch:
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        if getattr(trainer, "fast_dev_run", False) or trainer.current_epoch < self.start_from_epoch:
             return
         logs = trainer.callback_metrics
         value = logs.get(self.monitor)
@@ -310,7 +315,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
         )
 
     @staticmethod
-    def _can_stop(trainer: Any) -> bool:
+    def _can_stop(trainer: pl.Trainer) -> bool:
         """Whether the trainer would honour ``should_stop`` now (the ``min_epochs``/``min_steps`` rule)."""
         loop = trainer.fit_loop
         met_epochs = not loop.min_epochs or _lightning.epochs_processed(trainer) >= loop.min_epochs
@@ -330,14 +335,15 @@ class EarlyStop(EarlyStopping, DiagCallback):
         if self.verbose:
             rank_zero_info(message)
 
-    def _say(self, trainer: Any, message: str) -> None:
+    def _say(self, trainer: pl.Trainer, message: str) -> None:
         if trainer.world_size > 1:
             if self.log_rank_zero_only and trainer.global_rank != 0:
                 return
             message = f"[rank: {trainer.global_rank}] {message}"
         log.info(f"EarlyStop: {message}")
 
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.restore_best_weights or self.best_step is None or self.best_step == trainer.global_step:
             return  # nothing to restore: no best yet, or the model still holds the best weights
         if self._checkpoint_callback is not None and self._checkpoint_callback.best_model_path:
@@ -373,6 +379,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
             }
         }
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             **self._tracker.state_dict(),
@@ -385,6 +392,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
             "findings": self._findings_state(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # `patience` and the other settings are the constructor's, never the checkpoint's.
         self._tracker.load_state_dict(state_dict)
@@ -399,6 +407,6 @@ class EarlyStop(EarlyStopping, DiagCallback):
         self._load_findings_state(state_dict)
 
 
-def _skip_check(trainer: Any) -> bool:
+def _skip_check(trainer: pl.Trainer) -> bool:
     """No early-stopping check outside ``fit`` or during the sanity-check validation (public trainer state)."""
     return trainer.state.fn != "fit" or bool(trainer.sanity_checking)

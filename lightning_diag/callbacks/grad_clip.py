@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from lightning_diag import _lightning, _logging
 from lightning_diag._validation import check_choice, check_int, check_positive
@@ -153,7 +155,8 @@ class GradClip(DiagCallback):
             algorithm=self.algorithm, max_norm=self.max_norm, norm_type=self.norm_type
         )
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
@@ -182,8 +185,11 @@ class GradClip(DiagCallback):
             self._threshold_tensor = torch.tensor(float(self.max_norm or math.inf), device=like.device)
         return self._threshold_tensor
 
+    @override
     @torch.no_grad()
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         step = step_context(trainer, pl_module, optimizer)
         if not step.grads or step.skipped:
             return  # nothing to clip, or a guard withheld this update
@@ -222,12 +228,11 @@ class GradClip(DiagCallback):
             )
         self._since_log.append(clipped)
         if _logging.should_log_step(trainer):
-            self._log(trainer, pl_module, stats, grads, threshold, pre)
+            self._log(pl_module, stats, grads, threshold, pre)
 
     def _log(
         self,
-        trainer: Any,
-        pl_module: Any,
+        pl_module: pl.LightningModule,
         stats: Any,
         grads: list[torch.Tensor],
         threshold: Any,
@@ -259,12 +264,14 @@ class GradClip(DiagCallback):
         self._since_log = []
 
     # -- state ----------------------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"findings": self._findings_state()}
         if self._adaptive is not None:
             state["adaptive"] = self._adaptive.state_dict()
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._adaptive is not None and "adaptive" in state_dict:
             self._adaptive.load_state_dict(state_dict["adaptive"])

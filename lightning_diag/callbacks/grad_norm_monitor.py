@@ -6,7 +6,9 @@ import math
 import statistics
 from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from lightning_diag import _lightning, _logging
 from lightning_diag._validation import check_choice, check_int, check_positive
@@ -169,7 +171,8 @@ class GradNormMonitor(DiagCallback):
         self.amp_max_consecutive_skips = amp_max_consecutive_skips
         self._reset_state()
 
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             _lightning.check_strategy(trainer, "GradNormMonitor")
@@ -199,8 +202,11 @@ class GradNormMonitor(DiagCallback):
         return self._generate_state_key(group_by=self.group_by, depth=self.depth, norm_type=self.norm_type)
 
     # -- per step ---------------------------------------------------------------------------------------------
+    @override
     @torch.no_grad()
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         step = step_context(trainer, pl_module, optimizer)
         stats = step.grad_stats(self.norm_type)
         if stats.norms.numel() == 0:
@@ -223,7 +229,7 @@ class GradNormMonitor(DiagCallback):
             parts.append(extra)
         return torch.cat(parts).tolist() if parts else []
 
-    def _replay(self, trainer: Any, totals: list[float]) -> None:
+    def _replay(self, trainer: pl.Trainer, totals: list[float]) -> None:
         """Run the running statistics over the pending steps, in order, and record what they show."""
         pending, self._pending = self._pending, []
         scaled = _lightning.amp_scaler(trainer) is not None
@@ -279,7 +285,7 @@ class GradNormMonitor(DiagCallback):
         self._max_run = max(self._max_run, max_run)
 
     def _log_and_check(
-        self, trainer: Any, pl_module: Any, step_params: list[torch.Tensor], stats: Any
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step_params: list[torch.Tensor], stats: Any
     ) -> None:
         device = stats.norms.device
         if self._groups is None or self._groups.names != self._group_names(stats.names):
@@ -353,7 +359,7 @@ class GradNormMonitor(DiagCallback):
 
     def _report_exploding(
         self,
-        trainer: Any,
+        trainer: pl.Trainer,
         flags: float,
         worst: float,
         ratio: float,
@@ -389,7 +395,7 @@ class GradNormMonitor(DiagCallback):
             ),
         )
 
-    def _check_amp(self, trainer: Any, scale: float, skipped: float, max_run: int) -> None:
+    def _check_amp(self, trainer: pl.Trainer, scale: float, skipped: float, max_run: int) -> None:
         collapsed = scale < self.amp_min_scale
         persistent = max_run >= self.amp_max_consecutive_skips
         if not (collapsed or persistent):
@@ -414,7 +420,7 @@ class GradNormMonitor(DiagCallback):
             ),
         )
 
-    def _check_vanishing(self, trainer: Any, names: tuple[str, ...], norms: list[float]) -> None:
+    def _check_vanishing(self, trainer: pl.Trainer, names: tuple[str, ...], norms: list[float]) -> None:
         median = statistics.median(norms) if norms else 0.0
         vanishing = []
         for name, norm in zip(names, norms, strict=True):
@@ -446,8 +452,9 @@ class GradNormMonitor(DiagCallback):
             ),
         )
 
+    @override
     def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._snapshot is None:
             return
@@ -466,10 +473,12 @@ class GradNormMonitor(DiagCallback):
         )
 
     # -- state ----------------------------------------------------------------------------------------------
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending:  # steps after the last logging step still get their say
             self._replay(trainer, self._fetch_pending())
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "spikes": self._spikes.state_dict(),
@@ -485,6 +494,7 @@ class GradNormMonitor(DiagCallback):
             state["pending_names"] = list(self._names)
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "spikes" in state_dict:
             self._spikes.load_state_dict(state_dict["spikes"])

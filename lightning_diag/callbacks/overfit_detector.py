@@ -7,7 +7,9 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from lightning_diag import _distributed, _lightning, _logging
 from lightning_diag._validation import check_choice, check_number
@@ -131,8 +133,9 @@ class OverfitDetector(DiagCallback):
         self._missing_warned = False
 
     # -- gather ---------------------------------------------------------------------------------------------
+    @override
     def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):
@@ -150,7 +153,7 @@ class OverfitDetector(DiagCallback):
         self._sum, self._count = None, 0
         return total / finite if finite > 0 else math.nan
 
-    def _val_value(self, trainer: Any) -> float | None:
+    def _val_value(self, trainer: pl.Trainer) -> float | None:
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
             keys = sorted(trainer.callback_metrics)
@@ -166,7 +169,8 @@ class OverfitDetector(DiagCallback):
             return None
         return float(value)
 
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         val = self._val_value(trainer)
@@ -188,14 +192,14 @@ class OverfitDetector(DiagCallback):
             return
         self._add(trainer, x, train, val)
 
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending is None:
             return
         x, _, val = self._pending
         self._pending = None
-        logged = trainer.callback_metrics.get(
-            f"{self.train_monitor}_epoch", trainer.callback_metrics.get(self.train_monitor)
-        )
+        key = self.train_monitor or ""
+        logged = trainer.callback_metrics.get(f"{key}_epoch", trainer.callback_metrics.get(key))
         if logged is None:
             keys = sorted(trainer.callback_metrics)
             raise RuntimeError(
@@ -205,7 +209,7 @@ class OverfitDetector(DiagCallback):
         self._add(trainer, x, float(logged), val)
 
     # -- decide ---------------------------------------------------------------------------------------------
-    def _add(self, trainer: Any, x: float, train: float, val: float | None) -> None:
+    def _add(self, trainer: pl.Trainer, x: float, train: float, val: float | None) -> None:
         x, train, val = _distributed.broadcast(trainer, (x, train, val))  # rank 0's curve for everyone
         self.points.append(CurvePoint(x, train, val))
         self.steps.append(int(trainer.global_step))
@@ -243,6 +247,7 @@ class OverfitDetector(DiagCallback):
         }
 
     # -- state ----------------------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "points": [[p.x, p.train, p.val] for p in self.points],
@@ -251,6 +256,7 @@ class OverfitDetector(DiagCallback):
             "findings": self._findings_state(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "points" in state_dict:
             self.points = [

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import lightning.pytorch as pl
+from typing_extensions import override
+
 from lightning_diag import _distributed, _lightning
 from lightning_diag._validation import check_choice, check_fraction, check_int
 from lightning_diag.callbacks._base import DiagCallback
@@ -108,7 +111,10 @@ class SanityCheck(DiagCallback):
         self.done = False
         self._batches: list[Any] = []
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.done:
             return
         if trainer.global_step > 0 and not self._batches:
@@ -126,7 +132,7 @@ class SanityCheck(DiagCallback):
         self.done = True
         self._batches = []
 
-    def _check(self, trainer: Any, pl_module: Any, *, model: bool, data: bool) -> None:
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, model: bool, data: bool) -> None:
         issues = sanity.run_checks(
             pl_module,
             self._batches if data else self._batches[:1],
@@ -152,14 +158,16 @@ class SanityCheck(DiagCallback):
                 "(set SanityCheck(fail_on='never') to train anyway)."
             )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done, "findings": self._findings_state()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.done = bool(state_dict.get("done", self.done))
         self._load_findings_state(state_dict)
 
 
-def _num_batches(trainer: Any) -> int:
+def _num_batches(trainer: pl.Trainer) -> int:
     n = trainer.num_training_batches
     return int(n) if isinstance(n, (int, float)) and n != float("inf") else 1 << 30

@@ -8,8 +8,10 @@ import warnings
 from collections import deque
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_diag import _logging
 from lightning_diag._validation import check_fraction, check_int
@@ -138,10 +140,14 @@ class SpeedMonitor(DiagCallback):
         return self._generate_state_key(window=self.window, data_share=self.data_share)
 
     # -- per step ---------------------------------------------------------------------------------------------
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_end = None  # the first batch of an epoch waits for worker start-up: not representative
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         now = time.perf_counter()
         self._wait = None if self._last_end is None else now - self._last_end
         self._start = now
@@ -153,8 +159,9 @@ class SpeedMonitor(DiagCallback):
         if cuda and self.check_host_syncs and self._watching_syncs():
             self._begin_sync_watch()
 
+    @override
     def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         now = time.perf_counter()
         if self._sync_watch is not None:
@@ -173,7 +180,7 @@ class SpeedMonitor(DiagCallback):
             self._log_and_check(trainer, pl_module)
         self._last_end = time.perf_counter()  # our own work above is not counted as waiting for data
 
-    def _log_and_check(self, trainer: Any, pl_module: Any) -> None:
+    def _log_and_check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(self._waits) < max(2, self.window // 2):
             return
         wait = sum(self._waits) / len(self._waits)
@@ -211,8 +218,8 @@ class SpeedMonitor(DiagCallback):
 
     def _report_bound(
         self,
-        trainer: Any,
-        pl_module: Any,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
         loader: DataLoader | None,
         share: float,
         wait: float,
@@ -282,7 +289,7 @@ class SpeedMonitor(DiagCallback):
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
 
-    def _end_sync_watch(self, trainer: Any) -> None:
+    def _end_sync_watch(self, trainer: pl.Trainer) -> None:
         torch.cuda.set_sync_debug_mode(0)
         records = list(self._sync_records or [])
         self._sync_watch.__exit__(None, None, None)
@@ -316,8 +323,10 @@ class SpeedMonitor(DiagCallback):
             )
 
     # -- state ----------------------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"findings": self._findings_state()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._load_findings_state(state_dict)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
 from lightning_diag import _logging
 from lightning_diag._validation import (
     check_choice,
@@ -158,7 +162,7 @@ class WarmupCosine(DiagCallback):
         )
 
     # -- the schedule ---------------------------------------------------------------------------------------
-    def _resolve(self, trainer: Any) -> None:
+    def _resolve(self, trainer: pl.Trainer) -> None:
         if self.resolved_total_steps is None:
             self.resolved_total_steps = (
                 self.total_steps if self.total_steps is not None else self._derive_total(trainer)
@@ -178,7 +182,7 @@ class WarmupCosine(DiagCallback):
                 f"({total} {unit}). Lower `warmup_steps`/`warmup_ratio` or train longer."
             )
 
-    def _derive_total(self, trainer: Any) -> int:
+    def _derive_total(self, trainer: pl.Trainer) -> int:
         if self.interval == "epoch":
             epochs = trainer.max_epochs
             if epochs is None or epochs < 1:
@@ -222,7 +226,7 @@ class WarmupCosine(DiagCallback):
             cycle_decay=self.cycle_decay,
         )
 
-    def _apply(self, trainer: Any, step: int) -> None:
+    def _apply(self, trainer: pl.Trainer, step: int) -> None:
         for optimizer, base_lrs in zip(trainer.optimizers, self.base_lrs or [], strict=False):
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=False):
                 group["lr"] = self.lr_at(step, base_lr) * self.lr_scale
@@ -247,7 +251,8 @@ class WarmupCosine(DiagCallback):
         self.lr_scale = 1.0
         self.lr_history: list[tuple[int, float]] = []  # (global step, rate of group 0) at the logging steps
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.lr_scheduler_configs:
             names = ", ".join(type(cfg.scheduler).__name__ for cfg in trainer.lr_scheduler_configs)
             raise ValueError(
@@ -269,11 +274,12 @@ class WarmupCosine(DiagCallback):
             )
         self._resolve(trainer)
 
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.interval == "epoch":
             self._apply(trainer, trainer.current_epoch)
 
-    def _take_requests(self, trainer: Any) -> None:
+    def _take_requests(self, trainer: pl.Trainer) -> None:
         """Apply what a guard asked of the schedule owner (steps to hold, an LR back-off), once."""
         held, scale = run_context(trainer).take_schedule_requests()
         if held:
@@ -281,19 +287,26 @@ class WarmupCosine(DiagCallback):
         if scale != 1.0:
             self.scale_lr(scale)
 
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._take_requests(trainer)
         if self.interval == "step":
             # Idempotent within an accumulation window: global_step only moves on a real optimizer step.
             self._apply(trainer, max(trainer.global_step - self.held_steps, 0))
 
+    @override
     def on_train_batch_end(
-        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Taken before checkpoint callbacks run (Lightning calls them last), so a checkpoint holds the requests.
         self._take_requests(trainer)
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         if not self.log_lr or optimizer is not trainer.optimizers[0] or not _logging.should_log_step(trainer):
             return  # Lightning writes step metrics only at the logging interval: other steps would be wasted work
         metrics: dict[str, float] = {}
@@ -312,6 +325,7 @@ class WarmupCosine(DiagCallback):
         return {"lr": list(self.lr_history)} if self.lr_history else {}
 
     # -- state ----------------------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "base_lrs": [list(g) for g in self.base_lrs] if self.base_lrs is not None else None,
@@ -322,6 +336,7 @@ class WarmupCosine(DiagCallback):
             "findings": self._findings_state(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         base_lrs = state_dict.get("base_lrs")
         self.base_lrs = [[float(lr) for lr in g] for g in base_lrs] if base_lrs is not None else None

@@ -117,7 +117,7 @@ def diagnose(
     overfit = _overfitting(points, rules, unit)
     if overfit is not None:
         found.append(overfit)
-    plateau = _plateau_or_underfitting(points, rules, baseline, unit)
+    plateau = _plateau_or_underfitting(points, rules, baseline)
     if plateau is not None and overfit is None:
         found.append(plateau)
     return found
@@ -229,7 +229,7 @@ def _overfitting(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> 
 
 
 def _plateau_or_underfitting(
-    points: Sequence[CurvePoint], rules: CurveRules, baseline: float | None, unit: str
+    points: Sequence[CurvePoint], rules: CurveRules, baseline: float | None
 ) -> Verdict | None:
     w = rules.window
     if len(points) <= w:

@@ -130,7 +130,8 @@ class GuardPolicy:
 
     def snapshot_taken(self, step: int, *, keep_schedule: bool = False) -> None:
         """A snapshot of the model at ``step`` exists now. ``keep_schedule``: a resumed run's fresh snapshot keeps
-        the saved snapshot schedule (``snapshot_step`` and the count of good steps since)."""
+        the saved snapshot schedule (``snapshot_step`` and the count of good steps since).
+        """
         self.has_snapshot = True
         self.advanced = 0
         if not keep_schedule:

@@ -211,7 +211,7 @@ class _Recorder:
             self.handles.append(module.register_forward_hook(self._post, always_call=True))
         for name, param in self.root.named_parameters():
             if param.requires_grad:
-                self.handles.append(param.register_hook(self._param_grad_hook(name, param)))
+                self.handles.append(param.register_hook(self._param_grad_hook(name)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -233,7 +233,7 @@ class _Recorder:
                 self.alive.append(t)
         self.stack.append(module)
 
-    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _post(self, module: nn.Module, _args: Any, output: Any) -> None:
         if self.stack and self.stack[-1] is module:
             self.stack.pop()
         if self.forward is None:
@@ -263,7 +263,7 @@ class _Recorder:
 
         return hook
 
-    def _param_grad_hook(self, name: str, param: nn.Parameter) -> Callable[[torch.Tensor], None]:
+    def _param_grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         owner_name = name.rsplit(".", 1)[0] if "." in name else ""
         owner = self.root.get_submodule(owner_name) if owner_name else self.root
 
@@ -342,7 +342,8 @@ def observed_origin(
     grad_bad: bool,
 ) -> Trace | None:
     """Where this step's own values (not a replay) show the problem: the input, the loss, or the gradient of the
-    last layer whose gradient is non-finite (backward runs from the last layer, so its gradient went bad first)."""
+    last layer whose gradient is non-finite (backward runs from the last layer, so its gradient went bad first).
+    """
     if input_bad:
         for batch in batches:
             found = first_non_finite(batch)

@@ -49,7 +49,8 @@ _MIXING = (nn.modules.batchnorm._BatchNorm,)
 # -- data ----------------------------------------------------------------------------------------------------------
 def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9) -> list[Verdict]:
     """NaN/Inf anywhere in the batch; float inputs whose typical magnitude exceeds ``scale_limit``; integer
-    targets (the last integer tensor of the batch) that are all one class or with one class above ``imbalance``."""
+    targets (the last integer tensor of the batch) that are all one class or with one class above ``imbalance``.
+    """
     issues: list[Verdict] = []
     bad = first_non_finite(batch)
     if bad is not None:
@@ -321,7 +322,8 @@ LossFn = Callable[[nn.Module, Any], "torch.Tensor | None"]
 
 def model_input(batch: Any) -> torch.Tensor | None:
     """The tensor a model's ``forward`` takes, by convention: ``batch[0]`` of a tuple/list, a known key of a dict
-    (``x``, ``input``, ``image``...), else the first tensor; the batch itself if it is a tensor."""
+    (``x``, ``input``, ``image``...), else the first tensor; the batch itself if it is a tensor.
+    """
     if isinstance(batch, torch.Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
@@ -361,6 +363,13 @@ def run_checks(
         batches: batches already on the model's device.
         loss_fn: ``loss_fn(module, batch)``, the training loss of ``module`` (the model or a copy) on ``batch``.
         copyable: a context inside which ``copy.deepcopy(model)`` copies the model only (the overfit check).
+        data: run :func:`check_data` on every batch.
+        loss_at_init: run :func:`check_loss_at_init` (classification outputs only).
+        gradients: run :func:`check_gradients`.
+        batch_independence: run :func:`check_batch_independence` (float inputs only).
+        overfit_batch_steps: steps of :func:`check_overfit_batch` (``0``: off).
+        overfit_lr: the learning rate of the overfit check (Adam).
+        min_drop: the loss drop the overfit check requires.
     """
     results: list[Verdict] = []
     if data:

@@ -117,7 +117,8 @@ def assert_can_overfit_batch(
     optimizer: Callable[[Sequence[nn.Parameter]], torch.optim.Optimizer] | None = None,
 ) -> None:
     """A copy of ``model`` trained on one batch (``loss_fn(copy) -> loss``) for ``steps`` steps cuts its loss by
-    ``min_drop`` (90% by default)."""
+    ``min_drop`` (90% by default).
+    """
     issues = sanity.check_overfit_batch(
         model,
         loss_fn,

@@ -69,7 +69,7 @@ def check_finding(guard: NaNGuard, inject: str) -> Any:
     finding = find(guard.findings, code)
     assert finding is not None, [f.code for f in guard.findings]
     assert finding.evidence["phase"] == phase, finding.message
-    assert finding.evidence["module"] == (module or finding.evidence["module"])
+    assert finding.evidence["module"] == module  # "" where no module applies (input, loss)
     assert tensor in finding.evidence["tensor"], finding.evidence
     assert finding.evidence["reproduced"] == 1
     return finding

@@ -115,7 +115,7 @@ def main(kind: str, out: str, resume: str | None = None) -> None:
         nan_guard,
         overfit,
         early,
-        SpeedMonitor(window=4, warmup_steps=1),
+        SpeedMonitor(window=4, ignore_first_steps=1),
         save,
     ]
     exported = {n for n in lightning_diag.__all__ if isinstance(getattr(lightning_diag, n), type)}

@@ -1,0 +1,91 @@
+"""lightning_diag._lightning: every private Lightning/torch read, checked against the installed versions.
+
+When a release moves one of these, this file fails first, with the name of the read.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.plugins import MixedPrecision
+
+from lightning_diag import _lightning
+from tests.helpers import Regression, loader, trainer
+
+
+class Probe(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: dict[str, Any] = {}
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.seen.setdefault("last", []).append(_lightning.is_last_batch(trainer))
+        self.seen.setdefault("idx", []).append(_lightning.train_batch_idx(trainer))
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.seen.setdefault("processed", []).append(_lightning.epochs_processed(trainer))
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        scaler = _lightning.amp_scaler(trainer)
+        if scaler is not None:
+            scale = _lightning.loss_scale(scaler)
+            self.seen["scale"] = (scale.dim(), float(scale), float(scaler.get_scale()))
+        self.seen["fused"] = _lightning.fused_unscale(optimizer)
+        self.seen["callbacks"] = _lightning.trainer_callbacks(trainer)
+
+
+def test_loop_progress_reads() -> None:
+    probe = Probe()
+    t = trainer(max_epochs=2, callbacks=[probe])
+    t.fit(Regression(), loader(n=32, batch_size=8))
+    assert probe.seen["last"] == [False, False, False, True] * 2
+    assert probe.seen["idx"] == [0, 1, 2, 3] * 2
+    # an epoch counts as processed once its batches ran: its own epoch-end hooks already see it counted
+    assert probe.seen["processed"] == [1, 2]
+    assert probe in probe.seen["callbacks"]
+
+
+def test_scaler_reads_under_the_cpu_grad_scaler() -> None:
+    class Fused(Regression):
+        def configure_optimizers(self) -> Any:
+            return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
+
+    probe = Probe()
+    t = trainer(max_steps=2, callbacks=[probe], plugins=[MixedPrecision("16-mixed", "cpu")])
+    t.fit(Fused(), loader(n=32))
+    dim, read, public = probe.seen["scale"]
+    assert dim == 0 and read == public  # the private tensor is the scale get_scale() reports
+    assert probe.seen["fused"] is True
+    plain = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    assert _lightning.fused_unscale(plain) is False
+    assert _lightning.amp_scaler(trainer()) is None
+
+
+def test_detached_trainer_lets_a_copy_leave_the_trainer_behind() -> None:
+    model = Regression()
+    t = trainer(max_steps=1)
+    t.fit(model, loader(n=16))
+    with _lightning.detached_trainer(model):
+        clone = copy.deepcopy(model)
+    assert model.trainer is t  # put back
+    assert clone._trainer is None
+
+
+def test_replay_training_step_silences_logging_and_returns_the_loss() -> None:
+    logged: list[str] = []
+
+    class Logs(Regression):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            self.log("x", 1.0)
+            logged.append("x")
+            return {"loss": super().training_step(batch, batch_idx)}
+
+    model = Logs()
+    batch = next(iter(loader(n=8)))
+    loss = _lightning.replay_training_step(None, model, batch, 0)
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and logged == ["x"]
+    assert "log" not in vars(model)  # the silencing shadow was removed
