@@ -208,8 +208,11 @@ def test_fsdp1_is_refused_where_gradients_would_be_wrong(make, allowed) -> None:
 
     from lightning.pytorch.strategies import FSDPStrategy
 
+    class FakeTrainer(SimpleNamespace):  # a plain SimpleNamespace cannot be weakly referenced (the run context)
+        pass
+
     callback = make()
-    fake_trainer = SimpleNamespace(strategy=FSDPStrategy(), gradient_clip_val=None)
+    fake_trainer = FakeTrainer(strategy=FSDPStrategy(), gradient_clip_val=None)
     if allowed:
         callback.setup(fake_trainer, None, "fit")
     else:

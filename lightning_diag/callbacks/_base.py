@@ -41,18 +41,27 @@ class DiagCallback(Callback):
         """The findings this callback recorded during the current (or last) fit."""
         return self._finding_log.as_list()
 
-    def record(self, trainer: pl.Trainer, verdict: Verdict, *, key: str = "") -> Finding:
+    def record(
+        self,
+        trainer: pl.Trainer,
+        verdict: Verdict,
+        *,
+        key: str = "",
+        step: int | None = None,
+        epoch: int | None = None,
+    ) -> Finding:
         """Record ``verdict`` at the trainer's current step; a repeat of ``(code, key)`` only raises its count.
 
         The one way a callback records what it concluded: core rules return :class:`~lightning_diag.core.verdict.Verdict`
-        objects, and a callback's own conclusions are built as one.
+        objects, and a callback's own conclusions are built as one. ``step``/``epoch``: when the condition was seen,
+        for a check made later than the step it judges (deferred to a logging step).
         """
         finding = Finding(
             code=verdict.code,
             severity=verdict.severity,
             message=verdict.message,
-            step=int(trainer.global_step),
-            epoch=int(trainer.current_epoch),
+            step=int(trainer.global_step if step is None else step),
+            epoch=int(trainer.current_epoch if epoch is None else epoch),
             evidence=dict(verdict.evidence),
             advice=list(verdict.advice),
             source=type(self).__name__,

@@ -19,14 +19,29 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from lightning_diag import _lightning
-from lightning_diag.core.grad_stats import GradStats, compute_grad_stats
+from lightning_diag.core.grad_stats import GradStats, compute_grad_stats, plain_layout
 
-__all__ = ["RunContext", "StepContext", "run_context", "step_context"]
+__all__ = ["ParamSet", "RunContext", "StepContext", "run_context", "step_context"]
+
+
+@dataclasses.dataclass
+class ParamSet:
+    """The parameters one optimizer updates, named as in the LightningModule; built once per param-group change."""
+
+    names: tuple[str, ...]
+    params: list[torch.Tensor]
+    #: every gradient seen so far was dense real float32 on one device (decided on the first step's gradients)
+    plain: bool | None = None
+
+    def matches(self, params: list[torch.Tensor]) -> bool:
+        return (
+            len(params) == len(self.params) and params[0] is self.params[0] and params[-1] is self.params[-1]
+        )
 
 
 @dataclasses.dataclass
@@ -35,12 +50,14 @@ class StepContext:
 
     step: int
     optimizer_id: int
-    names: list[str]
+    names: tuple[str, ...]
     params: list[torch.Tensor]
     grads: list[torch.Tensor]
     inv_scale: (
         torch.Tensor | None
     )  # set when a fused optimizer will unscale inside step(): grads are still scaled
+    #: the gradients are dense real float32 on one device (the fast paths apply), with that device
+    device: torch.device | None = None
     stats: dict[float, GradStats] = dataclasses.field(default_factory=dict)
     #: set by a guard that withheld this step's update (gradients set to ``None``)
     skipped: bool = False
@@ -50,7 +67,9 @@ class StepContext:
         key = float(norm_type)
         stats = self.stats.get(key)
         if stats is None:
-            stats = compute_grad_stats(self.names, self.grads, key, self.inv_scale)
+            stats = compute_grad_stats(
+                self.names, self.grads, key, self.inv_scale, plain=self.device is not None
+            )
             self.stats[key] = stats
         return stats
 
@@ -59,8 +78,8 @@ class StepContext:
 class RunContext:
     """What the callbacks of one Trainer share across steps."""
 
-    #: ``id(optimizer)`` -> ``(name, parameter)`` of every parameter it updates, named as in the LightningModule
-    param_names: dict[int, list[tuple[str, torch.Tensor]]] = dataclasses.field(default_factory=dict)
+    #: ``id(optimizer)`` -> the parameters it updates
+    param_sets: dict[int, ParamSet] = dataclasses.field(default_factory=dict)
     step: StepContext | None = None
     #: a guard in the run acts on non-finite steps (skips, rolls back or raises): others only report them
     nonfinite_handled: bool = False
@@ -69,22 +88,20 @@ class RunContext:
     #: a factor the learning rates were backed off by, not yet taken by the schedule's owner
     lr_scale: float = 1.0
 
+    def param_set(self, pl_module: Any, optimizer: Any) -> ParamSet:
+        """The parameters ``optimizer`` updates, named as in ``pl_module`` (rebuilt when its param groups change)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        cached = self.param_sets.get(id(optimizer))
+        if cached is None or not params or not cached.matches(params):
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            cached = ParamSet(tuple(names.get(id(p), f"param{i}") for i, p in enumerate(params)), params)
+            self.param_sets[id(optimizer)] = cached
+        return cached
+
     def named_params(self, pl_module: Any, optimizer: Any) -> list[tuple[str, torch.Tensor]]:
         """``(name, parameter)`` for every parameter the optimizer updates, named as in ``pl_module``."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if not params:
-            return []
-        cached = self.param_names.get(id(optimizer))
-        if (
-            cached is None
-            or len(cached) != len(params)
-            or cached[0][1] is not params[0]
-            or cached[-1][1] is not params[-1]
-        ):
-            names = {id(p): n for n, p in pl_module.named_parameters()}
-            cached = [(names.get(id(p), f"param{i}"), p) for i, p in enumerate(params)]
-            self.param_names[id(optimizer)] = cached
-        return cached
+        found = self.param_set(pl_module, optimizer)
+        return list(zip(found.names, found.params, strict=True))
 
     def hold_schedule(self, steps: int) -> None:
         """Ask the schedule's owner not to count ``steps`` optimizer steps that did not update the model."""
@@ -113,23 +130,41 @@ def run_context(trainer: Any) -> RunContext:
 
 
 def step_context(trainer: Any, pl_module: Any, optimizer: Any) -> StepContext:
-    """The :class:`StepContext` of the optimizer step in progress (built on the first request of the step)."""
+    """The :class:`StepContext` of the optimizer step in progress (built on the first request of the step).
+
+    A quiet step costs one list of gradients (``[p.grad for p in params]``); names are the parameter set's, and
+    the layout check behind the fast paths runs once per parameter set.
+    """
     run = run_context(trainer)
     current = run.step
-    if current is not None and current.step == trainer.global_step and current.optimizer_id == id(optimizer):
+    step = trainer.global_step
+    if current is not None and current.step == step and current.optimizer_id == id(optimizer):
         return current
-    with_grad = [(n, p) for n, p in run.named_params(pl_module, optimizer) if p.grad is not None]
+    found = run.param_set(pl_module, optimizer)
+    names, params = found.names, found.params
+    maybe = [p.grad for p in params]
+    if any(g is None for g in maybe):  # frozen or unused this step: keep the parameters that have a gradient
+        kept = [i for i, g in enumerate(maybe) if g is not None]
+        names, params = tuple(names[i] for i in kept), [params[i] for i in kept]
+        grads = [g for g in maybe if g is not None]
+        plain = plain_layout(grads)
+    else:
+        grads = cast("list[torch.Tensor]", maybe)
+        if found.plain is None:
+            found.plain = plain_layout(grads)
+        plain = found.plain
     inv_scale = None
     scaler = _lightning.amp_scaler(trainer)
     if scaler is not None and _lightning.fused_unscale(optimizer):
         # Fused optimizers unscale inside step(): the gradients we see are still multiplied by the scale.
         inv_scale = _lightning.loss_scale(scaler).reciprocal()
     run.step = StepContext(
-        step=int(trainer.global_step),
+        step=int(step),
         optimizer_id=id(optimizer),
-        names=[n for n, _ in with_grad],
-        params=[p for _, p in with_grad],
-        grads=[p.grad for _, p in with_grad if p.grad is not None],
+        names=names,
+        params=params,
+        grads=grads,
         inv_scale=inv_scale,
+        device=grads[0].device if plain and grads else None,
     )
     return run.step

@@ -206,7 +206,7 @@ class GradClip(DiagCallback):
                 if self.max_norm is not None:
                     threshold = threshold.clamp(max=self.max_norm)
             coef = clip_coefficient(pre, threshold)
-            apply_coefficient_(grads, coef)
+            apply_coefficient_(grads, coef, step.device)
             clipped = coef
         elif self.algorithm == "value":
             bound: float | torch.Tensor = self.clip_value

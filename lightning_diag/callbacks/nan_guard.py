@@ -7,6 +7,8 @@ non-finite value began is found by :mod:`lightning_diag.core.nan_trace`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import math
 import warnings
@@ -20,11 +22,12 @@ from lightning_diag import _distributed, _lightning, _logging
 from lightning_diag._validation import check_choice, check_fraction, check_int, check_number, check_positive
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import StepContext, run_context, step_context
-from lightning_diag.core.grad_stats import max_abs
+from lightning_diag.core.grad_stats import max_abs, tensor_norms, total_from_norms
 from lightning_diag.core.guard import ACTIONS, Action, Decision, GuardPolicy, StepFlags, back_off_lr
 from lightning_diag.core.nan_trace import (
     Trace,
     choose_origin,
+    deferred_origin,
     iter_tensors,
     observed_origin,
     origin_advice,
@@ -57,6 +60,22 @@ _OVERFLOW_ADVICE = [
 
 #: Localisations per fit; after that, findings rely on the flags (a run left broken under "warn" stays cheap).
 MAX_TRACES = 20
+#: Deferred steps kept before they are judged even without a logging step (bounds memory and latency).
+MAX_PENDING = 256
+
+
+@dataclasses.dataclass
+class _Pending:
+    """A deferred step: its device values, and what naming the origin later needs (no batch: it is gone)."""
+
+    step: int
+    epoch: int
+    values: torch.Tensor  # [input sum, parameter norm, loss, gradient norm]
+    reduced: bool  # already summed over ranks (a device-side skip needs the same decision everywhere)
+    has_loss: bool
+    names: tuple[str, ...]
+    norms: torch.Tensor  # per-tensor gradient norms, to name the first non-finite gradient
+    batch_idx: str
 
 
 class NonFiniteError(RuntimeError):
@@ -73,9 +92,21 @@ class NaNGuard(DiagCallback):
     Every optimizer step, before the update, NaNGuard checks the loss of each micro-batch, the gradients (shared
     statistics, computed once per step), the float tensors of each input batch and, every ``check_params_every_n_steps``
     steps, the parameters. It also feeds the loss and the total gradient norm to robust spike detectors
-    (:class:`~lightning_diag.core.spikes.SpikeDetector`). All of that stays on the device; the flags of all ranks
-    are then combined with **one all-reduce and one small host read per step**, so every rank takes the same
-    decision (the GradScaler makes the same kind of read every step).
+    (:class:`~lightning_diag.core.spikes.SpikeDetector`). All of that stays on the device. Then:
+
+    * When something must be decided before the update (``"skip"`` with an ordinary optimizer, ``"rollback"``,
+      ``"raise"``, or a spike policy other than ``"warn"``), the flags of all ranks are combined with **one
+      all-reduce and one small host read per step**, so every rank takes the same decision (the GradScaler makes
+      the same kind of read every step). The all-reduce is left out when nothing in it can differ between ranks
+      (no input check, no spike detection, no GradScaler).
+    * Otherwise the checks are **deferred**: no host synchronisation on quiet steps. ``"warn"`` keeps each
+      step's four values on the device and judges them, in order, at the next logging step (and at the end of
+      fit). ``"skip"`` with an optimizer whose fused kernel takes a device-side ``found_inf`` (``fused=True``
+      Adam/AdamW/SGD, no GradScaler) withholds a bad update **on the device**, parameters and optimizer state
+      untouched, and does the bookkeeping at the next logging step: the finding, the count, the escalation to
+      ``"raise"`` and the steps WarmupCosine holds arrive up to ``log_every_n_steps`` steps late. A deferred
+      step is not replayed: its finding names the step, the phase its values show (input, loss, gradients,
+      parameters) and the last non-finite gradient, not the module where the value began.
 
     When a non-finite value is found, NaNGuard replays the step's batches with hooks on every module
     (:func:`~lightning_diag.core.nan_trace.trace_step`) to say where it **first appeared**: which input tensor,
@@ -243,6 +274,8 @@ class NaNGuard(DiagCallback):
         )
         self._warned: set[str] = set()
         self._overflow: tuple[float, str] = (math.nan, "")  # (largest |g|, its tensor) of a norm overflow
+        self._pending: list[_Pending] = []  # deferred steps not judged yet
+        self._found_inf_on: Any = None  # the optimizer given a device-side found_inf for this step
         self._zero: torch.Tensor | None = None
         self._clear_window()
 
@@ -298,7 +331,32 @@ class NaNGuard(DiagCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = step_context(trainer, pl_module, optimizer)
-        flags, values = self._reduce(trainer, pl_module, optimizer, step)
+        values = self._gather(trainer, pl_module, optimizer, step)
+        if self._deferred(trainer, optimizer):
+            self._defer(trainer, pl_module, optimizer, step, values)
+        else:
+            self._decide_now(trainer, pl_module, optimizer, step, values)
+        if _logging.should_log_step(trainer):
+            _logging.log_step(
+                pl_module,
+                {"diag/nan/skipped_steps": self.skipped_steps, "diag/nan/rollbacks": self.rollbacks},
+            )
+        self._clear_window()
+
+    def _decide_now(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+        step: StepContext,
+        values: torch.Tensor,
+    ) -> None:
+        """The synchronous path: one small read per step, the decision before the update, localisation by replay."""
+        flags, host = self._judge(trainer, self._read(trainer, values), has_loss=self._step_loss is not None)
+        if flags.params and not self._confirm_params(trainer, pl_module, optimizer):
+            flags = StepFlags(
+                **{**vars(flags), "params": False}
+            )  # finite, only their float32 norm overflowed
         trace: Trace | None = None
         reproduced, rank = False, 0
         if flags.non_finite:
@@ -311,20 +369,14 @@ class NaNGuard(DiagCallback):
         if decision.snapshot_due:
             self._snapshot = Snapshot(pl_module, trainer.optimizers, trainer.global_step)
         if decision.action is not None:
-            code, message = self._record(trainer, pl_module, decision, flags, values, trace, reproduced, rank)
+            code, message = self._record(trainer, pl_module, decision, flags, host, trace, reproduced, rank)
             self._act(trainer, pl_module, optimizer, decision, code, message)
             step.skipped = decision.withholds_update
-        if _logging.should_log_step(trainer):
-            _logging.log_step(
-                pl_module,
-                {"diag/nan/skipped_steps": self.skipped_steps, "diag/nan/rollbacks": self.rollbacks},
-            )
-        self._clear_window()
 
-    def _reduce(
+    def _gather(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, step: StepContext
-    ) -> tuple[StepFlags, dict[str, float]]:
-        """The step's flags, the same on every rank: one all-reduce and one small host read."""
+    ) -> torch.Tensor:
+        """``[input sum, parameter norm, loss, gradient norm]`` of the step, a device vector (no sync)."""
         stats = step.grad_stats()  # shared, pre-clip
         device = stats.total_norm.device
         if self._zero is None or self._zero.device != device:
@@ -332,39 +384,176 @@ class NaNGuard(DiagCallback):
         zero = self._zero
         every = self.check_params_every_n_steps
         check_params = self.policy.snapshot_due or (every > 0 and trainer.global_step % every == 0)
-        peak = zero
+        params_norm = zero
         if check_params:
-            named = run_context(trainer).named_params(pl_module, optimizer)
-            peaks = max_abs([p for _, p in named], device)
-            peak = peaks.max() if peaks.numel() else zero
-        values = torch.stack(
+            # The L2 norm is non-finite when a parameter is (and ~8x cheaper than the max norm on CPU); the rare
+            # finite parameters whose norm overflows float32 are told apart on detection (_confirm_params).
+            found = run_context(trainer).param_set(pl_module, optimizer)
+            params_norm = total_from_norms(tensor_norms([p.detach() for p in found.params])).to(device)
+        return torch.stack(
             [
                 self._input_sum.to(device) if self._input_sum is not None else zero,
-                peak,
+                params_norm,
                 self._step_loss.to(device) if self._step_loss is not None else zero,
                 stats.total_norm.float() if stats.norms.numel() else zero,
             ]
         )
-        # sum: a non-finite value anywhere stays non-finite; every rank then takes the same decision
-        input_sum, params_peak, loss, grad_norm = _distributed.reduce(trainer, values, "sum").tolist()
+
+    def _read(self, trainer: pl.Trainer, values: torch.Tensor) -> list[float]:
+        """One all-reduce (sum: a non-finite value anywhere stays non-finite) and one host read.
+
+        The all-reduce is skipped when nothing in it can differ between ranks: no input check, no spike detection,
+        no GradScaler (under DDP the reduced gradients already carry a NaN from any rank, and a rank's NaN loss
+        makes them NaN).
+        """
+        world = max(int(getattr(trainer, "world_size", 1)), 1)
+        rank_local = self.check_inputs or self.detect_spikes or _lightning.amp_scaler(trainer) is not None
+        if world > 1 and not rank_local and values.dim() == 1:
+            return [v * world if i in (2, 3) else v for i, v in enumerate(values.tolist())]
+        return _distributed.reduce(trainer, values, "sum").tolist()
+
+    def _judge(
+        self, trainer: pl.Trainer, row: list[float], *, has_loss: bool, has_grads: bool = True
+    ) -> tuple[StepFlags, dict[str, float]]:
+        """Flags and spike verdicts from one step's reduced values (the same on every rank)."""
+        input_sum, params_norm, loss, grad_norm = row
         world = max(int(getattr(trainer, "world_size", 1)), 1)
         loss, grad_norm = loss / world, grad_norm / world
         loss_spike = grad_spike = False
         if self.detect_spikes:
-            if self._step_loss is not None:
+            if has_loss:
                 loss_spike = self._loss_spikes.update(loss)
-            if stats.norms.numel():
+            if has_grads:
                 grad_spike = self._grad_spikes.update(grad_norm)
         flags = StepFlags(
             input=not math.isfinite(input_sum),
             loss=not math.isfinite(loss),
             # under a GradScaler, overflowing gradients are its business (it skips the step, lowers the scale)
             grads=not math.isfinite(grad_norm) and _lightning.amp_scaler(trainer) is None,
-            params=not math.isfinite(params_peak),
+            params=not math.isfinite(params_norm),
             loss_spike=loss_spike,
             grad_spike=grad_spike,
         )
         return flags, {"loss": loss, "grad_norm": grad_norm}
+
+    def _confirm_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> bool:
+        """Whether a parameter is really non-finite (its L2 norm alone can overflow): the max norm, on detection."""
+        found = run_context(trainer).param_set(pl_module, optimizer)
+        peaks = max_abs(found.params)
+        peak = peaks.max() if peaks.numel() else torch.zeros(())
+        return not math.isfinite(float(_distributed.reduce(trainer, peak.reshape(1), "max")[0]))
+
+    # -- deferred: no host read on quiet steps ----------------------------------------------------------------
+    def _deferred(self, trainer: pl.Trainer, optimizer: Any) -> bool:
+        """Whether this step's checks wait for the next logging step (no host synchronisation per step).
+
+        ``action="warn"`` (nothing to decide before the update), and ``action="skip"`` with an optimizer whose
+        fused kernel takes a device-side ``found_inf`` (fused Adam/AdamW/SGD, no GradScaler): the update is
+        withheld on the device. Spikes must only be warned about there, and escalation ends in ``raise``.
+        """
+        if (self.detect_spikes and self.spike_action != "warn") or self.rollback_possible:
+            return False
+        if self.action == "warn":
+            return True
+        return self._device_skip(trainer, optimizer)
+
+    def _device_skip(self, trainer: pl.Trainer, optimizer: Any) -> bool:
+        return (
+            self.action == "skip"
+            and self.escalate_to == "raise"
+            and _lightning.amp_scaler(trainer) is None
+            and bool(getattr(optimizer, "defaults", {}).get("fused"))
+        )
+
+    def _defer(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: Any,
+        step: StepContext,
+        values: torch.Tensor,
+    ) -> None:
+        if self._device_skip(trainer, optimizer):
+            # The decision must be the same on every rank: reduce on the device (a collective, no host read).
+            values = _distributed.reduce(trainer, values, "sum")
+            bad = ~torch.isfinite(values).all()
+            optimizer.found_inf = bad.float()  # the fused kernel skips the update on 1
+            self._found_inf_on = optimizer
+            reduced = True
+        else:
+            reduced = False
+        self._pending.append(
+            _Pending(
+                step=int(trainer.global_step),
+                epoch=int(trainer.current_epoch),
+                values=values,
+                reduced=reduced,
+                has_loss=self._step_loss is not None,
+                names=step.names,
+                norms=step.grad_stats().norms,
+                batch_idx=",".join(str(i) for _, i in self._batches),
+            )
+        )
+        if _logging.should_log_step(trainer) or len(self._pending) >= MAX_PENDING:
+            self._flush(trainer, pl_module)
+
+    def _flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Judge the pending steps, in order, from one host transfer (one collective for those not yet reduced)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        device = pending[-1].values.device
+        rows = torch.stack([p.values.to(device) for p in pending])
+        local = torch.tensor([not p.reduced for p in pending], device=device)
+        if bool(local.any()):  # the rows not summed over ranks yet: one collective for all of them
+            rows = torch.where(local[:, None], _distributed.reduce(trainer, rows, "sum"), rows)
+        context = run_context(trainer)
+        for entry, row in zip(pending, rows.tolist(), strict=True):
+            flags, host = self._judge(
+                trainer, row, has_loss=entry.has_loss, has_grads=entry.norms.numel() > 0
+            )
+            decision = self.policy.update(flags, entry.step)
+            if decision.action is None:
+                continue
+            seen = None
+            if flags.non_finite:
+                values = entry.norms.tolist() if flags.grads else []
+                seen = deferred_origin(pl_module, entry.names, values, flags.input, flags.loss, flags.grads)
+                if seen is None and flags.params:
+                    seen = Trace("optimizer", "", "", "parameters", "")
+            code, message = self._record(
+                trainer,
+                pl_module,
+                decision,
+                flags,
+                host,
+                None,
+                False,
+                0,
+                at=(entry.step, entry.epoch),
+                batch_idx=entry.batch_idx,
+                seen=seen,
+            )
+            if decision.action == "skip":
+                context.hold_schedule(1)  # withheld on the device: the schedule catches up now
+            elif decision.action == "raise":
+                raise NonFiniteError(message)
+            elif code not in self._warned and trainer.is_global_zero:
+                self._warned.add(code)
+                warnings.warn(message, LightningDiagWarning, stacklevel=2)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._found_inf_on is not None:  # the optimizer step has read it
+            with contextlib.suppress(AttributeError):
+                del self._found_inf_on.found_inf
+            self._found_inf_on = None
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush(trainer, pl_module)  # steps after the last logging step still get their say
 
     def _norm_overflow(self, trainer: pl.Trainer, step: StepContext, flags: StepFlags) -> StepFlags:
         """Finite gradients whose norm overflows float32 are exploding, not NaN: flag them so."""
@@ -426,14 +615,25 @@ class NaNGuard(DiagCallback):
         trace: Trace | None,
         reproduced: bool,
         rank: int,
+        *,
+        at: tuple[int, int] | None = None,
+        batch_idx: str | None = None,
+        seen: Trace | None = None,
     ) -> tuple[str, str]:
-        """Record the finding(s) of a bad step; returns the code and message of the main one."""
+        """Record the finding(s) of a bad step; returns the code and message of the main one.
+
+        ``at``: ``(step, epoch)`` of a step judged later (deferred to a logging step), whose batches are gone;
+        ``seen``: what its own values show then (the phase, a gradient's tensor), which is not where it began.
+        """
         assert decision.action is not None
         action = self._describe_action(decision.action)
         # the update went ahead with a non-finite value (warn) or the run stops (raise): an error
         severity: Severity = "warning" if decision.withholds_update else "error"
-        batch_idx = ",".join(str(i) for _, i in self._batches)
-        where = f"at step {trainer.global_step}"
+        if batch_idx is None:
+            batch_idx = ",".join(str(i) for _, i in self._batches)
+        step, epoch = at if at is not None else (int(trainer.global_step), int(trainer.current_epoch))
+        when = {"step": step, "epoch": epoch}
+        where = f"at step {step}"
         if flags.norm_overflow:
             peak, name = self._overflow
             message = (
@@ -445,6 +645,7 @@ class NaNGuard(DiagCallback):
                 trainer,
                 Verdict("exploding_gradients", severity, message, evidence=evidence, advice=_OVERFLOW_ADVICE),
                 key="norm_overflow",
+                **when,
             )
             return "exploding_gradients", message
         if flags.non_finite:
@@ -454,21 +655,34 @@ class NaNGuard(DiagCallback):
                 else (decision.code or "non_finite_gradients")
             )
             origin = trace.describe() if trace is not None else "its origin was not located"
-            if trace is not None and not reproduced:
+            if at is not None:
+                gradient = (
+                    f" (last non-finite gradient: {seen.tensor})" if seen and seen.phase == "backward" else ""
+                )
+                origin = (
+                    f"seen at the next logging step in the step's own values{gradient}; the step was not replayed, "
+                    "so where it began is not known (checks are deferred to keep quiet steps free of host syncs: "
+                    "action='skip' or 'raise' locates it)"
+                )
+            elif trace is not None and not reproduced:
                 origin += " (seen in this step's values; the replay did not reproduce it)"
             message = (
                 f"Non-finite {code.removeprefix('non_finite_').replace('_', ' ')} {where} "
-                f"(epoch {trainer.current_epoch}): {origin}. Action: {action}."
+                f"(epoch {epoch}): {origin}. Action: {action}."
             )
             evidence = {"action": decision.action, "rank": rank, "reproduced": int(reproduced)}
             if trace is not None:
                 evidence.update(vars(trace))
+            elif seen is not None:
+                evidence.update(phase=seen.phase, tensor=seen.tensor, deferred=1)
             if batch_idx:
                 evidence["batch_idx"] = batch_idx
             half = str(getattr(trainer.precision_plugin, "precision", "")).startswith("16")
             advice = origin_advice(trace, pl_module, half_precision=half) if trace is not None else []
             key = f"{trace.phase}:{trace.module}:{trace.tensor}" if trace is not None else code
-            self.record(trainer, Verdict(code, severity, message, evidence=evidence, advice=advice), key=key)
+            self.record(
+                trainer, Verdict(code, severity, message, evidence=evidence, advice=advice), key=key, **when
+            )
             return code, message
         main = ("", "")
         for flagged, detector, code, what, value in (
@@ -500,6 +714,7 @@ class NaNGuard(DiagCallback):
                     advice=_SPIKE_ADVICE,
                 ),
                 key=f"spike:{what}",
+                **when,
             )
             main = main if main[0] else (code, message)
         return main
@@ -543,18 +758,46 @@ class NaNGuard(DiagCallback):
     # -- state ----------------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state: dict[str, Any] = {
             **self.policy.state_dict(),
             "traces": self.traces,
             "loss_spikes": self._loss_spikes.state_dict(),
             "grad_spikes": self._grad_spikes.state_dict(),
             "findings": self._findings_state(),
         }
+        if self._pending:  # deferred steps not judged yet: saved raw, so a resumed run judges them alike
+            state["pending"] = [
+                {
+                    "step": p.step,
+                    "epoch": p.epoch,
+                    "values": p.values.detach().cpu(),
+                    "reduced": p.reduced,
+                    "has_loss": p.has_loss,
+                    "names": list(p.names),
+                    "norms": p.norms.detach().cpu(),
+                    "batch_idx": p.batch_idx,
+                }
+                for p in self._pending
+            ]
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.policy.load_state_dict(state_dict)
         self.traces = int(state_dict.get("traces", self.traces))
+        self._pending = [
+            _Pending(
+                step=int(p["step"]),
+                epoch=int(p["epoch"]),
+                values=p["values"],
+                reduced=bool(p["reduced"]),
+                has_loss=bool(p["has_loss"]),
+                names=tuple(p["names"]),
+                norms=p["norms"],
+                batch_idx=str(p["batch_idx"]),
+            )
+            for p in state_dict.get("pending", [])
+        ]
         if "loss_spikes" in state_dict:
             self._loss_spikes.load_state_dict(state_dict["loss_spikes"])
         if "grad_spikes" in state_dict:

@@ -41,9 +41,17 @@ def clip_coefficient(total_norm: torch.Tensor, max_norm: torch.Tensor | float) -
     return torch.where(torch.isfinite(total_norm), coef, 1.0).nan_to_num(nan=1.0)
 
 
-def apply_coefficient_(grads: Sequence[torch.Tensor], coef: torch.Tensor) -> None:
-    """Multiply every gradient by ``coef`` in place, on device (one foreach kernel per device/dtype)."""
+def apply_coefficient_(
+    grads: Sequence[torch.Tensor], coef: torch.Tensor, device: torch.device | None = None
+) -> None:
+    """Multiply every gradient by ``coef`` in place, on device (one foreach kernel per device/dtype).
+
+    ``device``: the caller knows every gradient is on it (no per-tensor device check).
+    """
     if not grads:
+        return
+    if device is not None:
+        torch._foreach_mul_(list(grads), coef.to(device))
         return
     devices = {g.device for g in grads}
     if len(devices) == 1:

@@ -26,6 +26,7 @@ __all__ = [
     "group_name",
     "local_tensor",
     "max_abs",
+    "plain_layout",
     "subtract_tensors",
     "tensor_norms",
 ]
@@ -77,6 +78,22 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (FSDP2), or the tensor itself."""
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
+
+
+def plain_layout(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether ``tensors`` are all dense, real float32, on one device and not DTensors: then one
+    ``torch._foreach_norm`` call gives their norms, with none of the checks the general path makes per tensor.
+
+    Decided once per parameter set (the layout does not change between steps), so a quiet step loops over no
+    tensor in Python.
+    """
+    if not tensors:
+        return False
+    device = tensors[0].device
+    return all(
+        t.dtype == torch.float32 and t.layout == torch.strided and t.device == device and not _is_dtensor(t)
+        for t in tensors
+    )
 
 
 def copy_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -234,6 +251,8 @@ def compute_grad_stats(
     grads: Sequence[torch.Tensor],
     norm_type: float = 2.0,
     inv_scale: torch.Tensor | None = None,
+    *,
+    plain: bool = False,
 ) -> GradStats:
     """One pass over ``grads``: per-tensor norms, total norm and non-finite flag, without a host sync.
 
@@ -242,8 +261,12 @@ def compute_grad_stats(
         grads: the gradients (plain tensors or DTensors).
         norm_type: p of the p-norm (``math.inf`` for the max norm).
         inv_scale: ``1 / loss_scale`` if the gradients are still scaled (fused optimizer under a GradScaler).
+        plain: the caller knows :func:`plain_layout` holds for ``grads``: one foreach call, no per-tensor checks.
     """
-    norms = tensor_norms(grads, norm_type)
+    if plain and grads:
+        norms = torch.stack(torch._foreach_norm(list(grads), norm_type))
+    else:
+        norms = tensor_norms(grads, norm_type)
     if inv_scale is not None and norms.numel():
         norms = norms * inv_scale.to(norms.device, torch.float32)
     total = total_from_norms(norms, norm_type)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -32,6 +33,7 @@ from lightning_diag.core.grad_stats import local_tensor
 __all__ = [
     "Trace",
     "choose_origin",
+    "deferred_origin",
     "first_non_finite",
     "iter_tensors",
     "non_finite_kind",
@@ -357,6 +359,29 @@ def observed_origin(
             name, kind = bad[-1]
             module, module_type = owner_module(model, name)
             return Trace("backward", module, module_type, f"parameter `{name}`", kind)
+    return None
+
+
+def deferred_origin(
+    model: nn.Module,
+    grad_names: Sequence[str],
+    grad_norms: Sequence[float],
+    input_bad: bool,
+    loss_bad: bool,
+    grad_bad: bool,
+) -> Trace | None:
+    """The origin a step judged later can still name: the input, the loss, or the last layer whose gradient norm
+    is non-finite (from the per-tensor norms kept for the step).
+    """
+    if input_bad:
+        return Trace("input", "", "", "batch", "")
+    if loss_bad:
+        return Trace("loss", "", "", "loss", "")
+    if grad_bad:
+        bad = [name for name, value in zip(grad_names, grad_norms, strict=False) if not math.isfinite(value)]
+        if bad:
+            module, module_type = owner_module(model, bad[-1])
+            return Trace("backward", module, module_type, f"parameter `{bad[-1]}`", "")
     return None
 
 

@@ -103,7 +103,8 @@ class Faulty(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer_name == "sgd":
             return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        fused = self.optimizer_name == "adamw_fused"  # takes a device-side found_inf
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01, fused=fused)
 
 
 def faulty_loader(inject: str = "", at: tuple[int, ...] = (), batch_size: int = 8, n: int = 64) -> DataLoader:
