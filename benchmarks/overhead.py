@@ -1,6 +1,6 @@
 """Per-step overhead of lightning_diag callbacks, as ratios against a bare Trainer in the same process.
 
-    python benchmarks/overhead.py [--steps 100] [--rounds 10] [--threads 1] [--workloads mlp12 transformer]
+    python benchmarks/overhead.py [--steps 100] [--rounds 10] [--threads 1] [--workloads mlp12 transformer gpt]
 
 Every configuration trains the same model for ``--steps`` optimizer steps; a timer (first in the callbacks list)
 records the wall time between consecutive ``on_train_batch_start`` calls, so everything a step does is inside
@@ -16,12 +16,19 @@ ratios include. References: Lightning's ``grad_norm`` utility logged
 with ``log_dict`` every step (the documented replacement for ``track_grad_norm``),
 ``Trainer(gradient_clip_val=1.0)`` and ``Trainer(detect_anomaly=True)`` (autograd's anomaly mode, the built-in
 way to locate a NaN, which NaNGuard replaces).
+
+Also per configuration: the host time inside the lightning_diag hooks split into quiet steps and logging steps
+(median µs), the host-device synchronisations our hooks make on a quiet step (a separate short audit run,
+each hook under :class:`lightning_diag.testing.HostSyncCounter`), and the end-of-fit
+cost (``on_train_end`` + ``on_fit_end``: the report, plots) that a short run pays once. ``gpt`` is a GPT-style
+decoder with 102 parameter tensors, the size where per-tensor Python work would show.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import random
 import statistics
@@ -39,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diag import EarlyStop, GradClip, GradNormMonitor, NaNGuard, SpeedMonitor, WarmupCosine
+from lightning_diag.testing import HostSyncCounter
 
 warnings.filterwarnings("ignore")
 
@@ -46,9 +54,12 @@ warnings.filterwarnings("ignore")
 class StepTimer(pl.Callback):
     def __init__(self) -> None:
         self.starts: list[float] = []
+        self.spent: Spent | None = None
 
-    def on_train_batch_start(self, *args: Any) -> None:
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
         self.starts.append(time.perf_counter())
+        if self.spent is not None:
+            self.spent.index = trainer.global_step
 
     def step_times(self, skip: int) -> list[float]:
         return [b - a for a, b in zip(self.starts[skip:], self.starts[skip + 1 :], strict=False)]
@@ -57,20 +68,40 @@ class StepTimer(pl.Callback):
 HOOKS = (
     "on_train_batch_start",
     "on_before_backward",
+    "on_after_backward",
     "on_before_optimizer_step",
     "on_train_batch_end",
     "on_train_epoch_end",
 )
+END_HOOKS = ("on_train_end", "on_fit_end")
 
 
-def time_hooks(callbacks: list[pl.Callback], spent: list[float]) -> None:
-    """Wrap the per-step hooks of ``callbacks`` (on the instances) so their wall time adds up in ``spent[0]``."""
+class Spent:
+    """Seconds inside timed hooks, per optimizer step (``index`` is set by the step timer) and at fit end."""
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.by_step: dict[int, float] = {}
+        self.end = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.by_step[self.index] = self.by_step.get(self.index, 0.0) + seconds
+
+    @property
+    def total(self) -> float:
+        return sum(self.by_step.values())
+
+
+def time_hooks(callbacks: list[pl.Callback], spent: Spent) -> None:
+    """Wrap the hooks of ``callbacks`` (on the instances) so their wall time adds up in ``spent``."""
     for callback in callbacks:
         for hook in HOOKS:
-            _time_method(callback, hook, spent)
+            _time_method(callback, hook, spent.add)
+        for hook in END_HOOKS:
+            _time_method(callback, hook, lambda seconds: setattr(spent, "end", spent.end + seconds))
 
 
-def _time_method(obj: Any, name: str, spent: list[float]) -> None:
+def _time_method(obj: Any, name: str, add: Callable[[float], None]) -> None:
     original = getattr(obj, name)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
@@ -78,19 +109,52 @@ def _time_method(obj: Any, name: str, spent: list[float]) -> None:
         try:
             return original(*args, **kwargs)
         finally:
-            spent[0] += time.perf_counter() - start
+            add(time.perf_counter() - start)
 
     setattr(obj, name, timed)
 
 
+class SyncAudit(pl.Callback):
+    """Counts the host syncs made inside the lightning_diag hooks, per optimizer step (first in the callbacks).
+
+    Only our hooks are audited: the optimizer and Lightning make reads of their own (non-capturable Adam reads
+    its CPU step counters), which are not ours to remove and, on a GPU, mostly touch CPU tensors.
+    """
+
+    def __init__(self) -> None:
+        self.per_step: dict[int, int] = {}
+        self.step = 0
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        self.step = trainer.global_step
+
+    def watch(self, callbacks: list[pl.Callback]) -> None:
+        for callback in callbacks:
+            for hook in HOOKS:
+                original = getattr(callback, hook)
+
+                def counted(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                    with HostSyncCounter() as syncs:
+                        result = _original(*args, **kwargs)
+                    self.per_step[self.step] = self.per_step.get(self.step, 0) + syncs.count
+                    return result
+
+                setattr(callback, hook, counted)
+
+
 class Workload(pl.LightningModule):
     def __init__(
-        self, net: nn.Module, loss: Callable[..., torch.Tensor], log_lightning_grad_norm: bool = False
+        self,
+        net: nn.Module,
+        loss: Callable[..., torch.Tensor],
+        log_lightning_grad_norm: bool = False,
+        fused: bool = False,
     ) -> None:
         super().__init__()
         self.net = net
         self.loss_fn = loss
         self.log_lightning_grad_norm = log_lightning_grad_norm
+        self.fused = fused
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -103,7 +167,7 @@ class Workload(pl.LightningModule):
             self.log_dict(grad_norm(self, norm_type=2))
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=self.fused)
 
 
 def mlp12() -> tuple[nn.Module, Callable[..., torch.Tensor], TensorDataset]:
@@ -134,7 +198,33 @@ def transformer() -> tuple[nn.Module, Callable[..., torch.Tensor], TensorDataset
     return TinyTransformer(), lambda out, y: nn.functional.cross_entropy(out, y.flatten()), data
 
 
-WORKLOADS = {"mlp12": (mlp12, 64), "transformer": (transformer, 16)}
+class TinyGPT(nn.Module):
+    """A pre-norm decoder (causal self-attention), GPT-style: 8 blocks, 102 parameter tensors."""
+
+    def __init__(self, vocab: int = 256, d_model: int = 64, layers: int = 8, seq: int = 32) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(torch.zeros(seq, d_model))
+        block = nn.TransformerEncoderLayer(
+            d_model, nhead=4, dim_feedforward=4 * d_model, batch_first=True, norm_first=True, dropout=0.0
+        )
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.tok(x) + self.pos, mask=self.mask, is_causal=True)
+        return self.head(self.ln(h)).flatten(0, 1)
+
+
+def gpt() -> tuple[nn.Module, Callable[..., torch.Tensor], TensorDataset]:
+    tokens = torch.randint(0, 256, (2048, 33))
+    data = TensorDataset(tokens[:, :-1], tokens[:, 1:].reshape(len(tokens), -1))
+    return TinyGPT(), lambda out, y: nn.functional.cross_entropy(out, y.flatten()), data
+
+
+WORKLOADS = {"mlp12": (mlp12, 64), "transformer": (transformer, 16), "gpt": (gpt, 8)}
 
 CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "bare": lambda: {},
@@ -154,43 +244,102 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
             SpeedMonitor(),
         ]
     },
+    "whole suite, fused AdamW": lambda: {
+        "fused": True,
+        "callbacks": [
+            WarmupCosine(warmup_ratio=0.05),
+            GradNormMonitor(),
+            GradClip(max_norm=1.0),
+            NaNGuard(),  # skip, withheld on the device: no host read per step
+            EarlyStop(monitor="train_loss", strict=False),
+            SpeedMonitor(),
+        ],
+    },
+    "NaNGuard(warn)": lambda: {"callbacks": [NaNGuard(action="warn")]},
     "Lightning grad_norm+log_dict": lambda: {"lightning_grad_norm": True},
     "Trainer(gradient_clip_val=1.0)": lambda: {"gradient_clip_val": 1.0},
     "Trainer(detect_anomaly=True)": lambda: {"detect_anomaly": True},
 }
 
 
-def run_once(workload: str, config: str, steps: int, warmup: int, root: str) -> tuple[list[float], float]:
-    """Step times after warm-up, and the seconds spent inside the lightning_diag hooks per step."""
+LOG_EVERY = 50
+
+
+@dataclasses.dataclass
+class Run:
+    """One fit of one configuration."""
+
+    step_times: list[float]  # wall time per step after warm-up
+    hook_quiet: float  # median seconds in lightning_diag hooks on a step that does not log
+    hook_logging: float  # the same on logging steps
+    hook_mean: float  # mean seconds in hooks per step (logging steps included)
+    end: float  # seconds in on_train_end + on_fit_end
+
+
+def build_run(
+    workload: str, config: str, max_steps: int, root: str, extra: list[pl.Callback]
+) -> tuple[pl.Trainer, Workload, DataLoader, Spent]:
     build, batch_size = WORKLOADS[workload]
     torch.manual_seed(0)
     net, loss, data = build()
     options = CONFIGS[config]()
-    timer = StepTimer()
-    spent = [0.0]
+    spent = Spent()
     time_hooks(options.get("callbacks", []), spent)
-    model = Workload(net, loss, log_lightning_grad_norm=options.pop("lightning_grad_norm", False))
+    model = Workload(
+        net,
+        loss,
+        log_lightning_grad_norm=options.pop("lightning_grad_norm", False),
+        fused=options.pop("fused", False),
+    )
     # The references do their work in LightningModule hooks: time those the same way.
     if model.log_lightning_grad_norm:
-        _time_method(model, "on_before_optimizer_step", spent)
+        _time_method(model, "on_before_optimizer_step", spent.add)
     if options.get("gradient_clip_val"):
-        _time_method(model, "configure_gradient_clipping", spent)
+        _time_method(model, "configure_gradient_clipping", spent.add)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=steps + warmup + 1,
+        max_steps=max_steps,
         logger=CSVLogger(root, name=f"{workload}-{config}"),
-        log_every_n_steps=50,
+        log_every_n_steps=LOG_EVERY,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         num_sanity_val_steps=0,
-        callbacks=[timer, *options.pop("callbacks", [])],
+        callbacks=[extra[0], *options.pop("callbacks", []), *extra[1:]],
         **options,
     )
+    return trainer, model, DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True), spent
+
+
+def run_once(workload: str, config: str, steps: int, warmup: int, root: str) -> Run:
+    """Step times after warm-up, and the seconds spent inside the lightning_diag hooks."""
+    timer = StepTimer()
+    trainer, model, loader, spent = build_run(workload, config, steps + warmup + 1, root, [timer])
+    timer.spent = spent
     with contextlib.redirect_stdout(io.StringIO()):  # the end-of-fit diagnosis summary of every run
-        trainer.fit(model, DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True))
-    return timer.step_times(warmup), spent[0] / max(trainer.global_step, 1)
+        trainer.fit(model, loader)
+    timed = {k: v for k, v in spent.by_step.items() if k >= warmup}
+    quiet = [v for k, v in timed.items() if (k + 1) % LOG_EVERY != 0]
+    logging = [v for k, v in timed.items() if (k + 1) % LOG_EVERY == 0]
+    return Run(
+        step_times=timer.step_times(warmup),
+        hook_quiet=statistics.median(quiet) if quiet else 0.0,
+        hook_logging=statistics.median(logging) if logging else 0.0,
+        hook_mean=spent.total / max(trainer.global_step, 1),
+        end=spent.end,
+    )
+
+
+def syncs_per_quiet_step(workload: str, config: str, root: str, steps: int = 12) -> float:
+    """Host syncs on a quiet step (median over the quiet steps of a short audited run)."""
+    audit = SyncAudit()
+    trainer, model, loader, _ = build_run(workload, config, steps, root, [audit])
+    audit.watch([c for c in trainer.callbacks if c.__module__.startswith("lightning_diag")])
+    with contextlib.redirect_stdout(io.StringIO()):
+        trainer.fit(model, loader)
+    quiet = [n for k, n in audit.per_step.items() if k >= 2 and (k + 1) % LOG_EVERY != 0]
+    return statistics.median(quiet) if quiet else 0.0
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, float]]]:
@@ -211,6 +360,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, floa
     )
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument(
+        "--no-syncs", dest="syncs", action="store_false", help="skip the host-sync audit runs"
+    )
     args = parser.parse_args(argv)
     if "bare" not in args.configs:
         args.configs.insert(0, "bare")
@@ -229,19 +381,24 @@ def _measure(args: argparse.Namespace) -> dict[str, dict[str, tuple[float, float
         for workload in args.workloads:
             median_ratios: dict[str, list[float]] = {c: [] for c in args.configs}
             mean_ratios: dict[str, list[float]] = {c: [] for c in args.configs}
-            in_hooks: dict[str, list[float]] = {c: [] for c in args.configs}
+            quiet: dict[str, list[float]] = {c: [] for c in args.configs}
+            logging_steps: dict[str, list[float]] = {c: [] for c in args.configs}
+            ends: dict[str, list[float]] = {c: [] for c in args.configs}
             bare_steps: list[float] = []
             for _ in range(args.rounds):
                 order = list(args.configs)
                 rng.shuffle(order)
                 runs = {config: run_once(workload, config, args.steps, args.warmup, root) for config in order}
-                bare_median = statistics.median(runs["bare"][0])
-                bare_mean = statistics.fmean(runs["bare"][0])
+                bare_median = statistics.median(runs["bare"].step_times)
+                bare_mean = statistics.fmean(runs["bare"].step_times)
                 bare_steps.append(bare_median)
-                for config, (times, hook_seconds) in runs.items():
-                    median_ratios[config].append(statistics.median(times) / bare_median)
-                    mean_ratios[config].append(statistics.fmean(times) / bare_mean)
-                    in_hooks[config].append(hook_seconds)
+                for config, run in runs.items():
+                    median_ratios[config].append(statistics.median(run.step_times) / bare_median)
+                    mean_ratios[config].append(statistics.fmean(run.step_times) / bare_mean)
+                    quiet[config].append(run.hook_quiet)
+                    logging_steps[config].append(run.hook_logging)
+                    ends[config].append(run.end)
+            syncs = {c: syncs_per_quiet_step(workload, c, root) for c in args.configs} if args.syncs else {}
             bare_step = statistics.median(bare_steps)
             results[workload] = {
                 c: (statistics.median(median_ratios[c]), statistics.median(mean_ratios[c]))
@@ -250,16 +407,21 @@ def _measure(args: argparse.Namespace) -> dict[str, dict[str, tuple[float, float
             print(f"\n{workload}: bare step {bare_step * 1e3:.2f} ms (median over rounds)")
             print(
                 "| configuration | median step vs bare [min, max] | mean step vs bare [min, max] "
-                "| in lightning_diag hooks per step |"
+                "| in hooks, quiet step | in hooks, logging step | host syncs per quiet step | end of fit |"
             )
-            print("|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|")
             for config in args.configs:
                 med, mean = median_ratios[config], mean_ratios[config]
-                hooks = statistics.median(in_hooks[config])
-                hook_cell = f"{hooks * 1e6:.0f} µs = 1 + {hooks / bare_step:.3f}" if hooks else "-"
+                q, lg = statistics.median(quiet[config]), statistics.median(logging_steps[config])
+                quiet_cell = f"{q * 1e6:.0f} µs = {q / bare_step:.1%}" if q else "-"
+                logging_cell = f"{lg * 1e6:.0f} µs" if lg else "-"
+                sync_cell = f"{syncs[config]:g}" if syncs else "not measured"
+                end = statistics.median(ends[config])
+                end_cell = f"{end * 1e3:.0f} ms" if end else "-"
                 print(
                     f"| {config} | {statistics.median(med):.3f}x [{min(med):.2f}, {max(med):.2f}] "
-                    f"| {statistics.median(mean):.3f}x [{min(mean):.2f}, {max(mean):.2f}] | {hook_cell} |"
+                    f"| {statistics.median(mean):.3f}x [{min(mean):.2f}, {max(mean):.2f}] | {quiet_cell} "
+                    f"| {logging_cell} | {sync_cell} | {end_cell} |"
                 )
     return results
 

@@ -208,7 +208,9 @@ def test_fsdp1_is_refused_where_gradients_would_be_wrong(make, allowed) -> None:
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    class FakeTrainer(SimpleNamespace):  # a plain SimpleNamespace cannot be weakly referenced (the run context)
+    class FakeTrainer(
+        SimpleNamespace
+    ):  # a plain SimpleNamespace cannot be weakly referenced (the run context)
         pass
 
     callback = make()

@@ -110,3 +110,22 @@ def test_loss_at_init() -> None:
         assert_loss_at_init(0.01, num_classes=3)
     with pytest.raises(AssertionError, match="is nan"):
         assert_loss_at_init(float("nan"), num_classes=3)
+
+
+def test_host_sync_counter_counts_reads_and_nothing_else() -> None:
+    from lightning_diag.testing import HostSyncCounter
+
+    x = torch.randn(4)
+    original = torch.Tensor.tolist
+    with HostSyncCounter() as quiet:
+        y = (x * 2).sum() + x.norm()
+        torch.isfinite(y)
+    assert quiet.count == 0
+    with HostSyncCounter() as reads:
+        y.item()
+        float(y)
+        bool(y > 0)
+        x.tolist()
+        x.numpy()
+    assert reads.count == 5
+    assert torch.Tensor.tolist is original  # patched only while active

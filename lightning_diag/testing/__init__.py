@@ -27,8 +27,10 @@ from torch import nn
 
 from lightning_diag.core import sanity
 from lightning_diag.core.nan_trace import iter_tensors, trace_step
+from lightning_diag.testing.syncs import HostSyncCounter
 
 __all__ = [
+    "HostSyncCounter",
     "assert_batch_independence",
     "assert_can_overfit_batch",
     "assert_forward_backward",

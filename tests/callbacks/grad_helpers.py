@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_diag.testing.syncs import HostSyncCounter
 
 PRECISIONS = ["32-true", "bf16-mixed", "16-mixed-scaler"]
 
@@ -44,40 +45,8 @@ class GradRecorder(Callback):
         self.grads[trainer.global_step] = grads
 
 
-class SyncCounter(TorchDispatchMode):
-    """Counts what forces a device-to-host synchronisation: the dispatched ops (``.item()``, ``float(t)``,
-    ``bool(t)``, ``torch.equal``, ``nonzero``) and, since on CPU they read memory without dispatching an op,
-    ``Tensor.tolist()`` and ``Tensor.numpy()`` calls made while the counter is active (patched for that time)."""
-
-    SYNCS: ClassVar[frozenset[str]] = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "nonzero"})
-    READS: ClassVar[tuple[str, ...]] = ("tolist", "numpy")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self._saved: dict[str, Any] = {}
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func.__name__.split(".")[0] in self.SYNCS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-    def __enter__(self) -> Any:
-        for name in self.READS:
-            original = self._saved[name] = getattr(torch.Tensor, name)
-
-            def counted(tensor: torch.Tensor, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                self.count += 1
-                return _original(tensor, *args, **kwargs)
-
-            setattr(torch.Tensor, name, counted)
-        return super().__enter__()
-
-    def __exit__(self, *exc: Any) -> Any:
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
-        self._saved = {}
-        return super().__exit__(*exc)
+#: Counts host syncs, also ``tolist()`` on CPU (see lightning_diag.testing.syncs).
+SyncCounter = HostSyncCounter
 
 
 class Enter(Callback):

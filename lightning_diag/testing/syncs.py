@@ -1,0 +1,58 @@
+"""Count the host-device synchronisations a piece of code makes (on CPU too, where nothing waits).
+
+A monitoring callback that reads a device value every step (``.item()``, ``float(t)``, ``bool(t)``,
+``.tolist()``) stalls a GPU's queue every step. On a CPU nothing waits, so such reads are invisible to a timer;
+:class:`HostSyncCounter` counts them instead: the dispatched ops that force a read (``_local_scalar_dense``
+behind ``.item()``/``float()``, ``is_nonzero`` behind ``bool()``, ``equal``, ``nonzero``) and, since on CPU they
+read memory without dispatching an op, calls of ``Tensor.tolist()`` and ``Tensor.numpy()`` while it is active::
+
+    with HostSyncCounter() as syncs:
+        step()
+    assert syncs.count == 0
+
+The counter slows every op while active (Python dispatch): use it in tests and sync audits, not in timings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["HostSyncCounter"]
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts host-device synchronisations while active (see the module docstring); ``count`` is the total."""
+
+    SYNCS: ClassVar[frozenset[str]] = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "nonzero"})
+    READS: ClassVar[tuple[str, ...]] = ("tolist", "numpy")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self._saved: dict[str, Any] = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func.__name__.split(".")[0] in self.SYNCS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self) -> HostSyncCounter:
+        for name in self.READS:
+            original = self._saved[name] = getattr(torch.Tensor, name)
+
+            def counted(tensor: torch.Tensor, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                self.count += 1
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counted)
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        self._saved = {}
+        super().__exit__(*exc)

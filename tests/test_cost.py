@@ -1,0 +1,83 @@
+"""Quiet steps cost no host synchronisation: every exported callback at its defaults, audited hook by hook.
+
+The one documented exception is NaNGuard's skip with an ordinary optimizer: one small read per step (the same
+kind a GradScaler makes). With a fused optimizer the skip happens on the device and the count is 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import lightning_diag
+from lightning_diag.testing import HostSyncCounter
+from tests.helpers import Regression, loader, trainer
+
+HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+)
+LOG_EVERY = 5
+
+
+class Fused(Regression):
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.fused = fused
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, fused=self.fused)
+
+
+class Audit(Callback):
+    """Counts host syncs inside the lightning_diag hooks, per optimizer step."""
+
+    def __init__(self, callbacks: list[Callback]) -> None:
+        self.per_step: dict[int, int] = {}
+        self.step = 0
+        for callback in callbacks:
+            for hook in HOOKS:
+                setattr(callback, hook, self._counted(getattr(callback, hook)))
+
+    def _counted(self, original: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            with HostSyncCounter() as syncs:
+                result = original(*args, **kwargs)
+            self.per_step[self.step] = self.per_step.get(self.step, 0) + syncs.count
+            return result
+
+        return counted
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        self.step = trainer.global_step
+
+
+def suite() -> list[Callback]:
+    return [
+        lightning_diag.WarmupCosine(warmup_steps=2),
+        lightning_diag.GradNormMonitor(),
+        lightning_diag.GradClip(max_norm=1.0),
+        lightning_diag.NaNGuard(),
+        lightning_diag.EarlyStop(monitor="val_loss"),
+        lightning_diag.OverfitDetector(),
+        lightning_diag.SpeedMonitor(),
+        lightning_diag.SanityCheck(),
+    ]
+
+
+@pytest.mark.parametrize(("fused", "expected"), [(True, 0), (False, 1)])
+def test_quiet_steps_make_no_host_sync(fused: bool, expected: int) -> None:
+    callbacks = suite()
+    audit = Audit(callbacks)
+    t = trainer(max_epochs=2, log_every_n_steps=LOG_EVERY, callbacks=[audit, *callbacks])
+    t.fit(Fused(fused), loader(n=96), loader(n=16))
+    # step 0 runs SanityCheck's pre-flight checks; logging steps read their values once
+    quiet = {s: n for s, n in audit.per_step.items() if s > 0 and (s + 1) % LOG_EVERY != 0}
+    assert len(quiet) >= 15 and all(n == expected for n in quiet.values()), quiet
+    assert any(n > 0 for s, n in audit.per_step.items() if (s + 1) % LOG_EVERY == 0)  # the audit sees reads
