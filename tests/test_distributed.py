@@ -208,10 +208,8 @@ def test_fsdp1_is_refused_where_gradients_would_be_wrong(make, allowed) -> None:
 
     from lightning.pytorch.strategies import FSDPStrategy
 
-    class FakeTrainer(
-        SimpleNamespace
-    ):  # a plain SimpleNamespace cannot be weakly referenced (the run context)
-        pass
+    class FakeTrainer(SimpleNamespace):
+        __hash__ = object.__hash__  # weakly referenced and hashable, as a Trainer is (the run context)
 
     callback = make()
     fake_trainer = FakeTrainer(strategy=FSDPStrategy(), gradient_clip_val=None)
