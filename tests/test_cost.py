@@ -81,3 +81,44 @@ def test_quiet_steps_make_no_host_sync(fused: bool, expected: int) -> None:
     quiet = {s: n for s, n in audit.per_step.items() if s > 0 and (s + 1) % LOG_EVERY != 0}
     assert len(quiet) >= 15 and all(n == expected for n in quiet.values()), quiet
     assert any(n > 0 for s, n in audit.per_step.items() if (s + 1) % LOG_EVERY == 0)  # the audit sees reads
+
+
+class SyncDebug(Callback):
+    """On quiet steps, turns CUDA's sync debug mode to "error" around every lightning_diag hook."""
+
+    def __init__(self, callbacks: list[Callback]) -> None:
+        self.step = 0
+        for callback in callbacks:
+            for hook in HOOKS:
+                setattr(callback, hook, self._guarded(getattr(callback, hook)))
+
+    def _guarded(self, original: Any) -> Any:
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            quiet = self.step > 0 and (self.step + 1) % LOG_EVERY != 0
+            torch.cuda.set_sync_debug_mode("error" if quiet else 0)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+        return guarded
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        self.step = trainer.global_step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_quiet_steps_make_no_cuda_sync(precision: str) -> None:
+    callbacks = suite()
+    guard = SyncDebug(callbacks)
+    t = trainer(
+        accelerator="cuda",
+        max_epochs=2,
+        precision=precision,
+        log_every_n_steps=LOG_EVERY,
+        callbacks=[guard, *callbacks],
+    )
+    t.fit(Fused(True), loader(n=96), loader(n=16))  # a synchronising call on a quiet step raises
+    assert t.state.finished
