@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
+import os
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from lightning_diag import _logging, plots
+from lightning_diag import _logging, html_report, plots
 from lightning_diag.findings import (
     Evidence,
     Finding,
@@ -26,8 +26,9 @@ class DiagCallback(Callback):
     """Base of the lightning_diag callbacks: records :class:`~lightning_diag.Finding` s and writes the report.
 
     Subclasses call :meth:`record` for each conclusion. The last lightning_diag callback in
-    ``trainer.callbacks`` writes ``diagnosis.json`` (global rank 0) and prints the summary at the end of ``fit``
-    and when ``fit`` dies of an exception. Subclasses put their per-fit state in ``_reset_state`` (called at
+    ``trainer.callbacks`` writes ``diagnosis.json`` and ``diagnosis.html`` (global rank 0) and prints the summary,
+    one line per finding (``LIGHTNING_DIAG_VERBOSE=1`` adds the advice), through the progress bar at the end of
+    ``fit`` and when ``fit`` dies of an exception. Subclasses put their per-fit state in ``_reset_state`` (called at
     ``setup("fit")``); those that override ``setup``, ``on_fit_end`` or ``on_exception`` must call ``super()``.
     """
 
@@ -101,7 +102,7 @@ class DiagCallback(Callback):
             collect_findings(trainer),
             status=status,
             global_step=trainer.global_step,
-            epoch=trainer.current_epoch,
+            epoch=_last_epoch(trainer),
             error=error,
         )
         directory = _logging.log_dir(trainer)
@@ -110,12 +111,28 @@ class DiagCallback(Callback):
             series.update(callback.report_series())
         figures = plots.build_figures(series, report["findings"])
         report["plots"] = plots.save_figures(figures, directory)
+        report["html"] = html_report.HTML_FILENAME
         path = write_report(report, directory)
-        text = format_summary(report, path)
-        print(text, file=sys.stdout, flush=True)
-        _logging.log_text(trainer, "diag/diagnosis", text, step=trainer.global_step)
+        html_path = html_report.write_html(report, series, directory)
+        verbose = os.environ.get("LIGHTNING_DIAG_VERBOSE", "").lower() in ("1", "true", "yes")
+        text = format_summary(report, path, verbose=verbose)
+        _logging.console(trainer, text)
+        _logging.log_text(
+            trainer, "diag/diagnosis", format_summary(report, path, verbose=True), step=trainer.global_step
+        )
+        _logging.log_html(trainer, "diag/diagnosis_html", html_path, step=trainer.global_step)
         for name, figure in figures.items():
             _logging.log_figure(trainer, f"diag/{name}", figure, step=trainer.global_step)
+
+
+def _last_epoch(trainer: Any) -> int:
+    """The index of the last epoch that ran, as Lightning's progress bar shows it (``current_epoch`` already
+    counts a finished epoch as done: after 18 epochs it is 18, the bar showed ``Epoch 17``)."""
+    try:
+        started = int(trainer.fit_loop.epoch_progress.current.started)
+    except AttributeError:  # not a fit
+        return int(trainer.current_epoch)
+    return max(started - 1, 0)
 
 
 def collect_findings(trainer: Any) -> list[Finding]:

@@ -111,7 +111,7 @@ def run_checks(
             and labels is not None
             and out.shape[0] == labels.shape[0]
         ):
-            issues += sanity.check_loss_at_init(float(loss.float().sum()), int(out.shape[1]))
+            issues += sanity.check_loss_at_init(float(loss.detach().float().sum()), int(out.shape[1]))
     if gradients:
         issues += sanity.check_gradients(pl_module, lambda: loss_of(pl_module))
     if batch_independence and x is not None and x.is_floating_point():
