@@ -8,7 +8,7 @@ next to ``diagnosis.json``. What the page shows, top to bottom:
   the findings in severity order) and every finding with its evidence, advice and the findings it was caused by;
 * the learning curves (``#learning-curves``) with the best validation value (the one EarlyStop restored when it
   restored one), the overfitting onset, the stop, and the run's events (skipped steps, rollbacks, spikes) marked;
-* the learning-rate schedule (``#lr-schedule``) with rollbacks (and their LR back-off) marked;
+* the learning-rate schedule (``#lr-schedule``) with skipped steps and NaNGuard's LR back-offs marked;
 * the per-layer gradient-norm heatmap (``#grad-norms``);
 * the data-wait vs compute split of a training step (``#data-wait``, SpeedMonitor).
 
@@ -291,8 +291,33 @@ def _lr_chart(series: Mapping[str, Any], report: Mapping[str, Any]) -> str:
         log_y=False,
     )
     chart.line(xs, ys, "lr", "learning rate")
+    backoffs = lr_backoffs(points, series.get("nan_guard") or {})
+    for step, before, after in backoffs:
+        chart.vline(
+            step,
+            "backoff",
+            f"LR back-off at step {step:g}: {before:.3g} -> {after:.3g} (NaNGuard rollback)",
+            legend=f"LR back-off after a NaNGuard rollback ({len(backoffs)})",
+        )
     chart.events(events)
     return chart.svg()
+
+
+def lr_backoffs(
+    points: Sequence[Sequence[float]], guard: Mapping[str, Any]
+) -> list[tuple[float, float, float]]:
+    """``(step, lr before, lr after)`` where the schedule fell by NaNGuard's ``lr_backoff`` factor (or more),
+    when NaNGuard rolled back with a back-off: at most one per rollback."""
+    rollbacks, factor = int(guard.get("rollbacks", 0)), float(guard.get("lr_backoff", 1.0))
+    if rollbacks <= 0 or not 0 < factor < 1:
+        return []
+    cut = (1 + factor) / 2  # half-way between no change and the back-off: a cosine step never falls this fast
+    drops = [
+        (float(b[0]), float(a[1]), float(b[1]))
+        for a, b in itertools.pairwise(points)
+        if a[1] and b[1] is not None and float(a[1]) > 0 and float(b[1]) / float(a[1]) <= cut
+    ]
+    return drops[:rollbacks]
 
 
 def _grad_norm_heatmap(norms: Mapping[str, Sequence[Sequence[float]]]) -> str:
@@ -454,12 +479,13 @@ class _Chart:
         )
         self.legend.append((css, label, "circle"))
 
-    def vline(self, x: float, css: str, label: str) -> None:
+    def vline(self, x: float, css: str, label: str, legend: str | None = None) -> None:
         px = self.px(x)
         self.body.append(
             f'<line class="marker {css}" x1="{px:.1f}" x2="{px:.1f}" y1="{_PAD_T}" y2="{_H - _PAD_B}"><title>{_e(label)}</title></line>'
         )
-        self.legend.append((css, label, "vline"))
+        if not any(c == css for c, _, _ in self.legend):
+            self.legend.append((css, legend or label, "vline"))
 
     def events(self, events: Sequence[tuple[str, float, float, int, str]]) -> None:
         seen: dict[str, int] = {}
@@ -564,7 +590,8 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
     """log10 positions of round values (1, 2, 5 x 10^k; decades only when there are enough of them)."""
     decades = [float(k) for k in range(math.floor(lo), math.ceil(hi) + 1) if lo <= k <= hi]
     if len(decades) >= 3:
-        return decades
+        every = max(1, math.ceil(len(decades) / 8))
+        return decades[::every]
     values = [m * 10.0**k for k in range(math.floor(lo) - 1, math.ceil(hi) + 1) for m in (1, 2, 5)]
     return [math.log10(v) for v in values if lo <= math.log10(v) <= hi]
 
@@ -644,6 +671,7 @@ svg text.legend{font-size:13px}svg text.legend.end{text-anchor:end}
 .marker.best{fill:none;stroke:#16a34a;stroke-width:3}
 .marker.onset{stroke:#d97706;stroke-width:2;stroke-dasharray:6,4}
 .marker.stop{stroke:#dc2626;stroke-width:2;stroke-dasharray:2,3}
+.marker.backoff{stroke:#7c3aed;stroke-width:2;stroke-dasharray:5,3}
 rect.wait{fill:#d97706}rect.compute{fill:#2563eb}
 footer{padding:8px 24px 20px;color:#6b7280;font-size:13px}
 code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace}

@@ -120,6 +120,17 @@ def test_events_are_marked_on_the_curves() -> None:
     assert page.find("svg", id="lr-schedule") and page.find("polyline", class_="series lr")
 
 
+def test_lr_back_offs_are_marked_only_after_a_rollback() -> None:
+    lr = [(0, 0.1), (2, 0.099), (4, 0.098), (6, 0.0098), (8, 0.0097), (10, 0.00096)]
+    guard = {"rollbacks": 1, "skipped_steps": 3, "lr_backoff": 0.1}
+    report = build_report([], status="finished", global_step=10, epoch=0)
+    page = elements(render(report, {"lr": lr, "nan_guard": guard}))
+    assert len(page.find("line", class_="marker backoff")) == 1  # one rollback: the first fall, at step 6
+    assert not elements(render(report, {"lr": lr})).find(
+        "line", class_="marker backoff"
+    )  # a StepLR-like fall
+
+
 def test_the_page_is_self_contained() -> None:
     page = render(v2_report(), {"curve": [(1.0, 1.0, 1.1), (2.0, 0.6, 0.8)]})
     assert "<script" not in page and "http://" not in page and "https://" not in page

@@ -662,6 +662,18 @@ class NaNGuard(DiagCallback):
         self.good_since_snapshot = 0
         self._advanced = 0
 
+    def report_series(self) -> dict[str, Any]:
+        """What NaNGuard did, for the HTML report (rollbacks mark their LR back-off on the schedule)."""
+        if not (self.skipped_steps or self.rollbacks):
+            return {}
+        return {
+            "nan_guard": {
+                "skipped_steps": self.skipped_steps,
+                "rollbacks": self.rollbacks,
+                "lr_backoff": self.lr_backoff,
+            }
+        }
+
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
