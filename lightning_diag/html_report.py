@@ -564,10 +564,10 @@ def _swatch(css: str, shape: str) -> str:
         colour = shape.split(":", 1)[1]
         return f'<svg class="swatch" viewBox="0 0 14 14"><path d="M2,2 h10 l-5,9 z" fill="{colour}"/></svg>'
     if shape == "circle":
-        return f'<svg class="swatch" viewBox="0 0 14 14"><circle class="marker {css}" cx="7" cy="7" r="5"/></svg>'
+        return f'<svg class="swatch" viewBox="0 0 14 14"><circle class="marker {css} key" cx="7" cy="7" r="5"/></svg>'
     if shape == "vline":
-        return f'<svg class="swatch" viewBox="0 0 14 14"><line class="marker {css}" x1="7" x2="7" y1="0" y2="14"/></svg>'
-    return f'<svg class="swatch" viewBox="0 0 14 14"><line class="series {css}" x1="0" x2="14" y1="7" y2="7"/></svg>'
+        return f'<svg class="swatch" viewBox="0 0 14 14"><line class="marker {css} key" x1="7" x2="7" y1="0" y2="14"/></svg>'
+    return f'<svg class="swatch" viewBox="0 0 14 14"><line class="series {css} key" x1="0" x2="14" y1="7" y2="7"/></svg>'
 
 
 def _ticks(lo: float, hi: float, count: int = 6) -> list[float]:
