@@ -265,3 +265,55 @@ def test_the_overfitting_example_renders_in_chromium(tmp_path) -> None:
     target = os.environ.get("LIGHTNING_DIAG_SCREENSHOT")
     if target:  # how docs/images/diagnosis_html.png is made
         shutil.copyfile(png, target)
+
+
+def test_logged_as_a_wandb_html_panel(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="lightning_diag_html")
+    try:
+        t = trainer(
+            max_epochs=2,
+            num_sanity_val_steps=0,
+            default_root_dir=str(tmp_path),
+            logger=logger,
+            callbacks=[OverfitDetector()],
+        )
+        t.fit(Net(), *loaders("healthy"))
+    finally:
+        import wandb
+
+        wandb.finish()
+    (panel,) = tmp_path.rglob("media/html/diag/diagnosis_html_*.html")
+    assert 'id="learning-curves"' in panel.read_text()
+
+
+def test_report_html_from_a_runs_logs(tmp_path, capsys) -> None:
+    from tests.test_cli import plain_run
+
+    plain_run(tmp_path, "csv")
+    assert main(["report", str(tmp_path), "--html", "--fail-on", "never"]) == 0
+    page = elements((tmp_path / "run" / "version_0" / "diagnosis.html").read_text())
+    assert page.find("article", class_="finding")[0]["data-code"] == "overfitting"
+    assert page.find("polyline", class_="series val") and page.find("line", class_="marker onset")
+    assert (
+        json.loads((tmp_path / "run" / "version_0" / "diagnosis.json").read_text())["html"]
+        == "diagnosis.html"
+    )
+
+
+def test_a_failing_page_never_breaks_the_run(tmp_path, monkeypatch) -> None:
+    from lightning_diag import LightningDiagWarning, html_report
+
+    def broken(*args: object) -> str:
+        raise RuntimeError("no space left")
+
+    monkeypatch.setattr(html_report, "write_html", broken)
+    t = trainer(
+        max_epochs=1, num_sanity_val_steps=0, default_root_dir=str(tmp_path), callbacks=[OverfitDetector()]
+    )
+    with pytest.warns(LightningDiagWarning, match="could not write diagnosis.html .*no space left"):
+        t.fit(Net(), *loaders("healthy"))
+    assert t.state.finished and (tmp_path / "diagnosis.json").exists()

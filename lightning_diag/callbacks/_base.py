@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -12,6 +13,7 @@ from lightning_diag.findings import (
     Evidence,
     Finding,
     FindingLog,
+    LightningDiagWarning,
     Severity,
     build_report,
     format_summary,
@@ -113,14 +115,26 @@ class DiagCallback(Callback):
         report["plots"] = plots.save_figures(figures, directory)
         report["html"] = html_report.HTML_FILENAME
         path = write_report(report, directory)
-        html_path = html_report.write_html(report, series, directory)
+        try:
+            html_path: str | None = html_report.write_html(report, series, directory)
+        except (
+            Exception
+        ) as error:  # the page is a view of diagnosis.json: never let it break the end of a run
+            html_path = None
+            warnings.warn(
+                f"lightning_diag could not write {html_report.HTML_FILENAME} ({type(error).__name__}: {error}); "
+                f"{path} has the whole report.",
+                LightningDiagWarning,
+                stacklevel=2,
+            )
         verbose = os.environ.get("LIGHTNING_DIAG_VERBOSE", "").lower() in ("1", "true", "yes")
         text = format_summary(report, path, verbose=verbose)
         _logging.console(trainer, text)
         _logging.log_text(
             trainer, "diag/diagnosis", format_summary(report, path, verbose=True), step=trainer.global_step
         )
-        _logging.log_html(trainer, "diag/diagnosis_html", html_path, step=trainer.global_step)
+        if html_path is not None:
+            _logging.log_html(trainer, "diag/diagnosis_html", html_path, step=trainer.global_step)
         for name, figure in figures.items():
             _logging.log_figure(trainer, f"diag/{name}", figure, step=trainer.global_step)
 
