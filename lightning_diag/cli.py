@@ -182,6 +182,7 @@ def _import(target: str) -> Any:
 def _doctor(args: argparse.Namespace) -> int:
     import lightning.pytorch as pl
 
+    import lightning_diag.callbacks  # noqa: F401  (LightningCLI resolves `class_path: EarlyStop` in --config)
     from lightning_diag.callbacks.sanity_check import run_checks
 
     model_class = _import(args.model)

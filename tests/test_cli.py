@@ -180,6 +180,19 @@ def test_doctor_passes_the_digits_example(capsys) -> None:
     assert main(["doctor", model, "--datamodule", data, "--config", config]) == 0
 
 
+def test_doctor_resolves_short_callback_names_in_the_command(tmp_path) -> None:
+    """In the `lightning-diag` process the callbacks load lazily; a --config naming them by short name still parses."""
+    model, data = (
+        os.path.join(DIGITS, "digits.py") + f":{name}" for name in ("DigitsClassifier", "DigitsDataModule")
+    )
+    argv = ["doctor", model, "--datamodule", data, "--config", os.path.join(DIGITS, "config.yaml")]
+    proc = subprocess.run(
+        [sys.executable, "-c", STARTUP, *argv], capture_output=True, text=True, timeout=300, cwd=str(tmp_path)
+    )
+    assert proc.stderr.strip().splitlines()[-1].split()[1] == "0", proc.stderr[-3000:]
+    assert "No findings" in proc.stdout
+
+
 def test_doctor_fails_a_broken_model(tmp_path, capsys) -> None:
     (tmp_path / "broken_model.py").write_text(BROKEN_MODULE)
     assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Broken"]) == 1
