@@ -208,12 +208,14 @@ def _learning_curves_chart(series: Mapping[str, Any], report: Mapping[str, Any])
         chart.line(xs, val, "val", "validation loss")
     if best is not None:
         bx, bv, restored = best
-        label = f"best val {bv:.6g} ({where_x(bx, unit)}{', restored' if restored else ''})"
+        label = f"best val {bv:.6g} ({where_x(bx, unit, series)}{', restored' if restored else ''})"
         chart.point(bx - shift, bv, "best", label)
     if onset is not None:
-        chart.vline(float(onset) - shift, "onset", f"overfitting onset ({where_x(float(onset), unit)})")
+        chart.vline(
+            float(onset) - shift, "onset", f"overfitting onset ({where_x(float(onset), unit, series)})"
+        )
     if stop is not None:
-        chart.vline(stop - shift, "stop", f"stopped ({where_x(stop, unit)})")
+        chart.vline(stop - shift, "stop", f"stopped ({where_x(stop, unit, series)})")
     chart.events(events)
     return chart.svg()
 
@@ -248,8 +250,15 @@ def stopped_x(series: Mapping[str, Any]) -> float | None:
     return None if stop is None else float(stop)
 
 
-def where_x(x: float, unit: str) -> str:
-    """``epoch 16`` (the epoch index, as Lightning's progress bar shows it) for a curve ``x``; ``step 120``."""
+def where_x(x: float, unit: str, series: Mapping[str, Any] | None = None) -> str:
+    """``epoch 16`` (the epoch index, as Lightning's progress bar shows it) for a curve ``x``; ``step 120``. An
+    evaluation inside an epoch (``val_check_interval < 1``) also names its global step: ``epoch 0, step 600``."""
+    if unit == "epoch" and series is not None and abs(x - round(x)) > 1e-9:
+        xs = [float(p[0]) for p in series.get("curve") or []]
+        steps = list(series.get("curve_steps") or [])
+        for px, step in zip(xs, steps, strict=False):
+            if abs(px - x) < 1e-9:
+                return f"epoch {max(math.ceil(round(x, 6)) - 1, 0)}, step {step}"
     if unit != "epoch":
         return f"step {x:g}"
     return f"epoch {max(math.ceil(round(x, 6)) - 1, 0)}"

@@ -97,7 +97,7 @@ def _learning_curves(
             facecolors="none",
             edgecolors="green",
             zorder=3,
-            label=f"best val {best_v:.6g} ({where_x(best_x, unit)}{', restored' if restored else ''})",
+            label=f"best val {best_v:.6g} ({where_x(best_x, unit, series)}{', restored' if restored else ''})",
         )
     onset = next(
         (
@@ -112,11 +112,11 @@ def _learning_curves(
             float(onset) - shift,
             color="orange",
             linestyle="--",
-            label=f"overfitting onset ({where_x(float(onset), unit)})",
+            label=f"overfitting onset ({where_x(float(onset), unit, series)})",
         )
     stop = stopped_x(series)
     if stop is not None:
-        ax.axvline(stop - shift, color="red", linestyle=":", label=f"stopped ({where_x(stop, unit)})")
+        ax.axvline(stop - shift, color="red", linestyle=":", label=f"stopped ({where_x(stop, unit, series)})")
     positive = [v for v in train + val if not math.isnan(v)]
     if positive and min(positive) > 0 and max(positive) / min(positive) > 20:
         ax.set_yscale("log")

@@ -86,3 +86,15 @@ def test_text_only_without_matplotlib(tmp_path, monkeypatch, capsys) -> None:
     report = json.loads((run_dir / "diagnosis.json").read_text())
     assert report["plots"] == [] and not list(run_dir.glob("*.png"))
     assert "Plots:" not in capsys.readouterr().out
+
+
+def test_evaluations_inside_an_epoch_are_labelled_with_their_step() -> None:
+    # val_check_interval=0.5 on one long epoch (charlm): every point is in epoch 0, the step tells them apart
+    series = {"curve": [(0.5, 2.0, 2.1), (1.0, 1.5, 1.4717), (1.5, 1.2, 1.6)], "curve_steps": [60, 120, 180]}
+    figure = plots.build_figures(series)["learning_curves"]
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert "best val 1.4717 (epoch 0)" in labels  # x=1.0 is the end of epoch 0
+    series["curve"][1] = (0.75, 1.5, 1.4717)
+    figure = plots.build_figures(series)["learning_curves"]
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert "best val 1.4717 (epoch 0, step 120)" in labels
