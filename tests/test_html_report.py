@@ -317,3 +317,13 @@ def test_a_failing_page_never_breaks_the_run(tmp_path, monkeypatch) -> None:
     with pytest.warns(LightningDiagWarning, match="could not write diagnosis.html .*no space left"):
         t.fit(Net(), *loaders("healthy"))
     assert t.state.finished and (tmp_path / "diagnosis.json").exists()
+
+
+def test_the_browser_test_skips_only_outside_ci(monkeypatch) -> None:
+    monkeypatch.setattr(browser, "chromium", lambda: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="Chromium is not installed"):
+        need_chromium()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true but Chromium is not installed"):
+        need_chromium()
