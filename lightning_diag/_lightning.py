@@ -20,6 +20,7 @@ __all__ = [
     "check_strategy",
     "detached_trainer",
     "epochs_processed",
+    "epochs_started",
     "fused_unscale",
     "is_last_batch",
     "loss_scale",
@@ -97,6 +98,16 @@ def train_batch_idx(trainer: Any) -> int:
 def epochs_processed(trainer: Any) -> int:
     """Training epochs completed so far. Reads ``fit_loop.epoch_progress.current.processed`` (lightning 2.0-2.6)."""
     return int(trainer.fit_loop.epoch_progress.current.processed)
+
+
+def epochs_started(trainer: Any) -> int | None:
+    """Training epochs started so far (``None`` outside a fit loop). Reads
+    ``fit_loop.epoch_progress.current.started`` (lightning 2.0-2.6).
+    """
+    try:
+        return int(trainer.fit_loop.epoch_progress.current.started)
+    except AttributeError:
+        return None
 
 
 def replay_training_step(trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> torch.Tensor | None:

@@ -12,24 +12,31 @@ Two routes, chosen by the hook the caller is in (DESIGN.md section 5):
   figure or text is skipped.
 
 No logger configured: every function is a no-op apart from ``callback_metrics``.
+
+:func:`console` is how lightning_diag prints: through the progress bar (``tqdm.write`` clears the bar, prints the
+line and redraws the bar), never onto it.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 __all__ = [
     "HISTOGRAM_QUANTILES",
+    "console",
     "log_dir",
     "log_direct",
     "log_epoch",
     "log_figure",
     "log_histogram",
+    "log_html",
     "log_step",
     "log_text",
     "should_log_step",
@@ -164,3 +171,40 @@ def log_dir(trainer: Any) -> str:
         if save_dir:
             return os.fspath(save_dir)
     return os.fspath(trainer.default_root_dir)
+
+
+def log_html(trainer: Any, name: str, path: str, step: int) -> bool:
+    """An HTML file (``diagnosis.html``) to W&B (an HTML panel) and MLflow (an artifact); returns whether any logger
+    took it. TensorBoard shows no HTML: the file sits in its log directory, next to the event files.
+    """
+    if not trainer.is_global_zero:
+        return False
+    taken = False
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            with open(path, encoding="utf-8") as handle:
+                page = wandb.Html(handle.read(), inject=False)
+            logger.experiment.log({name: page, "trainer/global_step": step})
+            taken = True
+        elif isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, path)
+            taken = True
+    return taken
+
+
+def console(trainer: Any, text: str) -> None:
+    """Print ``text`` on global rank 0 the way Lightning's progress bar allows: above the bar, never onto it."""
+    if not trainer.is_global_zero:
+        return
+    bar = getattr(trainer, "progress_bar_callback", None)
+    if isinstance(bar, TQDMProgressBar) and bar.is_enabled:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stdout)  # what the bar's own `print` does, also once the bars are closed
+        sys.stdout.flush()
+    elif bar is not None and bar.is_enabled:
+        bar.print(text)
+    else:
+        print(text, flush=True)

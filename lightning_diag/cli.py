@@ -15,7 +15,14 @@ job can gate on a training run:
 without training, prints the findings and exits 1 when one reaches ``--fail-on`` (``error`` by default): a CI gate
 for model code. ``MODULE`` is an importable module or a path to a ``.py`` file.
 
+``lightning-diag demo [NAME]`` trains one of the failure scenarios shipped in :mod:`lightning_diag.demo` (a few
+seconds on the CPU), prints its diagnosis and writes ``diagnosis.html``; ``demo --list`` lists them.
+
 ``lightning-diag codes`` lists the finding codes.
+
+``report --html`` also writes ``diagnosis.html`` next to the report; ``report --verbose`` prints each finding's
+advice. ``--help``, ``codes`` and argument errors answer without importing torch: the commands import what they
+need when they run.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import os
 import sys
 from typing import Any
 
-from lightning_diag import plots, posthoc
+from lightning_diag import posthoc
 from lightning_diag.__about__ import __version__
 from lightning_diag.core.verdict import fails
 from lightning_diag.findings import (
@@ -69,7 +76,7 @@ def _load(report_path: str) -> dict[str, Any]:
     return report
 
 
-def _post_hoc(path: str, args: argparse.Namespace) -> tuple[dict[str, Any], str] | None:
+def _post_hoc(path: str, args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, Any]] | None:
     """Diagnose the newest logged run under ``path``; ``None`` when there are no logs."""
     runs = posthoc.find_runs(path)
     if not runs:
@@ -80,13 +87,13 @@ def _post_hoc(path: str, args: argparse.Namespace) -> tuple[dict[str, Any], str]
     existing = _load(existing_path) if os.path.isfile(existing_path) else None
     series = posthoc.read_series(kind, location)
     try:
-        found, plot_series = posthoc.diagnose_run(series, args.train_key, args.val_key, args.baseline)
+        found, plot_series = posthoc.diagnose_run(series, args.train_monitor, args.monitor, args.chance_loss)
     except KeyError as error:
-        if existing is None or args.train_key is not None or args.val_key is not None:
+        if existing is None or args.train_monitor is not None or args.monitor is not None:
             raise ValueError(f"cannot diagnose the curves of {location!r}: {error.args[0]}") from error
         # A run with its own report but no loss curves in its logs: the report alone, with a note.
         print(f"lightning-diag: no curve diagnosis for {location!r}: {error.args[0]}", file=sys.stderr)
-        return existing, existing_path
+        return existing, existing_path, {}
     kept = [Finding.from_dict(f) for f in existing["findings"]] if existing else []
     have = {f.code for f in kept}
     findings = kept + [f for f in found if f.code not in have]  # the callbacks' own findings win
@@ -106,20 +113,32 @@ def _post_hoc(path: str, args: argparse.Namespace) -> tuple[dict[str, Any], str]
         report = build_report(
             findings, status="post-hoc", global_step=max(steps, default=0), epoch=last_epoch
         )
+    from lightning_diag import plots
+
     report["summary"]["logs"] = os.path.abspath(location)
     report["plots"] = plots.save_figures(plots.build_figures(plot_series, report["findings"]), run_dir)
-    return report, write_report(report, run_dir)
+    if args.html:
+        from lightning_diag.html_report import HTML_FILENAME
+
+        report["html"] = HTML_FILENAME
+    return report, write_report(report, run_dir), plot_series
 
 
 def _report(args: argparse.Namespace) -> int:
     path, fail_on = args.path, args.fail_on
     done = _post_hoc(path, args) if os.path.isdir(path) else None
+    series: dict[str, Any] = {}
     if done is None:
         report_path = _find_report(path)
         report = _load(report_path)
     else:
-        report, report_path = done
-    print(format_summary(report, report_path))
+        report, report_path, series = done
+    if args.html:
+        from lightning_diag.html_report import HTML_FILENAME, write_html
+
+        report["html"] = HTML_FILENAME
+        write_html(report, series, os.path.dirname(os.path.abspath(report_path)))
+    print(format_summary(report, report_path, verbose=args.verbose))
     failing = [f for f in report["findings"] if fails(f["severity"], fail_on)]
     return EXIT_FINDINGS if failing else EXIT_OK
 
@@ -161,6 +180,7 @@ def _import(target: str) -> Any:
 def _doctor(args: argparse.Namespace) -> int:
     import lightning.pytorch as pl
 
+    import lightning_diag.callbacks  # noqa: F401  (LightningCLI resolves `class_path: EarlyStop` in --config)
     from lightning_diag import _lightning
     from lightning_diag.core.sanity import run_checks
 
@@ -241,6 +261,30 @@ def _doctor(args: argparse.Namespace) -> int:
     return EXIT_FINDINGS if any(fails(f.severity, args.fail_on) for f in findings) else EXIT_OK
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from lightning_diag.demo import SCENARIOS
+
+    if args.list or args.name is None:
+        width = max(map(len, SCENARIOS))
+        print(
+            "lightning-diag demo NAME: a small run broken on purpose, diagnosed (a few seconds on the CPU)."
+        )
+        for name, scenario in SCENARIOS.items():
+            print(f"  {name:<{width}}  {scenario.description}")
+        return EXIT_OK
+    if args.name not in SCENARIOS:
+        raise ValueError(
+            f"no demo named {args.name!r}; `lightning-diag demo --list` shows {sorted(SCENARIOS)}."
+        )
+    from lightning_diag.demo import run
+
+    print(f"lightning-diag demo {args.name}: {SCENARIOS[args.name].description}", flush=True)
+    trainer = run(args.name, args.root)
+    html_path = os.path.join(trainer.log_dir, "diagnosis.html")
+    print(f"lightning-diag demo: open {html_path} in a browser for the whole story.")
+    return EXIT_OK
+
+
 def _codes() -> int:
     width = max(map(len, CODES))
     for code, meaning in CODES.items():
@@ -260,18 +304,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("path", help="a run directory (searched for logs and reports) or a diagnosis.json")
     report.add_argument(
-        "--train-key",
-        help=f"the training-loss key in the logs (default: first of {', '.join(posthoc.TRAIN_KEYS)})",
-    )
-    report.add_argument(
-        "--val-key",
+        "--monitor",
         help=f"the validation-loss key in the logs (default: first of {', '.join(posthoc.VAL_KEYS)})",
     )
     report.add_argument(
-        "--baseline",
+        "--train-monitor",
+        help=f"the training-loss key in the logs (default: first of {', '.join(posthoc.TRAIN_KEYS)})",
+    )
+    report.add_argument(
+        "--chance-loss",
         type=float,
         help="reference loss for under-fitting (e.g. ln(num_classes)); default: initial loss",
     )
+    # the spellings before 0.2, kept working
+    report.add_argument("--val-key", dest="monitor", help=argparse.SUPPRESS)
+    report.add_argument("--train-key", dest="train_monitor", help=argparse.SUPPRESS)
+    report.add_argument("--baseline", dest="chance_loss", type=float, help=argparse.SUPPRESS)
+    report.add_argument("--html", action="store_true", help="also write diagnosis.html next to the report")
+    report.add_argument("--verbose", action="store_true", help="print each finding's advice")
     report.add_argument(
         "--fail-on",
         choices=("never", *SEVERITIES),
@@ -301,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="error",
         help="exit with status 1 when a finding of this severity or worse exists (default: error)",
     )
+    demo = sub.add_parser(
+        "demo", help="train a small run broken on purpose and show its diagnosis (seconds, CPU)"
+    )
+    demo.add_argument("name", nargs="?", help="the scenario (see --list)")
+    demo.add_argument("--list", action="store_true", help="list the scenarios")
+    demo.add_argument(
+        "--root", default="lightning_diag_demo", help="where the logs and reports go (default: %(default)s)"
+    )
     sub.add_parser("codes", help="list the finding codes and what they mean")
     return parser
 
@@ -312,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             return _report(args)
         if args.command == "doctor":
             return _doctor(args)
+        if args.command == "demo":
+            return _demo(args)
         return _codes()
     except (FileNotFoundError, ValueError, RuntimeError, json.JSONDecodeError) as error:
         print(f"lightning-diag: error: {error}", file=sys.stderr)

@@ -213,10 +213,44 @@ def build_report(
     return {"version": REPORT_VERSION, "findings": [f.to_dict() for f in ordered], "summary": summary}
 
 
-def format_summary(report: Mapping[str, Any], path: str | None = None) -> str:
-    """One readable, plain-text summary of a report (fits a log file; no colour codes)."""
+def display_order(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The report's findings in reading order: the ``primary`` finding first when the report names one, then by
+    severity (errors, warnings, infos), each in time order.
+    """
+    findings = list(report.get("findings", []))
+    rank: dict[str, int] = {s: i for i, s in enumerate(reversed(SEVERITIES))}
+    ordered = sorted(
+        findings, key=lambda f: (rank.get(str(f.get("severity")), len(rank)), int(f.get("step", 0)))
+    )
+    primary = report.get("primary")
+    if primary is not None:
+        first = [f for f in ordered if f.get("id") == primary]
+        ordered = first + [f for f in ordered if f.get("id") != primary]
+    return ordered
+
+
+def caused_by(report: Mapping[str, Any], finding: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The findings ``finding`` is linked to as its causes (``caused_by`` ids of a version-2 report)."""
+    ids = [str(i) for i in finding.get("caused_by") or []]
+    by_id = {str(f.get("id")): f for f in report.get("findings", []) if f.get("id") is not None}
+    return [by_id[i] for i in ids if i in by_id]
+
+
+def where_seen(finding: Mapping[str, Any]) -> str:
+    """``epoch 3, step 120-180, 4x``: where a finding was seen, epochs counted as Lightning's progress bar does."""
+    seen = f"epoch {finding.get('epoch', 0)}, step {finding.get('step', 0)}"
+    if int(finding.get("count", 1)) > 1:
+        seen += f"-{finding.get('last_step')}, {finding['count']}x"
+    return seen
+
+
+def format_summary(report: Mapping[str, Any], path: str | None = None, *, verbose: bool = False) -> str:
+    """A plain-text summary of a report (fits a log file; no colour codes): one line per finding.
+
+    The primary finding (when the report names one) comes first, then the others by severity; ``verbose`` adds
+    each finding's advice under it.
+    """
     summary = report["summary"]
-    findings = report["findings"]
     counts = summary["counts"]
     lines = [
         f"lightning_diag: run {summary['status']} at step {summary['global_step']} (epoch {summary['epoch']}): "
@@ -224,18 +258,34 @@ def format_summary(report: Mapping[str, Any], path: str | None = None) -> str:
     ]
     if "error" in summary:
         lines.append(f"  stopped by: {summary['error']}")
+    findings = display_order(report)
     if not findings:
         lines.append("  No findings: nothing looked wrong.")
+    primary = report.get("primary")
+    advice_count = 0
     for f in findings:
-        seen = f"step {f['step']}"
-        if f.get("count", 1) > 1:
-            seen += f"-{f['last_step']}, seen {f['count']}x"
-        lines.append(f"  [{f['severity'].upper():7}] {f['code']} ({seen}, {f['source']}): {f['message']}")
-        lines.extend(f"            - {advice}" for advice in f.get("advice", []))
+        mark = "=>" if primary is not None and f.get("id") == primary else "  "
+        line = (
+            f"{mark}[{f['severity'].upper():7}] {f['code']} ({where_seen(f)}, {f['source']}): {f['message']}"
+        )
+        causes = caused_by(report, f)
+        if causes:
+            line += " (caused by " + ", ".join(f"{c['code']} [{c['id']}]" for c in causes) + ")"
+        lines.append(line)
+        advice = f.get("advice", [])
+        advice_count += len(advice)
+        if verbose:
+            lines.extend(f"            - {a}" for a in advice)
+    if advice_count and not verbose:
+        lines.append(
+            f"  Advice: `lightning-diag report {path or '<run dir>'} --verbose`, or the HTML report."
+        )
     if report.get("plots"):
         lines.append(f"  Plots: {', '.join(report['plots'])} (next to the report)")
     if path:
         lines.append(f"  Full report: {path}")
+        if report.get("html"):
+            lines.append(f"  Open in a browser: {os.path.join(os.path.dirname(path), report['html'])}")
     return "\n".join(lines)
 
 

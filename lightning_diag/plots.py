@@ -5,8 +5,10 @@ matplotlib figures; :func:`save_figures` writes them as PNG next to ``diagnosis.
 ``plots`` extra) both return nothing and the report stays text-only. Figures are built with
 ``matplotlib.figure.Figure`` (no pyplot, no global state, no display needed).
 
-* ``learning_curves``: training and validation loss per evaluation; the best validation point, the overfitting
-  onset and the point where training stopped (EarlyStop or OverfitDetector) are marked.
+* ``learning_curves``: training and validation loss per evaluation, against the epoch index as Lightning's
+  progress bar counts it (a point at ``e`` is the evaluation at the end of epoch ``e``); the best validation point
+  (the one EarlyStop restored, when it restored one), the overfitting onset and the point where training stopped
+  (EarlyStop or OverfitDetector) are marked and labelled with the same epochs and values as the text report.
 * ``lr_schedule``: the rate of param group 0 at the logging steps (WarmupCosine).
 * ``grad_norms``: log10 of each layer's gradient norm over the logging steps (GradNormMonitor): a vanishing layer
   is a dark row, an exploding step a bright column.
@@ -73,24 +75,29 @@ def _finite(values: Sequence[Any]) -> list[float]:
 def _learning_curves(
     curve: Sequence[Sequence[Any]], series: Mapping[str, Any], findings: Sequence[Mapping[str, Any]]
 ) -> Any:
+    from lightning_diag.html_report import best_point, stopped_x, where_x
+
     fig = _figure()
     ax = fig.add_subplot()
-    xs = [float(p[0]) for p in curve]
+    unit = str(series.get("unit", "epoch"))
+    shift = 1.0 if unit == "epoch" else 0.0  # x counts epochs completed; the axis shows the epoch index
+    xs = [float(p[0]) - shift for p in curve]
     train = _finite([p[1] for p in curve])
     val = _finite([p[2] for p in curve])
     ax.plot(xs, train, marker=".", label="train loss")
     if any(not math.isnan(v) for v in val):
         ax.plot(xs, val, marker=".", label="validation loss")
-        finite = [(x, v) for x, v in zip(xs, val, strict=True) if not math.isnan(v)]
-        best_x, best_v = min(finite, key=lambda p: p[1])
+    best = best_point(series)
+    if best is not None:
+        best_x, best_v, restored = best
         ax.scatter(
-            [best_x],
+            [best_x - shift],
             [best_v],
             s=80,
             facecolors="none",
             edgecolors="green",
             zorder=3,
-            label=f"best val ({best_x:g})",
+            label=f"best val {best_v:.6g} ({where_x(best_x, unit, series)}{', restored' if restored else ''})",
         )
     onset = next(
         (
@@ -102,17 +109,22 @@ def _learning_curves(
     )
     if onset is not None:
         ax.axvline(
-            float(onset), color="orange", linestyle="--", label=f"overfitting onset ({float(onset):g})"
+            float(onset) - shift,
+            color="orange",
+            linestyle="--",
+            label=f"overfitting onset ({where_x(float(onset), unit, series)})",
         )
-    stop = series.get("stopped_at")
-    early = series.get("early_stop") or {}
-    stop = stop if stop is not None else early.get("stopped_x")
+    stop = stopped_x(series)
     if stop is not None:
-        ax.axvline(float(stop), color="red", linestyle=":", label=f"stopped ({float(stop):g})")
+        ax.axvline(stop - shift, color="red", linestyle=":", label=f"stopped ({where_x(stop, unit, series)})")
     positive = [v for v in train + val if not math.isnan(v)]
     if positive and min(positive) > 0 and max(positive) / min(positive) > 20:
         ax.set_yscale("log")
-    ax.set_xlabel("epochs completed")
+    ax.set_xlabel(
+        "epoch (as the progress bar counts; a point at e is the end of epoch e)"
+        if unit == "epoch"
+        else "step"
+    )
     ax.set_ylabel("loss")
     ax.set_title("Learning curves")
     ax.legend(fontsize="small")

@@ -103,9 +103,9 @@ def resolve_key(series: Series, given: str | None, candidates: Sequence[str], wh
     for key in candidates:
         if key in series:
             return key
+    flag = "--train-monitor" if what.startswith("train") else "--monitor"
     raise KeyError(
-        f"no {what} key found (tried {list(candidates)}); logged keys: {sorted(series)}. Name it with "
-        f"--{what.split()[0]}-key."
+        f"no {what} key found (tried {list(candidates)}); logged keys: {sorted(series)}. Name it with {flag}."
     )
 
 
@@ -161,7 +161,12 @@ def diagnose_run(
                 source="lightning-diag report",
             )
             log.record(finding, key=verdict.severity)
-    plot_series: dict[str, Any] = {"curve": [(p.x, p.train, p.val) for p in points]}
+    plot_series: dict[str, Any] = {
+        "curve": [(p.x, p.train, p.val) for p in points],
+        "curve_steps": steps,
+        "unit": unit,
+        "val_key": val,
+    }
     lr_key = next((k for k in series if k.startswith(("diag/lr/group0", "lr-", "lr/"))), None)
     if lr_key:
         plot_series["lr"] = sorted(series[lr_key])

@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import struct
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -76,7 +77,13 @@ def wandb_history(run_root: str) -> Series:
     assert files, f"no offline W&B run under {run_root}"
     out: Series = defaultdict(list)
     for path in files:
-        for record in _wandb_records(path):
+        records = _wandb_records(path)
+        deadline = time.monotonic() + 30
+        # W&B's service writes the run file asynchronously: `wandb.finish()` can return before its last records land.
+        while not any(r.WhichOneof("record_type") == "exit" for r in records) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            records = _wandb_records(path)
+        for record in records:
             if record.WhichOneof("record_type") != "history":
                 continue
             items = {}

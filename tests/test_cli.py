@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -179,6 +180,19 @@ def test_doctor_passes_the_digits_example(capsys) -> None:
     assert main(["doctor", model, "--datamodule", data, "--config", config]) == 0
 
 
+def test_doctor_resolves_short_callback_names_in_the_command(tmp_path) -> None:
+    """In the `lightning-diag` process the callbacks load lazily; a --config naming them by short name still parses."""
+    model, data = (
+        os.path.join(DIGITS, "digits.py") + f":{name}" for name in ("DigitsClassifier", "DigitsDataModule")
+    )
+    argv = ["doctor", model, "--datamodule", data, "--config", os.path.join(DIGITS, "config.yaml")]
+    proc = subprocess.run(
+        [sys.executable, "-c", STARTUP, *argv], capture_output=True, text=True, timeout=300, cwd=str(tmp_path)
+    )
+    assert proc.stderr.strip().splitlines()[-1].split()[1] == "0", proc.stderr[-3000:]
+    assert "No findings" in proc.stdout
+
+
 def test_doctor_fails_a_broken_model(tmp_path, capsys) -> None:
     (tmp_path / "broken_model.py").write_text(BROKEN_MODULE)
     assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Broken"]) == 1
@@ -205,3 +219,74 @@ def test_doctor_errors_are_clear(tmp_path, capsys) -> None:
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+STARTUP = (
+    "import sys, time; start = time.perf_counter(); sys.argv = ['lightning-diag', *sys.argv[1:]]\n"
+    "from lightning_diag.cli import main\n"
+    "try:\n    rc = main(sys.argv[1:])\nexcept SystemExit as exit:\n    rc = exit.code\n"
+    "heavy = sorted(m for m in ('torch', 'lightning', 'numpy', 'matplotlib') if m in sys.modules)\n"
+    "print('RESULT', rc, ','.join(heavy) or '-', time.perf_counter() - start, file=sys.stderr)\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"), [(["--help"], 0), (["codes"], 0), (["report", "--bogus"], 2), (["demo", "--list"], 0)]
+)
+def test_start_up_without_torch(argv, code) -> None:
+    timings = []
+    for _ in range(3):  # the whole process, interpreter start included; best of 3 on a shared machine
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-c", STARTUP, *argv], capture_output=True, text=True, timeout=60
+        )
+        timings.append(time.perf_counter() - start)
+        _, rc, heavy, _ = proc.stderr.strip().splitlines()[-1].split()
+        assert int(rc) == code and heavy == "-", proc.stderr  # nothing heavy imported to answer
+    assert min(timings) < 0.5, timings
+
+
+def test_console_script_answers_help_without_torch() -> None:
+    exe = shutil.which("lightning-diag") or os.path.join(os.path.dirname(sys.executable), "lightning-diag")
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", exe, "codes"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if "|" in line}
+    assert "lightning_diag.findings" in imported and "torch" not in imported and "lightning" not in imported
+    assert "non_finite_loss" in out.stdout
+
+
+def test_report_flags_use_the_new_names_and_keep_the_old_ones(tmp_path, capsys) -> None:
+    plain_run(tmp_path, "csv", "healthy")
+    assert main(["report", str(tmp_path), "--monitor", "valid/loss"]) == 2
+    assert "the val loss key 'valid/loss' is not in the logs" in capsys.readouterr().err
+    assert main(["report", str(tmp_path), "--train-monitor", "nope"]) == 2
+    assert "the train loss key 'nope' is not in the logs" in capsys.readouterr().err
+    args = [
+        "report",
+        str(tmp_path),
+        "--val-key",
+        "val_loss",
+        "--train-key",
+        "train_loss_epoch",
+        "--baseline",
+        "1",
+    ]
+    assert main(args) == 0  # the spellings before 0.2 still work
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--monitor" in help_text and "--chance-loss" in help_text and "--val-key" not in help_text
+
+
+def test_report_verbose_prints_the_advice(tmp_path, capsys) -> None:
+    finding = Finding("loss_spike", "warning", "m", step=1, epoch=0, advice=["look at batch 1"], source="T")
+    path = write_report(build_report([finding], status="finished", global_step=2, epoch=0), tmp_path / "run")
+    main(["report", path])
+    assert "look at batch 1" not in capsys.readouterr().out
+    main(["report", path, "--verbose"])
+    assert "            - look at batch 1" in capsys.readouterr().out

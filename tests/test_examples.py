@@ -91,7 +91,7 @@ def test_curves_overfit_example(tmp_path) -> None:
     assert ("overfitting", "warning", "OverfitDetector") in codes
     assert ("early_stopped", "info", "OverfitDetector") in codes
     assert report["plots"] == ["learning_curves.png", "lr_schedule.png", "grad_norms.png"]
-    assert "EarlyStop: restored the best weights" in proc.stderr and "at epoch 10)" in proc.stderr
+    assert "EarlyStop: restored the best weights" in proc.stdout and "at epoch 10)" in proc.stdout
     # the same run, diagnosed again from its TensorBoard logs by the command
     cli = subprocess.run(
         [sys.executable, "-m", "lightning_diag.cli", "report", str(tmp_path), "--fail-on", "warning"],

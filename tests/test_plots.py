@@ -44,7 +44,32 @@ def test_learning_curve_annotations() -> None:
     findings = [{"code": "overfitting", "severity": "warning", "evidence": {"onset_x": 3}}]
     figure = plots.build_figures(series, findings)["learning_curves"]
     labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
-    assert labels == ["train loss", "validation loss", "best val (2)", "overfitting onset (3)", "stopped (4)"]
+    # x counts epochs done (2 = the end of epoch 1): labels and positions use the progress bar's epoch index
+    assert labels == [
+        "train loss",
+        "validation loss",
+        "best val 0.7 (epoch 1)",
+        "overfitting onset (epoch 2)",
+        "stopped (epoch 3)",
+    ]
+    assert list(figure.axes[0].lines[0].get_xdata()) == [0, 1, 2, 3]
+
+
+def test_best_is_the_restored_value_not_the_curve_minimum() -> None:
+    series = {
+        "curve": [(1, 1.0, 1.1), (2, 0.5, 0.7), (3, 0.3, 0.75)],
+        "val_key": "val_loss",
+        "early_stop": {
+            "best_x": 3,
+            "best_value": 0.75,
+            "monitor": "val_loss",
+            "mode": "min",
+            "restored": True,
+        },
+    }
+    figure = plots.build_figures(series)["learning_curves"]
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert "best val 0.75 (epoch 2, restored)" in labels
 
 
 def test_grad_norm_heatmap_has_one_row_per_layer() -> None:
@@ -61,3 +86,15 @@ def test_text_only_without_matplotlib(tmp_path, monkeypatch, capsys) -> None:
     report = json.loads((run_dir / "diagnosis.json").read_text())
     assert report["plots"] == [] and not list(run_dir.glob("*.png"))
     assert "Plots:" not in capsys.readouterr().out
+
+
+def test_evaluations_inside_an_epoch_are_labelled_with_their_step() -> None:
+    # val_check_interval=0.5 on one long epoch (charlm): every point is in epoch 0, the step tells them apart
+    series = {"curve": [(0.5, 2.0, 2.1), (1.0, 1.5, 1.4717), (1.5, 1.2, 1.6)], "curve_steps": [60, 120, 180]}
+    figure = plots.build_figures(series)["learning_curves"]
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert "best val 1.4717 (epoch 0)" in labels  # x=1.0 is the end of epoch 0
+    series["curve"][1] = (0.75, 1.5, 1.4717)
+    figure = plots.build_figures(series)["learning_curves"]
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert "best val 1.4717 (epoch 0, step 120)" in labels

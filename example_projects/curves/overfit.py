@@ -4,8 +4,8 @@ A 256-wide MLP learns a noisy linear regression from only 32 samples and is vali
 training loss keeps falling towards 0 while the validation loss turns back up after ~10 epochs. OverfitDetector
 reads the curves after every epoch, reports the onset with the gap numbers and stops the run
 (`action="stop"`); EarlyStop then restores the best epoch's weights. The report lands in
-`<root>/tb/version_*/` with `learning_curves.png`, `lr_schedule.png` and `grad_norms.png` (also in TensorBoard's
-Images tab).
+`<root>/tb/version_*/` with `diagnosis.html`, `learning_curves.png`, `lr_schedule.png` and `grad_norms.png` (the
+PNGs also in TensorBoard's Images tab).
 
 The same diagnosis works post-hoc on any run's logs: `lightning-diag report <root>`.
 """

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import sys
+import os
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_diag import _lightning, _logging, plots
+from lightning_diag import _lightning, _logging, html_report, plots
 from lightning_diag.core.verdict import Verdict
 from lightning_diag.findings import (
     Finding,
     FindingLog,
+    LightningDiagWarning,
     build_report,
     format_summary,
     sort_findings,
@@ -27,8 +29,9 @@ class DiagCallback(Callback):
     """Base of the lightning_diag callbacks: records :class:`~lightning_diag.Finding` s and writes the report.
 
     Subclasses call :meth:`record` for each conclusion. The last lightning_diag callback in
-    ``_lightning.trainer_callbacks(trainer)`` writes ``diagnosis.json`` (global rank 0) and prints the summary at the end of ``fit``
-    and when ``fit`` dies of an exception. Subclasses put their per-fit state in ``_reset_state`` (called at
+    ``trainer.callbacks`` writes ``diagnosis.json`` and ``diagnosis.html`` (global rank 0) and prints the summary,
+    one line per finding (``LIGHTNING_DIAG_VERBOSE=1`` adds the advice), through the progress bar at the end of
+    ``fit`` and when ``fit`` dies of an exception. Subclasses put their per-fit state in ``_reset_state`` (called at
     ``setup("fit")``); those that override ``setup``, ``on_fit_end`` or ``on_exception`` must call ``super()``.
     """
 
@@ -110,7 +113,7 @@ class DiagCallback(Callback):
             collect_findings(trainer),
             status=status,
             global_step=trainer.global_step,
-            epoch=trainer.current_epoch,
+            epoch=_last_epoch(trainer),
             error=error,
         )
         directory = _logging.log_dir(trainer)
@@ -119,12 +122,38 @@ class DiagCallback(Callback):
             series.update(callback.report_series())
         figures = plots.build_figures(series, report["findings"])
         report["plots"] = plots.save_figures(figures, directory)
+        report["html"] = html_report.HTML_FILENAME
         path = write_report(report, directory)
-        text = format_summary(report, path)
-        print(text, file=sys.stdout, flush=True)
-        _logging.log_text(trainer, "diag/diagnosis", text, step=trainer.global_step)
+        try:
+            html_path: str | None = html_report.write_html(report, series, directory)
+        except (
+            Exception
+        ) as error:  # the page is a view of diagnosis.json: never let it break the end of a run
+            html_path = None
+            warnings.warn(
+                f"lightning_diag could not write {html_report.HTML_FILENAME} ({type(error).__name__}: {error}); "
+                f"{path} has the whole report.",
+                LightningDiagWarning,
+                stacklevel=2,
+            )
+        verbose = os.environ.get("LIGHTNING_DIAG_VERBOSE", "").lower() in ("1", "true", "yes")
+        text = format_summary(report, path, verbose=verbose)
+        _logging.console(trainer, text)
+        _logging.log_text(
+            trainer, "diag/diagnosis", format_summary(report, path, verbose=True), step=trainer.global_step
+        )
+        if html_path is not None:
+            _logging.log_html(trainer, "diag/diagnosis_html", html_path, step=trainer.global_step)
         for name, figure in figures.items():
             _logging.log_figure(trainer, f"diag/{name}", figure, step=trainer.global_step)
+
+
+def _last_epoch(trainer: Any) -> int:
+    """The index of the last epoch that ran, as Lightning's progress bar shows it (``current_epoch`` already
+    counts a finished epoch as done: after 18 epochs it is 18, the bar showed ``Epoch 17``).
+    """
+    started = _lightning.epochs_started(trainer)
+    return int(trainer.current_epoch) if started is None else max(started - 1, 0)
 
 
 def collect_findings(trainer: pl.Trainer) -> list[Finding]:

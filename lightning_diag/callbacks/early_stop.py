@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_diag import _lightning
+from lightning_diag import _lightning, _logging
 from lightning_diag._distributed import broadcast
 from lightning_diag._validation import check_choice, check_int, check_number, check_positive
 from lightning_diag.callbacks._base import DiagCallback
@@ -299,7 +299,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
             Verdict(
                 "early_stopped",
                 severity,
-                f"Training stopped at epoch {self.stopped_epoch}: {decision.message}",
+                f"Training stopped at epoch {self.stopped_epoch}: {self._with_best_seen(decision.message)}",
                 evidence={
                     "monitor": self.monitor,
                     "reason": decision.reason,
@@ -313,6 +313,15 @@ class EarlyStop(EarlyStopping, DiagCallback):
                 advice=_ADVICE[decision.reason],
             ),
         )
+
+    def _with_best_seen(self, message: str) -> str:
+        """The stop message with "best" as the best value seen, the one restored (the patience reference may differ
+        by less than ``min_delta``): one number for "best" in the console, the JSON and the plots.
+        """
+        tail = f"best {self._tracker.best:.6g}."
+        if self.best_epoch is None or not message.endswith(tail):
+            return message
+        return message[: -len(tail)] + f"best {self._tracker.best_seen:.6g} at epoch {self.best_epoch}."
 
     @staticmethod
     def _can_stop(trainer: pl.Trainer) -> bool:
@@ -357,9 +366,10 @@ class EarlyStop(EarlyStopping, DiagCallback):
             self.restored_epoch = self.best_epoch
         else:
             return
-        rank_zero_info(
+        _logging.console(
+            trainer,
             f"EarlyStop: restored the best weights (`{self.monitor}` = {self._tracker.best_seen:.6g} at epoch "
-            f"{self.best_epoch}) from {source}."
+            f"{self.best_epoch}) from {source}.",
         )
         for finding in self.findings:
             if finding.code == "early_stopped":
@@ -369,12 +379,18 @@ class EarlyStop(EarlyStopping, DiagCallback):
 
     # -- state ----------------------------------------------------------------------------------------------
     def report_series(self) -> dict[str, Any]:
-        """Where the run stopped and which epoch was best (counted in epochs done, like the curve)."""
+        """Where the run stopped and which epoch was best (``*_x`` counted in epochs done, like the curve), and the
+        best value: the one whose weights were restored.
+        """
         if self.best_epoch is None:
             return {}
         return {
             "early_stop": {
                 "best_x": self.best_epoch + 1,
+                "best_value": self._tracker.best_seen,
+                "monitor": self.monitor,
+                "mode": self.mode,
+                "restored": self.restored_epoch is not None,
                 "stopped_x": self.stopped_epoch + 1 if self.stopped_epoch else None,
             }
         }

@@ -755,6 +755,18 @@ class NaNGuard(DiagCallback):
                     trainer.optimizers, [c.scheduler for c in trainer.lr_scheduler_configs], self.lr_backoff
                 )
 
+    def report_series(self) -> dict[str, Any]:
+        """What NaNGuard did, for the HTML report (rollbacks mark their LR back-off on the schedule)."""
+        if not (self.skipped_steps or self.rollbacks):
+            return {}
+        return {
+            "nan_guard": {
+                "skipped_steps": self.skipped_steps,
+                "rollbacks": self.rollbacks,
+                "lr_backoff": self.lr_backoff,
+            }
+        }
+
     # -- state ----------------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:

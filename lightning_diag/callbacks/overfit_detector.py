@@ -230,8 +230,8 @@ class OverfitDetector(DiagCallback):
                 Verdict(
                     "early_stopped",
                     "info",
-                    f"OverfitDetector stopped training after {x:g} epochs: {stop_reason.code}.",
-                    evidence={"reason": stop_reason.code, "x": x},
+                    f"OverfitDetector stopped training at epoch {max(math.ceil(x) - 1, 0)}: {stop_reason.code}.",
+                    evidence={"reason": stop_reason.code, "x": x, "stopped_epoch": max(math.ceil(x) - 1, 0)},
                     advice=[
                         "Keep the best weights with EarlyStop(restore_best_weights=True) in the same Trainer."
                     ],
@@ -243,6 +243,9 @@ class OverfitDetector(DiagCallback):
         """The learning curve for the end-of-run plots."""
         return {
             "curve": [(p.x, p.train, p.val) for p in self.points],
+            "curve_steps": list(self.steps),
+            "unit": "epoch",
+            "val_key": self.monitor,
             "stopped_at": self.stopped_at,
         }
 

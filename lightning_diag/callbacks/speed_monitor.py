@@ -322,6 +322,19 @@ class SpeedMonitor(DiagCallback):
                 ),
             )
 
+    # -- report ---------------------------------------------------------------------------------------------
+    def report_series(self) -> dict[str, Any]:
+        """The data-wait vs compute split over the last ``window`` steps, for the HTML report."""
+        if not self._waits:
+            return {}
+        return {
+            "speed": {
+                "data_wait_ms": sum(self._waits) / len(self._waits) * 1e3,
+                "compute_ms": sum(self._computes) / len(self._computes) * 1e3,
+                "steps": len(self._waits),
+            }
+        }
+
     # -- state ----------------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:

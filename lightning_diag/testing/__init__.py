@@ -136,7 +136,7 @@ def assert_loss_at_init(
     loss: torch.Tensor | float, num_classes: int, high: float = 1.5, low: float = 0.1
 ) -> None:
     """A cross-entropy loss at initialisation lies within ``[low, high] * ln(num_classes)``."""
-    value = float(loss)
+    value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
     if not math.isfinite(value):
         raise AssertionError(f"the loss at initialisation is {value}.")
     issues = sanity.check_loss_at_init(value, num_classes, high=high, low=low)
