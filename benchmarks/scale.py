@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import StepTimer, time_hooks
+from overhead import Spent, StepTimer, time_hooks
 
 from lightning_diag import GradClip, GradNormMonitor, NaNGuard, WarmupCosine
 
@@ -65,7 +65,7 @@ def suite() -> list[pl.Callback]:
 
 def run(layers: int, width: int, steps: int, with_suite: bool, ddp: bool) -> tuple[float, float]:
     callbacks = suite() if with_suite else []
-    spent = [0.0]
+    spent = Spent()
     time_hooks(callbacks, spent)
     timer = StepTimer()
     trainer = pl.Trainer(
@@ -83,7 +83,7 @@ def run(layers: int, width: int, steps: int, with_suite: bool, ddp: bool) -> tup
     data = TensorDataset(torch.randn(32 * (steps + 6), width))
     with contextlib.redirect_stdout(io.StringIO()):
         trainer.fit(MLP(layers, width), DataLoader(data, batch_size=32))
-    return statistics.median(timer.step_times(5)), spent[0] / max(trainer.global_step, 1)
+    return statistics.median(timer.step_times(5)), spent.total / max(trainer.global_step, 1)
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, float, float, float]]:
