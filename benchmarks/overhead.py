@@ -38,7 +38,15 @@ from lightning.pytorch.utilities import grad_norm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_diag import EarlyStop, GradClip, GradNormMonitor, NaNGuard, SpeedMonitor, WarmupCosine
+from lightning_diag import (
+    EarlyStop,
+    GradClip,
+    GradNormMonitor,
+    NaNGuard,
+    SilentBugDetector,
+    SpeedMonitor,
+    WarmupCosine,
+)
 
 warnings.filterwarnings("ignore")
 
@@ -144,6 +152,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "SpeedMonitor": lambda: {"callbacks": [SpeedMonitor()]},
     "NaNGuard": lambda: {"callbacks": [NaNGuard()]},
     "NaNGuard(rollback, snapshot_every=100)": lambda: {"callbacks": [NaNGuard(action="rollback")]},
+    "SilentBugDetector": lambda: {"callbacks": [SilentBugDetector()]},
     "whole suite": lambda: {
         "callbacks": [
             WarmupCosine(warmup_ratio=0.05),
@@ -152,6 +161,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
             NaNGuard(),
             EarlyStop(monitor="train_loss", strict=False),
             SpeedMonitor(),
+            SilentBugDetector(),
         ]
     },
     "Lightning grad_norm+log_dict": lambda: {"lightning_grad_norm": True},

@@ -26,11 +26,35 @@ from lightning_diag.core.silent import (
     mode_problems,
     noise_scale_terms,
 )
+from lightning_diag.findings import Severity
 
 __all__ = ["SilentBugDetector"]
 
 #: Gradient tensors watched per check by the stale-gradient probe.
 STALE_TENSORS = 8
+#: Parameter tensors sampled per check by the no-op probe (spread over the optimizer's param groups).
+PROBE_TENSORS = 8
+
+
+def _per_group(optimizer: Any, with_grad: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Up to ``PROBE_TENSORS`` of the parameters that have a gradient, spread over every param group (so a group
+    frozen with ``lr=0`` on purpose never stands for the whole optimizer)."""
+    has_grad = {id(p) for p in with_grad}
+    groups = [[p for p in g["params"] if id(p) in has_grad] for g in optimizer.param_groups]
+    groups = [g for g in groups if g]
+    share = max(1, PROBE_TENSORS // max(len(groups), 1))
+    return [p for g in groups for p in _spread(g, share)]
+
+
+def _spread(items: list[Any], most: int) -> list[Any]:
+    """At most ``most`` of ``items``, evenly spread (first and last included)."""
+    if len(items) <= most:
+        return items
+    if most == 1:
+        return [items[-1]]
+    step = (len(items) - 1) / (most - 1)
+    return [items[round(i * step)] for i in range(most)]
+
 
 _NO_OP_ADVICE = [
     "Check the learning rate of every param group at this step (a schedule or warmup at 0, `lr=0` in a config).",
@@ -201,34 +225,42 @@ class _StaleProbe:
         flags: list[torch.Tensor] = []
         for i, p in enumerate(self.params):
             grad = p.grad
-            if grad is None or self.cleared_host[i]:
-                flags.append(torch.zeros((), dtype=torch.bool))
-                continue
+            if grad is None:
+                continue  # no gradient to apply: nothing to judge
+            if self.cleared_host[i]:
+                flags.append(torch.zeros((), dtype=torch.bool, device=self.cleared[i].device))
+                continue  # cleared since the last step, then filled again: healthy
             if self.touched[i]:
-                flags.append(~self.cleared[i].cpu())
+                flags.append(~self.cleared[i])
                 continue
-            same_tensor = self.grads[i]() is grad
+            # backward never reached it (or its hooks do not run, FSDP2): stale only if re-applied untouched
             sample = flat_sample(local_tensor(grad), self.size)
-            untouched = same_tensor and bool(torch.equal(sample, self.base[i])) and bool(self.base[i].any())
-            flags.append(torch.tensor(untouched))
-        judged = sum(1 for i, p in enumerate(self.params) if p.grad is not None and not self.cleared_host[i])
-        stale = int(torch.stack(flags).sum()) if flags else 0
-        return stale, judged
+            same = (
+                self.grads[i]() is grad
+                and bool(self.base[i].any())
+                and bool(torch.equal(sample, self.base[i]))
+            )
+            flags.append(torch.tensor(same, device=self.cleared[i].device))
+        judged = len(flags)
+        return (int(torch.stack(flags).sum()) if flags else 0), judged
 
 
 class _NoOpProbe:
     """Samples of the parameters and gradients of one optimizer just before its step, compared right after it."""
 
-    def __init__(self, optimizer: Any, names: list[str], params: list[torch.Tensor], size: int) -> None:
+    def __init__(self, optimizer: Any, params: list[torch.Tensor], size: int) -> None:
         self.params = params
-        self.names = names
         self.size = size
-        self.before = [flat_sample(local_tensor(p), size).clone() for p in params]
-        self.grad = [flat_sample(local_tensor(p.grad), size).clone() for p in params]  # type: ignore[arg-type]
+        self.before = self._sample(params)
+        grads = self._sample([p.grad for p in params])  # type: ignore[misc]
+        self.live = (grads != 0) & torch.isfinite(grads)
         self.result: tuple[torch.Tensor, torch.Tensor] | None = None
         self.cancelled = False
         self.lrs = [float(g.get("lr", math.nan)) for g in optimizer.param_groups]
         self.handle = optimizer.register_step_post_hook(self._after_step)
+
+    def _sample(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([flat_sample(local_tensor(t), self.size).float() for t in tensors])  # a copy
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         # (removed later, in on_train_batch_end: torch iterates over the hooks while calling this one)
@@ -237,13 +269,9 @@ class _NoOpProbe:
         if all(p.grad is None for p in self.params):
             self.cancelled = True  # the step was cancelled (gradients dropped before it): nothing to judge
             return
-        active, moved = [], []
-        for p, before, grad in zip(self.params, self.before, self.grad, strict=True):
-            live = (grad != 0) & torch.isfinite(grad)
-            after = flat_sample(local_tensor(p.detach()), self.size)
-            active.append(live.sum())
-            moved.append(((after != before) & live).sum())
-        self.result = (torch.stack(active).sum(), torch.stack(moved).sum())
+        with torch.no_grad():
+            moved = (self._sample([p.detach() for p in self.params]) != self.before) & self.live
+            self.result = (self.live.sum(), moved.sum())
 
     def close(self) -> None:
         self.handle.remove()
@@ -399,7 +427,9 @@ class SilentBugDetector(DiagCallback):
         self._stale: _StaleProbe | None = None
         self._noop: _NoOpProbe | None = None
         self._fp: torch.Tensor | None = None  # this check's batch fingerprint
-        self._fp_next: tuple[torch.Tensor, int, int] | None = None  # (fingerprint, batch_idx, epoch) to follow
+        self._fp_next: tuple[torch.Tensor, int, int] | None = (
+            None  # (fingerprint, batch_idx, epoch) to follow
+        )
         self._micro_batch: int | None = None
         self._bn_before: torch.Tensor | None = None
 
@@ -407,24 +437,30 @@ class SilentBugDetector(DiagCallback):
         """The current running estimate of ``B_simple`` (NaN until measured)."""
         return self._noise.scale
 
-    def _is_check_step(self, step: int) -> bool:
-        return step % self.check_every_n_steps == 0
-
     # -- training batches -------------------------------------------------------------------------------------
-    @torch.no_grad()
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        step = int(trainer.global_step)
+        # A quiet step: two integer comparisons. The work of a check runs under no_grad in the helpers.
+        step = trainer.global_step
         if self._fp_next is not None:
-            previous, previous_idx, epoch = self._fp_next
-            self._fp_next = None
-            if batch_idx == previous_idx + 1 and epoch == trainer.current_epoch:
-                current = fingerprint(_batch_tensors(batch), self.sample_size)
-                same = bool(previous[-1] > 0) and bool(torch.equal(previous, current))
-                if self._streaks["repeat"].update(same):
-                    self._report_repeat(trainer, batch_idx)
-        if not self._is_check_step(step) or step == self._cycle_step:
+            with torch.no_grad():
+                self._compare_next_batch(trainer, batch, batch_idx)
+        if step % self.check_every_n_steps != 0 or step == self._cycle_step:
             return
         self._cycle_step = step
+        with torch.no_grad():
+            self._start_check(trainer, pl_module, batch, batch_idx)
+
+    def _compare_next_batch(self, trainer: Any, batch: Any, batch_idx: int) -> None:
+        assert self._fp_next is not None
+        previous, previous_idx, epoch = self._fp_next
+        self._fp_next = None
+        if batch_idx == previous_idx + 1 and epoch == trainer.current_epoch:
+            current = fingerprint(_batch_tensors(batch), self.sample_size)
+            same = bool(previous[-1] > 0) and bool(torch.equal(previous, current))
+            if self._streaks["repeat"].update(same):
+                self._report_repeat(trainer, batch_idx)
+
+    def _start_check(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.check_repeated_data:
             tensors = _batch_tensors(batch)
             self._fp = fingerprint(tensors, self.sample_size) if tensors else None
@@ -448,7 +484,9 @@ class SilentBugDetector(DiagCallback):
     def _noise_measurable(self, trainer: Any, pl_module: Any) -> bool:
         if not getattr(pl_module, "automatic_optimization", True) or len(trainer.optimizers) != 1:
             return False
-        micro = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) * int(getattr(trainer, "world_size", 1))
+        micro = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) * int(
+            getattr(trainer, "world_size", 1)
+        )
         if micro < 2:
             return False
         return not any(_is_dtensor(p) for p in pl_module.parameters())
@@ -457,13 +495,13 @@ class SilentBugDetector(DiagCallback):
         if self._square is not None:
             self._square.open()
 
-    @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        step = int(trainer.global_step)
+        step = trainer.global_step
         stale = self._stale
         if stale is not None and stale.optimizer is optimizer and step > stale.step:
             self._stale = None
-            count, judged = stale.verdict()
+            with torch.no_grad():
+                count, judged = stale.verdict()
             if self._streaks["stale"].update(judged > 0 and count == judged):
                 self._report_stale(trainer, stale, count)
         if not self._held_checked and self.check_optimizer:
@@ -472,16 +510,22 @@ class SilentBugDetector(DiagCallback):
         if step != self._cycle_step or step == self._opt_checked:
             return
         self._opt_checked = step
-        names, params, _ = params_with_grads(trainer, pl_module, optimizer)
+        with torch.no_grad():
+            self._probe_step(trainer, pl_module, optimizer, step)
+
+    def _probe_step(self, trainer: Any, pl_module: Any, optimizer: Any, step: int) -> None:
+        _, params, _ = params_with_grads(trainer, pl_module, optimizer)
         self._gather_and_judge(trainer, pl_module, optimizer)
+        if not callable(getattr(optimizer, "register_step_post_hook", None)):
+            return  # not a torch optimizer: its step cannot be observed
         if self.check_optimizer and params:
             if self._noop is not None:
                 self._noop.close()
-            self._noop = _NoOpProbe(optimizer, list(names), list(params), self.sample_size)
+            self._noop = _NoOpProbe(optimizer, _per_group(optimizer, params), self.sample_size)
         if self.check_stale_gradients and params:
             if self._stale is not None:
                 self._stale.close()
-            watched = params[:: max(1, len(params) // STALE_TENSORS)][:STALE_TENSORS]
+            watched = _spread(list(params), STALE_TENSORS)
 
             def start_stale(opt: Any, args: Any, kwargs: Any) -> None:
                 if self._stale is not None and self._stale.step == step:
@@ -504,9 +548,7 @@ class SilentBugDetector(DiagCallback):
         parts: dict[str, torch.Tensor] = {}
         tensor_names: list[str] = []
         replicas = (
-            distributed
-            and self.check_replicas
-            and not any(_is_dtensor(p) for p in pl_module.parameters())
+            distributed and self.check_replicas and not any(_is_dtensor(p) for p in pl_module.parameters())
         )
         if replicas:
             named = [(n, p.detach()) for n, p in pl_module.named_parameters()]
@@ -531,7 +573,11 @@ class SilentBugDetector(DiagCallback):
                 if scaler is not None:
                     local = local / scale_tensor(scaler).to(local.device) ** 2
                 parts["noise"] = torch.stack(
-                    [local.to(device), stats.total_norm.float().to(device) ** 2, torch.ones((), device=device)]
+                    [
+                        local.to(device),
+                        stats.total_norm.float().to(device) ** 2,
+                        torch.ones((), device=device),
+                    ]
                 )
             else:  # a partial accumulation window (end of epoch): not comparable, every rank says so
                 parts["noise"] = torch.zeros(3, device=device)
@@ -558,12 +604,14 @@ class SilentBugDetector(DiagCallback):
     # -- judgements ------------------------------------------------------------------------------------------
     def _check_held(self, trainer: Any, pl_module: Any) -> None:
         held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-        with_grad = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is not None]
+        with_grad = [
+            (n, p) for n, p in pl_module.named_parameters() if p.requires_grad and p.grad is not None
+        ]
         unheld = [n for n, p in with_grad if id(p) not in held]
         if not unheld:
             return
         trained = len(with_grad) - len(unheld)
-        severity = "error" if trained == 0 else "warning"
+        severity: Severity = "error" if trained == 0 else "warning"
         listed = ", ".join(unheld[:5]) + (f" and {len(unheld) - 5} more" if len(unheld) > 5 else "")
         what = (
             "no parameter the optimizer holds receives a gradient: nothing trains"
@@ -585,7 +633,9 @@ class SilentBugDetector(DiagCallback):
             key="unheld",
         )
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         probe = self._noop
         if probe is None or int(trainer.global_step) <= self._cycle_step:
             return  # accumulating: the optimizer has not stepped yet

@@ -21,8 +21,8 @@ __all__ = [
     "Streak",
     "bn_batches_tracked",
     "divergent_entries",
-    "flat_sample",
     "fingerprint",
+    "flat_sample",
     "is_mode_sensitive",
     "mode_problems",
     "noise_scale_terms",
@@ -35,33 +35,37 @@ MAX_FINGERPRINT_TENSORS = 8
 def flat_sample(t: torch.Tensor, size: int) -> torch.Tensor:
     """Up to ``size`` elements of ``t`` at evenly spaced flat positions (the same positions for the same shape).
 
-    A strided view of the flattened tensor: one small gather, no host synchronisation.
+    A strided view of the flattened tensor (one view op for a contiguous tensor), no host synchronisation.
     """
-    flat = t.detach().reshape(-1)
-    stride = max(1, flat.numel() // max(size, 1))
-    return flat[::stride][:size]
+    numel = t.numel()
+    stride = max(1, numel // max(size, 1))
+    count = min(size, -(-numel // stride)) if numel else 0
+    if t.is_contiguous():
+        return t.detach().as_strided((count,), (stride,), t.storage_offset())
+    return t.detach().reshape(-1)[::stride][:size]
 
 
 def fingerprint(tensors: Sequence[torch.Tensor], size: int = 64) -> torch.Tensor:
-    """A float64-free fingerprint of a batch: ``MAX_FINGERPRINT_TENSORS + 1`` numbers, equal for equal batches.
+    """A fingerprint of a batch: a fixed-length float vector, equal for equal batches.
 
-    Per tensor (the first ``MAX_FINGERPRINT_TENSORS``): a weighted sum of a strided sample of its values plus its
-    shape; then the number of tensors. Two batches with the same values give bitwise the same vector on the same
-    device; different batches practically never do. Non-finite values make the entry NaN, which never compares
-    equal, so a batch holding NaN is never called a repeat.
+    The strided sample (:func:`flat_sample`) of each of the first ``MAX_FINGERPRINT_TENSORS`` tensors, zero-padded to
+    ``size`` values each, then each tensor's element count and the number of tensors: ``MAX_FINGERPRINT_TENSORS *
+    (size + 1) + 1`` numbers. Two batches with the same values give bitwise the same vector; a batch holding NaN
+    in its sample never compares equal, so it is never called a repeat.
     """
     device = tensors[0].device if tensors else torch.device("cpu")
-    out = torch.zeros(MAX_FINGERPRINT_TENSORS + 1, dtype=torch.float32, device=device)
-    parts = []
-    for t in tensors[:MAX_FINGERPRINT_TENSORS]:
-        sample = flat_sample(t, size).to(device=device, dtype=torch.float32)
-        weights = 1.0 + torch.arange(sample.numel(), device=device, dtype=torch.float32).remainder(7.0) / 7.0
-        shape_term = float(sum((i + 1) * s for i, s in enumerate(t.shape)))
-        parts.append((sample * weights).sum() + shape_term)
-    if parts:
-        out[: len(parts)] = torch.stack(parts)
-    out[-1] = float(len(tensors))
-    return out
+    width = MAX_FINGERPRINT_TENSORS * size
+    kept = tensors[:MAX_FINGERPRINT_TENSORS]
+    samples = [flat_sample(t, size).to(device=device, dtype=torch.float32) for t in kept]
+    values = torch.cat(samples) if samples else torch.zeros(0, device=device)
+    # element counts (they also fix where one tensor's sample ends), then the number of tensors
+    counts = (
+        [float(t.numel()) for t in kept]
+        + [0.0] * (MAX_FINGERPRINT_TENSORS - len(kept))
+        + [float(len(tensors))]
+    )
+    padded = torch.nn.functional.pad(values, (0, width - values.numel()))
+    return torch.cat([padded, torch.tensor(counts, dtype=torch.float32, device=device)])
 
 
 def divergent_entries(gathered: torch.Tensor, rtol: float) -> list[int]:
@@ -203,8 +207,9 @@ class NoiseScale:
 
     @property
     def scale(self) -> float:
-        """``B_simple`` in samples (NaN until the averaged ``|G|^2`` is positive)."""
-        return self.trace / self.grad_sq if self.count and self.grad_sq > 0 else math.nan
+        """``B_simple`` in samples; NaN until both averaged terms are positive (a noise-free or a noise-dominated
+        estimate has no scale yet)."""
+        return self.trace / self.grad_sq if self.count and self.grad_sq > 0 and self.trace > 0 else math.nan
 
     def state_dict(self) -> dict[str, Any]:
         return {"trace": self.trace, "grad_sq": self.grad_sq, "count": self.count}

@@ -116,7 +116,10 @@ class GAN(pl.LightningModule):
         opt_g, opt_d = self.optimizers()
         fake = self.gen(torch.randn(x.shape[0], 4))
         opt_d.zero_grad()
-        d_loss = nn.functional.softplus(-self.disc(x)).mean() + nn.functional.softplus(self.disc(fake.detach())).mean()
+        d_loss = (
+            nn.functional.softplus(-self.disc(x)).mean()
+            + nn.functional.softplus(self.disc(fake.detach())).mean()
+        )
         self.manual_backward(d_loss)
         opt_d.step()
         opt_g.zero_grad()
@@ -290,8 +293,13 @@ def test_noise_scale_is_reported_with_its_numbers_when_far_from_the_batch() -> N
     x = torch.randn(512, 8)
     noisy = torch.utils.data.TensorDataset(x, x[:, :1] * 0.01 + torch.randn(512, 1))
     detector = SilentBugDetector(check_every_n_steps=1, noise_scale_min_checks=5)
-    fit(Regression(lr=0.01), DataLoader(noisy, batch_size=2, shuffle=True), detector=detector,
-        accumulate_grad_batches=4, max_steps=30)
+    fit(
+        Regression(lr=0.01),
+        DataLoader(noisy, batch_size=2, shuffle=True),
+        detector=detector,
+        accumulate_grad_batches=4,
+        max_steps=30,
+    )
     found = find(detector.findings, "grad_noise_scale")
     assert found and found.severity == "info"
     assert found.evidence["global_batch"] == 8.0 and found.evidence["noise_scale"] > 80
@@ -302,6 +310,37 @@ def test_noise_scale_is_reported_with_its_numbers_when_far_from_the_batch() -> N
 def test_noise_scale_needs_more_than_one_micro_batch() -> None:
     detector = fit(Net())
     assert detector.noise_scale() != detector.noise_scale()  # NaN: nothing to compare on one process
+
+
+# -- cost -------------------------------------------------------------------------------------------------------
+def test_quiet_steps_cost_no_host_sync() -> None:
+    """Every hook of the detector runs under a dispatch-level sync counter: only check steps (and the step right
+    after one, which finishes the check) may read from the device."""
+    from tests.callbacks.grad_helpers import SyncCounter
+
+    detector = SilentBugDetector(check_every_n_steps=5)
+    per_step: dict[int, int] = {}
+    for hook in (
+        "on_train_batch_start",
+        "on_before_backward",
+        "on_before_optimizer_step",
+        "on_train_batch_end",
+    ):
+        original = getattr(detector, hook)
+
+        def counted(trainer: Any, *args: Any, _original: Any = original) -> Any:
+            mode = SyncCounter()
+            with mode:
+                out = _original(trainer, *args)
+            per_step[trainer.global_step] = per_step.get(trainer.global_step, 0) + mode.count
+            return out
+
+        setattr(detector, hook, counted)
+    fit(Net(), detector=detector, max_steps=20, accumulate_grad_batches=2)
+    checks = {s for s in per_step if s % 5 in (0, 1)}
+    quiet = [s for s in per_step if s not in checks]
+    assert len(quiet) == 12 and all(per_step[s] == 0 for s in quiet), per_step
+    assert all(per_step[s] > 0 for s in checks if s % 5 == 0 and s < 20)  # the counter sees the checks' reads
 
 
 # -- arguments and state ------------------------------------------------------------------------------------

@@ -177,9 +177,7 @@ def test_noise_scale_estimate_matches_a_direct_computation_on_a_small_model() ->
     traces, grads = [], []
     for _ in range(400):
         # micro-batches drawn with replacement: exactly the model E|G_B|^2 = |G|^2 + tr(Sigma)/B assumes
-        smalls = [
-            per_sample[torch.randint(0, n, (b_small,), generator=g)].mean(0) for _ in range(micro)
-        ]
+        smalls = [per_sample[torch.randint(0, n, (b_small,), generator=g)].mean(0) for _ in range(micro)]
         small_sq = float(torch.stack([s.pow(2).sum() for s in smalls]).mean())
         big_sq = float(torch.stack(smalls).mean(0).pow(2).sum())
         trace, grad_sq = noise_scale_terms(small_sq, big_sq, b_small, b_small * micro)
@@ -203,7 +201,9 @@ def test_noise_scale_running_average_and_state() -> None:
     assert (ns.trace, ns.grad_sq, ns.count) == (20.0, 2.0, 2)
     ns.update(float("nan"), 1.0)  # never enters
     assert ns.count == 2
-    ns.update(5.0, -10.0)  # a negative |G|^2 estimate enters the average (it is unbiased), the ratio guards it
+    ns.update(
+        5.0, -10.0
+    )  # a negative |G|^2 estimate enters the average (it is unbiased), the ratio guards it
     clone = NoiseScale(decay=0.5)
     clone.load_state_dict(ns.state_dict())
     assert clone.state_dict() == ns.state_dict()
