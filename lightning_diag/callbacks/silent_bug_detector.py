@@ -514,7 +514,8 @@ class SilentBugDetector(DiagCallback):
             self._probe_step(trainer, pl_module, optimizer, step)
 
     def _probe_step(self, trainer: Any, pl_module: Any, optimizer: Any, step: int) -> None:
-        _, params, _ = params_with_grads(trainer, pl_module, optimizer)
+        # (the shared list was built by the first asker: a skip since then may have dropped some gradients)
+        params = [p for p in params_with_grads(trainer, pl_module, optimizer)[1] if p.grad is not None]
         self._gather_and_judge(trainer, pl_module, optimizer)
         if not callable(getattr(optimizer, "register_step_post_hook", None)):
             return  # not a torch optimizer: its step cannot be observed

@@ -387,6 +387,14 @@ def test_ddp_replica_divergence_and_same_data_on_every_rank(tmp_path) -> None:
         assert r0[scenario]["step"] == r1[scenario]["step"]
     assert r0["healthy"]["alarms"] == [] and r0["healthy-batchnorm"]["alarms"] == []
     assert r0["healthy"]["noise_scale"] > 0  # per-rank gradients vs their mean: measurable under DDP
+    for scenario in ("healthy", "rank-local-weight", "rank-local-buffer"):  # (no dropout: reproducible)
+        # step 0's measurement equals the estimator on the per-rank gradients computed directly, outside DDP
+        # (NaN, reported as None, when that first estimate is not positive)
+        direct, measured = r0[scenario]["step0_direct"], r0[scenario]["step0_measured"]
+        if direct > 0:
+            assert measured == pytest.approx(direct, rel=1e-4), scenario
+        else:
+            assert measured is None
     assert r0["rank-local-weight"]["alarms"] == [["replica_divergence", "error"]]
     assert r0["rank-local-weight"]["evidence"]["first_tensor"] == "net.2.weight"
     assert r0["rank-local-buffer"]["alarms"] == [["replica_divergence", "warning"]]

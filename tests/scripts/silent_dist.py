@@ -52,6 +52,38 @@ class RankLocalBuffer(Regression):
             self.offset += 1.0
 
 
+class Direct(pl.Callback):
+    """The noise scale of step 0 computed directly: each rank's gradient on a plain copy of the network (no DDP),
+    gathered, against the norm of their mean; then what the detector measured for that step."""
+
+    def __init__(self, detector: SilentBugDetector) -> None:
+        self.detector = detector
+        self.direct = math.nan
+        self.measured = math.nan
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step != 0:
+            return
+        from lightning_diag.core.silent import noise_scale_terms
+
+        x, y = batch
+        copy = __import__("copy").deepcopy(pl_module.net)
+        grads = torch.autograd.grad(nn.functional.mse_loss(copy(x), y), list(copy.parameters()))
+        local = torch.cat([g.reshape(-1) for g in grads]).double()
+        every = [torch.zeros_like(local) for _ in range(2)]
+        torch.distributed.all_gather(every, local)
+        small_sq = float(torch.stack([g.pow(2).sum() for g in every]).mean())
+        big_sq = float(torch.stack(every).mean(0).pow(2).sum())
+        trace, grad_sq = noise_scale_terms(small_sq, big_sq, x.shape[0], 2 * x.shape[0])
+        self.direct = trace / grad_sq
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == 1:
+            self.measured = self.detector.noise_scale()
+
+
 SCENARIOS: dict[str, dict[str, Any]] = {
     "healthy": {"model": Regression},
     "healthy-batchnorm": {"model": WithBatchNorm},
@@ -67,6 +99,7 @@ def main(out: str) -> None:
     for name, spec in SCENARIOS.items():
         torch.manual_seed(0)
         detector = SilentBugDetector(check_every_n_steps=2)
+        direct = Direct(detector)
         trainer = pl.Trainer(
             accelerator="cpu",
             devices=2,
@@ -78,7 +111,7 @@ def main(out: str) -> None:
             enable_checkpointing=False,
             logger=False,
             default_root_dir=os.path.join(out, name),
-            callbacks=[detector],
+            callbacks=[detector, direct],
         )
         trainer.fit(spec["model"](), loader(n=128, batch_size=8, shuffle=spec.get("shuffle", True)))
         alarms = [[f.code, f.severity] for f in detector.findings if f.severity != "info"]
@@ -89,6 +122,8 @@ def main(out: str) -> None:
             "evidence": evidence,
             "step": trainer.global_step,
             "noise_scale": scale if math.isfinite(scale) else None,
+            "step0_direct": direct.direct,
+            "step0_measured": direct.measured if math.isfinite(direct.measured) else None,
         }
     with open(os.path.join(out, f"silent-rank{rank}.json"), "w") as handle:
         json.dump(results, handle)
