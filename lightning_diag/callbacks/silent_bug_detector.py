@@ -427,9 +427,8 @@ class SilentBugDetector(DiagCallback):
         self._stale: _StaleProbe | None = None
         self._noop: _NoOpProbe | None = None
         self._fp: torch.Tensor | None = None  # this check's batch fingerprint
-        self._fp_next: tuple[torch.Tensor, int, int] | None = (
-            None  # (fingerprint, batch_idx, epoch) to follow
-        )
+        # (fingerprint, batch_idx, epoch) of the check's batch, to compare with the batch that follows it
+        self._fp_next: tuple[torch.Tensor, int, int] | None = None
         self._micro_batch: int | None = None
         self._bn_before: torch.Tensor | None = None
 
@@ -451,7 +450,8 @@ class SilentBugDetector(DiagCallback):
             self._start_check(trainer, pl_module, batch, batch_idx)
 
     def _compare_next_batch(self, trainer: Any, batch: Any, batch_idx: int) -> None:
-        assert self._fp_next is not None
+        if self._fp_next is None:
+            return
         previous, previous_idx, epoch = self._fp_next
         self._fp_next = None
         if batch_idx == previous_idx + 1 and epoch == trainer.current_epoch:

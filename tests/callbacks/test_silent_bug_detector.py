@@ -155,6 +155,22 @@ def test_healthy_look_alikes_stay_clean(name: str) -> None:
     assert alarms(detector) == [], [f.message for f in detector.findings]
 
 
+@pytest.mark.parametrize("guard_first", [True, False], ids=["guard-first", "detector-first"])
+def test_steps_skipped_by_nan_guard_are_not_no_ops(guard_first: bool) -> None:
+    """NaN gradients at every check step, skipped by NaNGuard (gradients dropped, step not applied): a skip on
+    purpose is neither an optimizer no-op nor stale gradients, whatever the callbacks' order."""
+    from lightning_diag import NaNGuard
+    from tests.callbacks.nan_helpers import Faulty
+
+    guard = NaNGuard(action="skip", detect_spikes=False)
+    detector = SilentBugDetector(check_every_n_steps=3)
+    callbacks = [guard, detector] if guard_first else [detector, guard]
+    t = trainer(max_steps=10, callbacks=callbacks)
+    t.fit(Faulty("gradient", at=(0, 3, 6, 9)), loader(n=128))
+    assert guard.skipped_steps == 4
+    assert alarms(detector) == []
+
+
 # -- injected bugs ------------------------------------------------------------------------------------------
 class OverACopy(Net):
     def configure_optimizers(self) -> Any:
