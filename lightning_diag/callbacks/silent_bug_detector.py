@@ -866,6 +866,15 @@ class SilentBugDetector(DiagCallback):
         self._drop_probes()
         super().on_exception(trainer, pl_module, exception)
 
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        # A check still waiting for the next step (stale gradients, the next batch) cannot travel in a checkpoint:
+        # drop it here, so a run resumed from this checkpoint and the run that went on decide alike.
+        if self._stale is not None:
+            self._stale.close()
+            self._stale = None
+        self._drop_stale_start()
+        self._fp_next = None
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "streaks": {k: s.count for k, s in self._streaks.items()},

@@ -391,6 +391,36 @@ def test_state_survives_a_checkpoint_and_a_new_fit_starts_clean(tmp_path) -> Non
     assert alarms(detector) == []  # setup("fit") forgot the previous fit
 
 
+class ManyBugs(Net):
+    """Three silent bugs at once: gradients never zeroed, a sub-module left in eval mode, the same batch again."""
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        pass
+
+    def on_train_start(self) -> None:
+        self.net.eval()
+
+
+@pytest.mark.parametrize("every", [3, 5, 7])  # 5 and 7: a check on the last step before a checkpoint
+def test_a_resumed_run_decides_like_the_straight_one(every: int, tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt: str | None = None) -> SilentBugDetector:
+        torch.manual_seed(0)
+        detector = SilentBugDetector(check_every_n_steps=every)
+        save = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+        data = DataLoader(regression_data(64), batch_size=8, sampler=SameIndices(64))
+        t = trainer(max_epochs=4, enable_checkpointing=True, callbacks=[detector, save])
+        t.fit(ManyBugs(), data, ckpt_path=ckpt)
+        return detector
+
+    straight = run()
+    assert {f.code for f in straight.findings} == {"stale_gradients", "wrong_mode", "repeated_data"}
+    resumed = run(str(tmp_path / "epoch=1.ckpt"))
+    assert [f.to_dict() for f in resumed.findings] == [f.to_dict() for f in straight.findings]
+    assert resumed.state_dict() == straight.state_dict()
+
+
 # -- DDP --------------------------------------------------------------------------------------------------------
 @pytest.mark.distributed
 @pytest.mark.timeout(420)
