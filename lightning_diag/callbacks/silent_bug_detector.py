@@ -467,7 +467,8 @@ class SilentBugDetector(DiagCallback):
             if self._fp is not None:
                 self._fp_next = (self._fp, batch_idx, int(trainer.current_epoch))
         if self.check_mode:
-            problems = mode_problems(pl_module, training=True)
+            held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+            problems = mode_problems(pl_module, True, lambda p: p.requires_grad and id(p) in held)
             if self._streaks["mode"].update(bool(problems)):
                 self._report_train_mode(trainer, problems)
         if self.log_noise_scale and self._square is None and self._noise_measurable(trainer, pl_module):
@@ -531,7 +532,7 @@ class SilentBugDetector(DiagCallback):
             def start_stale(opt: Any, args: Any, kwargs: Any) -> None:
                 if self._stale is not None and self._stale.step == step:
                     return  # once per check (removed in on_train_batch_end)
-                live = [p for p in watched if p.grad is not None]
+                live = [p for p in watched if p.grad is not None and p.requires_grad]  # (hooks need both)
                 if live:  # gradients dropped before the step (a cancelled step): nothing to watch
                     self._stale = _StaleProbe(opt, step, live, self.sample_size)
 

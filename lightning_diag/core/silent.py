@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -99,11 +99,9 @@ def is_mode_sensitive(module: nn.Module) -> bool:
     return False
 
 
-def _has_trainable(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters(recurse=False))
-
-
-def mode_problems(root: nn.Module, training: bool) -> list[tuple[str, int]]:
+def mode_problems(
+    root: nn.Module, training: bool, trained: Callable[[torch.Tensor], bool] | None = None
+) -> list[tuple[str, int]]:
     """Sub-trees of ``root`` whose mode is wrong for the phase: ``(qualified name, mode-sensitive layers)`` each.
 
     In a training phase (``training=True``), the modules in eval mode are wrong when a ``.eval()`` evidently
@@ -118,8 +116,16 @@ def mode_problems(root: nn.Module, training: bool) -> list[tuple[str, int]]:
     dropout nor a norm layer, and a sub-tree in train mode holds a mode-sensitive layer. Dropout layers switched to
     train one by one (Monte-Carlo dropout) are not flagged.
 
+    ``trained(parameter)`` says whether a parameter is trained (default: ``requires_grad``; the callback also asks
+    that an optimizer holds it, so an eval-mode teacher whose flags were left on is not flagged).
+
     The name of the root module itself is ``""``.
     """
+    is_trained = trained or (lambda p: p.requires_grad)
+
+    def _has_trainable(module: nn.Module) -> bool:
+        return any(is_trained(p) for p in module.parameters(recurse=False))
+
     wrong = not training  # the mode flag of a module in the wrong mode
     norm_or_dropout = (*_DROPOUT, nn.modules.batchnorm._NormBase)
 
@@ -137,7 +143,7 @@ def mode_problems(root: nn.Module, training: bool) -> list[tuple[str, int]]:
             # the top of a sub-tree in the wrong mode; a parameter-free one (dropout) trains with its parent
             sensitive = sum(1 for sub in module.modules() if sub.training == wrong and is_mode_sensitive(sub))
             owner = module if next(module.parameters(), None) is not None or parent is None else parent
-            trains = any(p.requires_grad for p in owner.parameters())
+            trains = any(is_trained(p) for p in owner.parameters())
             if sensitive and (trains or not training):
                 found.append((name, sensitive))
         for child_name, child in module.named_children():

@@ -102,12 +102,33 @@ class WithEMA(Net):
         return torch.optim.SGD(self.net.parameters(), lr=0.05)
 
 
+class Distillation(Net):
+    """A teacher in eval mode (dropout, BatchNorm), run under no_grad, its requires_grad flags left on."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.teacher = copy.deepcopy(self.net)
+
+    def on_train_start(self) -> None:
+        self.teacher.eval()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        with torch.no_grad():
+            target = self.teacher(x)
+        return nn.functional.mse_loss(self(x), 0.5 * (y + target))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.net.parameters(), lr=0.05)
+
+
 class GAN(pl.LightningModule):
     """Two optimizers under manual optimization; G's backward also reaches D's parameters, zeroed before D steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, toggle: bool = False) -> None:
         super().__init__()
         self.automatic_optimization = False
+        self.toggle = toggle
         self.gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
         self.disc = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 1))
 
@@ -115,6 +136,8 @@ class GAN(pl.LightningModule):
         x, _ = batch
         opt_g, opt_d = self.optimizers()
         fake = self.gen(torch.randn(x.shape[0], 4))
+        if self.toggle:  # Lightning's pattern: the other optimizer's parameters stop requiring grad meanwhile
+            self.toggle_optimizer(opt_d)
         opt_d.zero_grad()
         d_loss = (
             nn.functional.softplus(-self.disc(x)).mean()
@@ -122,10 +145,15 @@ class GAN(pl.LightningModule):
         )
         self.manual_backward(d_loss)
         opt_d.step()
+        if self.toggle:
+            self.untoggle_optimizer(opt_d)
+            self.toggle_optimizer(opt_g)
         opt_g.zero_grad()
         g_loss = nn.functional.softplus(-self.disc(fake)).mean()
         self.manual_backward(g_loss)  # leaves gradients on D's parameters: D zeroes them before its next step
         opt_g.step()
+        if self.toggle:
+            self.untoggle_optimizer(opt_g)
 
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.gen.parameters(), 1e-3), torch.optim.Adam(self.disc.parameters(), 1e-3)
@@ -145,7 +173,9 @@ HEALTHY = {
     "warmup-from-zero": lambda: fit(Net(), callbacks=[WarmupCosine(warmup_steps=4)]),
     "fp16-grad-scaler": lambda: fit(Net(), plugins=[MixedPrecision("16-mixed", "cpu")]),
     "ema-copy": lambda: fit(WithEMA()),
+    "distillation-teacher-in-eval": lambda: fit(Distillation()),
     "gan-two-optimizers": lambda: fit(GAN(), max_steps=24),
+    "gan-toggled-optimizers": lambda: fit(GAN(toggle=True), max_steps=24),
 }
 
 

@@ -115,6 +115,14 @@ def test_mode_problems(setup, training: bool, expected: list[tuple[str, int]]) -
     assert mode_problems(model, training=training) == expected
 
 
+def test_mode_problems_ask_which_parameters_are_trained() -> None:
+    model = Model()
+    model.backbone.eval()  # a teacher: requires_grad left on, but no optimizer holds it
+    head = {id(p) for p in model.head.parameters()}
+    assert mode_problems(model, True) == [("backbone", 2)]
+    assert mode_problems(model, True, lambda p: id(p) in head) == []
+
+
 def test_mode_problems_ignore_models_whose_mode_changes_nothing() -> None:
     model = Model(dropout=0.0)
     for m in model.modules():
