@@ -293,10 +293,10 @@ class SilentBugDetector(DiagCallback):
     2. ``stale_gradients``: a gradient was never cleared between two steps of its optimizer (manual optimization
        without ``zero_grad``, an overridden ``optimizer_zero_grad``): each step re-applies the previous gradients.
        Gradient accumulation (``accumulate_grad_batches``) and zeroing before or after the step are healthy.
-    3. ``wrong_mode``: a sub-tree with dropout/BatchNorm that a ``.eval()`` reached is still trained (its layers
-       have trainable parameters); in validation, a sub-tree switched with ``.train()``, or BatchNorm running
-       statistics that grew during validation. Frozen sub-modules in eval mode, BatchNorm layers put in eval one
-       by one and Monte-Carlo dropout are not flagged.
+    3. ``wrong_mode``: a sub-tree with dropout/BatchNorm that a ``.eval()`` reached is still trained (an
+       optimizer holds parameters of it that require grad); in validation, a sub-tree switched with ``.train()``,
+       or BatchNorm running statistics that grew during validation. Frozen sub-modules and teachers in eval mode,
+       BatchNorm layers put in eval one by one and Monte-Carlo dropout are not flagged.
     4. ``replica_divergence`` (DDP): a checksum (norm and sum) of every parameter and float buffer, compared across
        ranks; names the first diverging tensor. BatchNorm running statistics are left out: each rank's forward
        updates them with its own batch between DDP's buffer broadcasts, so they differ in healthy runs. Skipped
