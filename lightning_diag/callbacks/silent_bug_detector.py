@@ -148,6 +148,14 @@ def _replicated_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor
     return found
 
 
+def _model_parallel(pl_module: Any) -> bool:
+    """Whether the device mesh has a dimension other than data parallelism (tensor/pipeline parallel ranks see
+    the same batch on purpose)."""
+    mesh = getattr(pl_module, "device_mesh", None)
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    return any(name != "data_parallel" and mesh[name].size() > 1 for name in names)  # type: ignore[index]
+
+
 def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor"
 
@@ -302,7 +310,8 @@ class SilentBugDetector(DiagCallback):
        updates them with its own batch between DDP's buffer broadcasts, so they differ in healthy runs. Skipped
        under FSDP2/tensor parallelism (sharded parameters are not replicas).
     5. ``repeated_data``: a fingerprint of a few values of every batch tensor, compared between the check step's
-       batch and the next one (same epoch), and across ranks (DDP).
+       batch and the next one (same epoch), and across ranks (DDP, FSDP2 data parallelism; not across the ranks of
+       a tensor-parallel mesh, which share their batch on purpose).
     6. ``grad_noise_scale``: the simple gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` of McCandlish et al.
        (2018), from what the step computes anyway: the squared norms of the per-micro-batch, per-rank gradients
        (read by tensor hooks before accumulation and before DDP's averaging) against the norm of their mean (the
@@ -561,7 +570,7 @@ class SilentBugDetector(DiagCallback):
                 norms = torch.stack(list(torch._foreach_norm(tensors)))
                 sums = torch.stack([t.sum() for t in tensors])
                 parts["replicas"] = torch.stack([norms, sums], dim=1).flatten().to(device)
-        if distributed and self.check_repeated_data:
+        if distributed and self.check_repeated_data and not _model_parallel(pl_module):
             fp = self._fp if self._fp is not None else fingerprint([], self.sample_size)
             parts["data"] = fp.to(device)
         if self._square is not None:
