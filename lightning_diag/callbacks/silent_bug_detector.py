@@ -345,8 +345,11 @@ class SilentBugDetector(DiagCallback):
         ============================  ====================================================================
         key                           value
         ============================  ====================================================================
-        ``diag/grad_noise/scale``     running ``B_simple`` in samples, at check steps (when measurable)
+        ``diag/grad_noise/scale``     running ``B_simple`` in samples, written to the loggers at check steps
         ============================  ====================================================================
+
+        Check steps are rarely Lightning's ``log_every_n_steps`` flushes, so the value goes straight to the
+        loggers (global rank 0) rather than through ``self.log``; it is not in ``trainer.callback_metrics``.
 
     Findings:
         ``optimizer_no_op`` (error: nothing trains; warning: some parameters with gradients are held by no
@@ -731,7 +734,8 @@ class SilentBugDetector(DiagCallback):
         scale = self._noise.scale
         if not math.isfinite(scale) or scale <= 0:
             return
-        _logging.log_step(pl_module, {"diag/grad_noise/scale": scale})
+        # straight to the loggers: a check step is rarely one of Lightning's `log_every_n_steps` flushes
+        _logging.log_direct(trainer, {"diag/grad_noise/scale": scale}, step=trainer.global_step)
         if self._noise.count < self.noise_scale_min_checks:
             return
         ratio = batch_big / scale
