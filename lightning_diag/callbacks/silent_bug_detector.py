@@ -256,12 +256,14 @@ class _StaleProbe:
 class _NoOpProbe:
     """Samples of the parameters and gradients of one optimizer just before its step, compared right after it."""
 
-    def __init__(self, optimizer: Any, params: list[torch.Tensor], size: int) -> None:
+    def __init__(self, optimizer: Any, params: list[torch.Tensor], size: int, finite: torch.Tensor) -> None:
         self.params = params
         self.size = size
         self.before = self._sample(params)
         grads = self._sample([p.grad for p in params])  # type: ignore[misc]
-        self.live = (grads != 0) & torch.isfinite(grads)
+        # only finite steps are judged: a step with a NaN/Inf gradient anywhere may be withheld on purpose
+        # (GradScaler, a guard's device-side found_inf), which leaves the weights as they were
+        self.live = (grads != 0) & torch.isfinite(grads) & finite.to(grads.device)
         self.result: tuple[torch.Tensor, torch.Tensor] | None = None
         self.cancelled = False
         self.lrs = [float(g.get("lr", math.nan)) for g in optimizer.param_groups]
@@ -535,7 +537,8 @@ class SilentBugDetector(DiagCallback):
         if self.check_optimizer and params:
             if self._noop is not None:
                 self._noop.close()
-            self._noop = _NoOpProbe(optimizer, _per_group(optimizer, params), self.sample_size)
+            finite = torch.isfinite(step_grad_stats(trainer, pl_module, optimizer).total_norm)
+            self._noop = _NoOpProbe(optimizer, _per_group(optimizer, params), self.sample_size, finite)
         if self.check_stale_gradients and params:
             if self._stale is not None:
                 self._stale.close()
