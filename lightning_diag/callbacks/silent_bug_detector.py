@@ -30,6 +30,8 @@ from lightning_diag.findings import Severity
 
 __all__ = ["SilentBugDetector"]
 
+#: Relative gap between the micro-batch and the mean squared gradient norm below which it is float32 rounding.
+NOISE_FLOOR = 1e-5
 #: Gradient tensors watched per check by the stale-gradient probe.
 STALE_TENSORS = 8
 #: Parameter tensors sampled per check by the no-op probe (spread over the optimizer's param groups).
@@ -227,30 +229,31 @@ class _StaleProbe:
             handle.remove()
         self.handles = []
 
-    def verdict(self) -> tuple[int, int]:
-        """``(stale, judged)``: how many watched gradients are stale, out of those that could be judged."""
+    def verdict(self) -> torch.Tensor:
+        """``[stale, judged]`` as a device tensor (no host read): how many watched gradients are stale, out of
+        those that have a gradient at this step."""
         self.close()
+        device = self.cleared[0].device
         flags: list[torch.Tensor] = []
         for i, p in enumerate(self.params):
             grad = p.grad
             if grad is None:
                 continue  # no gradient to apply: nothing to judge
             if self.cleared_host[i]:
-                flags.append(torch.zeros((), dtype=torch.bool, device=self.cleared[i].device))
+                flags.append(torch.zeros((), dtype=torch.bool, device=device))
                 continue  # cleared since the last step, then filled again: healthy
             if self.touched[i]:
                 flags.append(~self.cleared[i])
                 continue
             # backward never reached it (or its hooks do not run, FSDP2): stale only if re-applied untouched
-            sample = flat_sample(local_tensor(grad), self.size)
-            same = (
-                self.grads[i]() is grad
-                and bool(self.base[i].any())
-                and bool(torch.equal(sample, self.base[i]))
-            )
-            flags.append(torch.tensor(same, device=self.cleared[i].device))
-        judged = len(flags)
-        return (int(torch.stack(flags).sum()) if flags else 0), judged
+            if self.grads[i]() is grad:
+                sample = flat_sample(local_tensor(grad), self.size)
+                flags.append((sample == self.base[i]).all() & self.base[i].any())
+            else:
+                flags.append(torch.zeros((), dtype=torch.bool, device=device))
+        if not flags:
+            return torch.zeros(2, device=device)
+        return torch.stack([torch.stack(flags).sum().float(), torch.tensor(float(len(flags)), device=device)])
 
 
 class _NoOpProbe:
@@ -290,10 +293,13 @@ class _NoOpProbe:
 class SilentBugDetector(DiagCallback):
     """Catch the training bugs that crash nothing: the loss just ends up worse and nobody knows why.
 
-    Every ``check_every_n_steps`` optimizer steps (step 0 included) it samples a few numbers and checks six
-    invariants of healthy runs; steps in between cost a few integer comparisons (no kernel, no host sync). A
-    check reads small device tensors once or twice (at the check step and the step after it) and, under DDP,
-    gathers one vector across ranks (every rank calls it, at the same steps).
+    At check steps it samples a few numbers and checks six invariants of healthy runs. By default the check steps
+    are step 0 and Lightning's logging steps (``Trainer(log_every_n_steps)``), where the other callbacks read
+    their values anyway; ``check_every_n_steps`` samples every n steps instead. Other steps cost a few integer
+    comparisons and no host sync: what a check must see on the step after it (whether gradients were cleared,
+    whether the next batch is the same) is judged on the device there and read at the next check. A check makes
+    a few small host reads and, under DDP, gathers one vector across ranks (every rank calls it, at the same
+    steps).
 
     1. ``optimizer_no_op``: the step changed none of the sampled parameter elements that had a non-zero gradient
        (LR 0 in every group, updates below the weights' precision), or, at the first step, parameters receive
@@ -326,7 +332,8 @@ class SilentBugDetector(DiagCallback):
     training), and each can be switched off alone.
 
     Args:
-        check_every_n_steps: optimizer steps between two checks (``>= 1``); step 0 is always checked.
+        check_every_n_steps: optimizer steps between two checks (``>= 1``; step 0 is always checked), or
+            ``None``: check at step 0 and at Lightning's logging steps.
         patience: consecutive checks a condition must hold before it is reported (``>= 1``); replica divergence
             and validation-mode problems are reported at the first check that sees them.
         check_optimizer: run check 1.
@@ -379,7 +386,7 @@ class SilentBugDetector(DiagCallback):
 
     def __init__(
         self,
-        check_every_n_steps: int = 20,
+        check_every_n_steps: int | None = None,
         patience: int = 2,
         check_optimizer: bool = True,
         check_stale_gradients: bool = True,
@@ -394,7 +401,8 @@ class SilentBugDetector(DiagCallback):
         sample_size: int = 64,
     ) -> None:
         super().__init__()
-        check_int("check_every_n_steps", check_every_n_steps, minimum=1)
+        if check_every_n_steps is not None:
+            check_int("check_every_n_steps", check_every_n_steps, minimum=1)
         check_int("patience", patience, minimum=1)
         check_fraction("replica_tolerance", replica_tolerance, low_open=True, high_open=True)
         check_positive("noise_scale_ratio", noise_scale_ratio)
@@ -445,34 +453,61 @@ class SilentBugDetector(DiagCallback):
         self._fp_next: tuple[torch.Tensor, int, int] | None = None
         self._micro_batch: int | None = None
         self._bn_before: torch.Tensor | None = None
+        # (kind, device tensor, context) judged on the device after a check, read at the next one
+        self._deferred: list[tuple[str, torch.Tensor, dict[str, int]]] = []
 
     def noise_scale(self) -> float:
         """The current running estimate of ``B_simple`` (NaN until measured)."""
         return self._noise.scale
 
     # -- training batches -------------------------------------------------------------------------------------
+    def _is_check_step(self, trainer: Any, step: int) -> bool:
+        if self.check_every_n_steps is not None:
+            return step % self.check_every_n_steps == 0
+        every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
+        return step == 0 or (step + 1) % every == 0  # Lightning's logging steps (and the first step)
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         # A quiet step: two integer comparisons. The work of a check runs under no_grad in the helpers.
         step = trainer.global_step
         if self._fp_next is not None:
             with torch.no_grad():
                 self._compare_next_batch(trainer, batch, batch_idx)
-        if step % self.check_every_n_steps != 0 or step == self._cycle_step:
+        if step == self._cycle_step or not self._is_check_step(trainer, step):
             return
         self._cycle_step = step
         with torch.no_grad():
+            self._read_deferred(trainer)
             self._start_check(trainer, pl_module, batch, batch_idx)
 
     def _compare_next_batch(self, trainer: Any, batch: Any, batch_idx: int) -> None:
+        """The batch after a check's batch: compared on the device, read at the next check (no sync here)."""
         if self._fp_next is None:
             return
         previous, previous_idx, epoch = self._fp_next
         self._fp_next = None
         if batch_idx == previous_idx + 1 and epoch == trainer.current_epoch:
-            current = fingerprint(_batch_tensors(batch), self.sample_size)
-            same = bool(previous[-1] > 0) and bool(torch.equal(previous, current))
-            if self._streaks["repeat"].update(same):
-                self._report_repeat(trainer, batch_idx)
+            current = fingerprint(_batch_tensors(batch), self.sample_size).to(previous.device)
+            same = (previous == current).all() & (previous[-1] > 0)
+            where = {"batch_idx": batch_idx, "epoch": int(epoch)}
+            self._deferred.append(("repeat", same.float().reshape(1), where))
+
+    def _read_deferred(self, trainer: Any) -> None:
+        """Judge what the steps after the last check left on the device: one host read, at a check step."""
+        deferred, self._deferred = self._deferred, []
+        if not deferred:
+            return
+        values = torch.cat([v.detach().float().reshape(-1).cpu() for _, v, _ in deferred]).tolist()
+        offset = 0
+        for kind, tensor, where in deferred:
+            part, offset = values[offset : offset + tensor.numel()], offset + tensor.numel()
+            if kind == "repeat":
+                if self._streaks["repeat"].update(part[0] > 0):
+                    self._report_repeat(trainer, int(where["batch_idx"]), int(where["epoch"]))
+            elif kind == "stale":
+                count, judged = int(part[0]), int(part[1])
+                if self._streaks["stale"].update(judged > 0 and count == judged):
+                    self._report_stale(trainer, int(where["step"]), int(where["next_step"]), count)
 
     def _start_check(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.check_repeated_data:
@@ -515,10 +550,8 @@ class SilentBugDetector(DiagCallback):
         stale = self._stale
         if stale is not None and stale.optimizer is optimizer and step > stale.step:
             self._stale = None
-            with torch.no_grad():
-                count, judged = stale.verdict()
-            if self._streaks["stale"].update(judged > 0 and count == judged):
-                self._report_stale(trainer, stale, count)
+            with torch.no_grad():  # judged on the device now, read at the next check
+                self._deferred.append(("stale", stale.verdict(), {"step": stale.step, "next_step": step}))
         if not self._held_checked and self.check_optimizer:
             self._held_checked = True
             self._check_held(trainer, pl_module)
@@ -729,6 +762,8 @@ class SilentBugDetector(DiagCallback):
             return
         small_sq = float(rows[:, 0].mean())
         big_sq = float(rows[0, 1])
+        if not small_sq - big_sq > NOISE_FLOOR * small_sq:
+            return  # the micro-batch gradients agree to rounding (identical batches): no noise to measure
         micro = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) * rows.shape[0]
         batch_small = float(self._micro_batch)
         batch_big = batch_small * micro
@@ -771,15 +806,14 @@ class SilentBugDetector(DiagCallback):
             key="below" if below else "above",
         )
 
-    def _report_repeat(self, trainer: Any, batch_idx: int) -> None:
+    def _report_repeat(self, trainer: Any, batch_idx: int, epoch: int) -> None:
         self.record(
             trainer,
             "repeated_data",
             "error",
-            f"Consecutive training batches are identical at {self.patience} consecutive checks (last: batches "
-            f"{batch_idx - 1} and {batch_idx} of epoch {trainer.current_epoch}): the model sees the same data again "
-            "and again.",
-            evidence={"batch_idx": batch_idx, "epoch": int(trainer.current_epoch), "checks": self.patience},
+            f"Consecutive training batches were identical at {self.patience} consecutive checks (last: batches "
+            f"{batch_idx - 1} and {batch_idx} of epoch {epoch}): the model sees the same data again and again.",
+            evidence={"batch_idx": batch_idx, "epoch": epoch, "checks": self.patience},
             advice=_REPEAT_ADVICE,
             key="steps",
         )
@@ -796,15 +830,15 @@ class SilentBugDetector(DiagCallback):
             key="ranks",
         )
 
-    def _report_stale(self, trainer: Any, probe: _StaleProbe, count: int) -> None:
+    def _report_stale(self, trainer: Any, step: int, next_step: int, count: int) -> None:
         self.record(
             trainer,
             "stale_gradients",
             "error",
             f"Gradients were not cleared between optimizer steps at {self.patience} consecutive checks (last: steps "
-            f"{probe.step} and {trainer.global_step}): all {count} watched gradient tensors still held the previous "
-            "step's gradient when the next one was added, so every step re-applies all earlier gradients.",
-            evidence={"watched_tensors": count, "step": probe.step, "checks": self.patience},
+            f"{step} and {next_step}): all {count} watched gradient tensors still held the previous step's "
+            "gradient when the next one was added, so every step re-applies all earlier gradients.",
+            evidence={"watched_tensors": count, "step": step, "checks": self.patience},
             advice=_STALE_ADVICE,
         )
 
@@ -877,6 +911,8 @@ class SilentBugDetector(DiagCallback):
 
     # -- end and state --------------------------------------------------------------------------------------
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        with torch.no_grad():
+            self._read_deferred(trainer)  # the last check's follow-ups get their say
         self._drop_probes()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -885,7 +921,8 @@ class SilentBugDetector(DiagCallback):
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         # A check still waiting for the next step (stale gradients, the next batch) cannot travel in a checkpoint:
-        # drop it here, so a run resumed from this checkpoint and the run that went on decide alike.
+        # drop it here, so a run resumed from this checkpoint and the run that went on decide alike. Results
+        # already judged on the device travel in `state_dict`.
         if self._stale is not None:
             self._stale.close()
             self._stale = None
@@ -897,6 +934,11 @@ class SilentBugDetector(DiagCallback):
             "streaks": {k: s.count for k, s in self._streaks.items()},
             "noise": self._noise.state_dict(),
             "held_checked": self._held_checked,
+            # results judged on the device, not read yet (read here: saving a checkpoint is not a quiet step)
+            "deferred": [
+                {"kind": kind, "values": value.detach().float().reshape(-1).cpu().tolist(), **where}
+                for kind, value, where in self._deferred
+            ],
             "findings": self._findings_state(),
         }
 
@@ -906,4 +948,12 @@ class SilentBugDetector(DiagCallback):
                 self._streaks[key].count = int(count)
         self._noise.load_state_dict(state_dict.get("noise", {}))
         self._held_checked = bool(state_dict.get("held_checked", self._held_checked))
+        self._deferred = [
+            (
+                str(entry["kind"]),
+                torch.tensor([float(v) for v in entry["values"]]),
+                {k: int(v) for k, v in entry.items() if k not in ("kind", "values")},
+            )
+            for entry in state_dict.get("deferred", [])
+        ]
         self._load_findings_state(state_dict)

@@ -268,7 +268,8 @@ def test_gradients_never_zeroed_are_stale(model) -> None:
     detector = fit(model())
     found = find(detector.findings, "stale_gradients")
     assert found and found.severity == "error" and found.evidence["watched_tensors"] > 0
-    assert found.step == 4  # checks at steps 0 and 3, each judged at the next step (patience 2)
+    # checks at steps 0, 3, 6: each judged on the device at the next step and read at the next check (patience 2)
+    assert found.step == 6 and found.evidence["step"] == 3
 
 
 def test_submodule_left_in_eval_mode() -> None:
@@ -361,12 +362,18 @@ def test_noise_scale_needs_more_than_one_micro_batch() -> None:
 
 # -- cost -------------------------------------------------------------------------------------------------------
 def test_quiet_steps_cost_no_host_sync() -> None:
-    """Every hook of the detector runs under a dispatch-level sync counter: only check steps (and the step right
-    after one, which finishes the check) may read from the device."""
+    """Every hook of the detector runs under a dispatch-level sync counter, counted per optimizer step (the step
+    a batch starts in): at its defaults only Lightning's logging steps (and step 0) may read from the device."""
     from tests.callbacks.grad_helpers import SyncCounter
 
-    detector = SilentBugDetector(check_every_n_steps=5)
+    detector = SilentBugDetector()
     per_step: dict[int, int] = {}
+    current = [0]
+
+    class Step(pl.Callback):
+        def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            current[0] = trainer.global_step
+
     for hook in (
         "on_train_batch_start",
         "on_before_backward",
@@ -375,19 +382,30 @@ def test_quiet_steps_cost_no_host_sync() -> None:
     ):
         original = getattr(detector, hook)
 
-        def counted(trainer: Any, *args: Any, _original: Any = original) -> Any:
+        def counted(*args: Any, _original: Any = original) -> Any:
             mode = SyncCounter()
             with mode:
-                out = _original(trainer, *args)
-            per_step[trainer.global_step] = per_step.get(trainer.global_step, 0) + mode.count
+                out = _original(*args)
+            per_step[current[0]] = per_step.get(current[0], 0) + mode.count
             return out
 
         setattr(detector, hook, counted)
-    fit(Net(), detector=detector, max_steps=20, accumulate_grad_batches=2)
-    checks = {s for s in per_step if s % 5 in (0, 1)}
+    # LR 0 and a repeated batch: the checks have something to find, and still no read on quiet steps
+    data = DataLoader(regression_data(64), batch_size=8, sampler=SameIndices(64))
+    fit(
+        Net(lr=0.0),
+        data,
+        detector=detector,
+        max_steps=20,
+        accumulate_grad_batches=2,
+        log_every_n_steps=5,
+        callbacks=[Step()],
+    )
+    checks = {s for s in per_step if s == 0 or (s + 1) % 5 == 0}
     quiet = [s for s in per_step if s not in checks]
-    assert len(quiet) == 12 and all(per_step[s] == 0 for s in quiet), per_step
-    assert all(per_step[s] > 0 for s in checks if s % 5 == 0 and s < 20)  # the counter sees the checks' reads
+    assert len(quiet) == 15 and all(per_step[s] == 0 for s in quiet), per_step
+    assert all(per_step[s] > 0 for s in checks)  # the counter sees the checks' reads
+    assert {c for c, _ in alarms(detector)} == {"optimizer_no_op", "repeated_data"}
 
 
 # -- arguments and state ------------------------------------------------------------------------------------
@@ -395,6 +413,7 @@ def test_quiet_steps_cost_no_host_sync() -> None:
     ("kwargs", "message"),
     [
         ({"check_every_n_steps": 0}, "`check_every_n_steps` must be >= 1, got 0."),
+        ({"check_every_n_steps": 2.5}, "`check_every_n_steps` must be an int, got 2.5."),
         ({"patience": 0}, "`patience` must be >= 1, got 0."),
         ({"replica_tolerance": 1.0}, r"`replica_tolerance` must be in \(0, 1\), got 1.0."),
         ({"replica_tolerance": 0.0}, r"`replica_tolerance` must be in \(0, 1\), got 0.0."),
