@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from typing_extensions import override
 
 from lightning_diag import _logging
 from lightning_diag._distributed import is_distributed
@@ -40,7 +41,8 @@ PROBE_TENSORS = 8
 
 def _per_group(optimizer: Any, with_grad: list[torch.Tensor]) -> list[torch.Tensor]:
     """Up to ``PROBE_TENSORS`` of the parameters that have a gradient, spread over every param group (so a group
-    frozen with ``lr=0`` on purpose never stands for the whole optimizer)."""
+    frozen with ``lr=0`` on purpose never stands for the whole optimizer).
+    """
     has_grad = {id(p) for p in with_grad}
     groups = [[p for p in g["params"] if id(p) in has_grad] for g in optimizer.param_groups]
     groups = [g for g in groups if g]
@@ -139,7 +141,8 @@ def _batch_tensors(batch: Any) -> list[torch.Tensor]:
 
 def _replicated_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Float buffers that must be equal on every rank: not the running statistics of norm layers, which each
-    rank's forward updates with its own batch between DDP's buffer broadcasts."""
+    rank's forward updates with its own batch between DDP's buffer broadcasts.
+    """
     found = []
     for prefix, sub in module.named_modules():
         if isinstance(sub, torch.nn.modules.batchnorm._NormBase):
@@ -152,7 +155,8 @@ def _replicated_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor
 
 def _model_parallel(pl_module: Any) -> bool:
     """Whether the device mesh has a dimension other than data parallelism (tensor/pipeline parallel ranks see
-    the same batch on purpose)."""
+    the same batch on purpose).
+    """
     mesh = getattr(pl_module, "device_mesh", None)
     names = getattr(mesh, "mesh_dim_names", None) or ()
     return any(name != "data_parallel" and mesh[name].size() > 1 for name in names)  # type: ignore[index]
@@ -213,7 +217,7 @@ class _StaleProbe:
         self.handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(params)]
 
     def _make_hook(self, i: int) -> Any:
-        def hook(grad: torch.Tensor) -> None:
+        def hook(_grad: torch.Tensor) -> None:
             self.touched[i] = True
             current = self.params[i].grad
             if current is None:
@@ -231,7 +235,8 @@ class _StaleProbe:
 
     def verdict(self) -> torch.Tensor:
         """``[stale, judged]`` as a device tensor (no host read): how many watched gradients are stale, out of
-        those that have a gradient at this step."""
+        those that have a gradient at this step.
+        """
         self.close()
         device = self.cleared[0].device
         flags: list[torch.Tensor] = []
@@ -275,7 +280,7 @@ class _NoOpProbe:
     def _sample(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([flat_sample(local_tensor(t), self.size).float() for t in tensors])  # a copy
 
-    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _after_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
         # (removed later, in on_train_batch_end: torch iterates over the hooks while calling this one)
         if self.result is not None or self.cancelled:
             return
@@ -382,6 +387,7 @@ class SilentBugDetector(DiagCallback):
         gradient re-applied untouched there. The noise scale assumes equal micro-batches and Lightning's division
         of the loss by ``accumulate_grad_batches`` (automatic optimization only); under a GradScaler the incoming
         gradients are divided by the scale.
+
     """
 
     def __init__(
@@ -467,6 +473,7 @@ class SilentBugDetector(DiagCallback):
         every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
         return step == 0 or (step + 1) % every == 0  # Lightning's logging steps (and the first step)
 
+    @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         # A quiet step: two integer comparisons. The work of a check runs under no_grad in the helpers.
         step = trainer.global_step
@@ -541,10 +548,12 @@ class SilentBugDetector(DiagCallback):
             return False
         return not any(_is_dtensor(p) for p in pl_module.parameters())
 
+    @override
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self._square is not None:
             self._square.open()
 
+    @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         step = trainer.global_step
         stale = self._stale
@@ -577,7 +586,7 @@ class SilentBugDetector(DiagCallback):
                 self._stale.close()
             watched = _spread(list(params), STALE_TENSORS)
 
-            def start_stale(opt: Any, args: Any, kwargs: Any) -> None:
+            def start_stale(opt: Any, _args: Any, _kwargs: Any) -> None:
                 if self._stale is not None and self._stale.step == step:
                     return  # once per check (removed in on_train_batch_end)
                 live = [p for p in watched if p.grad is not None and p.requires_grad]  # (hooks need both)
@@ -649,9 +658,23 @@ class SilentBugDetector(DiagCallback):
             if self._streaks["ranks"].update(same):
                 self._report_rank_repeat(trainer, rows.shape[0])
         if "noise" in columns:
-            self._judge_noise(trainer, pl_module, columns["noise"])
+            self._judge_noise(trainer, columns["noise"])
 
     # -- judgements ------------------------------------------------------------------------------------------
+    def _note(
+        self,
+        trainer: Any,
+        code: str,
+        severity: Severity,
+        message: str,
+        *,
+        evidence: dict[str, Any],
+        advice: list[str],
+        key: str = "",
+    ) -> None:
+        """Record one finding (the one place that calls :meth:`DiagCallback.record`)."""
+        self.record(trainer, code, severity, message, evidence=evidence, advice=advice, key=key)
+
     def _check_held(self, trainer: Any, pl_module: Any) -> None:
         held = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
         with_grad = [
@@ -668,7 +691,7 @@ class SilentBugDetector(DiagCallback):
             if trained == 0
             else f"{trained} other parameter tensor(s) train"
         )
-        self.record(
+        self._note(
             trainer,
             "optimizer_no_op",
             severity,
@@ -683,6 +706,7 @@ class SilentBugDetector(DiagCallback):
             key="unheld",
         )
 
+    @override
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -699,7 +723,7 @@ class SilentBugDetector(DiagCallback):
             return  # no sampled element had a gradient to apply
         if self._streaks["no_op"].update(moved == 0):
             lrs = ", ".join(f"{lr:g}" for lr in probe.lrs)
-            self.record(
+            self._note(
                 trainer,
                 "optimizer_no_op",
                 "error",
@@ -728,7 +752,7 @@ class SilentBugDetector(DiagCallback):
         if params:
             first = names[params[0]]
             values = table[:, 2 * params[0]].tolist()
-            self.record(
+            self._note(
                 trainer,
                 "replica_divergence",
                 "error",
@@ -746,7 +770,7 @@ class SilentBugDetector(DiagCallback):
             )
         if buffers:
             first = names[buffers[0]]
-            self.record(
+            self._note(
                 trainer,
                 "replica_divergence",
                 "warning",
@@ -757,7 +781,7 @@ class SilentBugDetector(DiagCallback):
                 key="buffers",
             )
 
-    def _judge_noise(self, trainer: Any, pl_module: Any, rows: torch.Tensor) -> None:
+    def _judge_noise(self, trainer: Any, rows: torch.Tensor) -> None:
         if not bool((rows[:, 2] > 0).all()) or not self._micro_batch:
             return
         small_sq = float(rows[:, 0].mean())
@@ -780,7 +804,7 @@ class SilentBugDetector(DiagCallback):
         if 1 / self.noise_scale_ratio <= ratio <= self.noise_scale_ratio:
             return
         below = ratio < 1
-        self.record(
+        self._note(
             trainer,
             "grad_noise_scale",
             "info",
@@ -807,7 +831,7 @@ class SilentBugDetector(DiagCallback):
         )
 
     def _report_repeat(self, trainer: Any, batch_idx: int, epoch: int) -> None:
-        self.record(
+        self._note(
             trainer,
             "repeated_data",
             "error",
@@ -819,7 +843,7 @@ class SilentBugDetector(DiagCallback):
         )
 
     def _report_rank_repeat(self, trainer: Any, world: int) -> None:
-        self.record(
+        self._note(
             trainer,
             "repeated_data",
             "warning",
@@ -831,7 +855,7 @@ class SilentBugDetector(DiagCallback):
         )
 
     def _report_stale(self, trainer: Any, step: int, next_step: int, count: int) -> None:
-        self.record(
+        self._note(
             trainer,
             "stale_gradients",
             "error",
@@ -844,7 +868,7 @@ class SilentBugDetector(DiagCallback):
 
     def _report_train_mode(self, trainer: Any, problems: list[tuple[str, int]]) -> None:
         listed = ", ".join(f"{n or '<the whole model>'} ({k} layer(s))" for n, k in problems[:5])
-        self.record(
+        self._note(
             trainer,
             "wrong_mode",
             "warning",
@@ -861,11 +885,13 @@ class SilentBugDetector(DiagCallback):
         )
 
     # -- validation -----------------------------------------------------------------------------------------
+    @override
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self.check_mode:
             counts = bn_batches_tracked(pl_module.modules())
             self._bn_before = counts.clone() if counts is not None else None
 
+    @override
     def on_validation_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
@@ -874,7 +900,7 @@ class SilentBugDetector(DiagCallback):
         problems = mode_problems(pl_module, training=False)
         if problems:
             listed = ", ".join(f"{n or '<the whole model>'} ({k} layer(s))" for n, k in problems[:5])
-            self.record(
+            self._note(
                 trainer,
                 "wrong_mode",
                 "warning",
@@ -889,6 +915,7 @@ class SilentBugDetector(DiagCallback):
                 key="validation",
             )
 
+    @override
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         before, self._bn_before = self._bn_before, None
         if before is None:
@@ -898,7 +925,7 @@ class SilentBugDetector(DiagCallback):
             return
         grown = int(after - before.to(after.device))
         if grown > 0:
-            self.record(
+            self._note(
                 trainer,
                 "wrong_mode",
                 "warning",
@@ -910,15 +937,18 @@ class SilentBugDetector(DiagCallback):
             )
 
     # -- end and state --------------------------------------------------------------------------------------
+    @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         with torch.no_grad():
             self._read_deferred(trainer)  # the last check's follow-ups get their say
         self._drop_probes()
 
+    @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._drop_probes()
         super().on_exception(trainer, pl_module, exception)
 
+    @override
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         # A check still waiting for the next step (stale gradients, the next batch) cannot travel in a checkpoint:
         # drop it here, so a run resumed from this checkpoint and the run that went on decide alike. Results
@@ -929,6 +959,7 @@ class SilentBugDetector(DiagCallback):
         self._drop_stale_start()
         self._fp_next = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "streaks": {k: s.count for k, s in self._streaks.items()},
@@ -942,6 +973,7 @@ class SilentBugDetector(DiagCallback):
             "findings": self._findings_state(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key, count in state_dict.get("streaks", {}).items():
             if key in self._streaks:

@@ -91,7 +91,8 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 
 def is_mode_sensitive(module: nn.Module) -> bool:
     """Whether ``train()``/``eval()`` changes what ``module`` computes: dropout with ``p > 0``, or a norm layer
-    that keeps running statistics (BatchNorm, InstanceNorm with ``track_running_stats``)."""
+    that keeps running statistics (BatchNorm, InstanceNorm with ``track_running_stats``).
+    """
     if isinstance(module, _DROPOUT):
         return float(getattr(module, "p", 0.0)) > 0.0
     if isinstance(module, nn.modules.batchnorm._NormBase):
@@ -155,7 +156,8 @@ def mode_problems(
 
 def bn_batches_tracked(modules: Iterable[nn.Module]) -> torch.Tensor | None:
     """The sum of ``num_batches_tracked`` over the norm layers that keep running statistics (a device tensor), or
-    ``None`` when there is none. It grows by one per forward in train mode."""
+    ``None`` when there is none. It grows by one per forward in train mode.
+    """
     counts = [
         m.num_batches_tracked
         for m in modules
@@ -214,7 +216,8 @@ class NoiseScale:
     @property
     def scale(self) -> float:
         """``B_simple`` in samples; NaN until both averaged terms are positive (a noise-free or a noise-dominated
-        estimate has no scale yet)."""
+        estimate has no scale yet).
+        """
         return self.trace / self.grad_sq if self.count and self.grad_sq > 0 and self.trace > 0 else math.nan
 
     def state_dict(self) -> dict[str, Any]:
