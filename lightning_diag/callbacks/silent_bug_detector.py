@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
 from lightning_diag import _logging
@@ -160,6 +161,14 @@ def _model_parallel(pl_module: Any) -> bool:
     mesh = getattr(pl_module, "device_mesh", None)
     names = getattr(mesh, "mesh_dim_names", None) or ()
     return any(name != "data_parallel" and mesh[name].size() > 1 for name in names)  # type: ignore[index]
+
+
+def _replicated(trainer: Any, pl_module: Any) -> bool:
+    """Whether every rank holds the whole model (one process, or DDP): not FSDP, DeepSpeed or tensor parallelism,
+    whose ranks hold shards, so their checksums differ and their parameter hooks do not see whole gradients."""
+    if int(getattr(trainer, "world_size", 1)) > 1 and not isinstance(trainer.strategy, DDPStrategy):
+        return False
+    return not any(_is_dtensor(p) for p in pl_module.parameters())
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -321,7 +330,7 @@ class SilentBugDetector(DiagCallback):
     4. ``replica_divergence`` (DDP): a checksum (norm and sum) of every parameter and float buffer, compared across
        ranks; names the first diverging tensor. BatchNorm running statistics are left out: each rank's forward
        updates them with its own batch between DDP's buffer broadcasts, so they differ in healthy runs. Skipped
-       under FSDP2/tensor parallelism (sharded parameters are not replicas).
+       under FSDP, FSDP2, DeepSpeed and tensor parallelism (sharded parameters are not replicas).
     5. ``repeated_data``: a fingerprint of a few values of every batch tensor, compared between the check step's
        batch and the next one (same epoch), and across ranks (DDP, FSDP2 data parallelism; not across the ranks of
        a tensor-parallel mesh, which share their batch on purpose).
@@ -546,7 +555,7 @@ class SilentBugDetector(DiagCallback):
         )
         if micro < 2:
             return False
-        return not any(_is_dtensor(p) for p in pl_module.parameters())
+        return _replicated(trainer, pl_module)
 
     @override
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
@@ -606,9 +615,7 @@ class SilentBugDetector(DiagCallback):
         device = pl_module.device
         parts: dict[str, torch.Tensor] = {}
         tensor_names: list[str] = []
-        replicas = (
-            distributed and self.check_replicas and not any(_is_dtensor(p) for p in pl_module.parameters())
-        )
+        replicas = distributed and self.check_replicas and _replicated(trainer, pl_module)
         if replicas:
             named = [(n, p.detach()) for n, p in pl_module.named_parameters()]
             named += _replicated_buffers(pl_module)

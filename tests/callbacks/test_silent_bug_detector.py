@@ -471,6 +471,20 @@ def test_a_resumed_run_decides_like_the_straight_one(every: int, tmp_path) -> No
     assert resumed.state_dict() == straight.state_dict()
 
 
+def test_sharded_strategies_are_not_compared_as_replicas() -> None:
+    """FSDP1 and DeepSpeed need a GPU; their strategy objects are enough: ranks hold shards, not replicas."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from lightning_diag.callbacks.silent_bug_detector import _replicated
+
+    model = Net()
+    assert _replicated(SimpleNamespace(world_size=2, strategy=DDPStrategy()), model)
+    assert _replicated(SimpleNamespace(world_size=1, strategy=None), model)
+    assert not _replicated(SimpleNamespace(world_size=2, strategy=FSDPStrategy()), model)
+
+
 # -- DDP --------------------------------------------------------------------------------------------------------
 @pytest.mark.distributed
 @pytest.mark.timeout(420)
