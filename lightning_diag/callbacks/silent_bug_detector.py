@@ -165,7 +165,8 @@ def _model_parallel(pl_module: Any) -> bool:
 
 def _replicated(trainer: Any, pl_module: Any) -> bool:
     """Whether every rank holds the whole model (one process, or DDP): not FSDP, DeepSpeed or tensor parallelism,
-    whose ranks hold shards, so their checksums differ and their parameter hooks do not see whole gradients."""
+    whose ranks hold shards, so their checksums differ and their parameter hooks do not see whole gradients.
+    """
     if int(getattr(trainer, "world_size", 1)) > 1 and not isinstance(trainer.strategy, DDPStrategy):
         return False
     return not any(_is_dtensor(p) for p in pl_module.parameters())

@@ -188,7 +188,8 @@ def test_healthy_look_alikes_stay_clean(name: str) -> None:
 @pytest.mark.parametrize("guard_first", [True, False], ids=["guard-first", "detector-first"])
 def test_steps_skipped_by_nan_guard_are_not_no_ops(guard_first: bool) -> None:
     """NaN gradients at every check step, skipped by NaNGuard (gradients dropped, step not applied): a skip on
-    purpose is neither an optimizer no-op nor stale gradients, whatever the callbacks' order."""
+    purpose is neither an optimizer no-op nor stale gradients, whatever the callbacks' order.
+    """
     from lightning_diag import NaNGuard
     from tests.callbacks.nan_helpers import Faulty
 
@@ -300,7 +301,8 @@ def test_the_same_batch_every_step() -> None:
 # -- the gradient noise scale -------------------------------------------------------------------------------
 def test_noise_scale_equals_the_direct_computation_under_accumulation(tmp_path) -> None:
     """One check over four micro-batches: the logged B_simple is the estimator applied to the micro-batch
-    gradients computed directly (with the initial weights) outside the Trainer."""
+    gradients computed directly (with the initial weights) outside the Trainer.
+    """
     torch.manual_seed(0)
     model = Regression(lr=0.05)
     start = copy.deepcopy(model)
@@ -363,7 +365,8 @@ def test_noise_scale_needs_more_than_one_micro_batch() -> None:
 # -- cost -------------------------------------------------------------------------------------------------------
 def test_quiet_steps_cost_no_host_sync() -> None:
     """Every hook of the detector runs under a dispatch-level sync counter, counted per optimizer step (the step
-    a batch starts in): at its defaults only Lightning's logging steps (and step 0) may read from the device."""
+    a batch starts in): at its defaults only Lightning's logging steps (and step 0) may read from the device.
+    """
     from tests.callbacks.grad_helpers import SyncCounter
 
     detector = SilentBugDetector()
