@@ -45,7 +45,15 @@ from lightning.pytorch.utilities import grad_norm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_diag import EarlyStop, GradClip, GradNormMonitor, NaNGuard, SpeedMonitor, WarmupCosine
+from lightning_diag import (
+    EarlyStop,
+    GradClip,
+    GradNormMonitor,
+    NaNGuard,
+    SilentBugDetector,
+    SpeedMonitor,
+    WarmupCosine,
+)
 from lightning_diag.testing import HostSyncCounter
 
 warnings.filterwarnings("ignore")
@@ -234,6 +242,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "SpeedMonitor": lambda: {"callbacks": [SpeedMonitor()]},
     "NaNGuard": lambda: {"callbacks": [NaNGuard()]},
     "NaNGuard(rollback, snapshot_every_n_steps=100)": lambda: {"callbacks": [NaNGuard(action="rollback")]},
+    "SilentBugDetector": lambda: {"callbacks": [SilentBugDetector()]},
     "whole suite": lambda: {
         "callbacks": [
             WarmupCosine(warmup_ratio=0.05),
@@ -242,6 +251,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
             NaNGuard(),
             EarlyStop(monitor="train_loss", strict=False),
             SpeedMonitor(),
+            SilentBugDetector(),
         ]
     },
     "whole suite, fused AdamW": lambda: {

@@ -64,6 +64,12 @@ CODES: dict[str, str] = {
     "dataloader_config": "a DataLoader setting that slows training on this device (e.g. pin_memory off on CUDA)",
     "input_scale": "float inputs far from unit scale (unnormalised)",
     "label_distribution": "integer labels of a batch that are all one class or heavily imbalanced",
+    "optimizer_no_op": "an optimizer step changed no parameter, or trainable parameters get gradients no optimizer holds",
+    "stale_gradients": "gradients are not zeroed between optimizer steps: each step re-applies the previous ones",
+    "wrong_mode": "dropout/BatchNorm in eval mode while training, or in train mode (stats updated) during validation",
+    "replica_divergence": "parameters or buffers differ across data-parallel ranks that should hold the same replica",
+    "repeated_data": "the same batch at consecutive steps, or the same batch on every rank (no distributed sampler)",
+    "grad_noise_scale": "the batch size is far from the gradient noise scale (McCandlish et al. 2018)",
 }
 
 

@@ -38,6 +38,7 @@ REGISTRY: dict[str, list[dict[str, Any]]] = {
     "NaNGuard": [{}, {"action": "rollback", "spike_action": "skip", "snapshot_every_n_steps": 3}],
     "OverfitDetector": [{}, {"action": "stop", "window": 2, "chance_loss": 1.0}],
     "SanityCheck": [{}, {"fail_on": "never", "num_batches": 2, "overfit_batch_steps": 5}],
+    "SilentBugDetector": [{}, {"check_every_n_steps": 2, "patience": 1, "check_replicas": False}],
     "SpeedMonitor": [{"window": 4, "ignore_first_steps": 1}, {"window": 8, "data_share": 0.5}],
     "WarmupCosine": [{"warmup_steps": 2}, {"warmup_ratio": 0.1, "num_cycles": 2, "min_lr_ratio": 0.1}],
 }

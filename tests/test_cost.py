@@ -68,6 +68,7 @@ def suite() -> list[Callback]:
         lightning_diag.OverfitDetector(),
         lightning_diag.SpeedMonitor(),
         lightning_diag.SanityCheck(),
+        lightning_diag.SilentBugDetector(),
     ]
 
 

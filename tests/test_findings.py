@@ -45,6 +45,13 @@ DESIGN_CODES = {
     "host_sync",
     "input_scale",
     "label_distribution",
+    # silent bugs (SilentBugDetector)
+    "optimizer_no_op",
+    "stale_gradients",
+    "wrong_mode",
+    "replica_divergence",
+    "repeated_data",
+    "grad_noise_scale",
 }
 
 

@@ -7,6 +7,7 @@ from lightning_diag.callbacks.grad_norm_monitor import GradNormMonitor
 from lightning_diag.callbacks.nan_guard import NaNGuard, NonFiniteError
 from lightning_diag.callbacks.overfit_detector import OverfitDetector
 from lightning_diag.callbacks.sanity_check import SanityCheck, SanityCheckError
+from lightning_diag.callbacks.silent_bug_detector import SilentBugDetector
 from lightning_diag.callbacks.speed_monitor import SpeedMonitor
 from lightning_diag.callbacks.warmup_cosine import WarmupCosine
 
@@ -20,6 +21,7 @@ __all__ = [
     "OverfitDetector",
     "SanityCheck",
     "SanityCheckError",
+    "SilentBugDetector",
     "SpeedMonitor",
     "WarmupCosine",
     "collect_findings",

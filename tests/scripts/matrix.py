@@ -29,6 +29,7 @@ from lightning_diag import (
     NaNGuard,
     OverfitDetector,
     SanityCheck,
+    SilentBugDetector,
     SpeedMonitor,
     WarmupCosine,
 )
@@ -116,6 +117,7 @@ def main(kind: str, out: str, resume: str | None = None) -> None:
         overfit,
         early,
         SpeedMonitor(window=4, ignore_first_steps=1),
+        SilentBugDetector(check_every_n_steps=3),
         save,
     ]
     exported = {n for n in lightning_diag.__all__ if isinstance(getattr(lightning_diag, n), type)}
