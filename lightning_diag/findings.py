@@ -64,6 +64,8 @@ CODES: dict[str, str] = {
     "dataloader_config": "a DataLoader setting that slows training on this device (e.g. pin_memory off on CUDA)",
     "input_scale": "float inputs far from unit scale (unnormalised)",
     "label_distribution": "integer labels of a batch that are all one class or heavily imbalanced",
+    "internal_error": "a lightning_diag hook failed; that callback disabled itself and the run went on",
+    "non_finite_metric": "a monitored or validation metric is NaN/Inf",
 }
 
 
@@ -200,6 +202,8 @@ def build_report(
     """The ``diagnosis.json`` document: ``{"version": 1, "findings": [...], "summary": {...}}``."""
     ordered = sort_findings(findings)
     by_severity = {s: sum(1 for f in ordered if f.severity == s) for s in SEVERITIES}
+    if status == "failed" and error is not None and by_severity["error"] == 0:
+        by_severity["error"] = 1  # the exception that stopped the run is an error, even without a finding
     summary: dict[str, Any] = {
         "status": status,
         "global_step": int(global_step),
@@ -208,6 +212,9 @@ def build_report(
         "counts": by_severity,
         "codes": sorted({f.code for f in ordered}),
     }
+    disabled = [f"{f.source} ({f.evidence.get('hook', '?')})" for f in ordered if f.code == "internal_error"]
+    if disabled:
+        summary["disabled"] = disabled
     if error is not None:
         summary["error"] = error
     return {"version": REPORT_VERSION, "findings": [f.to_dict() for f in ordered], "summary": summary}
@@ -258,9 +265,16 @@ def format_summary(report: Mapping[str, Any], path: str | None = None, *, verbos
     ]
     if "error" in summary:
         lines.append(f"  stopped by: {summary['error']}")
+    if summary.get("disabled"):
+        lines.append(
+            "  Disabled after an internal error (the run went on without them): " + ", ".join(summary["disabled"])
+        )
     findings = display_order(report)
     if not findings:
-        lines.append("  No findings: nothing looked wrong.")
+        if summary["status"] == "finished":
+            lines.append("  No findings: nothing looked wrong.")
+        else:
+            lines.append(f"  No findings before the run {summary['status']}.")
     primary = report.get("primary")
     advice_count = 0
     for f in findings:
