@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from lightning_diag import EarlyStop, GradClip, NaNGuard, NonFiniteError, OverfitDetector, collect_findings
+from lightning_diag import EarlyStop, GradClip, NaNGuard, NonFiniteError, OverfitDetector
 from tests.callbacks.nan_helpers import Faulty, faulty_loader
 from tests.helpers import Regression, Scripted, find, loader, trainer
 
