@@ -34,6 +34,7 @@ import io
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -136,26 +137,15 @@ VOCAB = 24
 FEATURES = 8
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# argument names: the architecture work renames some arguments; the cells use whichever spelling the class has
-# ---------------------------------------------------------------------------------------------------------------
 def parameters(cls: type) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(cls.__init__).parameters)
 
 
-def arg(cls: type, *names: str) -> str:
-    """The first of ``names`` that ``cls.__init__`` takes (old and new spellings of one argument)."""
-    known = parameters(cls)
-    for name in names:
-        if name in known:
-            return name
-    raise KeyError(f"{cls.__name__} takes none of {names}")
-
-
-def build(cls: type, **kwargs: Any) -> Any:
-    """``cls(**kwargs)`` where a key ``"a|b"`` means whichever of the spellings ``a``, ``b`` the class takes."""
-    resolved = {arg(cls, *key.split("|")): value for key, value in kwargs.items()}
-    return cls(**resolved)
+def arg(cls: type, name: str) -> str:
+    """``name``, checked against the constructor (a renamed argument is a harness error, not a silent pass)."""
+    if name not in parameters(cls):
+        raise KeyError(f"{cls.__name__} takes no argument `{name}`")
+    return name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -744,24 +734,22 @@ def resume_callbacks(config: str, fault: str) -> list[Any]:
 
     def one(name: str) -> Any:
         if name == "GradNormMonitor":
-            return build(GradNormMonitor, **{"spike_warmup_steps": 3})
+            return GradNormMonitor(spike_warmup_steps=3)
         if name == "NaNGuard":
             action = {"rollback": "rollback"}.get(fault, "skip")
             kwargs: dict[str, Any] = {"action": action}
             if action == "rollback":
-                kwargs["snapshot_every|snapshot_every_n_steps"] = (
-                    3  # not aligned with the checkpoint at step 8
-                )
+                kwargs["snapshot_every_n_steps"] = 3  # not aligned with the checkpoint at step 8
                 kwargs["lr_backoff"] = 0.5
-            return build(NaNGuard, **kwargs)
+            return NaNGuard(**kwargs)
         if name == "OverfitDetector":
-            return build(OverfitDetector, window=2)
+            return OverfitDetector(window=2)
         if name == "EarlyStop":
             return EarlyStop(monitor="val_loss", patience=2)
         if name == "WarmupCosine":
             return WarmupCosine(warmup_steps=3, min_lr_ratio=0.1)
         if name == "GradClip":
-            return build(GradClip, **{"mode|algorithm": "zscore", "warmup_steps": 3})
+            return GradClip(algorithm="zscore", spike_warmup_steps=3)
         if name == "SpeedMonitor":
             return SpeedMonitor(window=4)
         if name == "SanityCheck":
@@ -897,23 +885,23 @@ def _bool_params(cls: type) -> list[str]:
     ]
 
 
-#: (callback, kwargs with "a|b" for renamed arguments, the argument names the message must cite; () = must pass)
+#: (callback, kwargs, the argument names the message must cite; () = a good configuration that must pass)
 ARG_CASES: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     # ranges
     ("GradNormMonitor", {"vanishing_ratio": 2.0}, ("vanishing_ratio",)),
     ("GradNormMonitor", {"depth": 0}, ("depth",)),
     ("GradNormMonitor", {"norm_type": 0.5}, ("norm_type",)),
     ("GradClip", {"norm_type": 0.5}, ("norm_type",)),
-    ("GradClip", {"mode|algorithm": "autoclip", "percentile": True}, ("percentile",)),
-    ("GradClip", {"mode|algorithm": "autoclip", "percentile": 0}, ("percentile",)),
-    ("GradClip", {"mode|algorithm": "value", "clip_value": 0.0}, ("clip_value",)),
+    ("GradClip", {"algorithm": "autoclip", "percentile": True}, ("percentile",)),
+    ("GradClip", {"algorithm": "autoclip", "percentile": 0}, ("percentile",)),
+    ("GradClip", {"algorithm": "value", "clip_value": 0.0}, ("clip_value",)),
     ("NaNGuard", {"spike_threshold": float("nan")}, ("spike_threshold",)),
     ("NaNGuard", {"lr_backoff": 0.0, "action": "rollback"}, ("lr_backoff",)),
     ("OverfitDetector", {"window": 0}, ("window",)),
     ("OverfitDetector", {"rise_tolerance": -0.1}, ("rise_tolerance",)),
     ("OverfitDetector", {"close_ratio": 1.5}, ("close_ratio",)),
     ("OverfitDetector", {"divergence_ratio": 0.5}, ("divergence_ratio",)),
-    ("OverfitDetector", {"baseline|chance_loss": 0.0}, ("baseline|chance_loss",)),
+    ("OverfitDetector", {"chance_loss": 0.0}, ("chance_loss",)),
     ("EarlyStop", {"patience": True}, ("patience",)),
     ("EarlyStop", {"min_delta": -1.0}, ("min_delta",)),
     ("EarlyStop", {"monitor": ""}, ("monitor",)),
@@ -936,8 +924,8 @@ ARG_CASES: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ),
     (
         "OverfitDetector",
-        {"val_key|monitor": "loss", "train_key|train_monitor": "loss"},
-        ("val_key|monitor", "train_key|train_monitor"),
+        {"monitor": "loss", "train_monitor": "loss"},
+        ("monitor", "train_monitor"),
     ),
     (
         "GradNormMonitor",
@@ -952,13 +940,13 @@ ARG_CASES: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("NaNGuard", {"action": "skip", "max_rollbacks": 5}, ("max_rollbacks", "action")),
     (
         "NaNGuard",
-        {"action": "skip", "snapshot_every|snapshot_every_n_steps": 10},
-        ("snapshot_every|snapshot_every_n_steps", "action"),
+        {"action": "skip", "snapshot_every_n_steps": 10},
+        ("snapshot_every_n_steps", "action"),
     ),
-    ("GradClip", {"mode|algorithm": "norm", "agc_exclude": ["head"]}, ("agc_exclude", "mode|algorithm")),
-    ("GradClip", {"mode|algorithm": "norm", "percentile": 50.0}, ("percentile", "mode|algorithm")),
-    ("GradClip", {"mode|algorithm": "norm", "z_thresh": 3.0}, ("z_thresh", "mode|algorithm")),
-    ("GradClip", {"mode|algorithm": "value", "max_norm": 1.0}, ("max_norm", "mode|algorithm")),
+    ("GradClip", {"algorithm": "norm", "agc_exclude": ["head"]}, ("agc_exclude", "algorithm")),
+    ("GradClip", {"algorithm": "norm", "percentile": 50.0}, ("percentile", "algorithm")),
+    ("GradClip", {"algorithm": "norm", "spike_threshold": 3.0}, ("spike_threshold", "algorithm")),
+    ("GradClip", {"algorithm": "value", "max_norm": 1.0}, ("max_norm", "algorithm")),
     ("GradNormMonitor", {"group_by": "total", "depth": 3}, ("depth", "group_by")),
     (
         "EarlyStop",
@@ -976,14 +964,14 @@ ARG_CASES: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
         ("sync_check_steps", "check_host_syncs"),
     ),
     # good arguments that must be accepted silently
-    ("NaNGuard", {"action": "rollback", "lr_backoff": 0.5, "snapshot_every|snapshot_every_n_steps": 10}, ()),
+    ("NaNGuard", {"action": "rollback", "lr_backoff": 0.5, "snapshot_every_n_steps": 10}, ()),
     ("NaNGuard", {"action": "skip", "escalate_to": "rollback", "max_rollbacks": 2}, ()),
-    ("GradClip", {"mode|algorithm": "agc", "max_norm": None, "agc_exclude": []}, ()),
-    ("GradClip", {"mode|algorithm": "zscore", "max_norm": 5.0, "z_thresh": 3.0}, ()),
+    ("GradClip", {"algorithm": "agc", "max_norm": None, "agc_exclude": []}, ()),
+    ("GradClip", {"algorithm": "zscore", "max_norm": 5.0, "spike_threshold": 3.0}, ()),
     ("EarlyStop", {"mode": "max", "stopping_threshold": 0.9, "divergence_threshold": 0.1}, ()),
     ("EarlyStop", {"mode": "min", "stopping_threshold": 0.1, "divergence_threshold": 5.0}, ()),
     ("WarmupCosine", {"num_cycles": 3, "cycle_mul": 2.0, "cycle_decay": 0.5}, ()),
-    ("OverfitDetector", {"train_key|train_monitor": "train_loss"}, ()),
+    ("OverfitDetector", {"train_monitor": "train_loss"}, ()),
     ("SanityCheck", {"overfit_batch_steps": 20, "overfit_lr": 0.01, "min_drop": 0.3}, ()),
     ("GradNormMonitor", {"group_by": "parameter"}, ()),
 ]
@@ -996,7 +984,7 @@ def arg_cells() -> list[Cell]:
             for bad in ("no", 1):
                 cells.append(Cell("args", f"args-{name}-{param}={bad!r}", name, param, repr(bad)))
     for index, (name, kwargs, _) in enumerate(ARG_CASES):
-        shown = ",".join(f"{k.split('|')[-1]}={v!r}" for k, v in kwargs.items())
+        shown = ",".join(f"{k}={v!r}" for k, v in kwargs.items())
         cells.append(Cell("args", f"args-{name}({shown})", name, "", str(index)))
     return cells
 
@@ -1013,9 +1001,9 @@ def check_arg_cell(cell: Cell, root: str) -> list[str]:
         try:
             kwargs = {
                 **REQUIRED.get(cell.callback, {}),
-                **{arg(cls, *k.split("|")): v for k, v in raw.items()},
+                **{arg(cls, k): v for k, v in raw.items()},
             }
-            cites = tuple(arg(cls, *c.split("|")) for c in raw_cites)
+            cites = tuple(arg(cls, c) for c in raw_cites)
         except KeyError as exc:
             return [f"harness: {exc}"]
     with warnings.catch_warnings(record=True) as caught:
@@ -1035,7 +1023,7 @@ def check_arg_cell(cell: Cell, root: str) -> list[str]:
     problems = []
     if not (isinstance(error, ValueError) and isinstance(error, MisconfigurationException)):
         problems.append(f"raised {type(error).__name__}, not a ValueError + MisconfigurationException")
-    missing = [c for c in cites if f"`{c}`" not in str(error)]
+    missing = [c for c in cites if not re.search(rf"`{c}[`=]", str(error))]
     if missing:
         problems.append(f"the message does not name {missing}: {error}")
     return problems

@@ -147,7 +147,9 @@ def check_strategy(trainer: Any, who: str, *, fsdp1: bool = False) -> None:
     """
     name = type(getattr(trainer, "strategy", None)).__name__
     if name.startswith("DeepSpeed") or (name == "FSDPStrategy" and not fsdp1):
-        raise ValueError(
+        from lightning_diag._validation import ConfigurationError
+
+        raise ConfigurationError(
             f"{who} does not support `{name}` yet: its gradients are sharded or managed outside Lightning's "
             "optimizer step, so norms, clipping and skips would not be correct. Use DDP or FSDP2 "
             "(`ModelParallelStrategy`), or remove the callback."

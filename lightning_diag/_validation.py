@@ -20,6 +20,7 @@ from lightning_diag._containment import Deliberate
 __all__ = [
     "ArgumentError",
     "ConfigurationError",
+    "MissingMetricError",
     "check_bool",
     "check_choice",
     "check_exclusive",
@@ -40,6 +41,10 @@ class ConfigurationError(Deliberate, ValueError, MisconfigurationException):
 
 class ArgumentError(ConfigurationError):
     """A constructor argument of the wrong type, out of its range, contradicting another, or ignored."""
+
+
+class MissingMetricError(Deliberate, RuntimeError, MisconfigurationException):
+    """A monitored metric is not logged and the callback was asked to be ``strict`` about it."""
 
 
 def _fail(name: str, constraint: str, value: Any, hint: str = "") -> ArgumentError:
@@ -110,7 +115,7 @@ def check_ignored(name: str, value: Any, default: Any, *, because: str, unless: 
     ``because`` names the deciding argument and its value (e.g. ``"`detect_spikes=False`"``); ``unless`` says what
     would make ``name`` count.
     """
-    if value == default and type(value) is type(default):
+    if value == default and isinstance(value, bool) == isinstance(default, bool):
         return
     message = f"`{name}={value!r}` has no effect with {because}: remove it"
     message += f", or {unless}." if unless else "."

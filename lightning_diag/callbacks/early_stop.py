@@ -15,7 +15,18 @@ from typing_extensions import override
 
 from lightning_diag import _lightning, _logging
 from lightning_diag._distributed import broadcast
-from lightning_diag._validation import check_choice, check_int, check_number, check_positive
+from lightning_diag._validation import (
+    ConfigurationError,
+    MissingMetricError,
+    check_bool,
+    check_choice,
+    check_ignored,
+    check_int,
+    check_key,
+    check_number,
+    check_order,
+    check_positive,
+)
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core.stopping import StopTracker
 from lightning_diag.core.verdict import Verdict
@@ -136,8 +147,16 @@ class EarlyStop(EarlyStopping, DiagCallback):
         DiagCallback.__init__(
             self
         )  # EarlyStopping.__init__ would sign-flip min_delta; we set every attribute here
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"`monitor` must be a non-empty metric key, got {monitor!r}.")
+        check_key("monitor", monitor)
+        for name, flag in (
+            ("verbose", verbose),
+            ("strict", strict),
+            ("check_finite", check_finite),
+            ("log_rank_zero_only", log_rank_zero_only),
+            ("restore_best_weights", restore_best_weights),
+        ):
+            check_bool(name, flag)
+        check_bool("check_on_train_epoch_end", check_on_train_epoch_end, optional=True)
         check_positive("min_delta", min_delta, strict=False)
         check_int("patience", patience, minimum=0)
         check_choice("mode", mode, ("min", "max"))
@@ -150,6 +169,22 @@ class EarlyStop(EarlyStopping, DiagCallback):
         ):
             if value is not None:
                 check_number(name, value, allow_inf=True)
+        if mode == "min":  # stop when good enough (below), give up when far worse (above)
+            check_order(
+                "stopping_threshold", stopping_threshold, "divergence_threshold", divergence_threshold
+            )
+        else:
+            check_order(
+                "divergence_threshold", divergence_threshold, "stopping_threshold", stopping_threshold
+            )
+        if not restore_best_weights:
+            check_ignored(
+                "restore_from",
+                restore_from,
+                "auto",
+                because="`restore_best_weights=False`",
+                unless="set `restore_best_weights=True`",
+            )
 
         self.monitor = monitor
         self.min_delta = float(min_delta)
@@ -217,7 +252,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
             )
         self._checkpoint_callback = self._find_checkpoint_callback(trainer)
         if self.restore_from == "checkpoint" and self._checkpoint_callback is None:
-            raise ValueError(
+            raise ConfigurationError(
                 f"EarlyStop(restore_from='checkpoint') needs a `ModelCheckpoint(monitor={self.monitor!r}, "
                 f"mode={self.mode!r})` among the callbacks (with `save_top_k != 0`). Add one, or use "
                 "`restore_from='memory'`."
@@ -340,7 +375,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
             f"Available keys: {listed}. Log it with `self.log({self.monitor!r}, ...)` or change `monitor`."
         )
         if self.strict:
-            raise RuntimeError(message)
+            raise MissingMetricError(message)
         if self.verbose:
             rank_zero_info(message)
 

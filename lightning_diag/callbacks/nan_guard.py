@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 import warnings
 from typing import Any, Literal
@@ -19,7 +20,16 @@ import torch
 from typing_extensions import override
 
 from lightning_diag import _distributed, _lightning, _logging
-from lightning_diag._validation import check_choice, check_fraction, check_int, check_number, check_positive
+from lightning_diag._containment import Deliberate
+from lightning_diag._validation import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_ignored,
+    check_int,
+    check_positive,
+    check_range,
+)
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import StepContext, run_context, step_context
 from lightning_diag.core.grad_stats import max_abs, tensor_norms, total_from_norms
@@ -78,12 +88,55 @@ class _Pending:
     batch_idx: str
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(Deliberate, RuntimeError):
     """Raised by :class:`NaNGuard` when its policy is ``"raise"`` (or an escalation ends there)."""
 
 
 def _floating(batch: Any) -> list[torch.Tensor]:
     return [t for _, t in iter_tensors(batch) if t.is_floating_point() and t.numel()]
+
+
+def _check_ignored_arguments(given: dict[str, Any]) -> None:
+    """Refuse settings that the chosen policies can never use (they would suggest a protection that is not there)."""
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(NaNGuard.__init__).parameters.items()
+        if name != "self"
+    }
+    if not given["detect_spikes"]:
+        for name in ("spike_action", "spike_threshold", "spike_ratio", "spike_window", "spike_warmup_steps"):
+            check_ignored(
+                name,
+                given[name],
+                defaults[name],
+                because="`detect_spikes=False`",
+                unless="set `detect_spikes=True`",
+            )
+    policies = {given["action"]} | ({given["spike_action"]} if given["detect_spikes"] else set())
+    policies_text = " and ".join(
+        f"`{n}={given[n]!r}`" for n in ("action", "spike_action") if n == "action" or given["detect_spikes"]
+    )
+    if "skip" not in policies:
+        for name in ("max_consecutive_skips", "escalate_to"):
+            check_ignored(
+                name,
+                given[name],
+                defaults[name],
+                because=f"{policies_text} (nothing is ever skipped)",
+                unless="use `action='skip'`",
+            )
+    if "rollback" not in policies and not ("skip" in policies and given["escalate_to"] == "rollback"):
+        because = policies_text + (
+            f" and `escalate_to={given['escalate_to']!r}`" if "skip" in policies else ""
+        )
+        for name in ("snapshot_every_n_steps", "max_rollbacks", "lr_backoff"):
+            check_ignored(
+                name,
+                given[name],
+                defaults[name],
+                because=f"{because} (no rollback can happen)",
+                unless="use `action='rollback'` or `escalate_to='rollback'`",
+            )
 
 
 class NaNGuard(DiagCallback):
@@ -203,17 +256,20 @@ class NaNGuard(DiagCallback):
         super().__init__()
         check_choice("action", action, ACTIONS)
         check_choice("spike_action", spike_action, ACTIONS)
+        check_bool("check_inputs", check_inputs)
+        check_bool("detect_spikes", detect_spikes)
+        check_bool("localize", localize)
         check_int("check_params_every_n_steps", check_params_every_n_steps, minimum=0)
         check_int("spike_window", spike_window, minimum=1)
         check_positive("spike_threshold", spike_threshold)
-        if check_number("spike_ratio", spike_ratio) < 1.0:
-            raise ValueError(f"`spike_ratio` must be >= 1, got {spike_ratio!r}.")
+        check_range("spike_ratio", spike_ratio, 1.0)
         check_int("spike_warmup_steps", spike_warmup_steps, minimum=0)
         check_int("max_consecutive_skips", max_consecutive_skips, minimum=1)
         check_choice("escalate_to", escalate_to, ("rollback", "raise"))
         check_int("snapshot_every_n_steps", snapshot_every_n_steps, minimum=1)
         check_int("max_rollbacks", max_rollbacks, minimum=1)
         check_fraction("lr_backoff", lr_backoff, low_open=True)
+        _check_ignored_arguments(dict(locals()))
         self.action = action
         self.spike_action = spike_action
         self.check_inputs = check_inputs

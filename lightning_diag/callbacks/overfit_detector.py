@@ -12,7 +12,16 @@ import torch
 from typing_extensions import override
 
 from lightning_diag import _distributed, _lightning, _logging
-from lightning_diag._validation import check_choice, check_number
+from lightning_diag._validation import (
+    ArgumentError,
+    MissingMetricError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_key,
+    check_positive,
+    check_range,
+)
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core.curves import CurvePoint, CurveRules, diagnose
 from lightning_diag.core.verdict import Verdict
@@ -91,9 +100,25 @@ class OverfitDetector(DiagCallback):
         strict: bool = True,
     ) -> None:
         super().__init__()
+        check_key("monitor", monitor)
+        if train_monitor is not None:
+            check_key("train_monitor", train_monitor)
+            if train_monitor == monitor:
+                raise ArgumentError(
+                    f"`train_monitor` and `monitor` must be different keys, got {monitor!r} for both: the curve needs "
+                    "a training loss and a validation loss. Leave `train_monitor=None` to use the loss training_step "
+                    "returns."
+                )
         check_choice("action", action, ("warn", "stop"))
+        check_int("window", window, minimum=2)
+        check_positive("rise_tolerance", rise_tolerance, strict=False)
+        check_range("plateau_threshold", plateau_threshold, 0.0, 1.0, high_open=True)
+        check_positive("high_ratio", high_ratio)
+        check_range("close_ratio", close_ratio, 0.0, 1.0)
+        check_range("divergence_ratio", divergence_ratio, 1.0, low_open=True)
         if chance_loss is not None:
-            check_number("chance_loss", chance_loss)
+            check_positive("chance_loss", chance_loss)
+        check_bool("strict", strict)
         self.rules = CurveRules(
             window=window,
             rise_tolerance=rise_tolerance,
@@ -162,7 +187,7 @@ class OverfitDetector(DiagCallback):
                 "`validation_step` (self.log(...)) or pass the right `monitor`."
             )
             if self.strict:
-                raise RuntimeError(message)
+                raise MissingMetricError(message)
             if not self._missing_warned and trainer.is_global_zero:
                 warnings.warn(message, LightningDiagWarning, stacklevel=2)
             self._missing_warned = True
@@ -202,7 +227,7 @@ class OverfitDetector(DiagCallback):
         logged = trainer.callback_metrics.get(f"{key}_epoch", trainer.callback_metrics.get(key))
         if logged is None:
             keys = sorted(trainer.callback_metrics)
-            raise RuntimeError(
+            raise MissingMetricError(
                 f"OverfitDetector: `train_monitor={self.train_monitor!r}` is not among the logged metrics {keys}. Log it "
                 "with on_epoch=True, or leave `train_monitor=None` to use the loss training_step returns."
             )

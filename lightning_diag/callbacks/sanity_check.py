@@ -8,7 +8,8 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lightning_diag import _distributed, _lightning
-from lightning_diag._validation import check_choice, check_fraction, check_int
+from lightning_diag._containment import Deliberate
+from lightning_diag._validation import check_bool, check_choice, check_fraction, check_ignored, check_int
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core import sanity
 from lightning_diag.core.verdict import fails
@@ -16,7 +17,7 @@ from lightning_diag.core.verdict import fails
 __all__ = ["SanityCheck", "SanityCheckError"]
 
 
-class SanityCheckError(RuntimeError):
+class SanityCheckError(Deliberate, RuntimeError):
     """Raised by :class:`SanityCheck` when a finding reaches ``fail_on``: training does not start."""
 
 
@@ -90,6 +91,26 @@ class SanityCheck(DiagCallback):
         check_int("overfit_batch_steps", overfit_batch_steps, minimum=0)
         check_fraction("overfit_lr", overfit_lr, low_open=True)
         check_fraction("min_drop", min_drop, low_open=True, high_open=True)
+        for name, flag in (
+            ("check_data", check_data),
+            ("check_loss_at_init", check_loss_at_init),
+            ("check_gradients", check_gradients),
+            ("check_batch_independence", check_batch_independence),
+        ):
+            check_bool(name, flag)
+        if overfit_batch_steps == 0:
+            for name, value, default in (("overfit_lr", overfit_lr, 1e-3), ("min_drop", min_drop, 0.5)):
+                check_ignored(
+                    name,
+                    value,
+                    default,
+                    because="`overfit_batch_steps=0`",
+                    unless="set `overfit_batch_steps` > 0",
+                )
+        if not check_data:
+            check_ignored(
+                "num_batches", num_batches, 1, because="`check_data=False`", unless="set `check_data=True`"
+            )
         self.fail_on = fail_on
         self.num_batches = num_batches
         self.check_data = check_data

@@ -11,9 +11,13 @@ from typing_extensions import override
 
 from lightning_diag import _logging
 from lightning_diag._validation import (
+    ArgumentError,
+    ConfigurationError,
+    check_bool,
     check_choice,
     check_exclusive,
     check_fraction,
+    check_ignored,
     check_int,
     check_positive,
 )
@@ -119,7 +123,7 @@ class WarmupCosine(DiagCallback):
         if total_steps is not None:
             check_int("total_steps", total_steps, minimum=1)
             if warmup_steps is not None and warmup_steps >= total_steps:
-                raise ValueError(
+                raise ArgumentError(
                     f"`warmup_steps` must be < `total_steps` ({total_steps}), got {warmup_steps!r}: "
                     "the warmup must leave at least one step for the cosine decay."
                 )
@@ -135,6 +139,22 @@ class WarmupCosine(DiagCallback):
         check_positive("cycle_mul", cycle_mul)
         check_positive("cycle_decay", cycle_decay)
         check_choice("interval", interval, ("step", "epoch"))
+        check_bool("log_lr", log_lr)
+        if num_cycles == 1:
+            for name, value in (("cycle_mul", cycle_mul), ("cycle_decay", cycle_decay)):
+                check_ignored(name, value, 1.0, because="`num_cycles=1`", unless="set `num_cycles` > 1")
+        no_warmup = (warmup_steps or 0) == 0 and (warmup_ratio or 0) == 0
+        if no_warmup:
+            warmup = (
+                "`warmup_steps=0`"
+                if warmup_steps == 0
+                else ("`warmup_ratio=0`" if warmup_ratio == 0 else "no `warmup_steps`/`warmup_ratio`")
+            )
+            for start_name, start in (
+                ("warmup_start_lr", warmup_start_lr),
+                ("warmup_start_factor", warmup_start_factor),
+            ):
+                check_ignored(start_name, start, None, because=warmup, unless="give the warmup a length")
 
         self.warmup_steps = warmup_steps
         self.warmup_ratio = warmup_ratio
@@ -177,7 +197,7 @@ class WarmupCosine(DiagCallback):
                 self.resolved_warmup_steps = 0
         if self.resolved_warmup_steps >= total:
             unit = "steps" if self.interval == "step" else "epochs"
-            raise ValueError(
+            raise ConfigurationError(
                 f"WarmupCosine: the warmup ({self.resolved_warmup_steps} {unit}) must be shorter than the schedule "
                 f"({total} {unit}). Lower `warmup_steps`/`warmup_ratio` or train longer."
             )
@@ -186,14 +206,14 @@ class WarmupCosine(DiagCallback):
         if self.interval == "epoch":
             epochs = trainer.max_epochs
             if epochs is None or epochs < 1:
-                raise ValueError(
+                raise ConfigurationError(
                     f"WarmupCosine(interval='epoch') cannot derive the schedule length: `Trainer(max_epochs={epochs})`."
                     " Pass `WarmupCosine(total_steps=...)` (in epochs) or set `max_epochs`."
                 )
             return int(epochs)
         estimated = trainer.estimated_stepping_batches
         if estimated is None or not math.isfinite(estimated) or estimated < 1:
-            raise ValueError(
+            raise ConfigurationError(
                 "WarmupCosine cannot derive the schedule length: `trainer.estimated_stepping_batches` is "
                 f"{estimated!r} (an IterableDataset without a length, or `max_epochs=-1`). Pass "
                 "`WarmupCosine(total_steps=...)` or set `Trainer(max_steps=...)`."
@@ -255,7 +275,7 @@ class WarmupCosine(DiagCallback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.lr_scheduler_configs:
             names = ", ".join(type(cfg.scheduler).__name__ for cfg in trainer.lr_scheduler_configs)
-            raise ValueError(
+            raise ConfigurationError(
                 f"WarmupCosine found a learning-rate scheduler configured in `configure_optimizers` ({names}). Both "
                 "would write the learning rate every step. Return only the optimizer(s) from `configure_optimizers`, "
                 "or remove WarmupCosine from the callbacks."
@@ -268,7 +288,7 @@ class WarmupCosine(DiagCallback):
             # (the optimizer's rates at this point of a resume are the freshly configured ones, not the decayed).
             self.base_lrs = groups
         elif [len(g) for g in self.base_lrs] != [len(g) for g in groups]:
-            raise ValueError(
+            raise ConfigurationError(
                 "WarmupCosine: the checkpoint's param groups per optimizer "
                 f"{[len(g) for g in self.base_lrs]} do not match the model's {[len(g) for g in groups]}."
             )

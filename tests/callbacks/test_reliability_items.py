@@ -94,8 +94,8 @@ MODES: dict[str, dict[str, Any]] = {
     "norm": {"max_norm": 1.0},
     "value": {"clip_value": 0.5},
     "agc": {},
-    "autoclip": {"warmup_steps": 0},
-    "zscore": {"warmup_steps": 0},
+    "autoclip": {},
+    "zscore": {"spike_warmup_steps": 0},
 }
 
 
@@ -111,7 +111,7 @@ def test_overflowing_steps_are_left_to_the_grad_scaler(mode: str, fused: bool, a
         max_steps=2,
         accumulate_grad_batches=accumulate,
         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
-        callbacks=[watch, GradClip(mode=mode, **MODES[mode])],
+        callbacks=[watch, GradClip(algorithm=mode, **MODES[mode])],
     )
     with contextlib.redirect_stdout(io.StringIO()):
         t.fit(FusedOrNot(fused), loader(n=64))
@@ -215,7 +215,7 @@ def test_an_exception_stop_without_findings_is_not_reported_healthy(tmp_path, ca
 
 
 def test_the_printed_action_is_the_action_taken(tmp_path, capsys) -> None:
-    guard = NaNGuard(action="skip", max_consecutive_skips=1, escalate_to="rollback", snapshot_every=1)
+    guard = NaNGuard(action="skip", max_consecutive_skips=1, escalate_to="rollback", snapshot_every_n_steps=1)
     t = trainer(max_steps=8, callbacks=[guard], default_root_dir=str(tmp_path))
     t.fit(Faulty(inject="loss", at=(3, 4)), faulty_loader())
     assert guard.skipped_steps == 2 and guard.rollbacks == 1
