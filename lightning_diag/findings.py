@@ -66,6 +66,8 @@ CODES: dict[str, str] = {
     "label_distribution": "integer labels of a batch that are all one class or heavily imbalanced",
     "internal_error": "a lightning_diag hook failed; that callback disabled itself and the run went on",
     "non_finite_metric": "a monitored or validation metric is NaN/Inf",
+    "missing_metric": "a monitored metric was never logged (strict=False)",
+    "declined": "a callback could not do (part of) its work with this setup and stayed out of the way",
 }
 
 

@@ -245,7 +245,11 @@ class GradClip(DiagCallback):
         elif self.algorithm == "value":
             bound: float | torch.Tensor = self.clip_value
             if stats.inv_scale is not None:
-                bound = self.clip_value / stats.inv_scale  # the gradients are still loss-scaled
+                # The gradients are still loss-scaled, and an overflowed step must stay non-finite so that the
+                # optimizer's own inf check skips it (the GradScaler then lowers the scale): no clamp there.
+                bound = torch.where(
+                    torch.isfinite(pre), self.clip_value / stats.inv_scale, torch.full_like(pre, math.inf)
+                )
             peak = max_abs(grads).max()
             if stats.inv_scale is not None:
                 peak = peak * stats.inv_scale
