@@ -77,6 +77,15 @@ class DiagCallback(Contained, Callback):
         )
         return self._finding_log.record(finding, key=key)
 
+    def decline(self, trainer: pl.Trainer, message: str, reason: str) -> Finding:
+        """Say that this callback stays out of the way (of all or part of its work) for a setup it cannot handle:
+        an info finding ``declined`` (evidence ``reason``) and, once per reason, a LightningDiagWarning.
+        """
+        seen = any(f.code == "declined" and f.evidence.get("reason") == reason for f in self.findings)
+        if not seen and trainer.is_global_zero:
+            warnings.warn(message, LightningDiagWarning, stacklevel=3)
+        return self.record(trainer, Verdict("declined", "info", message, {"reason": reason}, []), key=reason)
+
     # -- state ----------------------------------------------------------------------------------------------
     def _findings_state(self) -> list[dict[str, Any]]:
         return self._finding_log.state_dict()

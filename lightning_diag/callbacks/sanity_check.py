@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -14,7 +13,6 @@ from lightning_diag._validation import check_bool, check_choice, check_fraction,
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core import sanity
 from lightning_diag.core.verdict import Verdict, fails
-from lightning_diag.findings import LightningDiagWarning
 
 __all__ = ["SanityCheck", "SanityCheckError"]
 
@@ -176,7 +174,7 @@ class SanityCheck(DiagCallback):
         }
         if not pl_module.automatic_optimization and any(loss_checks.values()):
             # training_step steps the optimizers itself: running it outside the loop would update the model
-            self._decline(
+            self.decline(
                 trainer,
                 "SanityCheck skipped its loss-based checks (loss at initialisation, missing gradients, overfit one "
                 "batch): under manual optimization `training_step` steps the optimizers itself, so it cannot be "
@@ -205,7 +203,7 @@ class SanityCheck(DiagCallback):
             # Lightning skips a batch whose training_step returns None: check the next one (still before any update)
             if self._model_tries >= MAX_MODEL_TRIES:
                 self._model_done = True
-                self._decline(
+                self.decline(
                     trainer,
                     f"SanityCheck skipped its model checks: `training_step` returned no loss on the first "
                     f"{self._model_tries} batches.",
@@ -214,13 +212,6 @@ class SanityCheck(DiagCallback):
             return
         self._model_done = True
         self._judge(trainer, issues)
-
-    def _decline(self, trainer: pl.Trainer, message: str, reason: str) -> None:
-        verdict = Verdict("declined", "info", message, {"reason": reason}, [])
-        seen = any(f.code == "declined" and f.evidence.get("reason") == reason for f in self.findings)
-        if not seen and trainer.is_global_zero:
-            warnings.warn(message, LightningDiagWarning, stacklevel=3)
-        self.record(trainer, verdict, key=reason)
 
     def _judge(self, trainer: pl.Trainer, issues: list[Verdict]) -> None:
         for issue in issues:

@@ -64,7 +64,9 @@ class WarmupCosine(DiagCallback):
         ============================  =============================================================
 
     Findings:
-        None: a misconfiguration raises instead (see Raises).
+        ``declined`` (info, with a LightningDiagWarning) when it leaves the rates as configured: under
+        ``fast_dev_run``, and under manual optimization with several optimizers when the run is bounded by
+        ``max_steps`` and ``total_steps`` is not given. Other misconfigurations raise (see Raises).
 
     Raises:
         ValueError: at construction for a negative or non-integer ``warmup_steps``, a ratio outside its range,
@@ -88,6 +90,11 @@ class WarmupCosine(DiagCallback):
         per skipped step and for the number of discarded steps on a rollback, and a rollback's LR back-off
         multiplies every rate by ``lr_scale``; the requests travel through the run's shared context
         (``callbacks/_context.py``) and are taken at the next batch boundary. Both are saved in the checkpoint.
+
+        Manual optimization with several optimizers (a GAN's generator and discriminator): ``global_step`` counts
+        the steps of every optimizer, so the schedule step is the number of training batches done instead (saved
+        in the checkpoint), and every optimizer follows the progress of training whether it steps in every
+        batch or not; ``total_steps`` is then in training batches. Skipped steps do not hold that schedule.
     """
 
     # The schedule as resolved for the current fit (see ``_reset_state`` and ``on_fit_start``).
@@ -270,9 +277,42 @@ class WarmupCosine(DiagCallback):
         self.held_steps = 0
         self.lr_scale = 1.0
         self.lr_history: list[tuple[int, float]] = []  # (global step, rate of group 0) at the logging steps
+        # Manual optimization with several optimizers: the schedule follows the training batches (one step each)
+        self.by_batch = False
+        self.batches_done = 0
+        self.declined = False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(trainer, "fast_dev_run", False):  # set by the Trainer's __init__
+            self.declined = True
+            self.decline(
+                trainer,
+                "WarmupCosine leaves the learning rates as configured under `fast_dev_run` (a smoke test of a few "
+                "steps has no schedule to follow).",
+                "fast_dev_run",
+            )
+            return
+        self.by_batch = (
+            self.interval == "step" and not pl_module.automatic_optimization and len(trainer.optimizers) > 1
+        )
+        if (
+            self.by_batch
+            and self.total_steps is None
+            and trainer.max_steps != -1
+            and self.resolved_total_steps is None
+        ):
+            # global_step counts every optimizer's steps: how many training batches max_steps allows is unknown
+            self.declined = True
+            self.decline(
+                trainer,
+                f"WarmupCosine cannot derive the schedule length under manual optimization with "
+                f"{len(trainer.optimizers)} optimizers and `Trainer(max_steps={trainer.max_steps})` (global_step "
+                "counts the steps of every optimizer). The learning rates are left as configured: pass "
+                "`WarmupCosine(total_steps=...)` in training batches, or bound the run with `max_epochs`.",
+                "manual_max_steps",
+            )
+            return
         if trainer.lr_scheduler_configs:
             names = ", ".join(type(cfg.scheduler).__name__ for cfg in trainer.lr_scheduler_configs)
             raise ConfigurationError(
@@ -296,7 +336,7 @@ class WarmupCosine(DiagCallback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.interval == "epoch":
+        if self.interval == "epoch" and not self.declined:
             self._apply(trainer, trainer.current_epoch)
 
     def _take_requests(self, trainer: pl.Trainer) -> None:
@@ -312,7 +352,13 @@ class WarmupCosine(DiagCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._take_requests(trainer)
-        if self.interval == "step":
+        if self.declined or self.interval != "step":
+            return
+        if self.by_batch:
+            # One schedule step per training batch, whichever optimizers step in it (a GAN's generator and
+            # discriminator each follow the progress of training, not the sum of their steps).
+            self._apply(trainer, self.batches_done)
+        else:
             # Idempotent within an accumulation window: global_step only moves on a real optimizer step.
             self._apply(trainer, max(trainer.global_step - self.held_steps, 0))
 
@@ -322,6 +368,8 @@ class WarmupCosine(DiagCallback):
     ) -> None:
         # Taken before checkpoint callbacks run (Lightning calls them last), so a checkpoint holds the requests.
         self._take_requests(trainer)
+        if self.by_batch:
+            self.batches_done += 1
 
     @override
     def on_before_optimizer_step(
@@ -353,6 +401,7 @@ class WarmupCosine(DiagCallback):
             "warmup_steps": self.resolved_warmup_steps,
             "held_steps": self.held_steps,
             "lr_scale": self.lr_scale,
+            "batches_done": self.batches_done,
             "findings": self._findings_state(),
         }
 
@@ -366,4 +415,5 @@ class WarmupCosine(DiagCallback):
             self.resolved_warmup_steps = int(state_dict["warmup_steps"])
         self.held_steps = int(state_dict.get("held_steps", 0))
         self.lr_scale = float(state_dict.get("lr_scale", 1.0))
+        self.batches_done = int(state_dict.get("batches_done", 0))
         self._load_findings_state(state_dict)
