@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
@@ -29,7 +30,7 @@ from lightning_diag._validation import (
 )
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core.stopping import StopTracker
-from lightning_diag.core.verdict import Verdict
+from lightning_diag.core.verdict import Verdict, non_finite_metric
 
 __all__ = ["EarlyStop"]
 
@@ -268,6 +269,8 @@ class EarlyStop(EarlyStopping, DiagCallback):
         self.best_step: int | None = None
         self.restored_epoch: int | None = None
         self._best_weights: dict[str, torch.Tensor] | None = None
+        self._monitor_seen = False
+        self._missing_checks = 0  # checks that found no `monitor` (strict=False)
 
     def _find_checkpoint_callback(self, trainer: pl.Trainer) -> ModelCheckpoint | None:
         if self.restore_from == "memory":
@@ -300,8 +303,12 @@ class EarlyStop(EarlyStopping, DiagCallback):
         # Every rank decides on rank 0's value: one collective, identical decisions, replicas never diverge.
         current = broadcast(trainer, None if value is None else float(torch.as_tensor(value).float().mean()))
         if current is None:
+            self._missing_checks += 1
             self._missing_monitor(sorted(logs))
             return
+        self._monitor_seen = True
+        if not math.isfinite(current):
+            self.record(trainer, non_finite_metric(self.monitor, current, "EarlyStop"), key=self.monitor)
 
         decision = self._tracker.update(current)
         if decision.new_best:
@@ -388,6 +395,23 @@ class EarlyStop(EarlyStopping, DiagCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._missing_checks and not self._monitor_seen:
+            logged = sorted(trainer.callback_metrics)
+            close = difflib.get_close_matches(self.monitor, logged, n=1)
+            self.record(
+                trainer,
+                Verdict(
+                    "missing_metric",
+                    "info",
+                    f"EarlyStop monitored `{self.monitor}`, which was never logged ({self._missing_checks} checks): "
+                    f"it never judged the run. Logged: {', '.join(f'`{k}`' for k in logged) or 'nothing'}.",
+                    {"metric": self.monitor, "checks": self._missing_checks, "logged": ", ".join(logged)},
+                    [f"Did you mean `{close[0]}`?"]
+                    if close
+                    else [f"Log it with `self.log({self.monitor!r}, ...)`."],
+                ),
+                key=self.monitor,
+            )
         if not self.restore_best_weights or self.best_step is None or self.best_step == trainer.global_step:
             return  # nothing to restore: no best yet, or the model still holds the best weights
         if self._checkpoint_callback is not None and self._checkpoint_callback.best_model_path:
@@ -440,6 +464,8 @@ class EarlyStop(EarlyStopping, DiagCallback):
             "best_epoch": self.best_epoch,
             "best_step": self.best_step,
             "best_weights": self._best_weights,
+            "monitor_seen": self._monitor_seen,
+            "missing_checks": self._missing_checks,
             "findings": self._findings_state(),
         }
 
@@ -455,6 +481,8 @@ class EarlyStop(EarlyStopping, DiagCallback):
         self.best_epoch = state_dict.get("best_epoch", self.best_epoch)
         self.best_step = state_dict.get("best_step", self.best_step)
         self._best_weights = state_dict.get("best_weights", self._best_weights)
+        self._monitor_seen = bool(state_dict.get("monitor_seen", self._monitor_seen))
+        self._missing_checks = int(state_dict.get("missing_checks", self._missing_checks))
         self._load_findings_state(state_dict)
 
 

@@ -24,7 +24,7 @@ from lightning_diag._validation import (
 )
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core.curves import CurvePoint, CurveRules, diagnose
-from lightning_diag.core.verdict import Verdict
+from lightning_diag.core.verdict import Verdict, non_finite_metric
 from lightning_diag.findings import LightningDiagWarning
 
 __all__ = ["OverfitDetector"]
@@ -231,11 +231,15 @@ class OverfitDetector(DiagCallback):
                 f"OverfitDetector: `train_monitor={self.train_monitor!r}` is not among the logged metrics {keys}. Log it "
                 "with on_epoch=True, or leave `train_monitor=None` to use the loss training_step returns."
             )
+        if not math.isfinite(float(logged)):
+            self.record(trainer, non_finite_metric(key, float(logged), "OverfitDetector"), key=key)
         self._add(trainer, x, float(logged), val)
 
     # -- decide ---------------------------------------------------------------------------------------------
     def _add(self, trainer: pl.Trainer, x: float, train: float, val: float | None) -> None:
         x, train, val = _distributed.broadcast(trainer, (x, train, val))  # rank 0's curve for everyone
+        if val is not None and not math.isfinite(val):
+            self.record(trainer, non_finite_metric(self.monitor, val, "OverfitDetector"), key=self.monitor)
         self.points.append(CurvePoint(x, train, val))
         self.steps.append(int(trainer.global_step))
         metrics = {"diag/overfit/train_loss": train}
