@@ -88,6 +88,14 @@ class _Pending:
     batch_idx: str
 
 
+_NOT_REPRODUCED = (
+    "The replay of the same step was finite: the fault depends on state or chance, not on the step's data alone. "
+    "Look for stateful or nondeterministic code (a module that keeps a counter or cache, randomness without a "
+    "seed, uninitialised memory such as torch.empty) or a flaky kernel/hardware; run with "
+    "torch.use_deterministic_algorithms(True) to tell them apart."
+)
+
+
 class NonFiniteError(Deliberate, RuntimeError):
     """Raised by :class:`NaNGuard` when its policy is ``"raise"`` (or an escalation ends there)."""
 
@@ -711,6 +719,7 @@ class NaNGuard(DiagCallback):
                 else (decision.code or "non_finite_gradients")
             )
             origin = trace.describe() if trace is not None else "its origin was not located"
+            replayed = self.localize and pl_module.automatic_optimization
             if at is not None:
                 gradient = (
                     f" (last non-finite gradient: {seen.tensor})" if seen and seen.phase == "backward" else ""
@@ -721,7 +730,16 @@ class NaNGuard(DiagCallback):
                     "action='skip' or 'raise' locates it)"
                 )
             elif trace is not None and not reproduced:
-                origin += " (seen in this step's values; the replay did not reproduce it)"
+                # Only this step's own values show it: say where it was seen, name no module as its origin.
+                trace = Trace(trace.phase, "", "", trace.tensor if trace.phase == "input" else "", trace.kind)
+                where_seen = {"input": f"the input batch (`{trace.tensor}`)", "loss": "the loss"}.get(
+                    trace.phase, "the gradients"
+                )
+                origin = f"seen in {where_seen}; " + (
+                    "the replay of this step did not reproduce it, so where it began is unknown"
+                    if replayed
+                    else "where it began was not traced (no replay under manual optimization)"
+                )
             message = (
                 f"Non-finite {code.removeprefix('non_finite_').replace('_', ' ')} {where} "
                 f"(epoch {epoch}): {origin}. Action: {action}."
@@ -735,7 +753,11 @@ class NaNGuard(DiagCallback):
                 evidence["batch_idx"] = batch_idx
             half = str(getattr(trainer.precision_plugin, "precision", "")).startswith("16")
             advice = origin_advice(trace, pl_module, half_precision=half) if trace is not None else []
-            key = f"{trace.phase}:{trace.module}:{trace.tensor}" if trace is not None else code
+            if trace is not None and not reproduced and replayed and at is None:
+                advice = [_NOT_REPRODUCED, *advice]
+            # the action is part of the condition: a skip and a later rollback of the same fault are two findings
+            where_key = f"{trace.phase}:{trace.module}:{trace.tensor}" if trace is not None else code
+            key = f"{where_key}:{decision.action}"
             self.record(
                 trainer, Verdict(code, severity, message, evidence=evidence, advice=advice), key=key, **when
             )
