@@ -168,7 +168,9 @@ class OverfitDetector(DiagCallback):
             finite = torch.isfinite(value)
             # Non-finite step losses (a step NaNGuard skipped) stay out of the mean; all of them non-finite -> NaN.
             pair = torch.stack([torch.where(finite, value, torch.zeros_like(value)), finite.float()])
-            self._sum = pair if self._sum is None else self._sum + pair.to(self._sum.device)
+            if self._sum is not None and self._sum.device != pair.device:
+                self._sum = self._sum.to(pair.device)  # restored from a checkpoint, on the CPU
+            self._sum = pair if self._sum is None else self._sum + pair
             self._count += 1
 
     def _take_train_mean(self) -> float | None:
@@ -285,6 +287,10 @@ class OverfitDetector(DiagCallback):
             "points": [[p.x, p.train, p.val] for p in self.points],
             "steps": list(self.steps),
             "stopped_at": self.stopped_at,
+            # the partial mean since the last evaluation (a mid-epoch checkpoint), as saved bits: exact on resume
+            "train_sum": self._sum.detach().cpu() if self._sum is not None else None,
+            "train_count": self._count,
+            "pending": list(self._pending) if self._pending is not None else None,
             "findings": self._findings_state(),
         }
 
@@ -297,4 +303,11 @@ class OverfitDetector(DiagCallback):
             ]
         self.steps = [int(s) for s in state_dict.get("steps", self.steps)]
         self.stopped_at = state_dict.get("stopped_at", self.stopped_at)
+        if isinstance(state_dict.get("train_sum"), torch.Tensor):
+            self._sum = state_dict["train_sum"].clone()
+            self._count = int(state_dict.get("train_count", 0))
+        pending = state_dict.get("pending")
+        if pending is not None:
+            x, train, val = pending
+            self._pending = (float(x), float(train), None if val is None else float(val))
         self._load_findings_state(state_dict)
