@@ -1,8 +1,8 @@
 """Reliability matrix: every callback on every legal Lightning pattern, exact resume, bad arguments.
 
-    python benchmarks/reliability.py [--part pattern resume args] [-k SUBSTRING] [--markdown] [-v]
+    python benchmarks/reliability.py [--part pattern resume args contain] [-k SUBSTRING] [--markdown] [-v]
 
-Three parts, each a list of *cells* defined here and shared with ``tests/test_reliability.py`` (one definition):
+Four parts, each a list of *cells* defined here and shared with ``tests/test_reliability.py`` (one definition):
 
 * **pattern**: each callback x pattern (automatic/manual optimization with one or two optimizers, ``training_step``
   returning ``None`` or a dict or reading ``self.trainer``, frozen modules, sparse and complex gradients,
@@ -20,6 +20,9 @@ Three parts, each a list of *cells* defined here and shared with ``tests/test_re
 * **args**: bad constructor arguments (wrong types, out of range, contradictions, arguments the chosen mode
   ignores) must raise an error that is both a ``ValueError`` and Lightning's ``MisconfigurationException`` and
   names the argument(s); good ones must construct silently.
+* **contain**: a bug injected into each hook each callback implements: the run goes on to the end, one
+  ``internal_error`` finding names the hook with the exception and traceback, a LightningDiagWarning says the
+  callback disabled itself, the checkpoint and ``diagnosis.json`` are still written and its summary says so.
 
 The last line is ``N passed, M failed``. ``--markdown`` prints the README's support matrix from the pattern cells.
 """
@@ -31,6 +34,7 @@ import contextlib
 import dataclasses
 import inspect
 import io
+import json
 import logging
 import math
 import os
@@ -585,6 +589,11 @@ def check_pattern_cell(cell: Cell, root: str) -> list[str]:
     return problems
 
 
+#: How each pattern cell that passed did it: "works" or "declined" (filled by check_pattern_cell).
+STATUS: dict[str, str] = {}
+SYMBOLS = {"works": "✓", "declined": "declines", "fails": "✗"}
+
+
 def declined(out: Outcome, name: str) -> bool:
     """The callback declined (an info finding from it that says so, with a LightningDiagWarning)."""
     return bool(out.warnings) and any(f.source == name and f.severity == "info" for f in out.findings)
@@ -603,15 +612,19 @@ def check_outcome(cell: Cell, out: Outcome, reference: Outcome, stage: str) -> l
     is_declined = declined(out, name)
     if out.warnings and not is_declined:
         problems.append(f"LightningDiagWarning without an info finding: {out.warnings[0][:200]}")
+    if is_declined and not problems:
+        STATUS[cell.name] = "declined"
     if problems or is_declined:
         return problems
     if stage != "fit":
         if equal(dict(out.trainer.callback_metrics), dict(reference.trainer.callback_metrics)):
             problems.append("metrics of the evaluation differ from the run without the callback")
+        STATUS.setdefault(cell.name, "works")
         return problems
     if name in OBSERVERS:
         problems += same_weights(weights(out.model), weights(reference.model))
     problems += SPECIFIC[name](cell, out, reference)
+    STATUS.setdefault(cell.name, "works")
     return problems
 
 
@@ -1030,12 +1043,101 @@ def check_arg_cell(cell: Cell, root: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# containment cells
+# ---------------------------------------------------------------------------------------------------------------
+#: The hooks a bug is injected into (each callback: those it implements).
+CONTAIN_HOOKS = (
+    "setup",
+    "on_fit_start",
+    "on_train_start",
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_validation_end",
+    "on_train_epoch_end",
+    "on_train_end",
+    "on_fit_end",
+    "state_dict",
+)
+
+
+def contain_cells() -> list[Cell]:
+    cells = []
+    for name in CALLBACKS:
+        cls = CLASSES[name]
+        for hook in CONTAIN_HOOKS:
+            if getattr(cls, hook) is not getattr(pl.Callback, hook):
+                cells.append(Cell("contain", f"contain-{name}-{hook}", name, hook))
+    return cells
+
+
+class InjectedBug(RuntimeError):
+    pass
+
+
+def check_contain_cell(cell: Cell, root: str) -> list[str]:
+    """A bug in one hook of one callback: the run finishes, the finding says where, the report is written."""
+    callback = pattern_callback(cell.callback, "auto")
+    hook = cell.pattern
+
+    def broken(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise InjectedBug(f"injected bug in {hook}")
+
+    callback.__class__ = type(f"Broken{cell.callback}", (type(callback),), {hook: broken})
+    saved = os.environ.get("LIGHTNING_DIAG_STRICT")
+    os.environ["LIGHTNING_DIAG_STRICT"] = "0"
+    try:
+        out = run("auto", [callback], root=root)
+        path = os.path.join(root, "after.ckpt")
+        if out.error is None:
+            with warnings.catch_warnings(record=True) as caught, quiet():
+                warnings.simplefilter("always")
+                out.trainer.save_checkpoint(path)
+            out.warnings += [str(w.message) for w in caught if issubclass(w.category, LightningDiagWarning)]
+    finally:
+        if saved is None:
+            del os.environ["LIGHTNING_DIAG_STRICT"]
+        else:
+            os.environ["LIGHTNING_DIAG_STRICT"] = saved
+    if out.error is not None:
+        return [f"the run raised {type(out.error).__name__}: {str(out.error)[:300]}"]
+    problems = []
+    found = [f for f in collect_findings(out.trainer) if f.code == "internal_error"]
+    if [f.evidence.get("hook") for f in found] != [hook]:
+        problems.append(
+            f"internal_error findings for hooks {[f.evidence.get('hook') for f in found]}, not [{hook!r}]"
+        )
+    elif "InjectedBug: injected bug" not in str(found[0].evidence.get("exception")) or "broken" not in str(
+        found[0].evidence.get("traceback")
+    ):
+        problems.append(f"the finding's evidence lacks the exception or traceback: {found[0].evidence}")
+    if not any("disabled itself" in w for w in out.warnings):
+        problems.append("no LightningDiagWarning said the callback disabled itself")
+    if not os.path.exists(path):
+        problems.append("the checkpoint was not written")
+    report = os.path.join(root, "diagnosis.json")
+    if hook != "state_dict":
+        if not os.path.exists(report):
+            problems.append("diagnosis.json was not written")
+        else:
+            with open(report, encoding="utf-8") as handle:
+                summary = json.load(handle)["summary"]
+            if summary.get("disabled") != [
+                f"{cell.callback} ({hook})".replace(cell.callback, f"Broken{cell.callback}", 1)
+            ]:
+                problems.append(f"the report's summary does not say so: {summary.get('disabled')}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------------------------
 PARTS: dict[str, tuple[Callable[[], list[Cell]], Callable[[Cell, str], list[str]]]] = {
     "pattern": (pattern_cells, check_pattern_cell),
     "resume": (resume_cells, check_resume_cell),
     "args": (arg_cells, check_arg_cell),
+    "contain": (contain_cells, check_contain_cell),
 }
 
 
@@ -1053,15 +1155,24 @@ def check(cell: Cell, root: str) -> list[str]:
         return [f"harness error {type(exc).__name__}: {exc}\n{traceback.format_exc()}"]
 
 
+def cell_status(name: str, problems: list[str] | None) -> str:
+    """``works``, ``declined`` or ``fails`` for a pattern cell that was checked (``?`` if it was not)."""
+    if problems is None:
+        return "?"
+    return "fails" if problems else STATUS.get(name, "works")
+
+
 def support_matrix(results: dict[str, list[str]]) -> str:
-    """The README table: callback x pattern, ✓ (works), ✗ (fails)."""
+    """The README table: callback x pattern, ✓ (works), declines (a LightningDiagWarning and an info finding
+    ``declined``, then stays out of the way), ✗ (fails)."""
     header = "| pattern | " + " | ".join(CALLBACKS) + " |"
     lines = [header, "|" + "---|" * (len(CALLBACKS) + 1)]
     for pattern in PATTERNS:
         row = []
         for cb in CALLBACKS:
-            problems = results.get(f"{cb}-{pattern}")
-            row.append("?" if problems is None else ("✓" if not problems else "✗"))
+            name = f"{cb}-{pattern}"
+            status = cell_status(name, results.get(name))
+            row.append(SYMBOLS.get(status, status))
         lines.append(f"| {PATTERN_TITLES[pattern]} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 

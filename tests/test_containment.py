@@ -18,7 +18,6 @@ from lightning_diag import LightningDiagWarning, collect_findings
 from lightning_diag._containment import (
     HOOKS,
     STRICT_ENV,
-    Contained,
     Deliberate,
     contain_hooks,
     is_deliberate,
@@ -29,7 +28,7 @@ from lightning_diag.callbacks import DiagCallback
 from tests.helpers import Regression, loader, trainer
 
 
-class Flaky(Contained, DiagCallback):
+class Flaky(DiagCallback):
     """Counts its calls and raises ``error`` in ``on_before_optimizer_step`` at step ``fail_at``."""
 
     def __init__(self, fail_at: int = 2, error: BaseException | None = None, hook: str = "step") -> None:
@@ -54,7 +53,7 @@ class Flaky(Contained, DiagCallback):
         return {"calls": list(self.calls), "findings": self._findings_state()}
 
 
-class Quiet(Contained, DiagCallback):
+class Quiet(DiagCallback):
     """A healthy lightning_diag callback next to the flaky one."""
 
     def __init__(self) -> None:

@@ -45,6 +45,10 @@ DESIGN_CODES = {
     "host_sync",
     "input_scale",
     "label_distribution",
+    "internal_error",
+    "non_finite_metric",
+    "missing_metric",
+    "declined",
 }
 
 

@@ -4,7 +4,8 @@ Pattern cells: every callback x legal Lightning pattern on a real tiny Trainer w
 Resume cells: every callback alone, a bare run and the whole suite, resumed mid-epoch and at an epoch boundary,
 with no fault, a skip or a rollback before the checkpoint, equal the uninterrupted run bit for bit.
 Argument cells: bad constructor arguments are refused with a ``ValueError`` + ``MisconfigurationException`` that
-names them; good ones are accepted silently.
+names them; good ones are accepted silently. Containment cells: a bug in any hook of any callback is contained.
+The README's support matrix must say, for each pattern cell, what the cell does (works or declines).
 
 Cells listed in ``KNOWN_FAILURES`` are expected to fail (strict xfail: fixing one makes its test fail until it is
 removed from the list, so the list stays true).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,9 +58,23 @@ def _params(part: str) -> list:
     ]
 
 
+README = Path(ROOT, "README.md").read_text(encoding="utf-8")
+
+
+def _readme_symbol(cell) -> str:
+    """The README support matrix's entry for a pattern cell."""
+    header = next(line for line in README.splitlines() if line.startswith("| pattern | GradNormMonitor"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    title = reliability.PATTERN_TITLES[cell.pattern]
+    row = next(line for line in README.splitlines() if line.startswith(f"| {title} |"))
+    return [c.strip() for c in row.strip("|").split("|")][columns.index(cell.callback)]
+
+
 @pytest.mark.parametrize("cell", _params("pattern"))
 def test_pattern(cell, scratch) -> None:
-    assert reliability.check(cell, scratch) == []
+    problems = reliability.check(cell, scratch)
+    assert problems == []
+    assert _readme_symbol(cell) == reliability.SYMBOLS[reliability.cell_status(cell.name, problems)]
 
 
 @pytest.mark.parametrize("cell", _params("resume"))
@@ -68,6 +84,11 @@ def test_resume(cell, scratch) -> None:
 
 @pytest.mark.parametrize("cell", _params("args"))
 def test_arguments(cell, scratch) -> None:
+    assert reliability.check(cell, scratch) == []
+
+
+@pytest.mark.parametrize("cell", _params("contain"))
+def test_containment(cell, scratch) -> None:
     assert reliability.check(cell, scratch) == []
 
 
