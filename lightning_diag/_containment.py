@@ -29,6 +29,7 @@ import functools
 import os
 import traceback
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -80,14 +81,29 @@ def is_deliberate(exc: BaseException) -> bool:
 
 
 class _State:
-    """Per-instance containment state (kept out of ``state_dict`` and of pickles' meaning)."""
+    """Per-instance containment state (out of ``state_dict``; a pickle or copy of the callback starts fresh)."""
 
-    __slots__ = ("disabled", "hook", "trainer_step")
+    __slots__ = ("disabled", "hook", "trainer_id", "trainer_ref")
 
     def __init__(self) -> None:
         self.disabled = False
         self.hook = ""
-        self.trainer_step = (0, 0)
+        self.trainer_id = 0
+        self.trainer_ref: Callable[[], Any] | None = None  # weak: the last Trainer a hook was called with
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_State, ())
+
+    def remember(self, trainer: Any) -> None:
+        if id(trainer) != self.trainer_id:
+            self.trainer_id = id(trainer)
+            try:
+                self.trainer_ref = weakref.ref(trainer)
+            except TypeError:  # a stand-in object in tests
+                self.trainer_ref = None
+
+    def trainer(self) -> Any:
+        return self.trainer_ref() if self.trainer_ref is not None else None
 
 
 def _state(callback: Any) -> _State:
@@ -135,7 +151,7 @@ def _wrap(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
         if state.disabled:
             return _when_disabled(self, name, args, kwargs)
         if trainer is not None:
-            state.trainer_step = (_int(trainer, "global_step"), _int(trainer, "current_epoch"))
+            state.remember(trainer)
         try:
             return method(self, *args, **kwargs)
         except BaseException as exc:
@@ -179,7 +195,8 @@ def _record(callback: Any, hook: str, trainer: Any, exc: BaseException) -> None:
     state.disabled = True
     state.hook = hook
     who = type(callback).__name__
-    step, epoch = state.trainer_step
+    known = trainer if trainer is not None else state.trainer()
+    step, epoch = _int(known, "global_step"), _int(known, "current_epoch")
     error = f"{type(exc).__name__}: {exc}"
     message = (
         f"{who} disabled itself for the rest of the fit after an internal error in `{hook}` at step {step}: "
