@@ -109,10 +109,14 @@ class EarlyStop(EarlyStopping, DiagCallback):
         best score, best epoch and the epoch whose weights were restored.
 
     Raises:
-        ValueError: at construction for a negative ``min_delta``/``patience``/``start_from_epoch``, a NaN
-            threshold or an unknown ``mode``/``restore_from``; at ``setup`` for ``restore_from="checkpoint"``
-            without a matching ``ModelCheckpoint``.
-        RuntimeError: at the first check when ``strict`` and ``monitor`` is missing, listing available keys.
+        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for a negative
+            ``min_delta``/``patience``/``start_from_epoch``, a NaN threshold, an unknown ``mode``/``restore_from``, a
+            non-bool flag, ``stopping_threshold`` on the wrong side of ``divergence_threshold``, or ``restore_from``
+            with ``restore_best_weights=False``; at ``setup`` for ``restore_from="checkpoint"`` without a matching
+            ``ModelCheckpoint``.
+        RuntimeError: (``MissingMetricError``) at the first check when ``strict`` and ``monitor`` is missing,
+            listing available keys. With ``strict=False`` a monitor never seen is a ``missing_metric`` info
+            finding at the end of the fit; a NaN/Inf value is a ``non_finite_metric`` finding.
 
     Example:
         >>> import lightning.pytorch as pl

@@ -91,9 +91,11 @@ class GradClip(DiagCallback):
         None: clipping is an action; GradNormMonitor reports the gradients themselves.
 
     Raises:
-        ValueError: at construction for an unknown algorithm, a non-positive threshold, a percentile outside
-            ``(0, 100]``, ``algorithm="norm"`` without ``max_norm``; at ``setup`` when ``Trainer(gradient_clip_val=...)``
-            is also set (the gradients would be clipped twice).
+        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for an unknown
+            algorithm, a non-positive threshold, ``norm_type < 1``, a percentile outside ``(0, 100]``,
+            ``algorithm="norm"`` without ``max_norm``, or an argument the chosen algorithm does not read (e.g.
+            ``agc_exclude`` outside ``"agc"``); at ``setup`` when ``Trainer(gradient_clip_val=...)`` is also set
+            (the gradients would be clipped twice).
 
     Example:
         >>> import lightning.pytorch as pl

@@ -108,8 +108,10 @@ class GradNormMonitor(DiagCallback):
         ``amp_overflow`` (warning): the loss scale collapsed or overflows persisted.
 
     Raises:
-        ValueError: at construction for an unknown ``group_by``, ``depth < 0``, or a non-positive threshold,
-            ratio or window.
+        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for an unknown
+            ``group_by``, ``depth < 1`` (or a ``depth`` without ``group_by="module"``), ``norm_type < 1``, a
+            non-positive threshold or window, ``vanishing_ratio`` outside ``[0, 1)``, ``exploding_threshold`` not
+            above ``vanishing_threshold``, or a non-bool flag.
 
     Example:
         >>> import lightning.pytorch as pl

@@ -221,11 +221,17 @@ class NaNGuard(DiagCallback):
         ``non_finite_input``, ``non_finite_loss`` (phase ``forward`` or ``loss``), ``non_finite_gradients`` (phase
         ``backward``), ``non_finite_parameters`` (phase ``optimizer``): evidence ``phase``, ``module``,
         ``module_type``, ``tensor``, ``kind`` (nan/inf), ``action``, ``rank``, ``reproduced``. ``loss_spike`` and
-        ``exploding_gradients`` for spikes, with the value and the running mean/std.
+        ``exploding_gradients`` for spikes, with the value and the running mean/std. A fault the replay does not
+        reproduce (stateful or nondeterministic code, hardware) has ``reproduced = 0``, names no module and says
+        so; under manual optimization (no replay) a NaN loss is attributed to the loss. The action taken is part
+        of the condition: a skip and a later rollback of the same fault are two findings.
 
     Raises:
-        ValueError: at construction for an unknown action, a negative window/threshold, ``max_consecutive_skips <
-            1``, ``snapshot_every_n_steps < 1``, ``lr_backoff`` outside ``(0, 1]``.
+        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for an unknown
+            action, a negative window/threshold, ``max_consecutive_skips < 1``, ``snapshot_every_n_steps < 1``,
+            ``lr_backoff`` outside ``(0, 1]``, a non-bool flag, or a setting the chosen policies never use (spike
+            settings with ``detect_spikes=False``, skip settings when nothing is skipped, rollback settings when
+            no rollback can happen).
         NonFiniteError: during fit, when the policy (or an escalation) is ``"raise"``.
 
     Example:

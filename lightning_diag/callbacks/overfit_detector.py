@@ -73,11 +73,13 @@ class OverfitDetector(DiagCallback):
 
     Findings:
         ``overfitting`` (warning; info for an early widening gap), ``underfitting``, ``loss_plateau``,
-        ``divergence``; ``early_stopped`` (info) when ``action="stop"`` stopped the run.
+        ``divergence``; ``early_stopped`` (info) when ``action="stop"`` stopped the run; ``non_finite_metric``
+        (warning, once per key with a count) when the validation loss (or ``train_monitor``) is NaN/Inf.
 
     Raises:
-        ValueError: at construction for an unknown action or an out-of-range threshold.
-        RuntimeError: at the first validation when ``monitor`` is missing and ``strict``.
+        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for an unknown
+            action, an out-of-range threshold, ``train_monitor == monitor`` or a non-bool ``strict``.
+        RuntimeError: (``MissingMetricError``) at the first validation when ``monitor`` is missing and ``strict``.
 
     Example:
         >>> import lightning.pytorch as pl

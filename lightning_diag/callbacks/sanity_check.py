@@ -57,10 +57,16 @@ class SanityCheck(DiagCallback):
 
     Findings:
         ``non_finite_input``, ``input_scale``, ``label_distribution``, ``loss_at_init``, ``missing_gradients``,
-        ``non_finite_gradients``, ``batch_dependence``, ``cannot_overfit_batch``.
+        ``non_finite_gradients``, ``batch_dependence``, ``cannot_overfit_batch``; ``declined`` (info, with a
+        LightningDiagWarning) for the loss-based checks under manual optimization (``training_step`` steps the
+        optimizers itself) or when ``training_step`` returns no loss on the first batches. The model checks run on
+        the first batch whose ``training_step`` returns a loss (Lightning skips the others); the overfit copy stays
+        attached to the Trainer (a ``training_step`` may read ``self.trainer``); sparse embeddings get SparseAdam.
 
     Raises:
-        ValueError: at construction for an unknown ``fail_on`` or out-of-range numbers.
+        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for an unknown
+            ``fail_on``, out-of-range numbers, a non-bool flag, or ``overfit_lr``/``min_drop`` without
+            ``overfit_batch_steps`` (``num_batches`` without ``check_data``).
         SanityCheckError: at the first batch when a finding reaches ``fail_on``.
 
     Example:

@@ -85,7 +85,9 @@ class SpeedMonitor(DiagCallback):
         calls inside the step, with their call sites.
 
     Raises:
-        ValueError: at construction for a window below 2, a negative warm-up or a share outside ``(0, 1)``.
+        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for a window below
+            2, a negative warm-up, a share outside ``(0, 1)``, a non-bool ``check_host_syncs`` or
+            ``sync_check_steps`` with ``check_host_syncs=False``.
 
     Example:
         >>> import lightning.pytorch as pl

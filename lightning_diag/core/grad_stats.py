@@ -96,6 +96,8 @@ def plain_layout(tensors: Sequence[torch.Tensor]) -> bool:
         t.dtype == torch.float32 and t.layout == torch.strided and t.device == device and not _is_dtensor(t)
         for t in tensors
     )
+
+
 def strided(t: torch.Tensor) -> torch.Tensor:
     """The values of a sparse tensor (coalesced, so duplicates are summed first), else the tensor itself.
 
