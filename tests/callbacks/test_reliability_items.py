@@ -224,3 +224,50 @@ def test_the_printed_action_is_the_action_taken(tmp_path, capsys) -> None:
     assert actions == ["rollback", "skip"]
     out = capsys.readouterr().out
     assert "step skipped" in out and "rolled back to the snapshot of step" in out
+
+
+# -- 1. patterns the matrix does not reach --------------------------------------------------------------------------
+class TwoOptimizers(Regression):
+    """A GAN-shaped manual loop: two heads, each with its optimizer, both stepped every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.other = nn.Linear(8, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        first, second = self.optimizers()
+        for opt, out in ((first, self(x)), (second, self.other(x))):
+            loss = nn.functional.mse_loss(out, y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        return loss.detach()
+
+    def configure_optimizers(self) -> Any:
+        return [
+            torch.optim.SGD(self.net.parameters(), lr=0.1),
+            torch.optim.SGD(self.other.parameters(), lr=0.1),
+        ]
+
+
+def test_warmup_cosine_declines_a_manual_run_bounded_by_max_steps() -> None:
+    from lightning_diag import LightningDiagWarning, WarmupCosine
+
+    schedule = WarmupCosine(warmup_steps=2)
+    with pytest.warns(LightningDiagWarning, match="max_steps=8"):
+        trainer(max_steps=8, callbacks=[schedule]).fit(TwoOptimizers(), loader())
+    (finding,) = schedule.findings
+    assert finding.code == "declined" and finding.evidence["reason"] == "manual_max_steps"
+
+
+def test_warmup_cosine_follows_the_batches_with_two_manual_optimizers() -> None:
+    from lightning_diag import WarmupCosine
+
+    schedule = WarmupCosine(warmup_steps=2)
+    model = TwoOptimizers()
+    trainer(max_epochs=2, callbacks=[schedule]).fit(model, loader(n=32))
+    assert schedule.batches_done == 8 and schedule.resolved_total_steps == 8
+    last = schedule.lr_at(7, 0.1)
+    assert [opt.param_groups[0]["lr"] for opt in model.optimizers(use_pl_optimizer=False)] == [last, last]
