@@ -269,7 +269,8 @@ def format_summary(report: Mapping[str, Any], path: str | None = None, *, verbos
         lines.append(f"  stopped by: {summary['error']}")
     if summary.get("disabled"):
         lines.append(
-            "  Disabled after an internal error (the run went on without them): " + ", ".join(summary["disabled"])
+            "  Disabled after an internal error (the run went on without them): "
+            + ", ".join(summary["disabled"])
         )
     findings = display_order(report)
     if not findings:
