@@ -10,6 +10,7 @@ Checked on: lightning 2.4-2.6, torch 2.4-2.13.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "replay_training_step",
     "train_batch_idx",
     "trainer_callbacks",
+    "trainer_shared_on_copy",
 ]
 
 
@@ -80,6 +82,36 @@ def detached_trainer(pl_module: Any) -> Iterator[None]:
         yield
     finally:
         pl_module._trainer = saved
+
+
+@contextlib.contextmanager
+def trainer_shared_on_copy(pl_module: Any) -> Iterator[None]:
+    """Inside, ``copy.deepcopy(pl_module)`` copies the model and attaches the copy to the same Trainer, so a
+    ``training_step`` that reads ``self.trainer`` still works on the copy.
+
+    ``LightningModule.__getstate__`` drops ``_trainer`` (private; lightning 2.0-2.6), so a plain deep copy is
+    detached; a ``__deepcopy__`` set on the instance (``copy.deepcopy`` looks it up on the object) copies it and
+    sets the copy's ``_trainer`` back. No Trainer: a plain copy.
+    """
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is None:
+        yield
+        return
+
+    def deepcopy_attached(memo: dict[int, Any]) -> Any:
+        del pl_module.__dict__["__deepcopy__"]
+        try:
+            clone = copy.deepcopy(pl_module, memo)
+        finally:
+            pl_module.__dict__["__deepcopy__"] = deepcopy_attached
+        clone._trainer = trainer
+        return clone
+
+    pl_module.__dict__["__deepcopy__"] = deepcopy_attached
+    try:
+        yield
+    finally:
+        pl_module.__dict__.pop("__deepcopy__", None)
 
 
 def is_last_batch(trainer: Any) -> bool:
@@ -147,7 +179,9 @@ def check_strategy(trainer: Any, who: str, *, fsdp1: bool = False) -> None:
     """
     name = type(getattr(trainer, "strategy", None)).__name__
     if name.startswith("DeepSpeed") or (name == "FSDPStrategy" and not fsdp1):
-        raise ValueError(
+        from lightning_diag._validation import ConfigurationError
+
+        raise ConfigurationError(
             f"{who} does not support `{name}` yet: its gradients are sharded or managed outside Lightning's "
             "optimizer step, so norms, clipping and skips would not be correct. Use DDP or FSDP2 "
             "(`ModelParallelStrategy`), or remove the callback."

@@ -1,7 +1,10 @@
 """Eager argument checks with uniform messages.
 
-Every check raises ``ValueError("`{name}` must be {constraint}, got {value!r}.")`` so users see the argument, the
-rule and what they passed, at construction time rather than deep inside a fit.
+Every check raises :class:`ArgumentError` (``"`{name}` must be {constraint}, got {value!r}."``) so users see the
+argument, the rule and what they passed, at construction time rather than deep inside a fit. ``ArgumentError`` is
+a ``ValueError`` and Lightning's ``MisconfigurationException``, so code written for either catches it; setup-time
+refusals (a Trainer or model the callback cannot work with) raise its parent :class:`ConfigurationError`. Both
+are deliberate: the hook containment (:mod:`lightning_diag._containment`) lets them through.
 """
 
 from __future__ import annotations
@@ -10,21 +13,113 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from lightning_diag._containment import Deliberate
+
 __all__ = [
+    "ArgumentError",
+    "ConfigurationError",
+    "MissingMetricError",
+    "check_bool",
     "check_choice",
     "check_exclusive",
     "check_fraction",
+    "check_ignored",
     "check_int",
+    "check_key",
     "check_number",
+    "check_order",
     "check_positive",
+    "check_range",
 ]
 
 
-def _fail(name: str, constraint: str, value: Any, hint: str = "") -> ValueError:
+class ConfigurationError(Deliberate, ValueError, MisconfigurationException):
+    """A configuration lightning_diag refuses: an argument at construction, or the Trainer/model at setup."""
+
+
+class ArgumentError(ConfigurationError):
+    """A constructor argument of the wrong type, out of its range, contradicting another, or ignored."""
+
+
+class MissingMetricError(Deliberate, RuntimeError, MisconfigurationException):
+    """A monitored metric is not logged and the callback was asked to be ``strict`` about it."""
+
+
+def _fail(name: str, constraint: str, value: Any, hint: str = "") -> ArgumentError:
     message = f"`{name}` must be {constraint}, got {value!r}."
     if hint:
         message += f" {hint}"
-    return ValueError(message)
+    return ArgumentError(message)
+
+
+def check_bool(name: str, value: Any, *, optional: bool = False) -> bool | None:
+    """A real ``bool`` (``None`` too when ``optional``): ``'no'`` or ``1`` would silently mean something."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, bool):
+        return_type = "True, False or None" if optional else "True or False"
+        raise _fail(name, return_type, value)
+    return value
+
+
+def check_key(name: str, value: Any) -> str:
+    """A non-empty metric key."""
+    if not isinstance(value, str) or not value:
+        raise _fail(name, "a non-empty metric key", value)
+    return value
+
+
+def check_range(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_inf: bool = False,
+) -> float:
+    """A number in the interval from ``low`` to ``high`` (either end may be open or absent)."""
+    number = check_number(name, value, allow_inf=allow_inf)
+    too_low = low is not None and (number <= low if low_open else number < low)
+    too_high = high is not None and (number >= high if high_open else number > high)
+    if too_low or too_high:
+        if high is None:
+            constraint = f"{'>' if low_open else '>='} {low:g}"
+        elif low is None:
+            constraint = f"{'<' if high_open else '<='} {high:g}"
+        else:
+            constraint = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise _fail(name, constraint, value)
+    return number
+
+
+def check_order(
+    low_name: str, low: float | None, high_name: str, high: float | None, *, strict: bool = True
+) -> None:
+    """``low < high`` (``<=`` unless ``strict``) when both are given: two bounds that contradict each other."""
+    if low is None or high is None:
+        return
+    if low > high or (strict and low == high):
+        relation = "below" if strict else "at most"
+        raise ArgumentError(
+            f"`{low_name}` ({low!r}) must be {relation} `{high_name}` ({high!r}): the two contradict each other."
+        )
+
+
+def check_ignored(name: str, value: Any, default: Any, *, because: str, unless: str = "") -> None:
+    """Refuse an argument set away from its default where the chosen mode never reads it.
+
+    ``because`` names the deciding argument and its value (e.g. ``"`detect_spikes=False`"``); ``unless`` says what
+    would make ``name`` count.
+    """
+    if value == default and isinstance(value, bool) == isinstance(default, bool):
+        return
+    message = f"`{name}={value!r}` has no effect with {because}: remove it"
+    message += f", or {unless}." if unless else "."
+    raise ArgumentError(message)
 
 
 def check_number(name: str, value: Any, *, allow_inf: bool = False) -> float:
@@ -77,4 +172,4 @@ def check_exclusive(**named: Any) -> None:
     given = [name for name, value in named.items() if value is not None]
     if len(given) > 1:
         listed = ", ".join(f"`{n}`={named[n]!r}" for n in given)
-        raise ValueError(f"Pass at most one of {', '.join(f'`{n}`' for n in named)}, got {listed}.")
+        raise ArgumentError(f"Pass at most one of {', '.join(f'`{n}`' for n in named)}, got {listed}.")

@@ -70,6 +70,10 @@ CODES: dict[str, str] = {
     "replica_divergence": "parameters or buffers differ across data-parallel ranks that should hold the same replica",
     "repeated_data": "the same batch at consecutive steps, or the same batch on every rank (no distributed sampler)",
     "grad_noise_scale": "the batch size is far from the gradient noise scale (McCandlish et al. 2018)",
+    "internal_error": "a lightning_diag hook failed; that callback disabled itself and the run went on",
+    "non_finite_metric": "a monitored or validation metric is NaN/Inf",
+    "missing_metric": "a monitored metric was never logged (strict=False)",
+    "declined": "a callback could not do (part of) its work with this setup and stayed out of the way",
 }
 
 
@@ -206,6 +210,8 @@ def build_report(
     """The ``diagnosis.json`` document: ``{"version": 1, "findings": [...], "summary": {...}}``."""
     ordered = sort_findings(findings)
     by_severity = {s: sum(1 for f in ordered if f.severity == s) for s in SEVERITIES}
+    if status == "failed" and error is not None and by_severity["error"] == 0:
+        by_severity["error"] = 1  # the exception that stopped the run is an error, even without a finding
     summary: dict[str, Any] = {
         "status": status,
         "global_step": int(global_step),
@@ -214,6 +220,9 @@ def build_report(
         "counts": by_severity,
         "codes": sorted({f.code for f in ordered}),
     }
+    disabled = [f"{f.source} ({f.evidence.get('hook', '?')})" for f in ordered if f.code == "internal_error"]
+    if disabled:
+        summary["disabled"] = disabled
     if error is not None:
         summary["error"] = error
     return {"version": REPORT_VERSION, "findings": [f.to_dict() for f in ordered], "summary": summary}
@@ -264,9 +273,17 @@ def format_summary(report: Mapping[str, Any], path: str | None = None, *, verbos
     ]
     if "error" in summary:
         lines.append(f"  stopped by: {summary['error']}")
+    if summary.get("disabled"):
+        lines.append(
+            "  Disabled after an internal error (the run went on without them): "
+            + ", ".join(summary["disabled"])
+        )
     findings = display_order(report)
     if not findings:
-        lines.append("  No findings: nothing looked wrong.")
+        if summary["status"] == "finished":
+            lines.append("  No findings: nothing looked wrong.")
+        else:
+            lines.append(f"  No findings before the run {summary['status']}.")
     primary = report.get("primary")
     advice_count = 0
     for f in findings:

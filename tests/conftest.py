@@ -5,6 +5,8 @@ import warnings
 
 import pytest
 
+# Our own bugs must fail the tests: internal errors in hooks are raised, not contained (lightning_diag._containment).
+os.environ["LIGHTNING_DIAG_STRICT"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")

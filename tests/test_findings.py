@@ -52,6 +52,10 @@ DESIGN_CODES = {
     "replica_divergence",
     "repeated_data",
     "grad_noise_scale",
+    "internal_error",
+    "non_finite_metric",
+    "missing_metric",
+    "declined",
 }
 
 

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_diag import _lightning, _logging, html_report, plots
+from lightning_diag._containment import Contained
 from lightning_diag.core.verdict import Verdict
 from lightning_diag.findings import (
     Finding,
@@ -25,7 +26,7 @@ from lightning_diag.findings import (
 __all__ = ["DiagCallback", "collect_findings"]
 
 
-class DiagCallback(Callback):
+class DiagCallback(Contained, Callback):
     """Base of the lightning_diag callbacks: records :class:`~lightning_diag.Finding` s and writes the report.
 
     Subclasses call :meth:`record` for each conclusion. The last lightning_diag callback in
@@ -33,6 +34,11 @@ class DiagCallback(Callback):
     one line per finding (``LIGHTNING_DIAG_VERBOSE=1`` adds the advice), through the progress bar at the end of
     ``fit`` and when ``fit`` dies of an exception. Subclasses put their per-fit state in ``_reset_state`` (called at
     ``setup("fit")``); those that override ``setup``, ``on_fit_end`` or ``on_exception`` must call ``super()``.
+
+    Every hook of every subclass is contained (:mod:`lightning_diag._containment`): an unexpected exception in
+    one becomes an ``internal_error`` finding, the callback disables itself for the rest of the fit and the run
+    goes on (``LIGHTNING_DIAG_STRICT=1`` raises instead). Exceptions raised on purpose derive from
+    :class:`~lightning_diag._containment.Deliberate` (or Lightning's ``MisconfigurationException``) and pass.
     """
 
     def __init__(self) -> None:
@@ -70,6 +76,15 @@ class DiagCallback(Callback):
             source=type(self).__name__,
         )
         return self._finding_log.record(finding, key=key)
+
+    def decline(self, trainer: pl.Trainer, message: str, reason: str) -> Finding:
+        """Say that this callback stays out of the way (of all or part of its work) for a setup it cannot handle:
+        an info finding ``declined`` (evidence ``reason``) and, once per reason, a LightningDiagWarning.
+        """
+        seen = any(f.code == "declined" and f.evidence.get("reason") == reason for f in self.findings)
+        if not seen and trainer.is_global_zero:
+            warnings.warn(message, LightningDiagWarning, stacklevel=3)
+        return self.record(trainer, Verdict("declined", "info", message, {"reason": reason}, []), key=reason)
 
     # -- state ----------------------------------------------------------------------------------------------
     def _findings_state(self) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
 from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
@@ -15,10 +16,21 @@ from typing_extensions import override
 
 from lightning_diag import _lightning, _logging
 from lightning_diag._distributed import broadcast
-from lightning_diag._validation import check_choice, check_int, check_number, check_positive
+from lightning_diag._validation import (
+    ConfigurationError,
+    MissingMetricError,
+    check_bool,
+    check_choice,
+    check_ignored,
+    check_int,
+    check_key,
+    check_number,
+    check_order,
+    check_positive,
+)
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core.stopping import StopTracker
-from lightning_diag.core.verdict import Verdict
+from lightning_diag.core.verdict import Verdict, non_finite_metric
 
 __all__ = ["EarlyStop"]
 
@@ -97,10 +109,14 @@ class EarlyStop(EarlyStopping, DiagCallback):
         best score, best epoch and the epoch whose weights were restored.
 
     Raises:
-        ValueError: at construction for a negative ``min_delta``/``patience``/``start_from_epoch``, a NaN
-            threshold or an unknown ``mode``/``restore_from``; at ``setup`` for ``restore_from="checkpoint"``
-            without a matching ``ModelCheckpoint``.
-        RuntimeError: at the first check when ``strict`` and ``monitor`` is missing, listing available keys.
+        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for a negative
+            ``min_delta``/``patience``/``start_from_epoch``, a NaN threshold, an unknown ``mode``/``restore_from``, a
+            non-bool flag, ``stopping_threshold`` on the wrong side of ``divergence_threshold``, or ``restore_from``
+            with ``restore_best_weights=False``; at ``setup`` for ``restore_from="checkpoint"`` without a matching
+            ``ModelCheckpoint``.
+        RuntimeError: (``MissingMetricError``) at the first check when ``strict`` and ``monitor`` is missing,
+            listing available keys. With ``strict=False`` a monitor never seen is a ``missing_metric`` info
+            finding at the end of the fit; a NaN/Inf value is a ``non_finite_metric`` finding.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -136,8 +152,16 @@ class EarlyStop(EarlyStopping, DiagCallback):
         DiagCallback.__init__(
             self
         )  # EarlyStopping.__init__ would sign-flip min_delta; we set every attribute here
-        if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"`monitor` must be a non-empty metric key, got {monitor!r}.")
+        check_key("monitor", monitor)
+        for name, flag in (
+            ("verbose", verbose),
+            ("strict", strict),
+            ("check_finite", check_finite),
+            ("log_rank_zero_only", log_rank_zero_only),
+            ("restore_best_weights", restore_best_weights),
+        ):
+            check_bool(name, flag)
+        check_bool("check_on_train_epoch_end", check_on_train_epoch_end, optional=True)
         check_positive("min_delta", min_delta, strict=False)
         check_int("patience", patience, minimum=0)
         check_choice("mode", mode, ("min", "max"))
@@ -150,6 +174,22 @@ class EarlyStop(EarlyStopping, DiagCallback):
         ):
             if value is not None:
                 check_number(name, value, allow_inf=True)
+        if mode == "min":  # stop when good enough (below), give up when far worse (above)
+            check_order(
+                "stopping_threshold", stopping_threshold, "divergence_threshold", divergence_threshold
+            )
+        else:
+            check_order(
+                "divergence_threshold", divergence_threshold, "stopping_threshold", stopping_threshold
+            )
+        if not restore_best_weights:
+            check_ignored(
+                "restore_from",
+                restore_from,
+                "auto",
+                because="`restore_best_weights=False`",
+                unless="set `restore_best_weights=True`",
+            )
 
         self.monitor = monitor
         self.min_delta = float(min_delta)
@@ -217,7 +257,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
             )
         self._checkpoint_callback = self._find_checkpoint_callback(trainer)
         if self.restore_from == "checkpoint" and self._checkpoint_callback is None:
-            raise ValueError(
+            raise ConfigurationError(
                 f"EarlyStop(restore_from='checkpoint') needs a `ModelCheckpoint(monitor={self.monitor!r}, "
                 f"mode={self.mode!r})` among the callbacks (with `save_top_k != 0`). Add one, or use "
                 "`restore_from='memory'`."
@@ -233,6 +273,8 @@ class EarlyStop(EarlyStopping, DiagCallback):
         self.best_step: int | None = None
         self.restored_epoch: int | None = None
         self._best_weights: dict[str, torch.Tensor] | None = None
+        self._monitor_seen = False
+        self._missing_checks = 0  # checks that found no `monitor` (strict=False)
 
     def _find_checkpoint_callback(self, trainer: pl.Trainer) -> ModelCheckpoint | None:
         if self.restore_from == "memory":
@@ -265,8 +307,12 @@ class EarlyStop(EarlyStopping, DiagCallback):
         # Every rank decides on rank 0's value: one collective, identical decisions, replicas never diverge.
         current = broadcast(trainer, None if value is None else float(torch.as_tensor(value).float().mean()))
         if current is None:
+            self._missing_checks += 1
             self._missing_monitor(sorted(logs))
             return
+        self._monitor_seen = True
+        if not math.isfinite(current):
+            self.record(trainer, non_finite_metric(self.monitor, current, "EarlyStop"), key=self.monitor)
 
         decision = self._tracker.update(current)
         if decision.new_best:
@@ -340,7 +386,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
             f"Available keys: {listed}. Log it with `self.log({self.monitor!r}, ...)` or change `monitor`."
         )
         if self.strict:
-            raise RuntimeError(message)
+            raise MissingMetricError(message)
         if self.verbose:
             rank_zero_info(message)
 
@@ -353,6 +399,23 @@ class EarlyStop(EarlyStopping, DiagCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._missing_checks and not self._monitor_seen:
+            logged = sorted(trainer.callback_metrics)
+            close = difflib.get_close_matches(self.monitor, logged, n=1)
+            self.record(
+                trainer,
+                Verdict(
+                    "missing_metric",
+                    "info",
+                    f"EarlyStop monitored `{self.monitor}`, which was never logged ({self._missing_checks} checks): "
+                    f"it never judged the run. Logged: {', '.join(f'`{k}`' for k in logged) or 'nothing'}.",
+                    {"metric": self.monitor, "checks": self._missing_checks, "logged": ", ".join(logged)},
+                    [f"Did you mean `{close[0]}`?"]
+                    if close
+                    else [f"Log it with `self.log({self.monitor!r}, ...)`."],
+                ),
+                key=self.monitor,
+            )
         if not self.restore_best_weights or self.best_step is None or self.best_step == trainer.global_step:
             return  # nothing to restore: no best yet, or the model still holds the best weights
         if self._checkpoint_callback is not None and self._checkpoint_callback.best_model_path:
@@ -405,6 +468,8 @@ class EarlyStop(EarlyStopping, DiagCallback):
             "best_epoch": self.best_epoch,
             "best_step": self.best_step,
             "best_weights": self._best_weights,
+            "monitor_seen": self._monitor_seen,
+            "missing_checks": self._missing_checks,
             "findings": self._findings_state(),
         }
 
@@ -420,6 +485,8 @@ class EarlyStop(EarlyStopping, DiagCallback):
         self.best_epoch = state_dict.get("best_epoch", self.best_epoch)
         self.best_step = state_dict.get("best_step", self.best_step)
         self._best_weights = state_dict.get("best_weights", self._best_weights)
+        self._monitor_seen = bool(state_dict.get("monitor_seen", self._monitor_seen))
+        self._missing_checks = int(state_dict.get("missing_checks", self._missing_checks))
         self._load_findings_state(state_dict)
 
 

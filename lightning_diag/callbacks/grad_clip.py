@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Literal
 
@@ -10,7 +11,15 @@ import torch
 from typing_extensions import override
 
 from lightning_diag import _lightning, _logging
-from lightning_diag._validation import check_choice, check_int, check_positive
+from lightning_diag._validation import (
+    ArgumentError,
+    ConfigurationError,
+    check_choice,
+    check_ignored,
+    check_int,
+    check_positive,
+    check_range,
+)
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import step_context
 from lightning_diag.core.clipping import (
@@ -26,6 +35,16 @@ from lightning_diag.core.grad_stats import max_abs, tensor_norms, total_from_nor
 __all__ = ["GradClip"]
 
 Algorithm = Literal["norm", "value", "agc", "autoclip", "zscore"]
+
+
+#: The arguments each algorithm reads (any other one set away from its default is refused).
+_USES: dict[str, set[str]] = {
+    "norm": {"max_norm", "norm_type"},
+    "value": {"clip_value"},
+    "agc": {"agc_factor", "agc_eps", "agc_exclude"},
+    "autoclip": {"max_norm", "norm_type", "percentile", "history_size"},
+    "zscore": {"max_norm", "norm_type", "spike_threshold", "spike_window", "spike_warmup_steps"},
+}
 
 
 class GradClip(DiagCallback):
@@ -72,9 +91,11 @@ class GradClip(DiagCallback):
         None: clipping is an action; GradNormMonitor reports the gradients themselves.
 
     Raises:
-        ValueError: at construction for an unknown algorithm, a non-positive threshold, a percentile outside
-            ``(0, 100]``, ``algorithm="norm"`` without ``max_norm``; at ``setup`` when ``Trainer(gradient_clip_val=...)``
-            is also set (the gradients would be clipped twice).
+        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for an unknown
+            algorithm, a non-positive threshold, ``norm_type < 1``, a percentile outside ``(0, 100]``,
+            ``algorithm="norm"`` without ``max_norm``, or an argument the chosen algorithm does not read (e.g.
+            ``agc_exclude`` outside ``"agc"``); at ``setup`` when ``Trainer(gradient_clip_val=...)`` is also set
+            (the gradients would be clipped twice).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -109,19 +130,34 @@ class GradClip(DiagCallback):
         if max_norm is not None:
             check_positive("max_norm", max_norm)
         elif algorithm == "norm":
-            raise ValueError(
+            raise ArgumentError(
                 "`max_norm` must be set for algorithm='norm', got None. For example GradClip(max_norm=1.0)."
             )
-        check_positive("norm_type", norm_type, allow_inf=True)
+        check_range("norm_type", norm_type, 1.0, allow_inf=True)
         check_positive("clip_value", clip_value)
         check_positive("agc_factor", agc_factor)
         check_positive("agc_eps", agc_eps)
-        if not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
-            raise ValueError(f"`percentile` must be in (0, 100], got {percentile!r}.")
+        if agc_exclude is not None and (
+            not isinstance(agc_exclude, (list, tuple)) or not all(isinstance(p, str) for p in agc_exclude)
+        ):
+            raise ArgumentError(
+                f"`agc_exclude` must be a list of parameter-name prefixes, got {agc_exclude!r}."
+            )
+        check_range("percentile", percentile, 0.0, 100.0, low_open=True)
         check_int("history_size", history_size, minimum=1)
         check_positive("spike_threshold", spike_threshold)
         check_int("spike_window", spike_window, minimum=1)
         check_int("spike_warmup_steps", spike_warmup_steps, minimum=0)
+        given = dict(locals())
+        defaults = {n: p.default for n, p in inspect.signature(GradClip.__init__).parameters.items()}
+        for name in sorted(set(defaults) - {"self", "algorithm"} - _USES[algorithm]):
+            check_ignored(
+                name,
+                given[name],
+                defaults[name],
+                because=f"`algorithm={algorithm!r}`",
+                unless=f"choose an algorithm that uses it ({', '.join(a for a, u in _USES.items() if name in u)})",
+            )
         self.algorithm = algorithm
         self.max_norm = max_norm
         self.norm_type = float(norm_type)
@@ -162,7 +198,7 @@ class GradClip(DiagCallback):
             return
         _lightning.check_strategy(trainer, "GradClip")
         if trainer.gradient_clip_val:
-            raise ValueError(
+            raise ConfigurationError(
                 f"GradClip and `Trainer(gradient_clip_val={trainer.gradient_clip_val})` would both clip the gradients. "
                 "Remove `gradient_clip_val` from the Trainer (GradClip(algorithm='norm', max_norm=...) does the same, "
                 "AMP-aware and logged), or remove GradClip."
@@ -211,7 +247,11 @@ class GradClip(DiagCallback):
         elif self.algorithm == "value":
             bound: float | torch.Tensor = self.clip_value
             if stats.inv_scale is not None:
-                bound = self.clip_value / stats.inv_scale  # the gradients are still loss-scaled
+                # The gradients are still loss-scaled, and an overflowed step must stay non-finite so that the
+                # optimizer's own inf check skips it (the GradScaler then lowers the scale): no clamp there.
+                bound = torch.where(
+                    torch.isfinite(pre), self.clip_value / stats.inv_scale, torch.full_like(pre, math.inf)
+                )
             peak = max_abs(grads).max()
             if stats.inv_scale is not None:
                 peak = peak * stats.inv_scale

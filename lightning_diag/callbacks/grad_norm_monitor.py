@@ -11,7 +11,15 @@ import torch
 from typing_extensions import override
 
 from lightning_diag import _lightning, _logging
-from lightning_diag._validation import check_choice, check_int, check_positive
+from lightning_diag._validation import (
+    check_bool,
+    check_choice,
+    check_ignored,
+    check_int,
+    check_order,
+    check_positive,
+    check_range,
+)
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import run_context, step_context
 from lightning_diag.core.grad_stats import (
@@ -100,8 +108,10 @@ class GradNormMonitor(DiagCallback):
         ``amp_overflow`` (warning): the loss scale collapsed or overflows persisted.
 
     Raises:
-        ValueError: at construction for an unknown ``group_by``, ``depth < 0``, or a non-positive threshold,
-            ratio or window.
+        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for an unknown
+            ``group_by``, ``depth < 1`` (or a ``depth`` without ``group_by="module"``), ``norm_type < 1``, a
+            non-positive threshold or window, ``vanishing_ratio`` outside ``[0, 1)``, ``exploding_threshold`` not
+            above ``vanishing_threshold``, or a non-bool flag.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -137,18 +147,28 @@ class GradNormMonitor(DiagCallback):
     ) -> None:
         super().__init__()
         check_choice("group_by", group_by, ("total", "module", "parameter"))
-        check_int("depth", depth, minimum=0)
-        check_positive("norm_type", norm_type, allow_inf=True)
+        check_int("depth", depth, minimum=1)
+        if group_by != "module":
+            check_ignored(
+                "depth", depth, 1, because=f"`group_by={group_by!r}`", unless="set `group_by='module'`"
+            )
+        check_range("norm_type", norm_type, 1.0, allow_inf=True)
+        for name, flag in (
+            ("log_param_norms", log_param_norms),
+            ("log_update_ratio", log_update_ratio),
+            ("log_histogram", log_histogram),
+            ("log_amp", log_amp),
+        ):
+            check_bool(name, flag)
         if exploding_threshold is not None:
             check_positive("exploding_threshold", exploding_threshold)
         check_positive("spike_threshold", spike_threshold)
-        check_positive("spike_ratio", spike_ratio)
-        if spike_ratio <= 1:
-            raise ValueError(f"`spike_ratio` must be > 1, got {spike_ratio!r}.")
+        check_range("spike_ratio", spike_ratio, 1.0, low_open=True)
         check_int("spike_window", spike_window, minimum=1)
         check_int("spike_warmup_steps", spike_warmup_steps, minimum=0)
         check_positive("vanishing_threshold", vanishing_threshold, strict=False)
-        check_positive("vanishing_ratio", vanishing_ratio, strict=False)
+        check_range("vanishing_ratio", vanishing_ratio, 0.0, 1.0, high_open=True)
+        check_order("vanishing_threshold", vanishing_threshold, "exploding_threshold", exploding_threshold)
         check_int("vanishing_window", vanishing_window, minimum=1)
         check_positive("amp_min_scale", amp_min_scale)
         check_int("amp_max_consecutive_skips", amp_max_consecutive_skips, minimum=1)

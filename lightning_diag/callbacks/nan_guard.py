@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 import warnings
 from typing import Any, Literal
@@ -19,7 +20,16 @@ import torch
 from typing_extensions import override
 
 from lightning_diag import _distributed, _lightning, _logging
-from lightning_diag._validation import check_choice, check_fraction, check_int, check_number, check_positive
+from lightning_diag._containment import Deliberate
+from lightning_diag._validation import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_ignored,
+    check_int,
+    check_positive,
+    check_range,
+)
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import StepContext, run_context, step_context
 from lightning_diag.core.grad_stats import max_abs, tensor_norms, total_from_norms
@@ -78,12 +88,63 @@ class _Pending:
     batch_idx: str
 
 
-class NonFiniteError(RuntimeError):
+_NOT_REPRODUCED = (
+    "The replay of the same step was finite: the fault depends on state or chance, not on the step's data alone. "
+    "Look for stateful or nondeterministic code (a module that keeps a counter or cache, randomness without a "
+    "seed, uninitialised memory such as torch.empty) or a flaky kernel/hardware; run with "
+    "torch.use_deterministic_algorithms(True) to tell them apart."
+)
+
+
+class NonFiniteError(Deliberate, RuntimeError):
     """Raised by :class:`NaNGuard` when its policy is ``"raise"`` (or an escalation ends there)."""
 
 
 def _floating(batch: Any) -> list[torch.Tensor]:
     return [t for _, t in iter_tensors(batch) if t.is_floating_point() and t.numel()]
+
+
+def _check_ignored_arguments(given: dict[str, Any]) -> None:
+    """Refuse settings that the chosen policies can never use (they would suggest a protection that is not there)."""
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(NaNGuard.__init__).parameters.items()
+        if name != "self"
+    }
+    if not given["detect_spikes"]:
+        for name in ("spike_action", "spike_threshold", "spike_ratio", "spike_window", "spike_warmup_steps"):
+            check_ignored(
+                name,
+                given[name],
+                defaults[name],
+                because="`detect_spikes=False`",
+                unless="set `detect_spikes=True`",
+            )
+    policies = {given["action"]} | ({given["spike_action"]} if given["detect_spikes"] else set())
+    policies_text = " and ".join(
+        f"`{n}={given[n]!r}`" for n in ("action", "spike_action") if n == "action" or given["detect_spikes"]
+    )
+    if "skip" not in policies:
+        for name in ("max_consecutive_skips", "escalate_to"):
+            check_ignored(
+                name,
+                given[name],
+                defaults[name],
+                because=f"{policies_text} (nothing is ever skipped)",
+                unless="use `action='skip'`",
+            )
+    if "rollback" not in policies and not ("skip" in policies and given["escalate_to"] == "rollback"):
+        because = policies_text + (
+            f" and `escalate_to={given['escalate_to']!r}`" if "skip" in policies else ""
+        )
+        for name in ("snapshot_every_n_steps", "max_rollbacks", "lr_backoff"):
+            check_ignored(
+                name,
+                given[name],
+                defaults[name],
+                because=f"{because} (no rollback can happen)",
+                unless="use `action='rollback'` or `escalate_to='rollback'`",
+            )
 
 
 class NaNGuard(DiagCallback):
@@ -160,11 +221,17 @@ class NaNGuard(DiagCallback):
         ``non_finite_input``, ``non_finite_loss`` (phase ``forward`` or ``loss``), ``non_finite_gradients`` (phase
         ``backward``), ``non_finite_parameters`` (phase ``optimizer``): evidence ``phase``, ``module``,
         ``module_type``, ``tensor``, ``kind`` (nan/inf), ``action``, ``rank``, ``reproduced``. ``loss_spike`` and
-        ``exploding_gradients`` for spikes, with the value and the running mean/std.
+        ``exploding_gradients`` for spikes, with the value and the running mean/std. A fault the replay does not
+        reproduce (stateful or nondeterministic code, hardware) has ``reproduced = 0``, names no module and says
+        so; under manual optimization (no replay) a NaN loss is attributed to the loss. The action taken is part
+        of the condition: a skip and a later rollback of the same fault are two findings.
 
     Raises:
-        ValueError: at construction for an unknown action, a negative window/threshold, ``max_consecutive_skips <
-            1``, ``snapshot_every_n_steps < 1``, ``lr_backoff`` outside ``(0, 1]``.
+        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for an unknown
+            action, a negative window/threshold, ``max_consecutive_skips < 1``, ``snapshot_every_n_steps < 1``,
+            ``lr_backoff`` outside ``(0, 1]``, a non-bool flag, or a setting the chosen policies never use (spike
+            settings with ``detect_spikes=False``, skip settings when nothing is skipped, rollback settings when
+            no rollback can happen).
         NonFiniteError: during fit, when the policy (or an escalation) is ``"raise"``.
 
     Example:
@@ -203,17 +270,20 @@ class NaNGuard(DiagCallback):
         super().__init__()
         check_choice("action", action, ACTIONS)
         check_choice("spike_action", spike_action, ACTIONS)
+        check_bool("check_inputs", check_inputs)
+        check_bool("detect_spikes", detect_spikes)
+        check_bool("localize", localize)
         check_int("check_params_every_n_steps", check_params_every_n_steps, minimum=0)
         check_int("spike_window", spike_window, minimum=1)
         check_positive("spike_threshold", spike_threshold)
-        if check_number("spike_ratio", spike_ratio) < 1.0:
-            raise ValueError(f"`spike_ratio` must be >= 1, got {spike_ratio!r}.")
+        check_range("spike_ratio", spike_ratio, 1.0)
         check_int("spike_warmup_steps", spike_warmup_steps, minimum=0)
         check_int("max_consecutive_skips", max_consecutive_skips, minimum=1)
         check_choice("escalate_to", escalate_to, ("rollback", "raise"))
         check_int("snapshot_every_n_steps", snapshot_every_n_steps, minimum=1)
         check_int("max_rollbacks", max_rollbacks, minimum=1)
         check_fraction("lr_backoff", lr_backoff, low_open=True)
+        _check_ignored_arguments(dict(locals()))
         self.action = action
         self.spike_action = spike_action
         self.check_inputs = check_inputs
@@ -655,6 +725,7 @@ class NaNGuard(DiagCallback):
                 else (decision.code or "non_finite_gradients")
             )
             origin = trace.describe() if trace is not None else "its origin was not located"
+            replayed = self.localize and pl_module.automatic_optimization
             if at is not None:
                 gradient = (
                     f" (last non-finite gradient: {seen.tensor})" if seen and seen.phase == "backward" else ""
@@ -665,7 +736,16 @@ class NaNGuard(DiagCallback):
                     "action='skip' or 'raise' locates it)"
                 )
             elif trace is not None and not reproduced:
-                origin += " (seen in this step's values; the replay did not reproduce it)"
+                # Only this step's own values show it: say where it was seen, name no module as its origin.
+                trace = Trace(trace.phase, "", "", trace.tensor if trace.phase == "input" else "", trace.kind)
+                where_seen = {"input": f"the input batch (`{trace.tensor}`)", "loss": "the loss"}.get(
+                    trace.phase, "the gradients"
+                )
+                origin = f"seen in {where_seen}; " + (
+                    "the replay of this step did not reproduce it, so where it began is unknown"
+                    if replayed
+                    else "where it began was not traced (no replay under manual optimization)"
+                )
             message = (
                 f"Non-finite {code.removeprefix('non_finite_').replace('_', ' ')} {where} "
                 f"(epoch {epoch}): {origin}. Action: {action}."
@@ -679,7 +759,11 @@ class NaNGuard(DiagCallback):
                 evidence["batch_idx"] = batch_idx
             half = str(getattr(trainer.precision_plugin, "precision", "")).startswith("16")
             advice = origin_advice(trace, pl_module, half_precision=half) if trace is not None else []
-            key = f"{trace.phase}:{trace.module}:{trace.tensor}" if trace is not None else code
+            if trace is not None and not reproduced and replayed and at is None:
+                advice = [_NOT_REPRODUCED, *advice]
+            # the action is part of the condition: a skip and a later rollback of the same fault are two findings
+            where_key = f"{trace.phase}:{trace.module}:{trace.tensor}" if trace is not None else code
+            key = f"{where_key}:{decision.action}"
             self.record(
                 trainer, Verdict(code, severity, message, evidence=evidence, advice=advice), key=key, **when
             )

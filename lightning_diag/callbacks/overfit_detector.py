@@ -12,10 +12,19 @@ import torch
 from typing_extensions import override
 
 from lightning_diag import _distributed, _lightning, _logging
-from lightning_diag._validation import check_choice, check_number
+from lightning_diag._validation import (
+    ArgumentError,
+    MissingMetricError,
+    check_bool,
+    check_choice,
+    check_int,
+    check_key,
+    check_positive,
+    check_range,
+)
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core.curves import CurvePoint, CurveRules, diagnose
-from lightning_diag.core.verdict import Verdict
+from lightning_diag.core.verdict import Verdict, non_finite_metric
 from lightning_diag.findings import LightningDiagWarning
 
 __all__ = ["OverfitDetector"]
@@ -64,11 +73,13 @@ class OverfitDetector(DiagCallback):
 
     Findings:
         ``overfitting`` (warning; info for an early widening gap), ``underfitting``, ``loss_plateau``,
-        ``divergence``; ``early_stopped`` (info) when ``action="stop"`` stopped the run.
+        ``divergence``; ``early_stopped`` (info) when ``action="stop"`` stopped the run; ``non_finite_metric``
+        (warning, once per key with a count) when the validation loss (or ``train_monitor``) is NaN/Inf.
 
     Raises:
-        ValueError: at construction for an unknown action or an out-of-range threshold.
-        RuntimeError: at the first validation when ``monitor`` is missing and ``strict``.
+        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for an unknown
+            action, an out-of-range threshold, ``train_monitor == monitor`` or a non-bool ``strict``.
+        RuntimeError: (``MissingMetricError``) at the first validation when ``monitor`` is missing and ``strict``.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -91,9 +102,25 @@ class OverfitDetector(DiagCallback):
         strict: bool = True,
     ) -> None:
         super().__init__()
+        check_key("monitor", monitor)
+        if train_monitor is not None:
+            check_key("train_monitor", train_monitor)
+            if train_monitor == monitor:
+                raise ArgumentError(
+                    f"`train_monitor` and `monitor` must be different keys, got {monitor!r} for both: the curve needs "
+                    "a training loss and a validation loss. Leave `train_monitor=None` to use the loss training_step "
+                    "returns."
+                )
         check_choice("action", action, ("warn", "stop"))
+        check_int("window", window, minimum=2)
+        check_positive("rise_tolerance", rise_tolerance, strict=False)
+        check_range("plateau_threshold", plateau_threshold, 0.0, 1.0, high_open=True)
+        check_positive("high_ratio", high_ratio)
+        check_range("close_ratio", close_ratio, 0.0, 1.0)
+        check_range("divergence_ratio", divergence_ratio, 1.0, low_open=True)
         if chance_loss is not None:
-            check_number("chance_loss", chance_loss)
+            check_positive("chance_loss", chance_loss)
+        check_bool("strict", strict)
         self.rules = CurveRules(
             window=window,
             rise_tolerance=rise_tolerance,
@@ -143,7 +170,9 @@ class OverfitDetector(DiagCallback):
             finite = torch.isfinite(value)
             # Non-finite step losses (a step NaNGuard skipped) stay out of the mean; all of them non-finite -> NaN.
             pair = torch.stack([torch.where(finite, value, torch.zeros_like(value)), finite.float()])
-            self._sum = pair if self._sum is None else self._sum + pair.to(self._sum.device)
+            if self._sum is not None and self._sum.device != pair.device:
+                self._sum = self._sum.to(pair.device)  # restored from a checkpoint, on the CPU
+            self._sum = pair if self._sum is None else self._sum + pair
             self._count += 1
 
     def _take_train_mean(self) -> float | None:
@@ -162,7 +191,7 @@ class OverfitDetector(DiagCallback):
                 "`validation_step` (self.log(...)) or pass the right `monitor`."
             )
             if self.strict:
-                raise RuntimeError(message)
+                raise MissingMetricError(message)
             if not self._missing_warned and trainer.is_global_zero:
                 warnings.warn(message, LightningDiagWarning, stacklevel=2)
             self._missing_warned = True
@@ -202,15 +231,19 @@ class OverfitDetector(DiagCallback):
         logged = trainer.callback_metrics.get(f"{key}_epoch", trainer.callback_metrics.get(key))
         if logged is None:
             keys = sorted(trainer.callback_metrics)
-            raise RuntimeError(
+            raise MissingMetricError(
                 f"OverfitDetector: `train_monitor={self.train_monitor!r}` is not among the logged metrics {keys}. Log it "
                 "with on_epoch=True, or leave `train_monitor=None` to use the loss training_step returns."
             )
+        if not math.isfinite(float(logged)):
+            self.record(trainer, non_finite_metric(key, float(logged), "OverfitDetector"), key=key)
         self._add(trainer, x, float(logged), val)
 
     # -- decide ---------------------------------------------------------------------------------------------
     def _add(self, trainer: pl.Trainer, x: float, train: float, val: float | None) -> None:
         x, train, val = _distributed.broadcast(trainer, (x, train, val))  # rank 0's curve for everyone
+        if val is not None and not math.isfinite(val):
+            self.record(trainer, non_finite_metric(self.monitor, val, "OverfitDetector"), key=self.monitor)
         self.points.append(CurvePoint(x, train, val))
         self.steps.append(int(trainer.global_step))
         metrics = {"diag/overfit/train_loss": train}
@@ -256,6 +289,10 @@ class OverfitDetector(DiagCallback):
             "points": [[p.x, p.train, p.val] for p in self.points],
             "steps": list(self.steps),
             "stopped_at": self.stopped_at,
+            # the partial mean since the last evaluation (a mid-epoch checkpoint), as saved bits: exact on resume
+            "train_sum": self._sum.detach().cpu() if self._sum is not None else None,
+            "train_count": self._count,
+            "pending": list(self._pending) if self._pending is not None else None,
             "findings": self._findings_state(),
         }
 
@@ -268,4 +305,11 @@ class OverfitDetector(DiagCallback):
             ]
         self.steps = [int(s) for s in state_dict.get("steps", self.steps)]
         self.stopped_at = state_dict.get("stopped_at", self.stopped_at)
+        if isinstance(state_dict.get("train_sum"), torch.Tensor):
+            self._sum = state_dict["train_sum"].clone()
+            self._count = int(state_dict.get("train_count", 0))
+        pending = state_dict.get("pending")
+        if pending is not None:
+            x, train, val = pending
+            self._pending = (float(x), float(train), None if val is None else float(val))
         self._load_findings_state(state_dict)

@@ -8,15 +8,16 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lightning_diag import _distributed, _lightning
-from lightning_diag._validation import check_choice, check_fraction, check_int
+from lightning_diag._containment import Deliberate
+from lightning_diag._validation import check_bool, check_choice, check_fraction, check_ignored, check_int
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core import sanity
-from lightning_diag.core.verdict import fails
+from lightning_diag.core.verdict import Verdict, fails
 
 __all__ = ["SanityCheck", "SanityCheckError"]
 
 
-class SanityCheckError(RuntimeError):
+class SanityCheckError(Deliberate, RuntimeError):
     """Raised by :class:`SanityCheck` when a finding reaches ``fail_on``: training does not start."""
 
 
@@ -56,10 +57,16 @@ class SanityCheck(DiagCallback):
 
     Findings:
         ``non_finite_input``, ``input_scale``, ``label_distribution``, ``loss_at_init``, ``missing_gradients``,
-        ``non_finite_gradients``, ``batch_dependence``, ``cannot_overfit_batch``.
+        ``non_finite_gradients``, ``batch_dependence``, ``cannot_overfit_batch``; ``declined`` (info, with a
+        LightningDiagWarning) for the loss-based checks under manual optimization (``training_step`` steps the
+        optimizers itself) or when ``training_step`` returns no loss on the first batches. The model checks run on
+        the first batch whose ``training_step`` returns a loss (Lightning skips the others); the overfit copy stays
+        attached to the Trainer (a ``training_step`` may read ``self.trainer``); sparse embeddings get SparseAdam.
 
     Raises:
-        ValueError: at construction for an unknown ``fail_on`` or out-of-range numbers.
+        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for an unknown
+            ``fail_on``, out-of-range numbers, a non-bool flag, or ``overfit_lr``/``min_drop`` without
+            ``overfit_batch_steps`` (``num_batches`` without ``check_data``).
         SanityCheckError: at the first batch when a finding reaches ``fail_on``.
 
     Example:
@@ -90,6 +97,26 @@ class SanityCheck(DiagCallback):
         check_int("overfit_batch_steps", overfit_batch_steps, minimum=0)
         check_fraction("overfit_lr", overfit_lr, low_open=True)
         check_fraction("min_drop", min_drop, low_open=True, high_open=True)
+        for name, flag in (
+            ("check_data", check_data),
+            ("check_loss_at_init", check_loss_at_init),
+            ("check_gradients", check_gradients),
+            ("check_batch_independence", check_batch_independence),
+        ):
+            check_bool(name, flag)
+        if overfit_batch_steps == 0:
+            for name, value, default in (("overfit_lr", overfit_lr, 1e-3), ("min_drop", min_drop, 0.5)):
+                check_ignored(
+                    name,
+                    value,
+                    default,
+                    because="`overfit_batch_steps=0`",
+                    unless="set `overfit_batch_steps` > 0",
+                )
+        if not check_data:
+            check_ignored(
+                "num_batches", num_batches, 1, because="`check_data=False`", unless="set `check_data=True`"
+            )
         self.fail_on = fail_on
         self.num_batches = num_batches
         self.check_data = check_data
@@ -109,7 +136,9 @@ class SanityCheck(DiagCallback):
 
     def _reset_state(self) -> None:
         self.done = False
-        self._batches: list[Any] = []
+        self._batches: list[Any] = []  # the batches the data checks will look at
+        self._model_done = False
+        self._model_tries = 0
 
     @override
     def on_train_batch_start(
@@ -117,37 +146,80 @@ class SanityCheck(DiagCallback):
     ) -> None:
         if self.done:
             return
-        if trainer.global_step > 0 and not self._batches:
+        if trainer.global_step > 0 and not self._batches and not self._model_tries:
             self.done = True  # a resumed run: it was checked when it started
             return
-        self._batches.append(batch)
-        last_wanted = len(self._batches) >= self.num_batches
-        if not last_wanted and batch_idx + 1 < _num_batches(trainer):
-            if self._batches[0] is batch:
-                self._check(
-                    trainer, pl_module, model=True, data=False
-                )  # model checks before the first update
-            return
-        self._check(trainer, pl_module, model=len(self._batches) == 1, data=True)
-        self.done = True
-        self._batches = []
+        if not self._model_done:
+            self._model_checks(trainer, pl_module, batch, batch_idx)
+        data_done = not self.check_data
+        if self.check_data:
+            self._batches.append(batch)
+            if len(self._batches) >= self.num_batches or batch_idx + 1 >= _num_batches(trainer):
+                issues = sanity.run_checks(
+                    pl_module,
+                    self._batches,
+                    _no_loss,
+                    data=True,
+                    loss_at_init=False,
+                    gradients=False,
+                    batch_independence=False,
+                )
+                self._judge(trainer, issues)
+                self._batches = []
+                data_done = True
+        self.done = self._model_done and data_done
 
-    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, model: bool, data: bool) -> None:
-        issues = sanity.run_checks(
-            pl_module,
-            self._batches if data else self._batches[:1],
-            lambda module, batch: _lightning.replay_training_step(
-                trainer if module is pl_module else None, module, batch, 0
-            ),
-            copyable=lambda: _lightning.detached_trainer(pl_module),
-            data=data and self.check_data,
-            loss_at_init=model and self.check_loss_at_init,
-            gradients=model and self.check_gradients,
-            batch_independence=model and self.check_batch_independence,
-            overfit_batch_steps=self.overfit_batch_steps if model else 0,
-            overfit_lr=self.overfit_lr,
-            min_drop=self.min_drop,
-        )
+    def _model_checks(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """The checks that run the model, on the first batch whose ``training_step`` returns a loss."""
+        loss_checks = {
+            "loss_at_init": self.check_loss_at_init,
+            "gradients": self.check_gradients,
+            "overfit_batch_steps": self.overfit_batch_steps,
+        }
+        if not pl_module.automatic_optimization and any(loss_checks.values()):
+            # training_step steps the optimizers itself: running it outside the loop would update the model
+            self.decline(
+                trainer,
+                "SanityCheck skipped its loss-based checks (loss at initialisation, missing gradients, overfit one "
+                "batch): under manual optimization `training_step` steps the optimizers itself, so it cannot be "
+                "run outside the loop. The data and batch-independence checks still ran.",
+                "manual_optimization",
+            )
+            loss_checks = {"loss_at_init": False, "gradients": False, "overfit_batch_steps": 0}
+        self._model_tries += 1
+        try:
+            issues = sanity.run_checks(
+                pl_module,
+                [batch],
+                lambda module, b: _lightning.replay_training_step(
+                    trainer if module is pl_module else None, module, b, batch_idx
+                ),
+                copyable=lambda: _lightning.trainer_shared_on_copy(pl_module),
+                data=False,
+                loss_at_init=bool(loss_checks["loss_at_init"]),
+                gradients=bool(loss_checks["gradients"]),
+                batch_independence=self.check_batch_independence,
+                overfit_batch_steps=int(loss_checks["overfit_batch_steps"]),
+                overfit_lr=self.overfit_lr,
+                min_drop=self.min_drop,
+            )
+        except sanity.NoLoss:
+            # Lightning skips a batch whose training_step returns None: check the next one (still before any update)
+            if self._model_tries >= MAX_MODEL_TRIES:
+                self._model_done = True
+                self.decline(
+                    trainer,
+                    f"SanityCheck skipped its model checks: `training_step` returned no loss on the first "
+                    f"{self._model_tries} batches.",
+                    "no_loss",
+                )
+            return
+        self._model_done = True
+        self._judge(trainer, issues)
+
+    def _judge(self, trainer: pl.Trainer, issues: list[Verdict]) -> None:
         for issue in issues:
             self.record(trainer, issue, key=issue.message)
         failing = [i for i in issues if fails(i.severity, self.fail_on)]
@@ -166,6 +238,14 @@ class SanityCheck(DiagCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.done = bool(state_dict.get("done", self.done))
         self._load_findings_state(state_dict)
+
+
+#: Batches tried for the model checks when ``training_step`` returns no loss (Lightning skips those batches).
+MAX_MODEL_TRIES = 8
+
+
+def _no_loss(*_args: Any) -> None:
+    return None
 
 
 def _num_batches(trainer: pl.Trainer) -> int:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_diag import _logging
-from lightning_diag._validation import check_fraction, check_int
+from lightning_diag._validation import check_bool, check_fraction, check_ignored, check_int
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core.verdict import Verdict
 
@@ -85,7 +85,9 @@ class SpeedMonitor(DiagCallback):
         calls inside the step, with their call sites.
 
     Raises:
-        ValueError: at construction for a window below 2, a negative warm-up or a share outside ``(0, 1)``.
+        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for a window below
+            2, a negative warm-up, a share outside ``(0, 1)``, a non-bool ``check_host_syncs`` or
+            ``sync_check_steps`` with ``check_host_syncs=False``.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -110,6 +112,15 @@ class SpeedMonitor(DiagCallback):
         check_int("ignore_first_steps", ignore_first_steps, minimum=0)
         check_fraction("data_share", data_share, low_open=True, high_open=True)
         check_int("sync_check_steps", sync_check_steps, minimum=1)
+        check_bool("check_host_syncs", check_host_syncs)
+        if not check_host_syncs:
+            check_ignored(
+                "sync_check_steps",
+                sync_check_steps,
+                3,
+                because="`check_host_syncs=False`",
+                unless="set `check_host_syncs=True`",
+            )
         self.window = window
         self.ignore_first_steps = ignore_first_steps
         self.data_share = float(data_share)

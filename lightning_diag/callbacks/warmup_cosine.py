@@ -11,9 +11,13 @@ from typing_extensions import override
 
 from lightning_diag import _logging
 from lightning_diag._validation import (
+    ArgumentError,
+    ConfigurationError,
+    check_bool,
     check_choice,
     check_exclusive,
     check_fraction,
+    check_ignored,
     check_int,
     check_positive,
 )
@@ -60,7 +64,9 @@ class WarmupCosine(DiagCallback):
         ============================  =============================================================
 
     Findings:
-        None: a misconfiguration raises instead (see Raises).
+        ``declined`` (info, with a LightningDiagWarning) when it leaves the rates as configured: under
+        ``fast_dev_run``, and under manual optimization with several optimizers when the run is bounded by
+        ``max_steps`` and ``total_steps`` is not given. Other misconfigurations raise (see Raises).
 
     Raises:
         ValueError: at construction for a negative or non-integer ``warmup_steps``, a ratio outside its range,
@@ -84,6 +90,11 @@ class WarmupCosine(DiagCallback):
         per skipped step and for the number of discarded steps on a rollback, and a rollback's LR back-off
         multiplies every rate by ``lr_scale``; the requests travel through the run's shared context
         (``callbacks/_context.py``) and are taken at the next batch boundary. Both are saved in the checkpoint.
+
+        Manual optimization with several optimizers (a GAN's generator and discriminator): ``global_step`` counts
+        the steps of every optimizer, so the schedule step is the number of training batches done instead (saved
+        in the checkpoint), and every optimizer follows the progress of training whether it steps in every
+        batch or not; ``total_steps`` is then in training batches. Skipped steps do not hold that schedule.
     """
 
     # The schedule as resolved for the current fit (see ``_reset_state`` and ``on_fit_start``).
@@ -119,7 +130,7 @@ class WarmupCosine(DiagCallback):
         if total_steps is not None:
             check_int("total_steps", total_steps, minimum=1)
             if warmup_steps is not None and warmup_steps >= total_steps:
-                raise ValueError(
+                raise ArgumentError(
                     f"`warmup_steps` must be < `total_steps` ({total_steps}), got {warmup_steps!r}: "
                     "the warmup must leave at least one step for the cosine decay."
                 )
@@ -135,6 +146,22 @@ class WarmupCosine(DiagCallback):
         check_positive("cycle_mul", cycle_mul)
         check_positive("cycle_decay", cycle_decay)
         check_choice("interval", interval, ("step", "epoch"))
+        check_bool("log_lr", log_lr)
+        if num_cycles == 1:
+            for name, value in (("cycle_mul", cycle_mul), ("cycle_decay", cycle_decay)):
+                check_ignored(name, value, 1.0, because="`num_cycles=1`", unless="set `num_cycles` > 1")
+        no_warmup = (warmup_steps or 0) == 0 and (warmup_ratio or 0) == 0
+        if no_warmup:
+            warmup = (
+                "`warmup_steps=0`"
+                if warmup_steps == 0
+                else ("`warmup_ratio=0`" if warmup_ratio == 0 else "no `warmup_steps`/`warmup_ratio`")
+            )
+            for start_name, start in (
+                ("warmup_start_lr", warmup_start_lr),
+                ("warmup_start_factor", warmup_start_factor),
+            ):
+                check_ignored(start_name, start, None, because=warmup, unless="give the warmup a length")
 
         self.warmup_steps = warmup_steps
         self.warmup_ratio = warmup_ratio
@@ -177,7 +204,7 @@ class WarmupCosine(DiagCallback):
                 self.resolved_warmup_steps = 0
         if self.resolved_warmup_steps >= total:
             unit = "steps" if self.interval == "step" else "epochs"
-            raise ValueError(
+            raise ConfigurationError(
                 f"WarmupCosine: the warmup ({self.resolved_warmup_steps} {unit}) must be shorter than the schedule "
                 f"({total} {unit}). Lower `warmup_steps`/`warmup_ratio` or train longer."
             )
@@ -186,14 +213,14 @@ class WarmupCosine(DiagCallback):
         if self.interval == "epoch":
             epochs = trainer.max_epochs
             if epochs is None or epochs < 1:
-                raise ValueError(
+                raise ConfigurationError(
                     f"WarmupCosine(interval='epoch') cannot derive the schedule length: `Trainer(max_epochs={epochs})`."
                     " Pass `WarmupCosine(total_steps=...)` (in epochs) or set `max_epochs`."
                 )
             return int(epochs)
         estimated = trainer.estimated_stepping_batches
         if estimated is None or not math.isfinite(estimated) or estimated < 1:
-            raise ValueError(
+            raise ConfigurationError(
                 "WarmupCosine cannot derive the schedule length: `trainer.estimated_stepping_batches` is "
                 f"{estimated!r} (an IterableDataset without a length, or `max_epochs=-1`). Pass "
                 "`WarmupCosine(total_steps=...)` or set `Trainer(max_steps=...)`."
@@ -250,12 +277,45 @@ class WarmupCosine(DiagCallback):
         self.held_steps = 0
         self.lr_scale = 1.0
         self.lr_history: list[tuple[int, float]] = []  # (global step, rate of group 0) at the logging steps
+        # Manual optimization with several optimizers: the schedule follows the training batches (one step each)
+        self.by_batch = False
+        self.batches_done = 0
+        self.declined = False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if getattr(trainer, "fast_dev_run", False):  # set by the Trainer's __init__
+            self.declined = True
+            self.decline(
+                trainer,
+                "WarmupCosine leaves the learning rates as configured under `fast_dev_run` (a smoke test of a few "
+                "steps has no schedule to follow).",
+                "fast_dev_run",
+            )
+            return
+        self.by_batch = (
+            self.interval == "step" and not pl_module.automatic_optimization and len(trainer.optimizers) > 1
+        )
+        if (
+            self.by_batch
+            and self.total_steps is None
+            and trainer.max_steps != -1
+            and self.resolved_total_steps is None
+        ):
+            # global_step counts every optimizer's steps: how many training batches max_steps allows is unknown
+            self.declined = True
+            self.decline(
+                trainer,
+                f"WarmupCosine cannot derive the schedule length under manual optimization with "
+                f"{len(trainer.optimizers)} optimizers and `Trainer(max_steps={trainer.max_steps})` (global_step "
+                "counts the steps of every optimizer). The learning rates are left as configured: pass "
+                "`WarmupCosine(total_steps=...)` in training batches, or bound the run with `max_epochs`.",
+                "manual_max_steps",
+            )
+            return
         if trainer.lr_scheduler_configs:
             names = ", ".join(type(cfg.scheduler).__name__ for cfg in trainer.lr_scheduler_configs)
-            raise ValueError(
+            raise ConfigurationError(
                 f"WarmupCosine found a learning-rate scheduler configured in `configure_optimizers` ({names}). Both "
                 "would write the learning rate every step. Return only the optimizer(s) from `configure_optimizers`, "
                 "or remove WarmupCosine from the callbacks."
@@ -268,7 +328,7 @@ class WarmupCosine(DiagCallback):
             # (the optimizer's rates at this point of a resume are the freshly configured ones, not the decayed).
             self.base_lrs = groups
         elif [len(g) for g in self.base_lrs] != [len(g) for g in groups]:
-            raise ValueError(
+            raise ConfigurationError(
                 "WarmupCosine: the checkpoint's param groups per optimizer "
                 f"{[len(g) for g in self.base_lrs]} do not match the model's {[len(g) for g in groups]}."
             )
@@ -276,7 +336,7 @@ class WarmupCosine(DiagCallback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.interval == "epoch":
+        if self.interval == "epoch" and not self.declined:
             self._apply(trainer, trainer.current_epoch)
 
     def _take_requests(self, trainer: pl.Trainer) -> None:
@@ -292,7 +352,13 @@ class WarmupCosine(DiagCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._take_requests(trainer)
-        if self.interval == "step":
+        if self.declined or self.interval != "step":
+            return
+        if self.by_batch:
+            # One schedule step per training batch, whichever optimizers step in it (a GAN's generator and
+            # discriminator each follow the progress of training, not the sum of their steps).
+            self._apply(trainer, self.batches_done)
+        else:
             # Idempotent within an accumulation window: global_step only moves on a real optimizer step.
             self._apply(trainer, max(trainer.global_step - self.held_steps, 0))
 
@@ -302,6 +368,8 @@ class WarmupCosine(DiagCallback):
     ) -> None:
         # Taken before checkpoint callbacks run (Lightning calls them last), so a checkpoint holds the requests.
         self._take_requests(trainer)
+        if self.by_batch:
+            self.batches_done += 1
 
     @override
     def on_before_optimizer_step(
@@ -333,6 +401,7 @@ class WarmupCosine(DiagCallback):
             "warmup_steps": self.resolved_warmup_steps,
             "held_steps": self.held_steps,
             "lr_scale": self.lr_scale,
+            "batches_done": self.batches_done,
             "findings": self._findings_state(),
         }
 
@@ -346,4 +415,5 @@ class WarmupCosine(DiagCallback):
             self.resolved_warmup_steps = int(state_dict["warmup_steps"])
         self.held_steps = int(state_dict.get("held_steps", 0))
         self.lr_scale = float(state_dict.get("lr_scale", 1.0))
+        self.batches_done = int(state_dict.get("batches_done", 0))
         self._load_findings_state(state_dict)

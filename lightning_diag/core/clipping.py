@@ -65,23 +65,44 @@ def apply_coefficient_(
 
 
 def clip_value_(grads: Sequence[torch.Tensor], bound: float | torch.Tensor) -> None:
-    """Clamp every gradient element to ``[-bound, bound]`` in place."""
+    """Clamp every gradient element to ``[-bound, bound]`` in place (a tensor ``bound`` of ``inf`` is a no-op).
+
+    Sparse gradients have their (coalesced) values clamped; complex ones their real and imaginary parts.
+    """
     if not grads:
         return
-    if isinstance(bound, torch.Tensor):
+    plain = [g for g in grads if g.layout == torch.strided and not g.is_complex()]
+    if len(plain) < len(grads):
         for g in grads:
+            if g.layout != torch.strided or g.is_complex():
+                _clamp_special_(g, bound)
+    if not plain:
+        return
+    if isinstance(bound, torch.Tensor):
+        for g in plain:
             b = bound.to(g.device, g.dtype)
             torch.clamp(g, min=-b, max=b, out=g)
         return
-    torch._foreach_clamp_min_(list(grads), -bound)
-    torch._foreach_clamp_max_(list(grads), bound)
+    torch._foreach_clamp_min_(plain, -bound)
+    torch._foreach_clamp_max_(plain, bound)
+
+
+def _clamp_special_(g: torch.Tensor, bound: float | torch.Tensor) -> None:
+    target = g.coalesce() if g.layout == torch.sparse_coo else g
+    values = target.values() if target.layout != torch.strided else target
+    real = torch.view_as_real(values) if values.is_complex() else values
+    b = bound.to(real.device, real.dtype) if isinstance(bound, torch.Tensor) else bound
+    real.clamp_(-b, b)  # type: ignore[arg-type]
+    if target is not g:
+        g.copy_(target)
 
 
 def unitwise_norm(x: torch.Tensor) -> torch.Tensor:
     """Norm per output unit: over all dims but the first for matrices/filters, the whole tensor for vectors."""
+    x = x if x.is_complex() else x.float()  # the norm of a complex tensor is real (its modulus)
     if x.ndim <= 1:
-        return torch.linalg.vector_norm(x.float())
-    return torch.linalg.vector_norm(x.float(), dim=tuple(range(1, x.ndim)), keepdim=True)
+        return torch.linalg.vector_norm(x)
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
 
 
 def agc_(
@@ -95,9 +116,12 @@ def agc_(
 
     ``g_unit <- g_unit * min(1, factor * max(|w_unit|, eps) / |g_unit|)``. With ``inv_scale`` the gradients are
     still loss-scaled: the ratio uses the unscaled norm and the (linear) clip applies to the scaled values.
+    Sparse gradients (embedding rows) are left alone: their units are rows that most steps do not touch.
     """
     clipped = torch.zeros((), dtype=torch.bool, device=grads[0].device if grads else "cpu")
     for p, g in zip(params, grads, strict=True):
+        if g.layout != torch.strided:
+            continue
         g_norm = unitwise_norm(g)
         if inv_scale is not None:
             g_norm = g_norm * inv_scale.to(g_norm.device)

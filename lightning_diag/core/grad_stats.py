@@ -26,7 +26,9 @@ __all__ = [
     "group_name",
     "local_tensor",
     "max_abs",
+    "normable",
     "plain_layout",
+    "strided",
     "subtract_tensors",
     "tensor_norms",
 ]
@@ -96,6 +98,35 @@ def plain_layout(tensors: Sequence[torch.Tensor]) -> bool:
     )
 
 
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """The values of a sparse tensor (coalesced, so duplicates are summed first), else the tensor itself.
+
+    Sparse gradients (``nn.Embedding(sparse=True)``) hold only the rows that were used: their values have the
+    same norm, NaN/Inf and extremes as the full gradient, and elementwise kernels accept them.
+    """
+    if t.layout == torch.sparse_coo:
+        return t.coalesce().values()
+    if t.layout != torch.strided:  # CSR/CSC/BSR...
+        return t.values()
+    return t
+
+
+def normable(t: torch.Tensor, norm_type: float = 2.0) -> torch.Tensor:
+    """A strided, real tensor with the same ``norm_type``-norm as ``t`` (sparse: its values; complex: the real
+    view for the 2-norm, which costs nothing, the modulus otherwise).
+    """
+    t = strided(t)
+    if t.is_complex():
+        return torch.view_as_real(t) if norm_type == 2 else t.abs()
+    return t
+
+
+def _normables(tensors: Sequence[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
+    if all(t.layout == torch.strided and not t.is_complex() for t in tensors):
+        return list(tensors)
+    return [normable(t, norm_type) for t in tensors]
+
+
 def copy_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Copies of ``tensors`` in one foreach call (e.g. the weights before an update)."""
     return list(torch._foreach_mul(list(tensors), 1.0)) if tensors else []
@@ -111,7 +142,7 @@ def max_abs(tensors: Sequence[torch.Tensor], device: torch.device | None = None)
 
     The max norm never overflows, so it tells finite-but-huge values apart from non-finite ones.
     """
-    local = [t for t in (local_tensor(x).detach() for x in tensors) if t.numel()]
+    local = [t for t in _normables([local_tensor(x).detach() for x in tensors], math.inf) if t.numel()]
     if not local:
         return torch.zeros(0, device=device)
     target = device if device is not None else local[0].device
@@ -127,7 +158,7 @@ def tensor_norms(tensors: Sequence[torch.Tensor], norm_type: float = 2.0) -> tor
     if not tensors:
         return torch.zeros(0)
     if not any(_is_dtensor(t) for t in tensors):
-        return _stack_norms(tensors, norm_type)
+        return _stack_norms(_normables(tensors, norm_type), norm_type)
     return _dtensor_norms(tensors, norm_type)
 
 
@@ -162,7 +193,7 @@ def _dtensor_norms(tensors: Sequence[torch.Tensor], norm_type: float) -> torch.T
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Replicate
 
-    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    local = _normables([t.to_local() if isinstance(t, DTensor) else t for t in tensors], norm_type)
     norms = _stack_norms(local, norm_type)
     meshes = {t.device_mesh for t in tensors if isinstance(t, DTensor)}
     mesh = next(iter(meshes))

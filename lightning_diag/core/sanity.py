@@ -28,17 +28,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_diag.core.grad_stats import strided
 from lightning_diag.core.nan_trace import first_non_finite, iter_tensors, preserved_module, preserved_rng
 from lightning_diag.core.verdict import Verdict
 
 __all__ = [
     "INPUT_KEYS",
+    "NoLoss",
     "check_batch_independence",
     "check_data",
     "check_gradients",
     "check_loss_at_init",
     "check_overfit_batch",
     "model_input",
+    "overfit_optimizer",
     "preserved_module",
     "run_checks",
 ]
@@ -174,7 +177,7 @@ def check_gradients(module: nn.Module, compute_loss: Callable[[], torch.Tensor])
         bad = [
             n
             for n, p in module.named_parameters()
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            if p.grad is not None and not bool(torch.isfinite(strided(p.grad)).all())
         ]
     issues = []
     if missing:
@@ -261,14 +264,50 @@ def check_batch_independence(
 
 
 # -- overfit one batch -------------------------------------------------------------------------------------------------
+class _Optimizers:
+    """Adam for the dense parameters and SparseAdam for those with sparse gradients, stepped as one."""
+
+    def __init__(self, parts: list[torch.optim.Optimizer]) -> None:
+        self.parts = parts
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+
+def overfit_optimizer(module: nn.Module, params: Sequence[nn.Parameter], lr: float) -> Any:
+    """Adam over ``params``; the weights of sparse embeddings (whose gradients Adam refuses) get SparseAdam."""
+    sparse_ids = {
+        id(m.weight)
+        for m in module.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False)
+    }
+    sparse = [p for p in params if id(p) in sparse_ids]
+    if not sparse:
+        return torch.optim.Adam(params, lr=lr)
+    dense = [p for p in params if id(p) not in sparse_ids]
+    parts: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(sparse, lr=lr)]
+    if dense:
+        parts.append(torch.optim.Adam(dense, lr=lr))
+    return _Optimizers(parts)
+
+
 def check_overfit_batch(
     module: nn.Module,
     compute_loss: Callable[[nn.Module], torch.Tensor],
-    make_optimizer: Callable[[Sequence[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    make_optimizer: Callable[[Sequence[nn.Parameter]], Any] | None = None,
     steps: int = 50,
     min_drop: float = 0.5,
+    lr: float = 1e-3,
 ) -> list[Verdict]:
-    """Train a deep copy of ``module`` on one batch for ``steps`` steps: its loss must fall by ``min_drop``."""
+    """Train a deep copy of ``module`` on one batch for ``steps`` steps: its loss must fall by ``min_drop``.
+
+    The optimizer is ``make_optimizer(params)``, by default Adam at ``lr`` (SparseAdam for sparse embeddings).
+    """
     clone = copy.deepcopy(module)
     clone.train()
     params = [p for p in clone.parameters() if p.requires_grad]
@@ -282,7 +321,7 @@ def check_overfit_batch(
                 ["Check `requires_grad` and what `configure_optimizers` returns."],
             )
         ]
-    optimizer = make_optimizer(params) if make_optimizer else torch.optim.Adam(params, lr=1e-3)
+    optimizer = make_optimizer(params) if make_optimizer else overfit_optimizer(clone, params, lr)
     losses: list[float] = []
     with preserved_rng(), torch.enable_grad():
         for _ in range(steps):
@@ -313,6 +352,10 @@ def check_overfit_batch(
 
 
 # -- all of them ---------------------------------------------------------------------------------------------------
+class NoLoss(RuntimeError):
+    """``training_step`` returned no loss for the batch the model checks need (Lightning skips such a batch)."""
+
+
 #: Keys tried, in order, to find the model input in a dict batch.
 INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "input_ids")
 
@@ -387,7 +430,7 @@ def run_checks(
     def loss_of(module: nn.Module) -> torch.Tensor:
         loss = loss_fn(module, batch)
         if loss is None:
-            raise RuntimeError("training_step returned no loss on the first batch")
+            raise NoLoss("training_step returned no loss on this batch")
         return loss
 
     x = model_input(batch)
@@ -419,8 +462,9 @@ def run_checks(
             results += check_overfit_batch(
                 model,
                 loss_of,
-                lambda params: torch.optim.Adam(params, lr=overfit_lr),
+                None,
                 steps=overfit_batch_steps,
                 min_drop=min_drop,
+                lr=overfit_lr,
             )
     return results

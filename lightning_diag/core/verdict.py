@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-__all__ = ["SEVERITIES", "FailOn", "Severity", "Verdict", "fails"]
+__all__ = ["SEVERITIES", "FailOn", "Severity", "Verdict", "fails", "non_finite_metric"]
 
 Severity = Literal["info", "warning", "error"]
 FailOn = Literal["never", "info", "warning", "error"]
@@ -49,3 +49,18 @@ def fails(severity: str, fail_on: str) -> bool:
         return False
     order: dict[str, int] = {name: i for i, name in enumerate(SEVERITIES)}
     return order[severity] >= order[fail_on]
+
+
+def non_finite_metric(key: str, value: float, who: str) -> Verdict:
+    """The finding for a monitored metric that is NaN/Inf (recorded once per key, then counted)."""
+    return Verdict(
+        "non_finite_metric",
+        "warning",
+        f"`{key}` is {value} ({who} cannot judge the run from it). A NaN/Inf loss usually means the model "
+        "diverged or the metric divides by zero (an empty validation set, a mask with no element).",
+        {"metric": key, "value": str(value)},
+        [
+            "Check the metric's computation on the validation data (empty batches, log of 0, division by 0).",
+            "If the training loss is non-finite too, the model diverged: add NaNGuard, lower the learning rate.",
+        ],
+    )

@@ -65,8 +65,12 @@ def test_thresholds_and_non_finite_stop_with_a_finding(values, kwargs, reason, s
     cb = EarlyStop("val_loss", patience=10, **kwargs)
     t, _ = run(values, callbacks=[cb])
     assert cb.stopped_epoch == stop_epoch
-    (finding,) = collect_findings(t)
-    assert finding.code == "early_stopped" and finding.evidence["reason"] == reason
+    findings = {f.code: f for f in collect_findings(t)}
+    assert set(findings) == (
+        {"early_stopped", "non_finite_metric"} if reason == "non_finite" else {"early_stopped"}
+    )
+    finding = findings["early_stopped"]
+    assert finding.evidence["reason"] == reason
     assert finding.severity == ("info" if reason == "stopping_threshold" else "warning")
     assert finding.advice
 

@@ -234,12 +234,12 @@ def test_no_host_sync_on_a_step_that_does_not_log() -> None:
     ("kwargs", "match"),
     [
         ({"group_by": "layer"}, r"`group_by` must be one of 'total', 'module', 'parameter', got 'layer'"),
-        ({"depth": -1}, r"`depth` must be >= 0, got -1"),
+        ({"depth": -1}, r"`depth` must be >= 1, got -1"),
         ({"exploding_threshold": 0.0}, r"`exploding_threshold` must be > 0, got 0\.0"),
         ({"spike_ratio": 1.0}, r"`spike_ratio` must be > 1, got 1\.0"),
         ({"spike_window": 0}, r"`spike_window` must be >= 1, got 0"),
         ({"vanishing_window": 0}, r"`vanishing_window` must be >= 1, got 0"),
-        ({"norm_type": -2.0}, r"`norm_type` must be > 0, got -2\.0"),
+        ({"norm_type": -2.0}, r"`norm_type` must be >= 1, got -2\.0"),
     ],
 )
 def test_bad_arguments(kwargs, match) -> None:

@@ -94,9 +94,9 @@ def test_gap_is_logged(tmp_path) -> None:
     ("kwargs", "match"),
     [
         ({"action": "halt"}, "`action` must be one of"),
-        ({"window": 1}, "`window` must be an int >= 2, got 1"),
+        ({"window": 1}, "`window` must be >= 2, got 1"),
         ({"divergence_ratio": 0.9}, "`divergence_ratio` must be > 1"),
-        ({"plateau_threshold": -0.1}, "`plateau_threshold` must be >= 0"),
+        ({"plateau_threshold": -0.1}, "`plateau_threshold` must be in \\[0, 1\\)"),
         ({"chance_loss": float("nan")}, "`chance_loss` must be a finite number"),
     ],
 )

@@ -46,7 +46,8 @@ def main(kind: str, out: str) -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))
     for policy, inject in SCENARIOS:
         torch.manual_seed(0)
-        guard = NaNGuard(action=policy, snapshot_every_n_steps=2, detect_spikes=False)
+        rollback = {"snapshot_every_n_steps": 2} if policy == "rollback" else {}
+        guard = NaNGuard(action=policy, detect_spikes=False, **rollback)
         if kind == "ddp":
             strategy: Any = "ddp"
             model: Faulty = Faulty(inject, (AT,), ranks=(1,))
