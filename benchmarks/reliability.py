@@ -62,6 +62,7 @@ from lightning_diag import (
     NaNGuard,
     OverfitDetector,
     SanityCheck,
+    SilentBugDetector,
     SpeedMonitor,
     WarmupCosine,
     collect_findings,
@@ -76,6 +77,7 @@ CALLBACKS = (
     "GradClip",
     "SpeedMonitor",
     "SanityCheck",
+    "SilentBugDetector",
 )
 CLASSES: dict[str, type] = {
     "GradNormMonitor": GradNormMonitor,
@@ -83,12 +85,20 @@ CLASSES: dict[str, type] = {
     "OverfitDetector": OverfitDetector,
     "EarlyStop": EarlyStop,
     "WarmupCosine": WarmupCosine,
+    "SilentBugDetector": SilentBugDetector,
     "GradClip": GradClip,
     "SpeedMonitor": SpeedMonitor,
     "SanityCheck": SanityCheck,
 }
 #: Callbacks that only watch: with them the final weights must equal those of a run without them.
-OBSERVERS = ("GradNormMonitor", "NaNGuard", "OverfitDetector", "SpeedMonitor", "SanityCheck")
+OBSERVERS = (
+    "GradNormMonitor",
+    "NaNGuard",
+    "OverfitDetector",
+    "SpeedMonitor",
+    "SanityCheck",
+    "SilentBugDetector",
+)
 
 PATTERNS = (
     "auto",
@@ -522,6 +532,8 @@ def pattern_callback(name: str, pattern: str) -> Any:
         return SpeedMonitor()
     if name == "SanityCheck":
         return SanityCheck(overfit_batch_steps=3, overfit_lr=0.05, min_drop=0.01)
+    if name == "SilentBugDetector":
+        return SilentBugDetector()
     raise KeyError(name)
 
 
@@ -716,6 +728,10 @@ def _check_sanity_check(cell: Cell, out: Outcome, reference: Outcome) -> list[st
     return [] if check.done else ["the checks never ran"]
 
 
+def _check_silent_bug_detector(cell: Cell, out: Outcome, reference: Outcome) -> list[str]:
+    return []  # an observer: same weights as without it, and no warning on the healthy run (checked above)
+
+
 SPECIFIC: dict[str, Callable[[Cell, Outcome, Outcome], list[str]]] = {
     "GradNormMonitor": _check_grad_norm_monitor,
     "NaNGuard": _check_nan_guard,
@@ -725,6 +741,7 @@ SPECIFIC: dict[str, Callable[[Cell, Outcome, Outcome], list[str]]] = {
     "GradClip": _check_grad_clip,
     "SpeedMonitor": _check_speed_monitor,
     "SanityCheck": _check_sanity_check,
+    "SilentBugDetector": _check_silent_bug_detector,
 }
 
 
@@ -767,6 +784,8 @@ def resume_callbacks(config: str, fault: str) -> list[Any]:
             return SpeedMonitor(window=4)
         if name == "SanityCheck":
             return SanityCheck()
+        if name == "SilentBugDetector":
+            return SilentBugDetector(check_every_n_steps=2, patience=1)
         raise KeyError(name)
 
     if config == "bare":

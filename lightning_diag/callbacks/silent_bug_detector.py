@@ -14,7 +14,7 @@ from typing_extensions import override
 
 from lightning_diag import _lightning, _logging
 from lightning_diag._distributed import is_distributed
-from lightning_diag._validation import check_fraction, check_int, check_positive
+from lightning_diag._validation import check_bool, check_fraction, check_ignored, check_int, check_range
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import step_context
 from lightning_diag.core.grad_stats import local_tensor
@@ -421,12 +421,36 @@ class SilentBugDetector(DiagCallback):
             check_int("check_every_n_steps", check_every_n_steps, minimum=1)
         check_int("patience", patience, minimum=1)
         check_fraction("replica_tolerance", replica_tolerance, low_open=True, high_open=True)
-        check_positive("noise_scale_ratio", noise_scale_ratio)
-        if noise_scale_ratio <= 1:
-            raise ValueError(f"`noise_scale_ratio` must be > 1, got {noise_scale_ratio!r}.")
+        check_range("noise_scale_ratio", noise_scale_ratio, 1.0, low_open=True)
         check_int("noise_scale_min_checks", noise_scale_min_checks, minimum=1)
         check_fraction("noise_scale_decay", noise_scale_decay, high_open=True)
         check_int("sample_size", sample_size, minimum=1)
+        for name, flag in (
+            ("check_optimizer", check_optimizer),
+            ("check_stale_gradients", check_stale_gradients),
+            ("check_mode", check_mode),
+            ("check_replicas", check_replicas),
+            ("check_repeated_data", check_repeated_data),
+            ("log_noise_scale", log_noise_scale),
+        ):
+            check_bool(name, flag)
+        if not log_noise_scale:
+            for name, value, default in (
+                ("noise_scale_ratio", noise_scale_ratio, 10.0),
+                ("noise_scale_min_checks", noise_scale_min_checks, 5),
+                ("noise_scale_decay", noise_scale_decay, 0.9),
+            ):
+                check_ignored(
+                    name, value, default, because="`log_noise_scale=False`", unless="set it to True"
+                )
+        if not check_replicas:
+            check_ignored(
+                "replica_tolerance",
+                replica_tolerance,
+                1e-6,
+                because="`check_replicas=False`",
+                unless="set it to True",
+            )
         self.check_every_n_steps = check_every_n_steps
         self.patience = patience
         self.check_optimizer = check_optimizer

@@ -35,8 +35,11 @@ MAX_FINGERPRINT_TENSORS = 8
 def flat_sample(t: torch.Tensor, size: int) -> torch.Tensor:
     """Up to ``size`` elements of ``t`` at evenly spaced flat positions (the same positions for the same shape).
 
-    A strided view of the flattened tensor (one view op for a contiguous tensor), no host synchronisation.
+    A strided view of the flattened tensor (one view op for a contiguous tensor), no host synchronisation. A sparse
+    tensor (``nn.Embedding(sparse=True)`` gradients) is sampled from its dense form: a copy, at check steps only.
     """
+    if t.layout != torch.strided:
+        t = t.to_dense()
     numel = t.numel()
     stride = max(1, numel // max(size, 1))
     count = min(size, -(-numel // stride)) if numel else 0
