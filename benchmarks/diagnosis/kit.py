@@ -105,9 +105,13 @@ _TEXT = None
 def _corpus_text() -> str:
     global _TEXT
     if _TEXT is None:
-        import this  # noqa: F401  (stdlib text: the Zen of Python, rot13-encoded in the module)
         import codecs
+        import contextlib
         import inspect
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the Zen of Python
+            import this  # stdlib text, rot13-encoded in the module
 
         zen = codecs.decode(this.s, "rot13")  # type: ignore[attr-defined]
         _TEXT = zen + "\n" + (inspect.getdoc(inspect) or "") + "\n" + (inspect.getdoc(codecs) or "")

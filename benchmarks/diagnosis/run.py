@@ -13,7 +13,10 @@ Scores (see ``scenario.py`` for the labels):
 
 - recall: failing runs with at least one expected code at warning/error severity;
 - false-alarm rate: healthy runs with any warning/error finding;
-- noise: unexpected warning/error codes on failing runs, per failing run;
+- noise: unexpected warning/error codes on failing runs, per failing run (a code the report links to the
+  detected cause through ``caused_by`` is a symptom shown under that cause, not noise; those are counted
+  apart as ``linked``);
+- primary: runs whose ``primary`` finding has an expected code (failing) or that have none (healthy);
 - crashes: runs that died of an exception other than lightning_diag's own deliberate stops
   (``NonFiniteError``, ``SanityCheckError``).
 
@@ -67,6 +70,9 @@ class Result:
     seconds: float
     #: every finding as "severity code @step: message" (for reading a miss or a false alarm)
     details: list[str] = dataclasses.field(default_factory=list)
+    #: unexpected warning/error codes whose every finding the diagnosis links (``caused_by``, transitively) to a
+    #: finding with an expected code: symptoms of the detected cause, shown under it, not a second diagnosis
+    linked: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def detected(self) -> bool:
@@ -74,7 +80,13 @@ class Result:
 
     @property
     def unexpected(self) -> list[str]:
-        return [code for code in self.found if code not in self.expected]
+        """Warning/error codes that are neither expected nor linked to an expected finding (the noise)."""
+        return [code for code in self.found if code not in self.expected and code not in self.linked]
+
+    @property
+    def primary_ok(self) -> bool:
+        """The report's primary finding has an expected code (failing runs) / there is none (healthy runs)."""
+        return self.primary in self.expected if self.kind == "failure" else self.primary is None
 
     @property
     def ok(self) -> bool:
@@ -170,6 +182,7 @@ def run_scenario(scenario: Scenario, seed: int) -> Result:
     report = build_report(findings, status="finished", global_step=0, epoch=0)
     primary = _primary_code(report)
     loud = sorted({f.code for f in findings if f.severity in _LOUD})
+    linked = _linked_codes(report, scenario.expected)
     quiet = sorted({f.code for f in findings if f.severity == "info"} - set(loud))
     return Result(
         name=scenario.name,
@@ -183,6 +196,7 @@ def run_scenario(scenario: Scenario, seed: int) -> Result:
         error=error,
         seconds=round(time.perf_counter() - start, 2),
         details=[f"{f.severity} {f.code} @{f.step}: {f.message}" for f in findings],
+        linked=linked,
     )
 
 
@@ -194,6 +208,24 @@ def _primary_code(report: dict[str, Any]) -> str | None:
         if finding.get("id") == primary:
             return str(finding["code"])
     return None
+
+
+def _linked_codes(report: dict[str, Any], expected: Sequence[str]) -> list[str]:
+    """Unexpected loud codes all of whose findings have an expected-code finding among their causes."""
+    entries = {f["id"]: f for f in report["findings"]}
+
+    def reaches_expected(entry: dict[str, Any]) -> bool:
+        seen: set[str] = set()
+        while entry.get("caused_by") and entry["caused_by"] not in seen:
+            seen.add(entry["caused_by"])
+            entry = entries[entry["caused_by"]]
+            if entry["code"] in expected:
+                return True
+        return False
+
+    loud = [f for f in report["findings"] if f["severity"] in _LOUD and f["code"] not in expected]
+    codes = {f["code"] for f in loud}
+    return sorted(c for c in codes if all(reaches_expected(f) for f in loud if f["code"] == c))
 
 
 @contextlib.contextmanager
@@ -219,6 +251,8 @@ def score(results: Sequence[Result]) -> dict[str, Any]:
     alarms = sum(bool(r.found) for r in healthy)
     unexpected = sum(len(r.unexpected) for r in failures)
     return {
+        "primary_ok": sum(r.primary_ok for r in results),
+        "linked": sum(len(r.linked) for r in failures),
         "failures": len(failures),
         "healthy": len(healthy),
         "detected": detected,
@@ -270,15 +304,16 @@ def markdown(results: Sequence[Result]) -> str:
     """The two README tables: per seed (scores) and per code (confusion), in a stable format."""
     seeds = sorted({r.seed for r in results})
     lines = [
-        "| seed | failing runs | recall | healthy runs | false alarms | noise (unexpected codes / failing run) | crashes | wall time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seed | failing runs | recall | healthy runs | false alarms | noise (unexpected codes / failing run) "
+        "| primary finding right | crashes | wall time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for seed in seeds:
         s = score([r for r in results if r.seed == seed])
         lines.append(
             f"| {seed} | {s['failures']} | {_pct(s['recall'])} ({s['detected']}/{s['failures']}) | {s['healthy']} "
             f"| {_pct(s['false_alarm_rate'])} ({s['false_alarms']}/{s['healthy']}) | {s['noise']:.2f} ({s['unexpected']}) "
-            f"| {s['crashes']} | {s['seconds']:.0f} s |"
+            f"| {s['primary_ok']}/{s['failures'] + s['healthy']} | {s['crashes']} | {s['seconds']:.0f} s |"
         )
     lines += [
         "",
@@ -328,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"seed {seed}: recall {_pct(s['recall'])} ({s['detected']}/{s['failures']}), false alarms "
             f"{_pct(s['false_alarm_rate'])} ({s['false_alarms']}/{s['healthy']}), noise {s['noise']:.2f} "
-            f"({s['unexpected']} unexpected), crashes {s['crashes']}, {s['seconds']:.0f} s"
+            f"({s['unexpected']} unexpected, {s['linked']} linked symptoms), crashes {s['crashes']}, "
+            f"primary right {s['primary_ok']}/{s['failures'] + s['healthy']}, {s['seconds']:.0f} s"
         )
     print()
     print(f"{'code':24} expected  hit  noise  false_alarm")

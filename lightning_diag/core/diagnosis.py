@@ -22,8 +22,8 @@ when several findings of the cause codes match), and never a cause that it (tran
 | ``stopped_by_overfitting`` | ``overfitting`` | early stop | any |
 | ``stopped_by_plateau`` | ``loss_plateau``, ``underfitting`` | early stop | any |
 
-The ``primary`` finding is the root (a finding with no cause) of the warning/error findings that explains the
-most of them; ties go to the higher-ranked code of :data:`PRIORITY` (correctness before speed, causes before
+The ``primary`` finding is the root of the warning/error findings (following causes up while they are
+warning/error findings themselves: an info finding is never primary) that explains the most of them; ties go to the higher-ranked code of :data:`PRIORITY` (correctness before speed, causes before
 symptoms), then to the earlier finding. A run without warning/error findings has no primary (``None``).
 
 Advice never contradicts the evidence (:func:`consistent_advice`): once a finding shows the learning rate is too
@@ -269,14 +269,21 @@ def diagnose(findings: Sequence[Mapping[str, Any]], ids: Sequence[str] | None = 
                 caused_by[eid] = min(candidates)[1]
                 rules[eid] = rule.name
 
-    loud = [i for i in ids if by_id[i].get("severity") in _LOUD]
+    def loud_root(i: str) -> str:
+        """Follow the causes up while they are warning/error findings (an info cause is not a diagnosis)."""
+        seen = {i}
+        while i in caused_by and by_id[caused_by[i]].get("severity") in _LOUD and caused_by[i] not in seen:
+            i = caused_by[i]
+            seen.add(i)
+        return i
+
+    explained: dict[str, int] = {}
+    for i in ids:
+        if by_id[i].get("severity") in _LOUD:
+            r = loud_root(i)
+            explained[r] = explained.get(r, 0) + 1
     primary: str | None = None
-    if loud:
-        explained: dict[str, int] = {}
-        for i in loud:
-            r = root(i)
-            if by_id[r].get("severity") in _LOUD:
-                explained[r] = explained.get(r, 0) + 1
+    if explained:
         rank = {code: n for n, code in enumerate(PRIORITY)}
         order = {i: n for n, i in enumerate(ids)}
         primary = min(

@@ -85,6 +85,13 @@ def test_info_only_runs_have_no_primary() -> None:
     assert result.caused_by == {"early_stopped@9": "overfitting@5"}  # links are made whatever the severity
 
 
+def test_a_loud_finding_explained_by_an_info_one_is_still_primary() -> None:
+    found = [f("overfitting", 5, "info"), f("early_stopped", 9, "warning")]
+    result = diagnose(found)
+    assert result.caused_by == {"early_stopped@9": "overfitting@5"}
+    assert result.primary == "early_stopped@9"
+
+
 def test_links_never_form_a_cycle() -> None:
     # loss_plateau and underfitting both explain early_stopped; vanishing explains both: no finding is its own cause
     found = [f("vanishing_gradients", 3), f("loss_plateau", 9), f("underfitting", 9), f("early_stopped", 12)]

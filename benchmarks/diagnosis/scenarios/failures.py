@@ -35,7 +35,7 @@ def regression_lr_too_high(seed):
 def transformer_no_warmup(seed):
     train, val, vocab = kit.text_tokens(seed)
     net = kit.TinyTransformer(vocab)
-    return _run(kit.Task(net, loss="lm", optimizer="adam", lr=0.05), train, val, seed=seed, epochs=4)
+    return _run(kit.Task(net, loss="lm", optimizer="adam", lr=0.05), train, val, seed=seed, epochs=8)
 
 
 def lstm_lr_too_high(seed):
@@ -333,7 +333,7 @@ def model_too_small(seed):
 
 
 def overfit_small_data(seed):
-    train, val = kit.digits(seed, n=160)
+    train, val = kit.digits(seed, n=240, label_noise=0.2)
     return _run(kit.Task(kit.mlp([64, 512, 512, 10]), lr=3e-3), train, val, batch_size=16, seed=seed, epochs=25)
 
 
@@ -343,7 +343,7 @@ def overfit_noisy_labels_big_model(seed):
 
 
 def overfit_then_early_stop(seed):
-    train, val = kit.blobs(seed, n=120, features=32, spread=2.5)
+    train, val = kit.blobs(seed, n=160, features=32, spread=6.0)
     return _run(kit.Task(kit.mlp([32, 512, 512, 4]), lr=3e-3), train, val, batch_size=8, seed=seed, epochs=25)
 
 
