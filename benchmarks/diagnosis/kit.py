@@ -87,7 +87,7 @@ def blobs(seed: int, n: int = 800, features: int = 16, classes: int = 4, spread:
     centres = torch.randn(classes, features, generator=g) * 2.0
     y = torch.randint(0, classes, (n,), generator=g)
     x = centres[y] + spread * torch.randn(n, features, generator=g)
-    return _split(x, y, seed)
+    return _split((x - x.mean(0)) / x.std(0), y, seed)  # standardised, as a user would
 
 
 def regression(seed: int, n: int = 512, features: int = 8, noise: float = 0.1, scale: float = 1.0) -> tuple[Dataset, Dataset]:
