@@ -19,7 +19,7 @@ from typing_extensions import override
 from lightning_diag import _distributed, _lightning, _logging
 from lightning_diag._validation import check_choice, check_fraction, check_int, check_number, check_positive
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.callbacks._context import StepContext, run_context, step_context
+from lightning_diag.callbacks._context import StepContext, batch_size, run_context, step_context
 from lightning_diag.core.grad_stats import max_abs
 from lightning_diag.core.guard import ACTIONS, Action, Decision, GuardPolicy, StepFlags, back_off_lr
 from lightning_diag.core.nan_trace import (
@@ -32,7 +32,7 @@ from lightning_diag.core.nan_trace import (
     trace_step,
 )
 from lightning_diag.core.snapshot import Snapshot
-from lightning_diag.core.spikes import SpikeDetector
+from lightning_diag.core.spikes import DEFAULT_SPIKE_RATIO, SpikeDetector
 from lightning_diag.core.verdict import Verdict
 from lightning_diag.findings import LightningDiagWarning, Severity
 
@@ -107,8 +107,10 @@ class NaNGuard(DiagCallback):
         detect_spikes: run the spike detectors.
         spike_window: the EMA window of the spike statistics, in optimizer steps.
         spike_threshold: a spike is this many standard deviations above the EMA mean...
-        spike_ratio: ...and also this many times the mean (``1.0`` turns this guard off).
-        spike_warmup_steps: optimizer steps observed before spikes can be flagged.
+        spike_ratio: ...and also this many times the mean (``1.0`` turns this guard off). A value 100x the mean is a
+            spike from the second step on; the short last batch of an epoch is not judged (see
+            :class:`~lightning_diag.core.spikes.SpikeDetector`).
+        spike_warmup_steps: optimizer steps observed before the standard-deviation rule applies.
         max_consecutive_skips: consecutive skips allowed before escalating.
         escalate_to: the policy after ``max_consecutive_skips``: ``"rollback"`` or ``"raise"``.
         snapshot_every_n_steps: good optimizer steps between two rollback snapshots (taken only when a rollback can
@@ -160,7 +162,7 @@ class NaNGuard(DiagCallback):
         detect_spikes: bool = True,
         spike_window: int = 100,
         spike_threshold: float = 6.0,
-        spike_ratio: float = 1.5,
+        spike_ratio: float = DEFAULT_SPIKE_RATIO,
         spike_warmup_steps: int = 20,
         max_consecutive_skips: int = 5,
         escalate_to: Literal["rollback", "raise"] = "raise",
@@ -351,10 +353,11 @@ class NaNGuard(DiagCallback):
         loss, grad_norm = loss / world, grad_norm / world
         loss_spike = grad_spike = False
         if self.detect_spikes:
+            samples = sum(batch_size(b) for b, _ in self._batches) or None
             if self._step_loss is not None:
-                loss_spike = self._loss_spikes.update(loss)
+                loss_spike = self._loss_spikes.update(loss, samples)
             if stats.norms.numel():
-                grad_spike = self._grad_spikes.update(grad_norm)
+                grad_spike = self._grad_spikes.update(grad_norm, samples)
         flags = StepFlags(
             input=not math.isfinite(input_sum),
             loss=not math.isfinite(loss),
@@ -483,11 +486,33 @@ class NaNGuard(DiagCallback):
         ):
             if not flagged:
                 continue
-            message = (
-                f"{what.capitalize()} spike {where}: {value:.4g}, more than {self.spike_threshold:g} standard "
-                f"deviations above its running mean {detector.mean:.4g} (std {detector.std:.4g}). Action: {action}."
+            other, other_detector, other_what = (
+                (values["grad_norm"], self._grad_spikes, "gradient norm")
+                if code == "loss_spike"
+                else (values["loss"], self._loss_spikes, "loss")
             )
-            evidence = {"value": value, "mean": detector.mean, "std": detector.std, "action": decision.action}
+            around = (
+                f" The {other_what} at that step: {other:.4g} (running mean {other_detector.mean:.4g})."
+                if math.isfinite(other) and other_detector.count
+                else ""
+            )
+            unusual = (
+                f" and more than {self.spike_threshold:g} standard deviations above it (std {detector.std:.4g})"
+                if detector.count >= detector.warmup
+                else f" after {detector.count} step(s)"
+            )
+            message = (
+                f"{what.capitalize()} spike {where}: {value:.4g}, {value / max(detector.mean, 1e-12):.1f}x its running "
+                f"mean {detector.mean:.4g}{unusual}.{around} Action: {action}."
+            )
+            evidence = {
+                "value": value,
+                "mean": detector.mean,
+                "std": detector.std,
+                "ratio_to_mean": value / max(detector.mean, 1e-12),
+                f"{other_what.replace(' ', '_')}_at_step": other,
+                "action": decision.action,
+            }
             if batch_idx:
                 evidence["batch_idx"] = batch_idx
             self.record(

@@ -72,7 +72,7 @@ def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9)
             issues.append(
                 Verdict(
                     "input_scale",
-                    "info",
+                    "warning",
                     f"`{name}` looks unnormalised: root-mean-square {rms:.3g} (mean {float(t.float().mean()):.3g}, "
                     f"std {float(t.float().std()):.3g}).",
                     {"tensor": name, "rms": rms},
