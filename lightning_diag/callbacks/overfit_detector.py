@@ -63,8 +63,10 @@ class OverfitDetector(DiagCallback):
         ============================  =============================================================
 
     Findings:
-        ``overfitting`` (warning; info for an early widening gap), ``underfitting``, ``loss_plateau``,
-        ``divergence``; ``early_stopped`` (info) when ``action="stop"`` stopped the run.
+        ``overfitting`` (warning; info for an early widening gap, a warning again when another callback such as
+        EarlyStop stopped the run while the gap was widening), ``underfitting``, ``loss_plateau``, ``divergence``
+        (also when the mean training loss is ``divergence_ratio`` times the loss of the first step, which is read
+        with the first evaluation's mean); ``early_stopped`` (info) when ``action="stop"`` stopped the run.
 
     Raises:
         ValueError: at construction for an unknown action or an out-of-range threshold.
@@ -131,6 +133,8 @@ class OverfitDetector(DiagCallback):
             None  # (x, train mean, val) awaiting epoch end
         )
         self._missing_warned = False
+        self._first: torch.Tensor | None = None  # the loss of the first training step (read with the first mean)
+        self.initial_loss: float | None = None
 
     # -- gather ---------------------------------------------------------------------------------------------
     @override
@@ -145,11 +149,17 @@ class OverfitDetector(DiagCallback):
             pair = torch.stack([torch.where(finite, value, torch.zeros_like(value)), finite.float()])
             self._sum = pair if self._sum is None else self._sum + pair.to(self._sum.device)
             self._count += 1
+            if self._first is None and self.initial_loss is None:
+                self._first = value
 
     def _take_train_mean(self) -> float | None:
         if self._sum is None or self._count == 0:
             return None
-        total, finite = self._sum.tolist()  # one host read per evaluation
+        if self._first is not None:  # the first step's loss travels with the first mean: still one read
+            total, finite, first = torch.cat([self._sum, self._first.view(1).to(self._sum.device)]).tolist()
+            self.initial_loss, self._first = (first if math.isfinite(first) else None), None
+        else:
+            total, finite = self._sum.tolist()  # one host read per evaluation
         self._sum, self._count = None, 0
         return total / finite if finite > 0 else math.nan
 
@@ -218,7 +228,7 @@ class OverfitDetector(DiagCallback):
             metrics["diag/overfit/gap"] = val - train
         _logging.log_direct(trainer, metrics, step=trainer.global_step)
         stop_reason: Verdict | None = None
-        for detection in diagnose(self.points, self.rules, self.chance_loss, unit="epoch"):
+        for detection in diagnose(self.points, self.rules, self.chance_loss, unit="epoch", initial=self.initial_loss):
             self.record(trainer, detection, key=f"{detection.code}:{detection.severity}")
             if detection.code in STOP_CODES and detection.severity != "info":
                 stop_reason = stop_reason or detection
@@ -238,6 +248,17 @@ class OverfitDetector(DiagCallback):
                 ),
             )
 
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Stopped early by another callback (EarlyStop): a gap that was widening at the stop is the reason.
+        if not self.points or not trainer.should_stop or self.stopped_at is not None:
+            return
+        for detection in diagnose(
+            self.points, self.rules, self.chance_loss, unit="epoch", initial=self.initial_loss, stopped=True
+        ):
+            if detection.code == "overfitting" and detection.severity == "warning":
+                self.record(trainer, detection, key=f"{detection.code}:{detection.severity}")
+
     # -- report ---------------------------------------------------------------------------------------------
     def report_series(self) -> dict[str, Any]:
         """The learning curve for the end-of-run plots."""
@@ -253,6 +274,7 @@ class OverfitDetector(DiagCallback):
             "points": [[p.x, p.train, p.val] for p in self.points],
             "steps": list(self.steps),
             "stopped_at": self.stopped_at,
+            "initial_loss": self.initial_loss,
             "findings": self._findings_state(),
         }
 
@@ -265,4 +287,5 @@ class OverfitDetector(DiagCallback):
             ]
         self.steps = [int(s) for s in state_dict.get("steps", self.steps)]
         self.stopped_at = state_dict.get("stopped_at", self.stopped_at)
+        self.initial_loss = state_dict.get("initial_loss", self.initial_loss)
         self._load_findings_state(state_dict)

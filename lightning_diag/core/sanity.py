@@ -47,9 +47,14 @@ _MIXING = (nn.modules.batchnorm._BatchNorm,)
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
-def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9) -> list[Verdict]:
+def check_data(
+    batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9, min_label_samples: int = 16
+) -> list[Verdict]:
     """NaN/Inf anywhere in the batch; float inputs whose typical magnitude exceeds ``scale_limit``; integer
     targets (the last integer tensor of the batch) that are all one class or with one class above ``imbalance``.
+
+    The label checks need ``min_label_samples`` labels: 8 samples of a balanced two-class task are all one class
+    by chance once in 128 batches, 16 once in 32,768.
     """
     issues: list[Verdict] = []
     bad = first_non_finite(batch)
@@ -82,7 +87,11 @@ def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9)
                     ],
                 )
             )
-    labels = [(n, t) for n, t in tensors if not t.is_floating_point() and t.dim() == 1 and t.numel() > 1]
+    labels = [
+        (n, t)
+        for n, t in tensors
+        if not t.is_floating_point() and t.dim() == 1 and t.numel() >= max(min_label_samples, 2)
+    ]
     if labels:
         name, y = labels[-1]
         values, counts = torch.unique(y, return_counts=True)
