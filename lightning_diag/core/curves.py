@@ -132,10 +132,12 @@ def diagnose(
     if overfit is not None:
         found.append(overfit)
     plateau = _plateau_or_underfitting(points, rules, baseline)
-    if plateau is None:
-        plateau = _validation_never_improved(points, rules, baseline, unit)
     if plateau is not None and overfit is None:
         found.append(plateau)
+    flat = _validation_never_improved(points, rules, baseline, unit) if plateau is None else None
+    if flat is not None and (overfit is None or overfit.severity == "info"):
+        # a gap that "widens" because only the training loss moves is not the early sign of overfitting
+        found = [flat]
     return found
 
 
