@@ -12,7 +12,8 @@ Rules (thresholds are :class:`CurveRules` fields):
 
 * **overfitting** (warning): the validation loss has not improved for ``window`` evaluations and now stands
   above its best by more than ``rise_tolerance`` (relative) and twice its noise, while the training loss kept
-  falling. Evidence: the best evaluation, the onset (the first evaluation after the best), the generalisation gap
+  falling and the gap val - train is more than ``rise_tolerance`` of the validation loss (a gap of ~0 is both
+  curves moving together around a plateau). Evidence: the best evaluation, the onset (the first evaluation after the best), the generalisation gap
   (val - train) and ratio at the best and now.
 * **gap widening** (an ``overfitting`` finding with severity info): no new best validation loss for ``window``
   evaluations while the gap grew at each of them and training kept falling: the early sign of the above.
@@ -29,11 +30,12 @@ Rules (thresholds are :class:`CurveRules` fields):
   error), so the finding states the plateau and its evidence and names that possibility next to too little
   capacity; it is a prompt to compare with a known floor, not a verdict.
 * **validation never improved** (a ``loss_plateau`` warning): after more than ``window`` evaluations the best
-  validation loss is within ``plateau_threshold`` of the first one while still above ``high_ratio`` of the
-  reference: whatever the training loss does, nothing that generalises is being learned (regularisation so
+  validation loss is within ``plateau_threshold`` of the first one while it and the training loss are still above
+  ``high_ratio`` of the reference: whatever the training loss does, nothing that generalises is being learned (regularisation so
   strong the model cannot learn, labels unrelated to the inputs).
-* **stopped while overfitting** (``stopped=True``, an early stop decided elsewhere): a widening gap is an
-  ``overfitting`` warning, not an early sign: the run ended because the validation loss stopped improving while
+* **stopped while overfitting** (``stopped=True``, an early stop decided elsewhere): a widening gap, with a real
+  gap and a validation loss more than ``stop_rise`` (relative) above its best, is an ``overfitting`` warning, not
+  an early sign (a stop within a few percent of the best is ordinary early stopping): the run ended because the validation loss stopped improving while
   the training loss kept falling.
 
 Oscillation (the noise relative to the loss level above ``oscillation_ratio``) is added to the evidence of a
@@ -74,11 +76,19 @@ class CurveRules:
     close_ratio: float = 0.15
     divergence_ratio: float = 1.5
     oscillation_ratio: float = 0.1
+    stop_rise: float = 0.05
 
     def __post_init__(self) -> None:
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
             raise ValueError(f"`window` must be an int >= 2, got {self.window!r}.")
-        for name in ("rise_tolerance", "plateau_threshold", "high_ratio", "close_ratio", "oscillation_ratio"):
+        for name in (
+            "rise_tolerance",
+            "plateau_threshold",
+            "high_ratio",
+            "close_ratio",
+            "oscillation_ratio",
+            "stop_rise",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
                 raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
@@ -231,7 +241,9 @@ def _overfitting(
         "gap_ratio": round(last.val / last.train, 4) if last.train > 0 else "n/a",
     }
     rise = last.val - best.val
-    if train_fell and rise > max(rules.rise_tolerance * abs(best.val), 2 * noise(vals)):
+    # a gap that is still ~0 is validation and training moving together (noise around a plateau), not overfitting
+    real_gap = gap_now > rules.rise_tolerance * abs(last.val)
+    if train_fell and real_gap and rise > max(rules.rise_tolerance * abs(best.val), 2 * noise(vals)):
         return _verdict(
             "overfitting",
             "warning",
@@ -246,7 +258,8 @@ def _overfitting(
     gaps = [(p.val or 0.0) - p.train for p in recent]
     widening = all(b > a for a, b in itertools.pairwise(gaps))
     grew = gap_now - gap_best > max(rules.rise_tolerance * abs(best.val), 2 * noise(vals))
-    if train_fell and widening and grew and stopped:
+    risen = rise > rules.stop_rise * abs(best.val)
+    if train_fell and widening and grew and stopped and real_gap and risen:
         return _verdict(
             "overfitting",
             "warning",
@@ -350,6 +363,8 @@ def _validation_never_improved(
         return None
     if (first - best) / first >= rules.plateau_threshold or last <= rules.high_ratio * reference:
         return None
+    if points[-1].train <= rules.high_ratio * reference:
+        return None  # training fell far while validation did not move: the overfitting rules' case
     return _verdict(
         "loss_plateau",
         "warning",

@@ -10,8 +10,9 @@ when several findings of the cause codes match), and never a cause that it (tran
 | rule | cause | explains | when |
 |---|---|---|---|
 | ``bad_input`` | ``non_finite_input`` | non-finite loss/gradients/parameters, divergence, early stop | same step or later |
-| ``input_scale`` | ``input_scale`` | exploding gradients, loss spike, divergence, non-finite values, loss at init | same step or later |
+| ``input_scale`` | ``input_scale`` | exploding/vanishing gradients, loss spike, divergence, non-finite values, loss at init | same step or later |
 | ``fp16_overflow`` | ``amp_overflow`` | non-finite loss/gradients/parameters, loss spike, divergence | same step or later |
+| ``one_spike`` | ``exploding_gradients`` | loss spike | within 10 steps |
 | ``lr_too_high`` | ``exploding_gradients``, ``loss_spike`` | vanishing gradients (a collapse to 0), plateau, underfitting, divergence, non-finite values | same step or later |
 | ``diverged`` | ``divergence`` | non-finite values, vanishing gradients, plateau, underfitting, early stop | same step or later |
 | ``non_finite_chain`` | ``non_finite_loss`` | non-finite gradients/parameters, divergence, early stop, plateau | same step or later |
@@ -53,6 +54,8 @@ __all__ = [
 ]
 
 _NON_FINITE = ("non_finite_loss", "non_finite_gradients", "non_finite_parameters")
+#: how close (in steps) two findings must be for a ``"near"`` rule
+NEAR_STEPS = 10
 _CURVE = ("loss_plateau", "underfitting")
 
 
@@ -60,7 +63,8 @@ _CURVE = ("loss_plateau", "underfitting")
 class Rule:
     """A finding with a code in ``cause`` explains one with a code in ``effect`` (see the module docstring).
 
-    ``order`` is ``"after"`` (the effect was first seen at the cause's first step or later) or ``"any"``.
+    ``order`` is ``"after"`` (the effect was first seen at the cause's first step or later), ``"near"`` (within
+    :data:`NEAR_STEPS` steps either way) or ``"any"``.
     """
 
     name: str
@@ -81,7 +85,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "input_scale",
         ("input_scale",),
-        ("exploding_gradients", "loss_spike", "divergence", *_NON_FINITE, "loss_at_init"),
+        ("exploding_gradients", "loss_spike", "divergence", *_NON_FINITE, "loss_at_init", "vanishing_gradients"),
         "after",
         "unnormalised inputs make the first layer's gradients and the initial loss huge",
     ),
@@ -91,6 +95,13 @@ RULES: tuple[Rule, ...] = (
         (*_NON_FINITE, "loss_spike", "divergence", "exploding_gradients"),
         "after",
         "values overflowed float16 first; the non-finite loss/gradients follow from the overflow",
+    ),
+    Rule(
+        "one_spike",
+        ("exploding_gradients",),
+        ("loss_spike",),
+        "near",
+        "a gradient-norm spike and a loss spike within a few steps are one event, seen twice",
     ),
     Rule(
         "lr_too_high",
@@ -239,6 +250,8 @@ def _explains(rule: Rule, cause: Mapping[str, Any], effect: Mapping[str, Any]) -
         return _collapsed_to_zero(effect)
     if rule.order == "after":
         return int(effect.get("step", 0)) >= int(cause.get("step", 0))
+    if rule.order == "near":
+        return abs(int(effect.get("step", 0)) - int(cause.get("step", 0))) <= NEAR_STEPS
     return True
 
 

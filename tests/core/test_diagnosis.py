@@ -22,7 +22,7 @@ def test_ids_are_code_at_step_and_unique() -> None:
 
 def test_every_rule_names_known_codes() -> None:
     for rule in RULES:
-        assert rule.order in ("after", "any") and rule.why
+        assert rule.order in ("after", "near", "any") and rule.why
         assert set(rule.cause) <= set(CODES) and set(rule.effect) <= set(CODES), rule.name
     assert set(diagnosis.PRIORITY) <= set(CODES)
 
@@ -40,6 +40,13 @@ def test_exploding_norm_before_collapse_is_lr_too_high() -> None:
     # the plateau is explained too (directly by the explosion: the first matching rule wins)
     assert result.caused_by["underfitting@120"] in ("exploding_gradients@2", "vanishing_gradients@6")
     assert not any("higher learning rate" in a for a in result.advice["underfitting@120"])
+
+
+def test_a_loss_spike_next_to_a_norm_spike_is_the_same_event() -> None:
+    result = diagnose([f("loss_spike", 23), f("exploding_gradients", 24), f("divergence", 24, "error")])
+    assert result.caused_by["loss_spike@23"] == "exploding_gradients@24"
+    assert result.primary == "exploding_gradients@24"
+    assert "loss_spike@90" not in diagnose([f("exploding_gradients", 24), f("loss_spike", 90)]).caused_by
 
 
 def test_collapse_before_the_explosion_is_not_caused_by_it() -> None:

@@ -189,7 +189,7 @@ def sigmoid_before_bce_logits(seed):
 
 def nan_from_log(seed):
     train, val = kit.moons(seed, noise=0.05)
-    return _run(kit.Task(kit.mlp([2, 64, 64, 1]), loss="bce", lr=0.05, loss_bug="log"), train, val, seed=seed, epochs=6)
+    return _run(kit.Task(kit.mlp([2, 64, 64, 1]), loss="bce", lr=0.1, loss_bug="log"), train, val, seed=seed, epochs=10)
 
 
 def nan_from_sqrt(seed):
