@@ -93,7 +93,7 @@ class SpeedMonitor(DiagCallback):
         window: int = 20,
         ignore_first_steps: int = 5,
         data_share: float = 0.3,
-        min_wait_ms: float = 5.0,
+        min_wait_ms: float = 10.0,
         check_host_syncs: bool = True,
         sync_check_steps: int = 3,
     ) -> None:
