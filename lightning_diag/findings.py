@@ -222,7 +222,7 @@ def build_report(
     entries = [f.to_dict() for f in ordered]
     ids = finding_ids(entries)
     diagnosis = diagnose(entries, ids)
-    for fid, entry in zip(ids, entries):
+    for fid, entry in zip(ids, entries, strict=True):
         entry["id"] = fid
         entry["caused_by"] = diagnosis.caused_by.get(fid)
         if fid in diagnosis.advice:

@@ -35,15 +35,38 @@ def test_corpus_has_the_size_and_coverage_the_issue_asks_for() -> None:
     assert len(fast_codes) >= 10 and any(s.kind == "healthy" for s in fast)
 
 
-def _result(name: str, kind: str, seed: int, expected: tuple[str, ...], found: list[str], **kw) -> runner.Result:
-    return runner.Result(name, kind, seed, list(expected), found, [], kw.pop("primary", None), kw.pop("status", "finished"), None, 1.0, **kw)
+def _result(
+    name: str, kind: str, seed: int, expected: tuple[str, ...], found: list[str], **kw
+) -> runner.Result:
+    return runner.Result(
+        name,
+        kind,
+        seed,
+        list(expected),
+        found,
+        [],
+        kw.pop("primary", None),
+        kw.pop("status", "finished"),
+        None,
+        1.0,
+        **kw,
+    )
 
 
 def test_scores_count_what_the_issue_defines() -> None:
     results = [
-        _result("a", "failure", 0, ("overfitting",), ["overfitting", "dataloader_bound"], primary="overfitting"),
+        _result(
+            "a", "failure", 0, ("overfitting",), ["overfitting", "dataloader_bound"], primary="overfitting"
+        ),
         _result("b", "failure", 0, ("divergence",), ["non_finite_loss"], linked=[]),
-        _result("c", "failure", 0, ("non_finite_input",), ["non_finite_input", "non_finite_loss"], linked=["non_finite_loss"]),
+        _result(
+            "c",
+            "failure",
+            0,
+            ("non_finite_input",),
+            ["non_finite_input", "non_finite_loss"],
+            linked=["non_finite_loss"],
+        ),
         _result("d", "healthy", 0, (), ["exploding_gradients"], primary="exploding_gradients"),
         _result("e", "healthy", 0, (), []),
         _result("f", "healthy", 0, (), [], status="crashed"),
@@ -51,7 +74,9 @@ def test_scores_count_what_the_issue_defines() -> None:
     s = runner.score(results)
     assert (s["detected"], s["failures"]) == (2, 3)
     assert s["false_alarms"] == 1 and s["false_alarm_rate"] == pytest.approx(1 / 3)
-    assert s["unexpected"] == 2  # dataloader_bound on "a", non_finite_loss on "b"; the linked symptom of "c" is not
+    assert (
+        s["unexpected"] == 2
+    )  # dataloader_bound on "a", non_finite_loss on "b"; the linked symptom of "c" is not
     assert s["linked"] == 1 and s["crashes"] == 1
     assert s["primary_ok"] == 3  # a, e, f
     assert not runner.meets_targets(s)
@@ -65,20 +90,28 @@ def test_fast_subset_meets_the_targets() -> None:
     scenarios = runner.load_scenarios(fast=True)
     results = [runner.run_scenario(s, seed=0) for s in scenarios]
     s = runner.score(results)
-    misses = [f"{r.name}: found {r.found}, unexpected {r.unexpected}, {r.status} {r.error or ''}" for r in results if not r.ok or r.unexpected]
+    misses = [
+        f"{r.name}: found {r.found}, unexpected {r.unexpected}, {r.status} {r.error or ''}"
+        for r in results
+        if not r.ok or r.unexpected
+    ]
     assert runner.meets_targets(s), (s, misses)
 
 
 def _readme_block() -> str:
     readme = Path(ROOT, "README.md").read_text(encoding="utf-8")
-    found = re.search(r"<!-- diagnosis-corpus:start -->\n(.*?)\n<!-- diagnosis-corpus:end -->", readme, flags=re.S)
+    found = re.search(
+        r"<!-- diagnosis-corpus:start -->\n(.*?)\n<!-- diagnosis-corpus:end -->", readme, flags=re.S
+    )
     assert found, "README needs the runner's --markdown output between the diagnosis-corpus markers"
     return found.group(1)
 
 
 def test_readme_table_is_the_runners_output() -> None:
     block = _readme_block()
-    fresh = runner.markdown([_result("a", "failure", 0, ("overfitting",), ["overfitting"]), _result("b", "healthy", 0, (), [])])
+    fresh = runner.markdown(
+        [_result("a", "failure", 0, ("overfitting",), ["overfitting"]), _result("b", "healthy", 0, (), [])]
+    )
     seeds_part, codes_part = block.split("\n\n")
     fresh_seeds, fresh_codes = fresh.split("\n\n")
     assert seeds_part.splitlines()[:2] == fresh_seeds.splitlines()[:2]  # same header

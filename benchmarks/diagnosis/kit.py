@@ -6,6 +6,7 @@ token ids from stdlib text. A scenario composes a :class:`Task` with a data set 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +32,9 @@ __all__ = [
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
-def _split(x: torch.Tensor, y: torch.Tensor, seed: int, val_share: float = 0.25) -> tuple[TensorDataset, TensorDataset]:
+def _split(
+    x: torch.Tensor, y: torch.Tensor, seed: int, val_share: float = 0.25
+) -> tuple[TensorDataset, TensorDataset]:
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=g)
     x, y = x[order], y[order]
@@ -52,7 +55,9 @@ def _digits_raw() -> tuple[torch.Tensor, torch.Tensor]:
     return _DIGITS
 
 
-def digits(seed: int, normalise: bool = True, label_noise: float = 0.0, n: int | None = None) -> tuple[Dataset, Dataset]:
+def digits(
+    seed: int, normalise: bool = True, label_noise: float = 0.0, n: int | None = None
+) -> tuple[Dataset, Dataset]:
     """sklearn's 8x8 digits as 64 features (1797 samples, 10 classes), standardised unless ``normalise=False``."""
     x, y = _digits_raw()
     x = (x - x.mean(0)) / (x.std(0) + 1.0) if normalise else x.clone()
@@ -81,7 +86,9 @@ def moons(seed: int, n: int = 600, noise: float = 0.15) -> tuple[Dataset, Datase
     return _split(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long), seed)
 
 
-def blobs(seed: int, n: int = 800, features: int = 16, classes: int = 4, spread: float = 1.0) -> tuple[Dataset, Dataset]:
+def blobs(
+    seed: int, n: int = 800, features: int = 16, classes: int = 4, spread: float = 1.0
+) -> tuple[Dataset, Dataset]:
     """Gaussian class clusters; ``spread`` > 1 overlaps them (a Bayes error the model cannot beat)."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(classes, features, generator=g) * 2.0
@@ -90,12 +97,18 @@ def blobs(seed: int, n: int = 800, features: int = 16, classes: int = 4, spread:
     return _split((x - x.mean(0)) / x.std(0), y, seed)  # standardised, as a user would
 
 
-def regression(seed: int, n: int = 512, features: int = 8, noise: float = 0.1, scale: float = 1.0) -> tuple[Dataset, Dataset]:
+def regression(
+    seed: int, n: int = 512, features: int = 8, noise: float = 0.1, scale: float = 1.0
+) -> tuple[Dataset, Dataset]:
     """A noisy linear-plus-tanh regression target."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, features, generator=g)
     w = torch.randn(features, 1, generator=g)
-    y = torch.tanh(x @ w / math.sqrt(features)) * 2 + 0.3 * (x[:, :1] ** 2) + noise * torch.randn(n, 1, generator=g)
+    y = (
+        torch.tanh(x @ w / math.sqrt(features)) * 2
+        + 0.3 * (x[:, :1] ** 2)
+        + noise * torch.randn(n, 1, generator=g)
+    )
     return _split(x * scale, y, seed)
 
 
@@ -166,7 +179,7 @@ def mlp(
 ) -> nn.Sequential:
     """A plain ``nn.Sequential`` MLP; ``init_std`` replaces the default init of every weight (bias zero)."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             if batchnorm:
@@ -215,7 +228,9 @@ class RNNLM(nn.Module):
 class TinyTransformer(nn.Module):
     """A 2-layer causal transformer language model over token ids."""
 
-    def __init__(self, vocab: int, d_model: int = 64, layers: int = 2, seq_len: int = 24, norm_first: bool = False) -> None:
+    def __init__(
+        self, vocab: int, d_model: int = 64, layers: int = 2, seq_len: int = 24, norm_first: bool = False
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         self.pos = nn.Parameter(torch.randn(1, seq_len, d_model) * 0.02)
@@ -224,7 +239,9 @@ class TinyTransformer(nn.Module):
         )
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(d_model, vocab)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq_len), persistent=False)
+        self.register_buffer(
+            "mask", nn.Transformer.generate_square_subsequent_mask(seq_len), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x) + self.pos[:, : x.shape[1]]

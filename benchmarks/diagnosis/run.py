@@ -173,7 +173,9 @@ def run_scenario(scenario: Scenario, seed: int) -> Result:
                     **run.trainer_kwargs,
                 }
                 trainer = pl.Trainer(callbacks=[*run.extra_callbacks, *suite(run.monitor)], **kwargs)
-                trainer.fit(run.model, train_dataloaders=run.train_dataloaders, val_dataloaders=run.val_dataloaders)
+                trainer.fit(
+                    run.model, train_dataloaders=run.train_dataloaders, val_dataloaders=run.val_dataloaders
+                )
         except (ld.NonFiniteError, ld.SanityCheckError) as exc:
             status, error = "stopped", f"{type(exc).__name__}: {str(exc)[:200]}"
         except Exception as exc:  # a crash of the run is a result, not a failure of the runner
@@ -321,12 +323,18 @@ def markdown(results: Sequence[Result]) -> str:
         "|---|---|---|---|---|",
     ]
     for code, row in confusion(results).items():
-        lines.append(f"| `{code}` | {row['expected']} | {row['hit']} | {row['noise']} | {row['false_alarm']} |")
+        lines.append(
+            f"| `{code}` | {row['expected']} | {row['hit']} | {row['noise']} | {row['false_alarm']} |"
+        )
     return "\n".join(lines)
 
 
 def _row(r: Result) -> str:
-    verdict = "ok" if r.ok else ("CRASH" if r.status == "crashed" else ("MISS" if r.kind == "failure" else "FALSE ALARM"))
+    verdict = (
+        "ok"
+        if r.ok
+        else ("CRASH" if r.status == "crashed" else ("MISS" if r.kind == "failure" else "FALSE ALARM"))
+    )
     extra = f" unexpected={','.join(r.unexpected)}" if r.kind == "failure" and r.unexpected else ""
     err = f" [{r.status}: {r.error}]" if r.error else ""
     return (
@@ -378,7 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(
                 {
                     "targets": TARGETS,
-                    "scores": {str(seed): score([r for r in results if r.seed == seed]) for seed in args.seeds},
+                    "scores": {
+                        str(seed): score([r for r in results if r.seed == seed]) for seed in args.seeds
+                    },
                     "confusion": confusion(results),
                     "results": [dataclasses.asdict(r) for r in results],
                 },

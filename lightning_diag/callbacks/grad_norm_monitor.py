@@ -268,7 +268,9 @@ class GradNormMonitor(DiagCallback):
                 continue
             self._skip_run = 0
             mean = self._spikes.mean
-            spike = self._spikes.update(total, size or None)  # spikes (and short last batches) stay out of them
+            spike = self._spikes.update(
+                total, size or None
+            )  # spikes (and short last batches) stay out of them
             over = self.exploding_threshold is not None and total > self.exploding_threshold
             if spike or over:
                 flagged += 1
@@ -487,7 +489,9 @@ class GradNormMonitor(DiagCallback):
         device = self._pending[-1][2].device
         leaves = self._leaf_index(self._names, device)
         count = len(self._pending)
-        picks = sorted({round(i * (count - 1) / max(self.vanishing_window - 1, 1)) for i in range(self.vanishing_window)})
+        picks = sorted(
+            {round(i * (count - 1) / max(self.vanishing_window - 1, 1)) for i in range(self.vanishing_window)}
+        )
         rows = [self._pending[i][2] for i in picks if self._pending[i][2].numel() == len(self._names)]
         if not rows:
             return

@@ -133,7 +133,9 @@ class OverfitDetector(DiagCallback):
             None  # (x, train mean, val) awaiting epoch end
         )
         self._missing_warned = False
-        self._first: torch.Tensor | None = None  # the loss of the first training step (read with the first mean)
+        self._first: torch.Tensor | None = (
+            None  # the loss of the first training step (read with the first mean)
+        )
         self.initial_loss: float | None = None
 
     # -- gather ---------------------------------------------------------------------------------------------
@@ -228,7 +230,9 @@ class OverfitDetector(DiagCallback):
             metrics["diag/overfit/gap"] = val - train
         _logging.log_direct(trainer, metrics, step=trainer.global_step)
         stop_reason: Verdict | None = None
-        for detection in diagnose(self.points, self.rules, self.chance_loss, unit="epoch", initial=self.initial_loss):
+        for detection in diagnose(
+            self.points, self.rules, self.chance_loss, unit="epoch", initial=self.initial_loss
+        ):
             self.record(trainer, detection, key=f"{detection.code}:{detection.severity}")
             if detection.code in STOP_CODES and detection.severity != "info":
                 stop_reason = stop_reason or detection

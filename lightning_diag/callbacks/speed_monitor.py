@@ -210,7 +210,12 @@ class SpeedMonitor(DiagCallback):
             )
 
     def _judge_bound(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader | None, wait: float, compute: float
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        loader: DataLoader | None,
+        wait: float,
+        compute: float,
     ) -> None:
         step = wait + compute
         share = wait / step if step > 0 else 0.0

@@ -172,7 +172,12 @@ def _divergence(
             {"train_loss": str(last.train), "best_train_loss": min(finite) if finite else "n/a"},
             _DIVERGENCE_ADVICE,
         )
-    if initial is not None and math.isfinite(initial) and initial > 0 and last.train > rules.divergence_ratio * initial:
+    if (
+        initial is not None
+        and math.isfinite(initial)
+        and initial > 0
+        and last.train > rules.divergence_ratio * initial
+    ):
         return _verdict(
             "divergence",
             "error",

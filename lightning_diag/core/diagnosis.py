@@ -85,7 +85,14 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "input_scale",
         ("input_scale",),
-        ("exploding_gradients", "loss_spike", "divergence", *_NON_FINITE, "loss_at_init", "vanishing_gradients"),
+        (
+            "exploding_gradients",
+            "loss_spike",
+            "divergence",
+            *_NON_FINITE,
+            "loss_at_init",
+            "vanishing_gradients",
+        ),
         "after",
         "unnormalised inputs make the first layer's gradients and the initial loss huge",
     ),
@@ -210,9 +217,12 @@ _RAISE_LR = re.compile(
 
 @dataclasses.dataclass
 class Diagnosis:
-    """``primary``: the id of the primary finding (``None`` without warning/error findings);
-    ``caused_by``: id -> id of the finding that explains it; ``rules``: id -> name of the rule that linked it;
-    ``advice``: id -> the advice after :func:`consistent_advice` (only for findings whose advice changed)."""
+    """The diagnosis of one run.
+
+    ``primary``: the id of the primary finding (``None`` without warning/error findings); ``caused_by``: id -> id
+    of the finding that explains it; ``rules``: id -> name of the rule that linked it; ``advice``: id -> the advice
+    after :func:`consistent_advice` (only for findings whose advice changed).
+    """
 
     primary: str | None
     caused_by: dict[str, str]
@@ -246,7 +256,11 @@ def _collapsed_to_zero(finding: Mapping[str, Any]) -> bool:
 def _explains(rule: Rule, cause: Mapping[str, Any], effect: Mapping[str, Any]) -> bool:
     if cause.get("code") not in rule.cause or effect.get("code") not in rule.effect:
         return False
-    if rule.name == "lr_too_high" and effect.get("code") == "vanishing_gradients" and cause.get("code") == "loss_spike":
+    if (
+        rule.name == "lr_too_high"
+        and effect.get("code") == "vanishing_gradients"
+        and cause.get("code") == "loss_spike"
+    ):
         return _collapsed_to_zero(effect)
     if rule.order == "after":
         return int(effect.get("step", 0)) >= int(cause.get("step", 0))
@@ -268,14 +282,14 @@ def diagnose(findings: Sequence[Mapping[str, Any]], ids: Sequence[str] | None = 
             i = caused_by[i]
         return i
 
-    by_id = dict(zip(ids, findings))
+    by_id = dict(zip(ids, findings, strict=True))
     for rule in RULES:
-        for eid, effect in zip(ids, findings):
+        for eid, effect in zip(ids, findings, strict=True):
             if eid in caused_by:
                 continue
             candidates = [
                 (int(c.get("step", 0)), cid)
-                for cid, c in zip(ids, findings)
+                for cid, c in zip(ids, findings, strict=True)
                 if cid != eid and _explains(rule, c, effect) and root(cid) != eid
             ]
             if candidates:
@@ -332,7 +346,7 @@ def consistent_advice(
         "already too high; lower it (3-10x) or add a warmup instead."
     )
     changed: dict[str, list[str]] = {}
-    for fid, f in zip(ids, findings):
+    for fid, f in zip(ids, findings, strict=True):
         lines = [str(a) for a in f.get("advice", [])]
         fixed: list[str] = []
         for line in lines:

@@ -295,5 +295,6 @@ def vanishing_layers(
     late_max = max(v for _, v in finite[half:])
     if late_max <= floor:
         return [], late_max
-    return [(n, v) for i, (n, v) in enumerate(finite) if (i < half and v < ratio * late_max) or v == 0.0], late_max
-
+    return [
+        (n, v) for i, (n, v) in enumerate(finite) if (i < half and v < ratio * late_max) or v == 0.0
+    ], late_max

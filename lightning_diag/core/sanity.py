@@ -154,8 +154,12 @@ def check_probabilities_as_logits(out: torch.Tensor, labels: torch.Tensor, loss:
             f"The model outputs probabilities (every row sums to 1) and the loss is cross-entropy on them as if they "
             f"were logits: softmax is applied twice. Gradients are squashed and the loss cannot go below "
             f"ln(1 + {classes - 1}/e) = {floor:.4g}.",
-            {"loss": loss, "cross_entropy_of_outputs": round(as_logits, 6), "floor": round(floor, 6),
-             "num_classes": classes},
+            {
+                "loss": loss,
+                "cross_entropy_of_outputs": round(as_logits, 6),
+                "floor": round(floor, 6),
+                "num_classes": classes,
+            },
             [
                 "Remove the final softmax: nn.CrossEntropyLoss / F.cross_entropy take logits and apply log-softmax.",
                 "If the model must output probabilities, train with F.nll_loss(torch.log(p), y) instead.",

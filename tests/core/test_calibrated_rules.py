@@ -21,7 +21,9 @@ def test_softmax_before_cross_entropy_is_flagged_and_nll_of_log_probs_is_not() -
     p, y = _probs()
     found = check_probabilities_as_logits(p, y, float(F.cross_entropy(p, y)))
     assert [v.code for v in found] == ["loss_at_init"] and found[0].evidence["floor"] < 1.47
-    assert check_probabilities_as_logits(p, y, float(F.nll_loss(p.log(), y))) == []  # the right use of probabilities
+    assert (
+        check_probabilities_as_logits(p, y, float(F.nll_loss(p.log(), y))) == []
+    )  # the right use of probabilities
     logits = torch.randn(32, 10)
     assert check_probabilities_as_logits(logits, y, float(F.cross_entropy(logits, y))) == []
     uniform = torch.full((32, 10), 0.1)  # both readings equal ln(10): nothing to tell them apart

@@ -11,7 +11,9 @@ from lightning_diag.core.diagnosis import RULES, consistent_advice, diagnose, fi
 from lightning_diag.findings import CODES, Finding, build_report
 
 
-def f(code: str, step: int, severity: str = "warning", advice: list[str] | None = None, **evidence: Any) -> dict:
+def f(
+    code: str, step: int, severity: str = "warning", advice: list[str] | None = None, **evidence: Any
+) -> dict:
     return Finding(code, severity, f"{code} seen", step, 0, evidence=evidence, advice=advice or []).to_dict()  # type: ignore[arg-type]
 
 
@@ -55,7 +57,11 @@ def test_collapse_before_the_explosion_is_not_caused_by_it() -> None:
 
 
 def test_non_finite_loss_after_fp16_overflow_is_the_overflow() -> None:
-    found = [f("amp_overflow", 10), f("non_finite_loss", 12, severity="error"), f("non_finite_parameters", 13)]
+    found = [
+        f("amp_overflow", 10),
+        f("non_finite_loss", 12, severity="error"),
+        f("non_finite_parameters", 13),
+    ]
     result = diagnose(found)
     assert result.primary == "amp_overflow@10"
     assert result.caused_by["non_finite_loss@12"] == "amp_overflow@10"
@@ -79,7 +85,12 @@ def test_nan_input_explains_the_nan_loss_and_gradients() -> None:
 
 def test_primary_explains_the_most_then_priority_then_time() -> None:
     # two unrelated problems: a slow loader (one finding) and a NaN chain (three findings)
-    found = [f("dataloader_bound", 1), f("non_finite_loss", 8), f("non_finite_gradients", 8), f("early_stopped", 9)]
+    found = [
+        f("dataloader_bound", 1),
+        f("non_finite_loss", 8),
+        f("non_finite_gradients", 8),
+        f("early_stopped", 9),
+    ]
     assert diagnose(found).primary == "non_finite_loss@8"
     # equal weight: correctness before speed, whatever comes first
     assert diagnose([f("dataloader_bound", 1), f("missing_gradients", 4)]).primary == "missing_gradients@4"
@@ -152,7 +163,9 @@ def test_build_report_carries_the_diagnosis() -> None:
     findings = [
         Finding("exploding_gradients", "warning", "norm 4e5", 0, 0),
         Finding("vanishing_gradients", "warning", "norm 0", 4, 0, evidence={"smallest_norm": 0.0}),
-        Finding("underfitting", "warning", "flat", 90, 2, advice=["Train longer or with a higher learning rate."]),
+        Finding(
+            "underfitting", "warning", "flat", 90, 2, advice=["Train longer or with a higher learning rate."]
+        ),
         Finding("early_stopped", "info", "stopped", 95, 2),
     ]
     report = build_report(findings, status="finished", global_step=95, epoch=2)
