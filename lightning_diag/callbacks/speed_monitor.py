@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import time
 import warnings
 from collections import deque
@@ -69,7 +70,8 @@ class SpeedMonitor(DiagCallback):
 
     Findings:
         ``dataloader_bound`` (warning): waiting for data takes more than ``data_share`` of the step time and at least
-        ``min_wait_ms`` per step (judged at the logging steps and at the end of fit), with the expected speed-up, the
+        ``min_wait_ms`` per step (medians over the window, judged at the logging steps and at the end of fit), with
+        the expected speed-up, the
         share, the milliseconds per step and the DataLoader's ``num_workers``/``pin_memory``/
         ``persistent_workers``/batch size, and advice that follows from them. ``dataloader_config`` (warning):
         ``pin_memory=False`` while training on a CUDA device. ``host_sync`` (warning, CUDA only): synchronising
@@ -195,7 +197,7 @@ class SpeedMonitor(DiagCallback):
             metrics["diag/throughput/device_ms"] = self._device_ms
         _logging.log_step(pl_module, metrics)
         loader = _first_loader(trainer.train_dataloader)
-        self._judge_bound(trainer, pl_module, loader, wait, compute)
+        self._judge_bound(trainer, pl_module, loader)
         if loader is not None and pl_module.device.type == "cuda" and not loader.pin_memory:
             self.record(
                 trainer,
@@ -210,13 +212,11 @@ class SpeedMonitor(DiagCallback):
             )
 
     def _judge_bound(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        loader: DataLoader | None,
-        wait: float,
-        compute: float,
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader | None
     ) -> None:
+        # Medians, not means: a loaded machine deschedules the process now and then (a few long "waits"), a slow
+        # loader is slow at every step.
+        wait, compute = statistics.median(self._waits), statistics.median(self._computes)
         step = wait + compute
         share = wait / step if step > 0 else 0.0
         if share > self.data_share and wait * 1e3 >= self.min_wait_ms:
@@ -226,9 +226,7 @@ class SpeedMonitor(DiagCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A run shorter than the logging interval (or the steps after the last logging step) is judged at the end.
         if self._last_logged != trainer.global_step and len(self._waits) >= 2:
-            wait = sum(self._waits) / len(self._waits)
-            compute = sum(self._computes) / len(self._computes)
-            self._judge_bound(trainer, pl_module, _first_loader(trainer.train_dataloader), wait, compute)
+            self._judge_bound(trainer, pl_module, _first_loader(trainer.train_dataloader))
 
     def _report_bound(
         self,
@@ -280,7 +278,7 @@ class SpeedMonitor(DiagCallback):
                 "dataloader_bound",
                 "warning",
                 f"Waiting for data takes {share:.0%} of each training step ({wait * 1e3:.1f} ms waiting, "
-                f"{compute * 1e3:.1f} ms computing, averaged over {len(self._waits)} steps): the model is starved. "
+                f"{compute * 1e3:.1f} ms computing, medians over {len(self._waits)} steps): the model is starved. "
                 f"With the loading overlapped with compute, steps would be up to "
                 f"{(wait + compute) / max(compute, 1e-9):.1f}x faster (about {wait * max(int(trainer.global_step), 1):.1f} s "
                 f"saved over the {int(trainer.global_step)} steps so far).",

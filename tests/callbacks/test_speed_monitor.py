@@ -137,3 +137,25 @@ def test_a_run_shorter_than_the_logging_interval_is_judged_at_the_end() -> None:
     finding = find(collect_findings(t), "dataloader_bound")
     assert finding is not None and finding.step == 8
     assert finding.evidence["expected_speedup"] > 2 and "faster" in finding.message
+
+
+class Stalls(Dataset):
+    """Fast, except that one batch in seven stalls for 60 ms (a busy machine descheduling the process)."""
+
+    def __init__(self, n: int = 256) -> None:
+        self.data = regression_data(n)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        if i % 56 == 0:
+            time.sleep(0.06)
+        return self.data[i]
+
+
+def test_occasional_stalls_are_not_a_bound_loader(tmp_path) -> None:
+    t = fit(DataLoader(Stalls(), batch_size=8), tmp_path)
+    assert find(collect_findings(t), "dataloader_bound") is None
+    series = csv_scalars(os.path.join(t.logger.log_dir, "metrics.csv"))
+    assert max(v for _, v in series["diag/throughput/data_wait_ms"]) > 2  # the mean sees the stalls
