@@ -140,7 +140,7 @@ def test_a_run_shorter_than_the_logging_interval_is_judged_at_the_end() -> None:
 
 
 class Stalls(Dataset):
-    """Fast, except that one batch in seven stalls for 60 ms (a busy machine descheduling the process)."""
+    """Fast, except that one batch in seven stalls for 120 ms (a busy machine descheduling the process)."""
 
     def __init__(self, n: int = 256) -> None:
         self.data = regression_data(n)
@@ -150,7 +150,7 @@ class Stalls(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         if i % 56 == 0:
-            time.sleep(0.06)
+            time.sleep(0.12)
         return self.data[i]
 
 
