@@ -38,7 +38,7 @@ class LightningDiagWarning(UserWarning):
 
 Evidence = dict[str, float | int | str]
 REPORT_FILENAME = "diagnosis.json"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 #: The stable finding codes (DESIGN.md section 3). New codes are added here; none is ever renamed.
 CODES: dict[str, str] = {
@@ -207,7 +207,16 @@ def sort_findings(findings: Iterable[Finding]) -> list[Finding]:
 def build_report(
     findings: Sequence[Finding], *, status: str, global_step: int, epoch: int, error: str | None = None
 ) -> dict[str, Any]:
-    """The ``diagnosis.json`` document: ``{"version": 1, "findings": [...], "summary": {...}}``."""
+    """The ``diagnosis.json`` document (version 2).
+
+    ``{"version": 2, "primary": id | None, "findings": [...], "summary": {...}}``: each finding carries an ``id``
+    (``"<code>@<step>"``) and ``caused_by`` (the id of the finding that explains it, or ``None``); ``primary`` is
+    the id of the one finding that names the run's problem (``None`` without warning/error findings). The
+    links, the choice of the primary finding and the advice that would contradict the evidence (never "raise the
+    learning rate" once the norm exploded) come from the rule table of :mod:`lightning_diag.core.diagnosis`.
+    """
+    from lightning_diag.core.diagnosis import diagnose, finding_ids
+
     ordered = sort_findings(findings)
     by_severity = {s: sum(1 for f in ordered if f.severity == s) for s in SEVERITIES}
     if status == "failed" and error is not None and by_severity["error"] == 0:
@@ -225,7 +234,15 @@ def build_report(
         summary["disabled"] = disabled
     if error is not None:
         summary["error"] = error
-    return {"version": REPORT_VERSION, "findings": [f.to_dict() for f in ordered], "summary": summary}
+    entries = [f.to_dict() for f in ordered]
+    ids = finding_ids(entries)
+    diagnosis = diagnose(entries, ids)
+    for fid, entry in zip(ids, entries, strict=True):
+        entry["id"] = fid
+        entry["caused_by"] = diagnosis.caused_by.get(fid)
+        if fid in diagnosis.advice:
+            entry["advice"] = diagnosis.advice[fid]
+    return {"version": REPORT_VERSION, "primary": diagnosis.primary, "findings": entries, "summary": summary}
 
 
 def display_order(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -246,7 +263,10 @@ def display_order(report: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 def caused_by(report: Mapping[str, Any], finding: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The findings ``finding`` is linked to as its causes (``caused_by`` ids of a version-2 report)."""
-    ids = [str(i) for i in finding.get("caused_by") or []]
+    linked = finding.get("caused_by")
+    ids = (
+        [linked] if isinstance(linked, str) else [str(i) for i in linked or []]
+    )  # one id (version 2) or a list
     by_id = {str(f.get("id")): f for f in report.get("findings", []) if f.get("id") is not None}
     return [by_id[i] for i in ids if i in by_id]
 

@@ -74,10 +74,11 @@ def two_findings() -> dict:
 def test_one_line_per_finding_and_advice_only_when_verbose() -> None:
     report = two_findings()
     short = format_summary(report, "/run/diagnosis.json").splitlines()
-    assert [line.split("]")[1].split()[0] for line in short if line.startswith("  [")] == [
+    assert [line.split("]")[1].split()[0] for line in short if line.startswith(("  [", "=>["))] == [
         "loss_spike",
         "early_stopped",
     ]
+    assert short[1].startswith("=>[WARNING] loss_spike")  # the report's primary finding, marked and first
     assert not any("look at batch 3" in line for line in short)
     assert "  Advice: `lightning-diag report /run/diagnosis.json --verbose`, or the HTML report." in short
     verbose = format_summary(report, "/run/diagnosis.json", verbose=True).splitlines()

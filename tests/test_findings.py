@@ -107,7 +107,10 @@ def test_report_and_summary(tmp_path) -> None:
         make(step=2, severity="error", code="non_finite_loss"),
     ]
     report = build_report(findings, status="finished", global_step=10, epoch=1)
-    assert report["version"] == 1
+    assert report["version"] == 2
+    assert [f["id"] for f in report["findings"]] == ["non_finite_loss@2", "early_stopped@9"]
+    assert report["primary"] == "non_finite_loss@2"
+    assert report["findings"][1]["caused_by"] == "non_finite_loss@2"  # the stop follows from the NaN loss
     assert [f["code"] for f in report["findings"]] == ["non_finite_loss", "early_stopped"]  # time order
     assert report["summary"]["counts"] == {"info": 1, "warning": 0, "error": 1}
     assert report["summary"]["healthy"] is False

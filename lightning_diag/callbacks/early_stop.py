@@ -307,6 +307,8 @@ class EarlyStop(EarlyStopping, DiagCallback):
         # Every rank decides on rank 0's value: one collective, identical decisions, replicas never diverge.
         current = broadcast(trainer, None if value is None else float(torch.as_tensor(value).float().mean()))
         if current is None:
+            if 0 < trainer.max_steps <= trainer.global_step:
+                return  # `max_steps` ended the epoch before its validation ran: nothing to judge, nothing wrong
             self._missing_checks += 1
             self._missing_monitor(sorted(logs))
             return

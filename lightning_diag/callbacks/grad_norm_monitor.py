@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -21,7 +20,7 @@ from lightning_diag._validation import (
     check_range,
 )
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.callbacks._context import run_context, step_context
+from lightning_diag.callbacks._context import batch_size, run_context, step_context
 from lightning_diag.core.grad_stats import (
     GroupIndex,
     copy_tensors,
@@ -30,8 +29,9 @@ from lightning_diag.core.grad_stats import (
     grouped_norms,
     subtract_tensors,
     tensor_norms,
+    vanishing_layers,
 )
-from lightning_diag.core.spikes import SpikeDetector
+from lightning_diag.core.spikes import DEFAULT_SPIKE_RATIO, SpikeDetector
 from lightning_diag.core.verdict import Verdict
 
 __all__ = ["GradNormMonitor"]
@@ -80,10 +80,17 @@ class GradNormMonitor(DiagCallback):
             :class:`~lightning_diag.core.spikes.SpikeDetector`, shared with NaNGuard).
         spike_window: EMA span of the running statistics, in optimizer steps (spikes and skipped steps are kept
             out of them).
-        spike_warmup_steps: finite steps observed before spikes are looked for.
-        vanishing_threshold: a group norm below this is vanishing.
-        vanishing_ratio: a group norm below ``vanishing_ratio`` times the median group norm is vanishing.
-        vanishing_window: consecutive logging checks a group must be vanishing before it is reported.
+        spike_warmup_steps: finite steps observed before the standard-deviation rule applies (a norm 100x its
+            running mean is a spike from the second step on; the short last batch of an epoch is not judged).
+        vanishing_threshold: when every late layer's norm is at or below this, nothing is called vanishing (all
+            layers small together: a converged model).
+        vanishing_ratio: an early layer whose norm is below ``vanishing_ratio`` times the largest late-layer norm
+            is vanishing. Judged per leaf module (the module that owns the parameters) whatever ``group_by`` and
+            ``depth`` are (they only shape what is logged); the first half of the leaf modules, in registration
+            order, are the early layers (:func:`~lightning_diag.core.grad_stats.vanishing_layers`).
+        vanishing_window: consecutive checks the rule must hold before it is reported. Checked at the logging
+            steps and, for the steps after the last one (a run shorter than the logging interval), at the end of
+            fit on up to ``vanishing_window`` of those steps spread from the first to the last.
         amp_min_scale: a loss scale below this means the scale collapsed.
         amp_max_consecutive_skips: this many consecutive steps skipped by the GradScaler is a persistent overflow.
 
@@ -103,7 +110,8 @@ class GradNormMonitor(DiagCallback):
     Findings:
         ``exploding_gradients`` (warning): total norm above ``exploding_threshold`` or a spike over its running
         mean, with the worst step, norm, ratio and the largest groups. ``vanishing_gradients`` (warning):
-        groups whose norm stays below the absolute or relative bound for ``vanishing_window`` checks.
+        early leaf modules whose norm stays below ``vanishing_ratio`` times the late layers' for ``vanishing_window``
+        checks (evidence ``smallest_norm`` 0.0: gradients that collapsed to exactly 0).
         ``non_finite_gradients`` (error): NaN/Inf gradients outside GradScaler overflow handling.
         ``amp_overflow`` (warning): the loss scale collapsed or overflows persisted.
 
@@ -136,7 +144,7 @@ class GradNormMonitor(DiagCallback):
         log_amp: bool = True,
         exploding_threshold: float | None = None,
         spike_threshold: float = 6.0,
-        spike_ratio: float = 10.0,
+        spike_ratio: float = DEFAULT_SPIKE_RATIO,
         spike_window: int = 100,
         spike_warmup_steps: int = 20,
         vanishing_threshold: float = 1e-8,
@@ -207,6 +215,10 @@ class GradNormMonitor(DiagCallback):
         self._max_run = 0  # longest run of skipped steps since the last AMP check
         # (global step, total norm, per-tensor norms) of the steps not replayed yet
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._pending_samples: list[int] = []  # samples behind each pending step (0: unknown)
+        self._samples = 0  # samples of the micro-batches of the optimizer step in progress
+        self._leaves: GroupIndex | None = None
+        self._leaf_names: tuple[str, ...] = ()
         self._groups: GroupIndex | None = None
         self._vanishing_streak: dict[str, int] = {}
         # Per-group norms at the logging steps, for the end-of-run heatmap (bounded: see _remember_norms)
@@ -223,6 +235,12 @@ class GradNormMonitor(DiagCallback):
 
     # -- per step ---------------------------------------------------------------------------------------------
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._samples += batch_size(batch)  # host-side shape: no sync
+
+    @override
     @torch.no_grad()
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -233,6 +251,8 @@ class GradNormMonitor(DiagCallback):
             return
         # A quiet step costs no kernel and no sync: keep references to the norms computed for everyone anyway.
         self._pending.append((trainer.global_step, stats.total_norm, stats.norms))
+        self._pending_samples.append(self._samples)
+        self._samples = 0
         self._names = stats.names
         if _logging.should_log_step(trainer):
             self._log_and_check(trainer, pl_module, step.params, stats)
@@ -252,10 +272,12 @@ class GradNormMonitor(DiagCallback):
     def _replay(self, trainer: pl.Trainer, totals: list[float]) -> None:
         """Run the running statistics over the pending steps, in order, and record what they show."""
         pending, self._pending = self._pending, []
+        samples, self._pending_samples = self._pending_samples, []
+        samples += [0] * (len(pending) - len(samples))
         scaled = _lightning.amp_scaler(trainer) is not None
         flagged, worst, worst_ratio, worst_at, nonfinite, max_run = 0, 0.0, 0.0, -1, 0, 0
         worst_mean = 0.0
-        for (step, _, _), total in zip(pending, totals, strict=False):
+        for (step, _, _), total, size in zip(pending, totals, samples, strict=False):
             if not math.isfinite(total):
                 if scaled:  # the GradScaler skips this step: count it, keep it out of the statistics
                     self._skipped += 1
@@ -266,7 +288,9 @@ class GradNormMonitor(DiagCallback):
                 continue
             self._skip_run = 0
             mean = self._spikes.mean
-            spike = self._spikes.update(total)  # spikes never enter the statistics
+            spike = self._spikes.update(
+                total, size or None
+            )  # spikes (and short last batches) stay out of them
             over = self.exploding_threshold is not None and total > self.exploding_threshold
             if spike or over:
                 flagged += 1
@@ -315,6 +339,7 @@ class GradNormMonitor(DiagCallback):
         pieces = {"total": stats.total_norm.view(1)}
         if self.group_by != "total":
             pieces["groups"] = stats.grouped(groups)
+        pieces["leaves"] = stats.grouped(self._leaf_index(stats.names, device))
         params = [p.detach() for p in step_params]
         if self.log_param_norms or self.log_update_ratio:
             pnorms = tensor_norms(params, self.norm_type)
@@ -356,8 +381,8 @@ class GradNormMonitor(DiagCallback):
         if scaler is not None:
             self._check_amp(trainer, out["scale"][0], self._skipped, self._max_run)
             self._max_run = 0
-        if self.group_by != "total" and math.isfinite(out["total"][0]):
-            self._check_vanishing(trainer, groups.names, out["groups"])
+        if math.isfinite(out["total"][0]):
+            self._check_vanishing(trainer, self._leaf_index(stats.names, device).names, out["leaves"])
 
     def _remember_norms(self, step: int, names: tuple[str, ...], out: dict[str, list[float]]) -> None:
         values = out.get("groups", out["total"]) if self.group_by != "total" else out["total"]
@@ -440,37 +465,59 @@ class GradNormMonitor(DiagCallback):
             ),
         )
 
+    def _leaf_index(self, names: tuple[str, ...], device: torch.device) -> GroupIndex:
+        """Tensors grouped by leaf module (the gradient rules judge per layer whatever the logging grouping)."""
+        if self._leaves is None or self._leaf_names != names or self._leaves.index.device != device:
+            self._leaves = group_index(names, "module", max(len(n.split(".")) for n in names), device)
+            self._leaf_names = names
+        return self._leaves
+
     def _check_vanishing(self, trainer: pl.Trainer, names: tuple[str, ...], norms: list[float]) -> None:
-        median = statistics.median(norms) if norms else 0.0
-        vanishing = []
-        for name, norm in zip(names, norms, strict=True):
-            below = norm < self.vanishing_threshold or (
-                len(norms) > 1 and norm < self.vanishing_ratio * median
-            )
-            streak = self._vanishing_streak.get(name, 0) + 1 if below and math.isfinite(norm) else 0
-            self._vanishing_streak[name] = streak
-            if streak >= self.vanishing_window:
-                vanishing.append((name, norm))
-        if not vanishing:
+        vanishing, late_max = vanishing_layers(names, norms, self.vanishing_ratio, self.vanishing_threshold)
+        flagged = {n for n, _ in vanishing}
+        for name in names:
+            self._vanishing_streak[name] = self._vanishing_streak.get(name, 0) + 1 if name in flagged else 0
+        lasting = [(n, v) for n, v in vanishing if self._vanishing_streak[n] >= self.vanishing_window]
+        if not lasting:
             return
-        listed = ", ".join(f"{n} ({v:.3g})" for n, v in vanishing[:8])
+        listed = ", ".join(f"{n} ({v:.3g})" for n, v in lasting[:8])
+        smallest = min(v for _, v in lasting)
+        zero = " (exactly 0: no gradient reaches them at all)" if smallest == 0 else ""
         self.record(
             trainer,
             Verdict(
                 "vanishing_gradients",
                 "warning",
-                f"{len(vanishing)} of {len(names)} layer group(s) have ~0 gradients for {self.vanishing_window} "
-                f"logging checks (median group norm {median:.3g}): {listed}.",
+                f"{len(lasting)} of {len(names)} layers get (almost) no gradient: below {self.vanishing_ratio:g}x the "
+                f"largest late-layer norm ({late_max:.3g}) at {self.vanishing_window} checks in a row{zero}: {listed}.",
                 evidence={
-                    "layers": ", ".join(n for n, _ in vanishing),
-                    "smallest_norm": min(v for _, v in vanishing),
-                    "median_group_norm": median,
-                    "threshold": self.vanishing_threshold,
+                    "layers": ", ".join(n for n, _ in lasting),
+                    "smallest_norm": smallest,
+                    "late_max_norm": late_max,
                     "ratio": self.vanishing_ratio,
+                    "threshold": self.vanishing_threshold,
+                    "leaf_modules": len(names),
                 },
                 advice=_VANISHING_ADVICE,
             ),
         )
+
+    def _check_vanishing_at_end(self, trainer: pl.Trainer) -> None:
+        """Judge the steps after the last logging step (all of a run shorter than the logging interval)."""
+        if not self._pending or not self._names:
+            return
+        device = self._pending[-1][2].device
+        leaves = self._leaf_index(self._names, device)
+        count = len(self._pending)
+        picks = sorted(
+            {round(i * (count - 1) / max(self.vanishing_window - 1, 1)) for i in range(self.vanishing_window)}
+        )
+        rows = [self._pending[i][2] for i in picks if self._pending[i][2].numel() == len(self._names)]
+        if not rows:
+            return
+        values = torch.stack([grouped_norms(r.float(), leaves, self.norm_type) for r in rows]).tolist()
+        for row in values:
+            self._check_vanishing(trainer, leaves.names, row)
 
     @override
     def on_train_batch_end(
@@ -496,6 +543,7 @@ class GradNormMonitor(DiagCallback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending:  # steps after the last logging step still get their say
+            self._check_vanishing_at_end(trainer)
             self._replay(trainer, self._fetch_pending())
 
     @override
@@ -512,6 +560,7 @@ class GradNormMonitor(DiagCallback):
             state["pending_totals"] = torch.stack([t for _, t, _ in self._pending]).detach().cpu()
             state["pending_norms"] = torch.stack([n for _, _, n in self._pending]).detach().cpu()
             state["pending_names"] = list(self._names)
+            state["pending_samples"] = list(self._pending_samples)
         return state
 
     @override
@@ -525,4 +574,5 @@ class GradNormMonitor(DiagCallback):
             totals, norms = state_dict["pending_totals"], state_dict["pending_norms"]
             self._pending = [(int(s), totals[i], norms[i]) for i, s in enumerate(state_dict["pending_steps"])]
             self._names = tuple(state_dict.get("pending_names", ()))
+            self._pending_samples = [int(v) for v in state_dict.get("pending_samples", [])]
         self._load_findings_state(state_dict)

@@ -31,7 +31,7 @@ from lightning_diag._validation import (
     check_range,
 )
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.callbacks._context import StepContext, run_context, step_context
+from lightning_diag.callbacks._context import StepContext, batch_size, run_context, step_context
 from lightning_diag.core.grad_stats import max_abs, tensor_norms, total_from_norms
 from lightning_diag.core.guard import ACTIONS, Action, Decision, GuardPolicy, StepFlags, back_off_lr
 from lightning_diag.core.nan_trace import (
@@ -45,7 +45,7 @@ from lightning_diag.core.nan_trace import (
     trace_step,
 )
 from lightning_diag.core.snapshot import Snapshot
-from lightning_diag.core.spikes import SpikeDetector
+from lightning_diag.core.spikes import DEFAULT_SPIKE_RATIO, SpikeDetector
 from lightning_diag.core.verdict import Verdict
 from lightning_diag.findings import LightningDiagWarning, Severity
 
@@ -83,6 +83,7 @@ class _Pending:
     values: torch.Tensor  # [input sum, parameter norm, loss, gradient norm]
     reduced: bool  # already summed over ranks (a device-side skip needs the same decision everywhere)
     has_loss: bool
+    samples: int | None
     names: tuple[str, ...]
     norms: torch.Tensor  # per-tensor gradient norms, to name the first non-finite gradient
     batch_idx: str
@@ -199,8 +200,10 @@ class NaNGuard(DiagCallback):
         detect_spikes: run the spike detectors.
         spike_window: the EMA window of the spike statistics, in optimizer steps.
         spike_threshold: a spike is this many standard deviations above the EMA mean...
-        spike_ratio: ...and also this many times the mean (``1.0`` turns this guard off).
-        spike_warmup_steps: optimizer steps observed before spikes can be flagged.
+        spike_ratio: ...and also this many times the mean (``1.0`` turns this guard off). A value 100x the mean is a
+            spike from the second step on; the short last batch of an epoch is not judged (see
+            :class:`~lightning_diag.core.spikes.SpikeDetector`).
+        spike_warmup_steps: optimizer steps observed before the standard-deviation rule applies.
         max_consecutive_skips: consecutive skips allowed before escalating.
         escalate_to: the policy after ``max_consecutive_skips``: ``"rollback"`` or ``"raise"``.
         snapshot_every_n_steps: good optimizer steps between two rollback snapshots (taken only when a rollback can
@@ -258,7 +261,7 @@ class NaNGuard(DiagCallback):
         detect_spikes: bool = True,
         spike_window: int = 100,
         spike_threshold: float = 6.0,
-        spike_ratio: float = 1.5,
+        spike_ratio: float = DEFAULT_SPIKE_RATIO,
         spike_warmup_steps: int = 20,
         max_consecutive_skips: int = 5,
         escalate_to: Literal["rollback", "raise"] = "raise",
@@ -422,7 +425,12 @@ class NaNGuard(DiagCallback):
         values: torch.Tensor,
     ) -> None:
         """The synchronous path: one small read per step, the decision before the update, localisation by replay."""
-        flags, host = self._judge(trainer, self._read(trainer, values), has_loss=self._step_loss is not None)
+        flags, host = self._judge(
+            trainer,
+            self._read(trainer, values),
+            has_loss=self._step_loss is not None,
+            samples=self._samples(),
+        )
         if flags.params and not self._confirm_params(trainer, pl_module, optimizer):
             flags = StepFlags(
                 **{**vars(flags), "params": False}
@@ -483,18 +491,26 @@ class NaNGuard(DiagCallback):
         return _distributed.reduce(trainer, values, "sum").tolist()
 
     def _judge(
-        self, trainer: pl.Trainer, row: list[float], *, has_loss: bool, has_grads: bool = True
+        self,
+        trainer: pl.Trainer,
+        row: list[float],
+        *,
+        has_loss: bool,
+        has_grads: bool = True,
+        samples: int | None = None,
     ) -> tuple[StepFlags, dict[str, float]]:
-        """Flags and spike verdicts from one step's reduced values (the same on every rank)."""
+        """Flags and spike verdicts from one step's reduced values (the same on every rank); ``samples``: the
+        step's batch size (a short last batch of an epoch is noisier and is not judged for spikes).
+        """
         input_sum, params_norm, loss, grad_norm = row
         world = max(int(getattr(trainer, "world_size", 1)), 1)
         loss, grad_norm = loss / world, grad_norm / world
         loss_spike = grad_spike = False
         if self.detect_spikes:
             if has_loss:
-                loss_spike = self._loss_spikes.update(loss)
+                loss_spike = self._loss_spikes.update(loss, samples)
             if has_grads:
-                grad_spike = self._grad_spikes.update(grad_norm)
+                grad_spike = self._grad_spikes.update(grad_norm, samples)
         flags = StepFlags(
             input=not math.isfinite(input_sum),
             loss=not math.isfinite(loss),
@@ -505,6 +521,10 @@ class NaNGuard(DiagCallback):
             grad_spike=grad_spike,
         )
         return flags, {"loss": loss, "grad_norm": grad_norm}
+
+    def _samples(self) -> int | None:
+        """The samples of the optimizer step in progress (all its micro-batches), ``None`` when unknown."""
+        return sum(batch_size(b) for b, _ in self._batches) or None
 
     def _confirm_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> bool:
         """Whether a parameter is really non-finite (its L2 norm alone can overflow): the max norm, on detection."""
@@ -559,6 +579,7 @@ class NaNGuard(DiagCallback):
                 values=values,
                 reduced=reduced,
                 has_loss=self._step_loss is not None,
+                samples=self._samples(),
                 names=step.names,
                 norms=step.grad_stats().norms,
                 batch_idx=",".join(str(i) for _, i in self._batches),
@@ -580,7 +601,11 @@ class NaNGuard(DiagCallback):
         context = run_context(trainer)
         for entry, row in zip(pending, rows.tolist(), strict=True):
             flags, host = self._judge(
-                trainer, row, has_loss=entry.has_loss, has_grads=entry.norms.numel() > 0
+                trainer,
+                row,
+                has_loss=entry.has_loss,
+                has_grads=entry.norms.numel() > 0,
+                samples=entry.samples,
             )
             decision = self.policy.update(flags, entry.step)
             if decision.action is None:
@@ -781,11 +806,33 @@ class NaNGuard(DiagCallback):
         ):
             if not flagged:
                 continue
-            message = (
-                f"{what.capitalize()} spike {where}: {value:.4g}, more than {self.spike_threshold:g} standard "
-                f"deviations above its running mean {detector.mean:.4g} (std {detector.std:.4g}). Action: {action}."
+            other, other_detector, other_what = (
+                (values["grad_norm"], self._grad_spikes, "gradient norm")
+                if code == "loss_spike"
+                else (values["loss"], self._loss_spikes, "loss")
             )
-            evidence = {"value": value, "mean": detector.mean, "std": detector.std, "action": decision.action}
+            around = (
+                f" The {other_what} at that step: {other:.4g} (running mean {other_detector.mean:.4g})."
+                if math.isfinite(other) and other_detector.count
+                else ""
+            )
+            unusual = (
+                f" and more than {self.spike_threshold:g} standard deviations above it (std {detector.std:.4g})"
+                if detector.count >= detector.warmup
+                else f" after {detector.count} step(s)"
+            )
+            message = (
+                f"{what.capitalize()} spike {where}: {value:.4g}, {value / max(detector.mean, 1e-12):.1f}x its running "
+                f"mean {detector.mean:.4g}{unusual}.{around} Action: {action}."
+            )
+            evidence = {
+                "value": value,
+                "mean": detector.mean,
+                "std": detector.std,
+                "ratio_to_mean": value / max(detector.mean, 1e-12),
+                f"{other_what.replace(' ', '_')}_at_step": other,
+                "action": decision.action,
+            }
             if batch_idx:
                 evidence["batch_idx"] = batch_idx
             self.record(
@@ -869,6 +916,7 @@ class NaNGuard(DiagCallback):
                     "values": p.values.detach().cpu(),
                     "reduced": p.reduced,
                     "has_loss": p.has_loss,
+                    "samples": p.samples,
                     "names": list(p.names),
                     "norms": p.norms.detach().cpu(),
                     "batch_idx": p.batch_idx,
@@ -888,6 +936,7 @@ class NaNGuard(DiagCallback):
                 values=p["values"],
                 reduced=bool(p["reduced"]),
                 has_loss=bool(p["has_loss"]),
+                samples=None if p.get("samples") is None else int(p["samples"]),
                 names=tuple(p["names"]),
                 norms=p["norms"],
                 batch_idx=str(p["batch_idx"]),

@@ -72,9 +72,12 @@ class OverfitDetector(DiagCallback):
         ============================  =============================================================
 
     Findings:
-        ``overfitting`` (warning; info for an early widening gap), ``underfitting``, ``loss_plateau``,
-        ``divergence``; ``early_stopped`` (info) when ``action="stop"`` stopped the run; ``non_finite_metric``
-        (warning, once per key with a count) when the validation loss (or ``train_monitor``) is NaN/Inf.
+        ``overfitting`` (warning; info for an early widening gap, a warning again when another callback such as
+        EarlyStop stopped the run while the gap was widening), ``underfitting``, ``loss_plateau``, ``divergence``
+        (also when the mean training loss is ``divergence_ratio`` times the loss of the first step, which is read
+        with the first evaluation's mean); ``early_stopped`` (info) when ``action="stop"`` stopped the run;
+        ``non_finite_metric`` (warning, once per key with a count) when the validation loss (or ``train_monitor``)
+        is NaN/Inf.
 
     Raises:
         ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for an unknown
@@ -158,6 +161,10 @@ class OverfitDetector(DiagCallback):
             None  # (x, train mean, val) awaiting epoch end
         )
         self._missing_warned = False
+        self._first: torch.Tensor | None = (
+            None  # the loss of the first training step (read with the first mean)
+        )
+        self.initial_loss: float | None = None
 
     # -- gather ---------------------------------------------------------------------------------------------
     @override
@@ -174,11 +181,17 @@ class OverfitDetector(DiagCallback):
                 self._sum = self._sum.to(pair.device)  # restored from a checkpoint, on the CPU
             self._sum = pair if self._sum is None else self._sum + pair
             self._count += 1
+            if self._first is None and self.initial_loss is None:
+                self._first = value
 
     def _take_train_mean(self) -> float | None:
         if self._sum is None or self._count == 0:
             return None
-        total, finite = self._sum.tolist()  # one host read per evaluation
+        if self._first is not None:  # the first step's loss travels with the first mean: still one read
+            total, finite, first = torch.cat([self._sum, self._first.view(1).to(self._sum.device)]).tolist()
+            self.initial_loss, self._first = (first if math.isfinite(first) else None), None
+        else:
+            total, finite = self._sum.tolist()  # one host read per evaluation
         self._sum, self._count = None, 0
         return total / finite if finite > 0 else math.nan
 
@@ -251,7 +264,9 @@ class OverfitDetector(DiagCallback):
             metrics["diag/overfit/gap"] = val - train
         _logging.log_direct(trainer, metrics, step=trainer.global_step)
         stop_reason: Verdict | None = None
-        for detection in diagnose(self.points, self.rules, self.chance_loss, unit="epoch"):
+        for detection in diagnose(
+            self.points, self.rules, self.chance_loss, unit="epoch", initial=self.initial_loss
+        ):
             self.record(trainer, detection, key=f"{detection.code}:{detection.severity}")
             if detection.code in STOP_CODES and detection.severity != "info":
                 stop_reason = stop_reason or detection
@@ -270,6 +285,17 @@ class OverfitDetector(DiagCallback):
                     ],
                 ),
             )
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Stopped early by another callback (EarlyStop): a gap that was widening at the stop is the reason.
+        if not self.points or not trainer.should_stop or self.stopped_at is not None:
+            return
+        for detection in diagnose(
+            self.points, self.rules, self.chance_loss, unit="epoch", initial=self.initial_loss, stopped=True
+        ):
+            if detection.code == "overfitting" and detection.severity == "warning":
+                self.record(trainer, detection, key=f"{detection.code}:{detection.severity}")
 
     # -- report ---------------------------------------------------------------------------------------------
     def report_series(self) -> dict[str, Any]:
@@ -293,6 +319,7 @@ class OverfitDetector(DiagCallback):
             "train_sum": self._sum.detach().cpu() if self._sum is not None else None,
             "train_count": self._count,
             "pending": list(self._pending) if self._pending is not None else None,
+            "initial_loss": self.initial_loss,
             "findings": self._findings_state(),
         }
 
@@ -312,4 +339,5 @@ class OverfitDetector(DiagCallback):
         if pending is not None:
             x, train, val = pending
             self._pending = (float(x), float(train), None if val is None else float(val))
+        self.initial_loss = state_dict.get("initial_loss", self.initial_loss)
         self._load_findings_state(state_dict)

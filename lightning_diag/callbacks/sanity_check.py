@@ -29,7 +29,7 @@ class SanityCheck(DiagCallback):
     :mod:`lightning_diag.core.sanity` and records each failure as a finding:
 
     * data (on the first ``num_batches`` batches): NaN/Inf (``non_finite_input``), float inputs far from unit scale
-      (``input_scale``, info), integer labels all of one class or heavily imbalanced (``label_distribution``);
+      (``input_scale``, warning), integer labels all of one class or heavily imbalanced (``label_distribution``);
     * ``loss_at_init``: for a model whose output is ``[batch, C]`` with integer labels, the loss at initialisation
       against ``ln(C)`` (far above: an overconfident init; near 0: a leak);
     * ``missing_gradients``: trainable parameters the loss does not reach (names listed), or a loss detached
@@ -38,6 +38,9 @@ class SanityCheck(DiagCallback):
       put in eval mode for it, which the finding says);
     * ``cannot_overfit_batch`` (``overfit_batch_steps > 0``): a copy of the model trained on the first batch with
       Adam must cut its loss by ``min_drop``.
+
+    Under manual optimisation (``automatic_optimization = False``) only the data checks run: the training step
+    calls backward and the optimizer itself, so replaying it would update the real weights.
 
     Weights, gradients, buffers, train/eval modes, the optimizer state and the RNG states are left exactly as they
     were. The model's input is found by convention (``batch[0]``, or ``x``/``input``/``image``... in a dict); the

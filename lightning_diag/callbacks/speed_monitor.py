@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import time
 import warnings
 from collections import deque
@@ -14,25 +15,12 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_diag import _logging
-from lightning_diag._validation import check_bool, check_fraction, check_ignored, check_int
+from lightning_diag._validation import check_bool, check_fraction, check_ignored, check_int, check_positive
 from lightning_diag.callbacks._base import DiagCallback
+from lightning_diag.callbacks._context import batch_size
 from lightning_diag.core.verdict import Verdict
 
 __all__ = ["SpeedMonitor"]
-
-
-def _batch_size(batch: Any) -> int:
-    """The leading dimension of the first tensor found in the batch (0 when there is none)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.ndim else 1
-    if isinstance(batch, dict):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        for item in batch:
-            size = _batch_size(item)
-            if size:
-                return size
-    return 0
 
 
 def _first_loader(loaders: Any) -> DataLoader | None:
@@ -60,7 +48,10 @@ class SpeedMonitor(DiagCallback):
     Args:
         window: the steps averaged for the logged values and the findings.
         ignore_first_steps: steps ignored at the start of the fit (compilation, caches, worker start-up).
-        data_share: waiting for data above this share of the step time is ``dataloader_bound``.
+        data_share: waiting for data above this share of the step time is ``dataloader_bound``...
+        min_wait_ms: ...when the wait is also at least this many milliseconds per step: a share of a step that
+            takes a few milliseconds in all (a tiny in-memory data set) is not worth fixing, and it moves with the
+            machine's load.
         check_host_syncs: on CUDA, watch ``sync_check_steps`` steps after warm-up with
             ``torch.cuda.set_sync_debug_mode("warn")`` and report synchronising calls (``host_sync``).
         sync_check_steps: how many steps that check covers.
@@ -78,7 +69,9 @@ class SpeedMonitor(DiagCallback):
         ====================================  ===================================================
 
     Findings:
-        ``dataloader_bound`` (warning): waiting for data takes more than ``data_share`` of the step time, with the
+        ``dataloader_bound`` (warning): waiting for data takes more than ``data_share`` of the step time and at least
+        ``min_wait_ms`` per step (medians over the window, judged at the logging steps and at the end of fit), with
+        the expected speed-up, the
         share, the milliseconds per step and the DataLoader's ``num_workers``/``pin_memory``/
         ``persistent_workers``/batch size, and advice that follows from them. ``dataloader_config`` (warning):
         ``pin_memory=False`` while training on a CUDA device. ``host_sync`` (warning, CUDA only): synchronising
@@ -104,6 +97,7 @@ class SpeedMonitor(DiagCallback):
         window: int = 20,
         ignore_first_steps: int = 5,
         data_share: float = 0.3,
+        min_wait_ms: float = 10.0,
         check_host_syncs: bool = True,
         sync_check_steps: int = 3,
     ) -> None:
@@ -111,6 +105,7 @@ class SpeedMonitor(DiagCallback):
         check_int("window", window, minimum=2)
         check_int("ignore_first_steps", ignore_first_steps, minimum=0)
         check_fraction("data_share", data_share, low_open=True, high_open=True)
+        check_positive("min_wait_ms", min_wait_ms, strict=False)
         check_int("sync_check_steps", sync_check_steps, minimum=1)
         check_bool("check_host_syncs", check_host_syncs)
         if not check_host_syncs:
@@ -124,6 +119,7 @@ class SpeedMonitor(DiagCallback):
         self.window = window
         self.ignore_first_steps = ignore_first_steps
         self.data_share = float(data_share)
+        self.min_wait_ms = float(min_wait_ms)
         self.check_host_syncs = check_host_syncs
         self.sync_check_steps = sync_check_steps
         self._reset_state()
@@ -185,7 +181,7 @@ class SpeedMonitor(DiagCallback):
         if self._wait is not None and self._batches > self.ignore_first_steps:
             self._waits.append(self._wait)
             self._computes.append(now - self._start)
-            self._samples.append(_batch_size(batch))
+            self._samples.append(batch_size(batch))
         if _logging.should_log_step(trainer, step_done=True) and trainer.global_step != self._last_logged:
             self._last_logged = trainer.global_step
             self._log_and_check(trainer, pl_module)
@@ -212,8 +208,7 @@ class SpeedMonitor(DiagCallback):
             metrics["diag/throughput/device_ms"] = self._device_ms
         _logging.log_step(pl_module, metrics)
         loader = _first_loader(trainer.train_dataloader)
-        if share > self.data_share:
-            self._report_bound(trainer, pl_module, loader, share, wait, compute)
+        self._judge_bound(trainer, pl_module, loader)
         if loader is not None and pl_module.device.type == "cuda" and not loader.pin_memory:
             self.record(
                 trainer,
@@ -227,6 +222,23 @@ class SpeedMonitor(DiagCallback):
                 ),
             )
 
+    def _judge_bound(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader | None
+    ) -> None:
+        # Medians, not means: a loaded machine deschedules the process now and then (a few long "waits"), a slow
+        # loader is slow at every step.
+        wait, compute = statistics.median(self._waits), statistics.median(self._computes)
+        step = wait + compute
+        share = wait / step if step > 0 else 0.0
+        if share > self.data_share and wait * 1e3 >= self.min_wait_ms:
+            self._report_bound(trainer, pl_module, loader, share, wait, compute)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A run shorter than the logging interval (or the steps after the last logging step) is judged at the end.
+        if self._last_logged != trainer.global_step and len(self._waits) >= 2:
+            self._judge_bound(trainer, pl_module, _first_loader(trainer.train_dataloader))
+
     def _report_bound(
         self,
         trainer: pl.Trainer,
@@ -239,6 +251,7 @@ class SpeedMonitor(DiagCallback):
         evidence: dict[str, float | int | str] = {
             "data_share": share,
             "data_wait_ms": wait * 1e3,
+            "expected_speedup": round((wait + compute) / max(compute, 1e-9), 3),
             "compute_ms": compute * 1e3,
             "steps_averaged": len(self._waits),
         }
@@ -276,7 +289,10 @@ class SpeedMonitor(DiagCallback):
                 "dataloader_bound",
                 "warning",
                 f"Waiting for data takes {share:.0%} of each training step ({wait * 1e3:.1f} ms waiting, "
-                f"{compute * 1e3:.1f} ms computing, averaged over {len(self._waits)} steps): the model is starved.",
+                f"{compute * 1e3:.1f} ms computing, medians over {len(self._waits)} steps): the model is starved. "
+                f"With the loading overlapped with compute, steps would be up to "
+                f"{(wait + compute) / max(compute, 1e-9):.1f}x faster (about {wait * max(int(trainer.global_step), 1):.1f} s "
+                f"saved over the {int(trainer.global_step)} steps so far).",
                 evidence=evidence,
                 advice=advice,
             ),

@@ -12,18 +12,31 @@ Rules (thresholds are :class:`CurveRules` fields):
 
 * **overfitting** (warning): the validation loss has not improved for ``window`` evaluations and now stands
   above its best by more than ``rise_tolerance`` (relative) and twice its noise, while the training loss kept
-  falling. Evidence: the best evaluation, the onset (the first evaluation after the best), the generalisation gap
+  falling and the gap val - train is more than ``rise_tolerance`` of the validation loss (a gap of ~0 is both
+  curves moving together around a plateau). Evidence: the best evaluation, the onset (the first evaluation after the best), the generalisation gap
   (val - train) and ratio at the best and now.
 * **gap widening** (an ``overfitting`` finding with severity info): no new best validation loss for ``window``
   evaluations while the gap grew at each of them and training kept falling: the early sign of the above.
 * **divergence** (error): the training loss is non-finite, or it rose over the last ``window`` evaluations to
-  more than ``divergence_ratio`` times its lowest value.
+  more than ``divergence_ratio`` times its lowest value, or (with ``initial``, the loss of the first training
+  step) its mean since the last evaluation is more than ``divergence_ratio`` times that initial loss: the model
+  does worse than where it started.
 * **loss_plateau** (warning): the training loss improved by less than ``plateau_threshold`` (relative) over the
   last ``window`` evaluations while still above ``high_ratio`` of the reference loss (a given ``baseline``, e.g.
   the loss of the best constant predictor, else the initial loss). Reported when it is still creeping down at
   every evaluation (a learning rate too low), or when the validation loss is not close to it.
 * **underfitting** (warning): the same flat, high training loss, no longer moving (not creeping down), with the
-  validation loss within ``close_ratio`` of it: the model learned what it can and it is not enough.
+  validation loss within ``close_ratio`` of it. The rule cannot know the task's loss floor (label noise, Bayes
+  error), so the finding states the plateau and its evidence and names that possibility next to too little
+  capacity; it is a prompt to compare with a known floor, not a verdict.
+* **validation never improved** (a ``loss_plateau`` warning): after more than ``window`` evaluations the best
+  validation loss is within ``plateau_threshold`` of the first one while it and the training loss are still above
+  ``high_ratio`` of the reference: whatever the training loss does, nothing that generalises is being learned (regularisation so
+  strong the model cannot learn, labels unrelated to the inputs).
+* **stopped while overfitting** (``stopped=True``, an early stop decided elsewhere): a widening gap, with a real
+  gap and a validation loss more than ``stop_rise`` (relative) above its best, is an ``overfitting`` warning, not
+  an early sign (a stop within a few percent of the best is ordinary early stopping): the run ended because the validation loss stopped improving while
+  the training loss kept falling.
 
 Oscillation (the noise relative to the loss level above ``oscillation_ratio``) is added to the evidence of a
 divergence or a plateau as a hint of a learning rate too high.
@@ -63,11 +76,19 @@ class CurveRules:
     close_ratio: float = 0.15
     divergence_ratio: float = 1.5
     oscillation_ratio: float = 0.1
+    stop_rise: float = 0.05
 
     def __post_init__(self) -> None:
         if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
             raise ValueError(f"`window` must be an int >= 2, got {self.window!r}.")
-        for name in ("rise_tolerance", "plateau_threshold", "high_ratio", "close_ratio", "oscillation_ratio"):
+        for name in (
+            "rise_tolerance",
+            "plateau_threshold",
+            "high_ratio",
+            "close_ratio",
+            "oscillation_ratio",
+            "stop_rise",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
                 raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
@@ -101,25 +122,32 @@ def diagnose(
     rules: CurveRules | None = None,
     baseline: float | None = None,
     unit: str = "epoch",
+    initial: float | None = None,
+    stopped: bool = False,
 ) -> list[Verdict]:
     """Apply every rule to the history ``points`` (in evaluation order); return what holds at its end.
 
-    ``unit`` names what ``x`` counts in the messages (``"epoch"`` or ``"step"``).
+    ``unit`` names what ``x`` counts in the messages (``"epoch"`` or ``"step"``); ``initial`` is the loss of the
+    first training step when known; ``stopped`` says the run was stopped early (by EarlyStop) after the last point.
     """
     rules = rules or CurveRules()
     if not points:
         return []
 
     found: list[Verdict] = []
-    divergence = _divergence(points, rules, unit)
+    divergence = _divergence(points, rules, unit, initial)
     if divergence is not None:
         return [divergence]  # the other rules read a loss that is still meaningful
-    overfit = _overfitting(points, rules, unit)
+    overfit = _overfitting(points, rules, unit, stopped)
     if overfit is not None:
         found.append(overfit)
     plateau = _plateau_or_underfitting(points, rules, baseline)
     if plateau is not None and overfit is None:
         found.append(plateau)
+    flat = _validation_never_improved(points, rules, baseline, unit) if plateau is None else None
+    if flat is not None and (overfit is None or overfit.severity == "info"):
+        # a gap that "widens" because only the training loss moves is not the early sign of overfitting
+        found = [flat]
     return found
 
 
@@ -129,7 +157,9 @@ def _oscillation(train: Sequence[float], rules: CurveRules) -> dict[str, Any]:
     return {"oscillation": round(ratio, 4)} if ratio > rules.oscillation_ratio else {}
 
 
-def _divergence(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> Verdict | None:
+def _divergence(
+    points: Sequence[CurvePoint], rules: CurveRules, unit: str, initial: float | None = None
+) -> Verdict | None:
     train = [p.train for p in points]
     last = points[-1]
     if not math.isfinite(last.train):
@@ -140,6 +170,21 @@ def _divergence(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> V
             f"The training loss became non-finite ({last.train}) at {_x(last, unit)}.",
             last.x,
             {"train_loss": str(last.train), "best_train_loss": min(finite) if finite else "n/a"},
+            _DIVERGENCE_ADVICE,
+        )
+    if (
+        initial is not None
+        and math.isfinite(initial)
+        and initial > 0
+        and last.train > rules.divergence_ratio * initial
+    ):
+        return _verdict(
+            "divergence",
+            "error",
+            f"The training loss is {last.train / initial:.3g}x its value at the first step: {_fmt(last.train)} on average "
+            f"up to {_x(last, unit)}, against {_fmt(initial)} at the start. The model does worse than where it started.",
+            last.x,
+            {"train_loss": last.train, "initial_loss": initial, "ratio": round(last.train / initial, 4)},
             _DIVERGENCE_ADVICE,
         )
     w = rules.window
@@ -169,7 +214,9 @@ def _divergence(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> V
     return None
 
 
-def _overfitting(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> Verdict | None:
+def _overfitting(
+    points: Sequence[CurvePoint], rules: CurveRules, unit: str, stopped: bool = False
+) -> Verdict | None:
     evaluated = [p for p in points if p.val is not None and math.isfinite(p.val)]
     w = rules.window
     if len(evaluated) <= w:
@@ -199,7 +246,9 @@ def _overfitting(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> 
         "gap_ratio": round(last.val / last.train, 4) if last.train > 0 else "n/a",
     }
     rise = last.val - best.val
-    if train_fell and rise > max(rules.rise_tolerance * abs(best.val), 2 * noise(vals)):
+    # a gap that is still ~0 is validation and training moving together (noise around a plateau), not overfitting
+    real_gap = gap_now > rules.rise_tolerance * abs(last.val)
+    if train_fell and real_gap and rise > max(rules.rise_tolerance * abs(best.val), 2 * noise(vals)):
         return _verdict(
             "overfitting",
             "warning",
@@ -214,6 +263,19 @@ def _overfitting(points: Sequence[CurvePoint], rules: CurveRules, unit: str) -> 
     gaps = [(p.val or 0.0) - p.train for p in recent]
     widening = all(b > a for a, b in itertools.pairwise(gaps))
     grew = gap_now - gap_best > max(rules.rise_tolerance * abs(best.val), 2 * noise(vals))
+    risen = rise > rules.stop_rise * abs(best.val)
+    if train_fell and widening and grew and stopped and real_gap and risen:
+        return _verdict(
+            "overfitting",
+            "warning",
+            f"Overfitting: training was stopped after {len(evaluated) - 1 - best_index} evaluations without a better "
+            f"validation loss than {_fmt(best.val)} ({_x(best, unit)}) while the training loss kept falling "
+            f"({_fmt(best.train)} -> {_fmt(last.train)}) and the gap val - train widened at each of the last {w} "
+            f"evaluations, to {_fmt(gap_now)}.",
+            last.x,
+            evidence,
+            _OVERFIT_ADVICE,
+        )
     if train_fell and widening and grew:
         return _verdict(
             "overfitting",
@@ -274,9 +336,10 @@ def _plateau_or_underfitting(
         return _verdict(
             "underfitting",
             "warning",
-            f"Underfitting: the training loss has stopped improving at {_fmt(last.train)} "
+            f"Plateau at a high loss: the training loss has stopped improving at {_fmt(last.train)} "
             f"({last.train / reference:.0%} of the {evidence['reference']} loss {_fmt(reference)}) and the "
-            f"validation loss ({_fmt(last.val or 0.0)}) is just as high: the model is not fitting the training data.",
+            f"validation loss ({_fmt(last.val or 0.0)}) follows it closely: either the task's floor (label noise, "
+            "overlapping classes) or a model that cannot fit the training data (underfitting).",
             last.x,
             evidence,
             _UNDERFIT_ADVICE,
@@ -290,6 +353,39 @@ def _plateau_or_underfitting(
         last.x,
         evidence,
         _PLATEAU_ADVICE_CREEPING if creeping else _PLATEAU_ADVICE,
+    )
+
+
+def _validation_never_improved(
+    points: Sequence[CurvePoint], rules: CurveRules, baseline: float | None, unit: str
+) -> Verdict | None:
+    vals = [p.val for p in points if p.val is not None and math.isfinite(p.val)]
+    if len(vals) <= rules.window or not math.isfinite(points[0].train):
+        return None
+    reference = baseline if baseline is not None else points[0].train
+    first, best, last = vals[0], min(vals), vals[-1]
+    if reference <= 0 or first <= 0:
+        return None
+    if (first - best) / first >= rules.plateau_threshold or last <= rules.high_ratio * reference:
+        return None
+    if points[-1].train <= rules.high_ratio * reference:
+        return None  # training fell far while validation did not move: the overfitting rules' case
+    return _verdict(
+        "loss_plateau",
+        "warning",
+        f"The validation loss has not improved in {len(vals)} evaluations: {_fmt(first)} at the first, {_fmt(best)} "
+        f"at best, {_fmt(last)} at {_x(points[-1], unit)} (training loss {_fmt(points[-1].train)}): nothing the model "
+        "learns carries over to the validation data.",
+        points[-1].x,
+        {
+            "val_loss": last,
+            "first_val_loss": first,
+            "best_val_loss": best,
+            "train_loss": points[-1].train,
+            "reference_loss": reference,
+            "evaluations": len(vals),
+        },
+        _VAL_FLAT_ADVICE,
     )
 
 
@@ -318,15 +414,21 @@ _OVERFIT_ADVICE = [
     "Get more training data, or check that train and validation come from the same distribution.",
 ]
 _UNDERFIT_ADVICE = [
-    "Increase capacity (width, depth) or use a better-suited architecture or features.",
-    "Train longer or with a higher learning rate; check the schedule did not decay the rate too early.",
+    "Compare the plateau with the task's floor: label noise or overlapping classes set a loss no model beats.",
+    "Below that floor: increase capacity (width, depth) or use a better-suited architecture or features.",
+    "Check the regularisation (weight decay, dropout) is not so strong that the weights cannot grow.",
     "If the loss never moved from its initial value, check that gradients reach the weights (GradNormMonitor).",
+]
+_VAL_FLAT_ADVICE = [
+    "Check the regularisation: weight decay or dropout so strong the model cannot learn keeps it at chance.",
+    "Check the labels and inputs of the validation data match the training data (same preprocessing, order).",
+    "Check that gradients reach the weights and that the learning rate is not far too low or too high.",
 ]
 _PLATEAU_ADVICE_CREEPING = [
     "The loss keeps falling slowly at every evaluation: the learning rate is probably too low; raise it 3-10x.",
     "Check the schedule: a warmup that is too long or a decay that starts too early has the same effect.",
 ]
 _PLATEAU_ADVICE = [
-    "Try a higher learning rate, or a schedule with warm restarts (WarmupCosine(num_cycles=...)).",
+    "Check the learning rate with a short range test: too low creeps, too high (or no warmup) stalls at a high loss.",
     "Check capacity and the data (labels, normalisation); the model may have learned all it can from them.",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "check_gradients",
     "check_loss_at_init",
     "check_overfit_batch",
+    "check_probabilities_as_logits",
     "model_input",
     "overfit_optimizer",
     "preserved_module",
@@ -50,9 +51,14 @@ _MIXING = (nn.modules.batchnorm._BatchNorm,)
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
-def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9) -> list[Verdict]:
+def check_data(
+    batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9, min_label_samples: int = 16
+) -> list[Verdict]:
     """NaN/Inf anywhere in the batch; float inputs whose typical magnitude exceeds ``scale_limit``; integer
     targets (the last integer tensor of the batch) that are all one class or with one class above ``imbalance``.
+
+    The label checks need ``min_label_samples`` labels: 8 samples of a balanced two-class task are all one class
+    by chance once in 128 batches, 16 once in 32,768.
     """
     issues: list[Verdict] = []
     bad = first_non_finite(batch)
@@ -75,7 +81,7 @@ def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9)
             issues.append(
                 Verdict(
                     "input_scale",
-                    "info",
+                    "warning",
                     f"`{name}` looks unnormalised: root-mean-square {rms:.3g} (mean {float(t.float().mean()):.3g}, "
                     f"std {float(t.float().std()):.3g}).",
                     {"tensor": name, "rms": rms},
@@ -85,7 +91,11 @@ def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9)
                     ],
                 )
             )
-    labels = [(n, t) for n, t in tensors if not t.is_floating_point() and t.dim() == 1 and t.numel() > 1]
+    labels = [
+        (n, t)
+        for n, t in tensors
+        if not t.is_floating_point() and t.dim() == 1 and t.numel() >= max(min_label_samples, 2)
+    ]
     if labels:
         name, y = labels[-1]
         values, counts = torch.unique(y, return_counts=True)
@@ -113,6 +123,52 @@ def check_data(batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9)
                 )
             )
     return issues
+
+
+# -- loss at init --------------------------------------------------------------------------------------------------
+def check_probabilities_as_logits(out: torch.Tensor, labels: torch.Tensor, loss: float) -> list[Verdict]:
+    """Softmax applied before a loss that applies log-softmax itself (``nn.CrossEntropyLoss`` on probabilities).
+
+    Flagged when every row of the ``[batch, C]`` output is a probability vector (in ``[0, 1]``, summing to 1) and
+    the training loss equals cross-entropy taken on those probabilities as if they were logits, not the negative
+    log-likelihood of them (``F.nll_loss(p.log(), y)``, the correct use of probabilities).
+    """
+    classes = int(out.shape[1]) if out.dim() == 2 else 0
+    if classes < 2 or not math.isfinite(loss) or labels.dtype not in (torch.int64, torch.int32):
+        return []
+    p = out.detach().float()
+    if labels.min() < 0 or labels.max() >= classes:
+        return []
+    rows = p.sum(dim=1)
+    if not (bool((p >= 0).all()) and bool((p <= 1).all()) and bool(((rows - 1).abs() < 1e-3).all())):
+        return []
+    y = labels.long().to(p.device)
+    as_logits = float(nn.functional.cross_entropy(p, y))
+    as_probs = float(nn.functional.nll_loss(p.clamp_min(1e-12).log(), y))
+    off_logits, off_probs = abs(loss - as_logits), abs(loss - as_probs)
+    # near-uniform outputs make both readings close to ln(C): the loss must match one far better than the other
+    if off_logits > 1e-5 * max(1.0, abs(as_logits)) or off_probs < 10 * off_logits + 1e-5:
+        return []
+    floor = math.log(1 + (classes - 1) / math.e)
+    return [
+        Verdict(
+            "loss_at_init",
+            "warning",
+            f"The model outputs probabilities (every row sums to 1) and the loss is cross-entropy on them as if they "
+            f"were logits: softmax is applied twice. Gradients are squashed and the loss cannot go below "
+            f"ln(1 + {classes - 1}/e) = {floor:.4g}.",
+            {
+                "loss": loss,
+                "cross_entropy_of_outputs": round(as_logits, 6),
+                "floor": round(floor, 6),
+                "num_classes": classes,
+            },
+            [
+                "Remove the final softmax: nn.CrossEntropyLoss / F.cross_entropy take logits and apply log-softmax.",
+                "If the model must output probabilities, train with F.nll_loss(torch.log(p), y) instead.",
+            ],
+        )
+    ]
 
 
 # -- loss at init --------------------------------------------------------------------------------------------------
@@ -451,6 +507,7 @@ def run_checks(
             and out.shape[0] == labels.shape[0]
         ):
             results += check_loss_at_init(float(loss.detach().float().sum()), int(out.shape[1]))
+            results += check_probabilities_as_logits(out, labels, float(loss.detach().float().sum()))
     if gradients:
         results += check_gradients(model, lambda: loss_of(model))
     if batch_independence and x is not None and x.is_floating_point():

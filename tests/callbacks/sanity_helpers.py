@@ -69,7 +69,7 @@ BROKEN: dict[str, tuple[dict[str, Any], dict[str, Any], str, str]] = {
     "overconfident_init": ({"bug": "overconfident_init"}, {}, "loss_at_init", "warning"),
     "unused_layer": ({"bug": "unused_layer"}, {}, "missing_gradients", "error"),
     "batch_mixing": ({"bug": "batch_mixing"}, {}, "batch_dependence", "error"),
-    "unnormalised_inputs": ({}, {"scale": 1000.0}, "input_scale", "info"),
+    "unnormalised_inputs": ({}, {"scale": 1000.0}, "input_scale", "warning"),
     "single_class_labels": ({}, {"labels": "zeros"}, "label_distribution", "warning"),
     "nan_in_data": ({}, {"nan": True}, "non_finite_input", "error"),
     "detached_graph": ({"bug": "detached"}, {}, "missing_gradients", "error"),

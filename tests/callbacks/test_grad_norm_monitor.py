@@ -245,3 +245,26 @@ def test_no_host_sync_on_a_step_that_does_not_log() -> None:
 def test_bad_arguments(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         GradNormMonitor(**kwargs)
+
+
+class DeepSigmoid(Regression):
+    """A 14-layer sigmoid nn.Sequential: the early layers' gradients are ~1e-10 of the head's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for _ in range(13):
+            layers += [nn.Linear(8, 8), nn.Sigmoid()]
+        self.net = nn.Sequential(*layers, nn.Linear(8, 1))
+
+
+def test_vanishing_is_judged_per_layer_and_at_fit_end_whatever_the_grouping() -> None:
+    # depth=1 puts the whole stack in one group `net`, and 40 steps never reach the logging interval of 50
+    t = trainer(max_steps=40, callbacks=[GradNormMonitor()])
+    t.fit(DeepSigmoid(), loader(n=320))
+    finding = find(collect_findings(t), "vanishing_gradients")
+    assert finding is not None and finding.evidence["layers"].startswith("net.0")
+    assert finding.evidence["smallest_norm"] < 1e-4 * finding.evidence["late_max_norm"]
+    healthy = trainer(max_steps=40, callbacks=[GradNormMonitor()])
+    healthy.fit(Regression(), loader(n=320))
+    assert find(collect_findings(healthy), "vanishing_gradients") is None

@@ -120,3 +120,42 @@ def test_cuda_device_time_host_syncs_and_pin_memory(tmp_path) -> None:
     assert "test_speed_monitor.py" in sync.evidence["call_sites"]
     series = csv_scalars(os.path.join(t.logger.log_dir, "metrics.csv"))
     assert series["diag/throughput/device_ms"] and all(v > 0 for _, v in series["diag/throughput/device_ms"])
+
+
+def test_a_large_share_of_a_tiny_step_is_not_worth_fixing() -> None:
+    # 1 ms per sample would be a clear case; 0.2 ms x 8 samples against a ~1 ms step is a large share of nothing
+    monitor = SpeedMonitor(window=10, ignore_first_steps=2)
+    t = trainer(max_epochs=1, log_every_n_steps=5, callbacks=[monitor])
+    t.fit(Regression(), DataLoader(SlowData(n=128, delay_s=0.0002), batch_size=8))
+    assert find(collect_findings(t), "dataloader_bound") is None
+
+
+def test_a_run_shorter_than_the_logging_interval_is_judged_at_the_end() -> None:
+    monitor = SpeedMonitor(ignore_first_steps=3)
+    t = trainer(max_steps=8, callbacks=[monitor])  # log_every_n_steps=50: no logging step at all
+    t.fit(Regression(), DataLoader(SlowData(n=256, delay_s=0.004), batch_size=8))
+    finding = find(collect_findings(t), "dataloader_bound")
+    assert finding is not None and finding.step == 8
+    assert finding.evidence["expected_speedup"] > 2 and "faster" in finding.message
+
+
+class Stalls(Dataset):
+    """Fast, except that one batch in seven stalls for 120 ms (a busy machine descheduling the process)."""
+
+    def __init__(self, n: int = 256) -> None:
+        self.data = regression_data(n)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        if i % 56 == 0:
+            time.sleep(0.12)
+        return self.data[i]
+
+
+def test_occasional_stalls_are_not_a_bound_loader(tmp_path) -> None:
+    t = fit(DataLoader(Stalls(), batch_size=8), tmp_path)
+    assert find(collect_findings(t), "dataloader_bound") is None
+    series = csv_scalars(os.path.join(t.logger.log_dir, "metrics.csv"))
+    assert max(v for _, v in series["diag/throughput/data_wait_ms"]) > 2  # the mean sees the stalls

@@ -11,7 +11,7 @@ from lightning_diag.core.spikes import SpikeDetector
 
 
 def reference(
-    values: list[float], window: int, threshold: float, min_ratio: float, warmup: int
+    values: list[float], window: int, threshold: float, min_ratio: float, warmup: int, extreme: float = 100.0
 ) -> list[bool]:
     """The documented rule written out in Python floats."""
     alpha = 2.0 / (window + 1)
@@ -19,8 +19,9 @@ def reference(
     for x in values:
         finite = math.isfinite(x)
         std = math.sqrt(max(var, 0.0))
-        spike = (
-            finite and count >= warmup and x > mean + threshold * std and (mean <= 0 or x > min_ratio * mean)
+        spike = finite and (
+            (count >= 1 and mean > 0 and x > extreme * mean)
+            or (count >= warmup and x > mean + threshold * std and (mean <= 0 or x > min_ratio * mean))
         )
         out.append(spike)
         if finite and not spike:
@@ -78,7 +79,7 @@ def test_a_spike_does_not_raise_the_bar_for_the_next_one() -> None:
 
 def test_no_spike_during_warmup_and_none_on_a_constant_series() -> None:
     detector = SpikeDetector(warmup=4)
-    assert not any(detector.update(v) for v in [1.0, 100.0, 1.0, 1.0])
+    assert not any(detector.update(v) for v in [1.0, 50.0, 1.0, 1.0])
     constant = SpikeDetector(warmup=2)
     assert not any(constant.update(3.0) for _ in range(50))
 
@@ -104,3 +105,31 @@ def test_state_round_trip() -> None:
     assert a.update(50.0) == b.update(50.0)
     assert a.state_dict() == b.state_dict()
     SpikeDetector().load_state_dict({})  # tolerates missing keys
+
+
+def test_an_extreme_value_is_a_spike_even_during_warmup() -> None:
+    detector = SpikeDetector(warmup=20)
+    assert not detector.update(0.96)  # the first value has nothing to be compared with
+    assert detector.update(4.6e4)  # Adam at lr=5: the norm 48,000x its first value at step 1
+    assert detector.mean == 0.96  # and it stays out of the statistics
+    assert not SpikeDetector(warmup=20, extreme_ratio=math.inf).update(4.6e4)
+
+
+def test_heavy_tailed_steps_are_not_spikes_but_practically_large_ones_are() -> None:
+    detector = SpikeDetector(window=100, threshold=6.0, warmup=20)
+    for i in range(40):
+        detector.update(0.3 + 0.01 * (i % 3))
+    assert not detector.update(1.1)  # 0.33 -> 1.1: many standard deviations, only 3.5x the level
+    assert detector.update(3.0)  # 10x the level and far outside the spread
+
+
+def test_a_short_last_batch_is_neither_judged_nor_counted() -> None:
+    detector = SpikeDetector(warmup=3)
+    for _ in range(5):
+        detector.update(1.0, batch_size=32)
+    before = detector.state_dict()
+    assert not detector.update(50.0, batch_size=3)  # the 3-sample remainder of an epoch
+    assert detector.state_dict() == before
+    assert detector.update(50.0, batch_size=32)
+    growing = SpikeDetector(warmup=1)
+    assert not growing.update(1.0, batch_size=4) and growing.max_batch == 4

@@ -1,0 +1,86 @@
+"""The rules calibrated on the diagnosis corpus, Trainer-free: each one fires on the failure it models and stays
+quiet on the healthy run that looks like it."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from lightning_diag.core.curves import CurvePoint, diagnose
+from lightning_diag.core.grad_stats import leaf_module, vanishing_layers
+from lightning_diag.core.sanity import check_data, check_probabilities_as_logits
+
+
+def _probs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(32, 10, generator=g)
+    return torch.softmax(logits, dim=1), torch.randint(0, 10, (32,), generator=g)
+
+
+def test_softmax_before_cross_entropy_is_flagged_and_nll_of_log_probs_is_not() -> None:
+    p, y = _probs()
+    found = check_probabilities_as_logits(p, y, float(F.cross_entropy(p, y)))
+    assert [v.code for v in found] == ["loss_at_init"] and found[0].evidence["floor"] < 1.47
+    assert (
+        check_probabilities_as_logits(p, y, float(F.nll_loss(p.log(), y))) == []
+    )  # the right use of probabilities
+    logits = torch.randn(32, 10)
+    assert check_probabilities_as_logits(logits, y, float(F.cross_entropy(logits, y))) == []
+    uniform = torch.full((32, 10), 0.1)  # both readings equal ln(10): nothing to tell them apart
+    assert check_probabilities_as_logits(uniform, y, float(F.cross_entropy(uniform, y))) == []
+
+
+def test_label_checks_need_enough_labels() -> None:
+    x = torch.randn(8, 2)
+    assert check_data([x, torch.zeros(8, dtype=torch.long)]) == []  # 8 labels all one class: chance, 1 in 128
+    found = check_data([torch.randn(32, 2), torch.zeros(32, dtype=torch.long)])
+    assert [v.code for v in found] == ["label_distribution"]
+
+
+def test_vanishing_is_early_layers_against_late_layers_not_all_small_together() -> None:
+    names = [f"net.{i}" for i in range(14)]
+    deep_sigmoid = [1e-12 * 4**i for i in range(14)]
+    flagged, late = vanishing_layers(names, deep_sigmoid, 1e-4, 1e-8)
+    assert flagged and all(int(n.split(".")[1]) < 7 for n, _ in flagged) and late == deep_sigmoid[-1]
+    converged = [3e-4, 5e-4, 4e-4, 6e-4]  # a converged MLP: everything small, in proportion
+    assert vanishing_layers(names[:4], converged, 1e-4, 1e-8)[0] == []
+    assert vanishing_layers(names[:4], [1e-12] * 4, 1e-4, 1e-8)[0] == []  # all ~0 together is not judged here
+    assert leaf_module("net.3.weight") == "net.3"
+
+
+def _curve(train: list[float], val: list[float | None]) -> list[CurvePoint]:
+    return [CurvePoint(float(i + 1), t, v) for i, (t, v) in enumerate(zip(train, val, strict=True))]
+
+
+def test_divergence_against_the_first_step() -> None:
+    points = _curve([24.3, 18.7, 21.2], [24.0, 18.4, 20.0])  # an LSTM at lr=20: high but not rising
+    assert diagnose(points) == []
+    found = diagnose(points, initial=4.09)
+    assert [v.code for v in found] == ["divergence"] and found[0].evidence["ratio"] > 5
+    assert diagnose(_curve([1.2, 0.8, 0.6], [1.1, 0.8, 0.7]), initial=2.3) == []
+
+
+def test_a_validation_loss_that_never_moved_is_a_plateau() -> None:
+    dropout_097 = _curve([3.17, 2.97, 2.79, 2.78, 2.75], [2.302, 2.301, 2.302, 2.303, 2.302])
+    found = diagnose(dropout_097)
+    assert [(v.code, v.severity) for v in found] == [("loss_plateau", "warning")]
+    converged = _curve([0.30, 0.02, 0.01, 0.01, 0.01], [0.011, 0.011, 0.0109, 0.011, 0.011])
+    assert diagnose(converged) == []  # flat, but low: nothing left to learn
+
+
+def test_a_stop_while_the_gap_widens_is_overfitting() -> None:
+    points = _curve([2.0, 1.2, 0.9, 0.6, 0.4, 0.3], [2.0, 1.6, 1.5, 1.56, 1.58, 1.59])
+    assert [(v.code, v.severity) for v in diagnose(points)] == [("overfitting", "info")]
+    assert [(v.code, v.severity) for v in diagnose(points, stopped=True)] == [("overfitting", "warning")]
+
+
+def test_validation_and_training_moving_together_is_not_overfitting() -> None:
+    # strong L2: both curves sit at ln(4) and wander by noise; validation ends 4% above its best
+    points = _curve([1.394, 1.390, 1.388, 1.386], [1.329, 1.35, 1.37, 1.387])
+    assert all(v.code != "overfitting" or v.severity == "info" for v in diagnose(points))
+    # a tiny data set that stops 3.6% above its best validation loss: ordinary early stopping
+    tiny = _curve(
+        [0.645, 0.557, 0.474, 0.408, 0.353, 0.318, 0.299, 0.279, 0.270],
+        [0.631, 0.548, 0.488, 0.448, 0.425, 0.4124, 0.4151, 0.4206, 0.4271],
+    )
+    assert all(v.severity == "info" for v in diagnose(tiny, stopped=True))
