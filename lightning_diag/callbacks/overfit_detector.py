@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import warnings
 from collections.abc import Mapping
@@ -31,6 +32,10 @@ __all__ = ["OverfitDetector"]
 
 #: Detections that ``action="stop"`` stops on (the others cannot be cured by stopping).
 STOP_CODES = ("overfitting", "divergence")
+
+
+#: Training steps whose mean loss is the initial loss (the divergence reference): one batch can be unusually easy.
+INITIAL_STEPS = 4
 
 
 class OverfitDetector(DiagCallback):
@@ -74,8 +79,9 @@ class OverfitDetector(DiagCallback):
     Findings:
         ``overfitting`` (warning; info for an early widening gap, a warning again when another callback such as
         EarlyStop stopped the run while the gap was widening), ``underfitting``, ``loss_plateau``, ``divergence``
-        (also when the mean training loss is ``divergence_ratio`` times the loss of the first step, which is read
-        with the first evaluation's mean); ``early_stopped`` (info) when ``action="stop"`` stopped the run;
+        (also when the mean training loss is ``divergence_ratio`` times the initial loss, the mean of the first
+        ``INITIAL_STEPS`` steps' losses, read with the first evaluation's mean: one step's batch can be much easier
+        than the average); ``early_stopped`` (info) when ``action="stop"`` stopped the run;
         ``non_finite_metric`` (warning, once per key with a count) when the validation loss (or ``train_monitor``)
         is NaN/Inf.
 
@@ -161,9 +167,12 @@ class OverfitDetector(DiagCallback):
             None  # (x, train mean, val) awaiting epoch end
         )
         self._missing_warned = False
-        self._first: torch.Tensor | None = (
-            None  # the loss of the first training step (read with the first mean)
-        )
+        # (sum, finite count) of the first INITIAL_STEPS training losses: the initial loss, read with the first mean
+        self._first: torch.Tensor | None = None
+        self._first_steps = 0
+        # the last INITIAL_STEPS (loss, finite) pairs, compared with the initial loss at each evaluation
+        self._recent: collections.deque[torch.Tensor] = collections.deque(maxlen=INITIAL_STEPS)
+        self.recent_loss: float | None = None
         self.initial_loss: float | None = None
 
     # -- gather ---------------------------------------------------------------------------------------------
@@ -181,17 +190,30 @@ class OverfitDetector(DiagCallback):
                 self._sum = self._sum.to(pair.device)  # restored from a checkpoint, on the CPU
             self._sum = pair if self._sum is None else self._sum + pair
             self._count += 1
-            if self._first is None and self.initial_loss is None:
-                self._first = value
+            self._recent.append(pair)
+            if self.initial_loss is None and self._first_steps < INITIAL_STEPS:
+                self._first = pair if self._first is None else self._first.to(pair.device) + pair
+                self._first_steps += 1
 
     def _take_train_mean(self) -> float | None:
         if self._sum is None or self._count == 0:
             return None
-        if self._first is not None:  # the first step's loss travels with the first mean: still one read
-            total, finite, first = torch.cat([self._sum, self._first.view(1).to(self._sum.device)]).tolist()
-            self.initial_loss, self._first = (first if math.isfinite(first) else None), None
-        else:
-            total, finite = self._sum.tolist()  # one host read per evaluation
+        device = self._sum.device
+        parts = [self._sum]  # one host read per evaluation: the mean, the recent steps, the initial loss once
+        recent = torch.stack([p.to(device) for p in self._recent]).sum(0) if self._recent else None
+        if recent is not None:
+            parts.append(recent)
+        if self._first is not None:
+            parts.append(self._first.to(device))
+        values = torch.cat(parts).tolist()
+        total, finite = values[0], values[1]
+        if recent is not None:
+            recent_total, recent_finite = values[2], values[3]
+            self.recent_loss = recent_total / recent_finite if recent_finite > 0 else None
+        if self._first is not None:
+            first_total, first_finite = values[-2], values[-1]
+            self.initial_loss = first_total / first_finite if first_finite > 0 else None
+            self._first = None
         self._sum, self._count = None, 0
         return total / finite if finite > 0 else math.nan
 
@@ -265,7 +287,12 @@ class OverfitDetector(DiagCallback):
         _logging.log_direct(trainer, metrics, step=trainer.global_step)
         stop_reason: Verdict | None = None
         for detection in diagnose(
-            self.points, self.rules, self.chance_loss, unit="epoch", initial=self.initial_loss
+            self.points,
+            self.rules,
+            self.chance_loss,
+            unit="epoch",
+            initial=self.initial_loss,
+            recent=self.recent_loss,
         ):
             self.record(trainer, detection, key=f"{detection.code}:{detection.severity}")
             if detection.code in STOP_CODES and detection.severity != "info":
@@ -320,6 +347,11 @@ class OverfitDetector(DiagCallback):
             "train_count": self._count,
             "pending": list(self._pending) if self._pending is not None else None,
             "initial_loss": self.initial_loss,
+            "recent_loss": self.recent_loss,
+            # the steps the initial and recent losses are still being read from (a checkpoint mid-epoch)
+            "recent": [p.detach().cpu() for p in self._recent],
+            "first": self._first.detach().cpu() if self._first is not None else None,
+            "first_steps": self._first_steps,
             "findings": self._findings_state(),
         }
 
@@ -340,4 +372,11 @@ class OverfitDetector(DiagCallback):
             x, train, val = pending
             self._pending = (float(x), float(train), None if val is None else float(val))
         self.initial_loss = state_dict.get("initial_loss", self.initial_loss)
+        self.recent_loss = state_dict.get("recent_loss", self.recent_loss)
+        self._recent = collections.deque(
+            (p.clone() for p in state_dict.get("recent", [])), maxlen=INITIAL_STEPS
+        )
+        if isinstance(state_dict.get("first"), torch.Tensor):
+            self._first = state_dict["first"].clone()
+        self._first_steps = int(state_dict.get("first_steps", self._first_steps))
         self._load_findings_state(state_dict)

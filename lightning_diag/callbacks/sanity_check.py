@@ -152,10 +152,8 @@ class SanityCheck(DiagCallback):
         if trainer.global_step > 0 and not self._batches and not self._model_tries:
             self.done = True  # a resumed run: it was checked when it started
             return
-        if not self._model_done:
-            self._model_checks(trainer, pl_module, batch, batch_idx)
         data_done = not self.check_data
-        if self.check_data:
+        if self.check_data:  # first: a NaN in the data also makes the model checks fail, as a consequence
             self._batches.append(batch)
             if len(self._batches) >= self.num_batches or batch_idx + 1 >= _num_batches(trainer):
                 issues = sanity.run_checks(
@@ -170,6 +168,8 @@ class SanityCheck(DiagCallback):
                 self._judge(trainer, issues)
                 self._batches = []
                 data_done = True
+        if not self._model_done:
+            self._model_checks(trainer, pl_module, batch, batch_idx)
         self.done = self._model_done and data_done
 
     def _model_checks(
@@ -207,6 +207,8 @@ class SanityCheck(DiagCallback):
                 overfit_batch_steps=int(loss_checks["overfit_batch_steps"]),
                 overfit_lr=self.overfit_lr,
                 min_drop=self.min_drop,
+                trained={id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+                or None,
             )
         except sanity.NoLoss:
             # Lightning skips a batch whose training_step returns None: check the next one (still before any update)

@@ -124,18 +124,21 @@ def diagnose(
     unit: str = "epoch",
     initial: float | None = None,
     stopped: bool = False,
+    recent: float | None = None,
 ) -> list[Verdict]:
     """Apply every rule to the history ``points`` (in evaluation order); return what holds at its end.
 
-    ``unit`` names what ``x`` counts in the messages (``"epoch"`` or ``"step"``); ``initial`` is the loss of the
-    first training step when known; ``stopped`` says the run was stopped early (by EarlyStop) after the last point.
+    ``unit`` names what ``x`` counts in the messages (``"epoch"`` or ``"step"``); ``initial`` is the mean loss of
+    the first few training steps when known and ``recent`` the mean loss of as many steps just before the last
+    evaluation (compared with each other: like with like, as one batch can be much easier than the average);
+    ``stopped`` says the run was stopped early (by EarlyStop) after the last point.
     """
     rules = rules or CurveRules()
     if not points:
         return []
 
     found: list[Verdict] = []
-    divergence = _divergence(points, rules, unit, initial)
+    divergence = _divergence(points, rules, unit, initial, recent)
     if divergence is not None:
         return [divergence]  # the other rules read a loss that is still meaningful
     overfit = _overfitting(points, rules, unit, stopped)
@@ -158,7 +161,11 @@ def _oscillation(train: Sequence[float], rules: CurveRules) -> dict[str, Any]:
 
 
 def _divergence(
-    points: Sequence[CurvePoint], rules: CurveRules, unit: str, initial: float | None = None
+    points: Sequence[CurvePoint],
+    rules: CurveRules,
+    unit: str,
+    initial: float | None = None,
+    recent: float | None = None,
 ) -> Verdict | None:
     train = [p.train for p in points]
     last = points[-1]
@@ -172,27 +179,29 @@ def _divergence(
             {"train_loss": str(last.train), "best_train_loss": min(finite) if finite else "n/a"},
             _DIVERGENCE_ADVICE,
         )
+    current = recent if recent is not None and math.isfinite(recent) else last.train
     if (
         initial is not None
         and math.isfinite(initial)
         and initial > 0
-        and last.train > rules.divergence_ratio * initial
+        and current > rules.divergence_ratio * initial
     ):
+        where = "over the last steps before" if recent is not None else "on average up to"
         return _verdict(
             "divergence",
             "error",
-            f"The training loss is {last.train / initial:.3g}x its value at the first step: {_fmt(last.train)} on average "
-            f"up to {_x(last, unit)}, against {_fmt(initial)} at the start. The model does worse than where it started.",
+            f"The training loss is {current / initial:.3g}x its value at the start: {_fmt(current)} {where} "
+            f"{_x(last, unit)}, against {_fmt(initial)} over the first steps. The model does worse than where it started.",
             last.x,
-            {"train_loss": last.train, "initial_loss": initial, "ratio": round(last.train / initial, 4)},
+            {"train_loss": current, "initial_loss": initial, "ratio": round(current / initial, 4)},
             _DIVERGENCE_ADVICE,
         )
     w = rules.window
     if len(points) <= w:
         return None
     lowest = min(train)
-    recent = train[-w - 1 :]
-    rising = all(b >= a for a, b in itertools.pairwise(recent)) and recent[-1] > recent[0]
+    window = train[-w - 1 :]
+    rising = all(b >= a for a, b in itertools.pairwise(window)) and window[-1] > window[0]
     if lowest > 0 and rising and last.train > rules.divergence_ratio * lowest:
         best_at = points[train.index(lowest)]
         evidence: dict[str, Any] = {

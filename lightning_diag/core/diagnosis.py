@@ -9,14 +9,15 @@ when several findings of the cause codes match), and never a cause that it (tran
 
 | rule | cause | explains | when |
 |---|---|---|---|
+| ``silent_bug`` | ``stale_gradients``, ``optimizer_no_op``, ``wrong_mode``, ``repeated_data`` | exploding/vanishing gradients, loss spike, divergence, non-finite values and metrics, plateau, underfitting, overfitting, early stop | any |
 | ``bad_input`` | ``non_finite_input`` | non-finite loss/gradients/parameters, divergence, early stop | same step or later |
 | ``input_scale`` | ``input_scale`` | exploding/vanishing gradients, loss spike, divergence, non-finite values, loss at init | same step or later |
 | ``fp16_overflow`` | ``amp_overflow`` | non-finite loss/gradients/parameters, loss spike, divergence | same step or later |
 | ``one_spike`` | ``exploding_gradients`` | loss spike | within 10 steps |
 | ``lr_too_high`` | ``exploding_gradients``, ``loss_spike`` | vanishing gradients (a collapse to 0), plateau, underfitting, divergence, non-finite values | same step or later |
 | ``diverged`` | ``divergence`` | non-finite values, vanishing gradients, plateau, underfitting, early stop | same step or later |
-| ``non_finite_chain`` | ``non_finite_loss`` | non-finite gradients/parameters, divergence, early stop, plateau | same step or later |
-| ``non_finite_grads`` | ``non_finite_gradients`` | non-finite parameters/loss, divergence, early stop | same step or later |
+| ``non_finite_chain`` | ``non_finite_loss`` | non-finite gradients/parameters/metrics, divergence, early stop, plateau | same step or later |
+| ``non_finite_grads`` | ``non_finite_gradients`` | non-finite parameters/loss/metrics, divergence, early stop | same step or later |
 | ``no_gradient`` | ``missing_gradients`` | vanishing gradients, plateau, underfitting | any |
 | ``vanished`` | ``vanishing_gradients`` | plateau, underfitting | any |
 | ``sorted_labels`` | ``label_distribution`` | loss spike, exploding gradients, plateau, underfitting | any |
@@ -76,6 +77,24 @@ class Rule:
 
 RULES: tuple[Rule, ...] = (
     Rule(
+        "silent_bug",
+        ("stale_gradients", "optimizer_no_op", "wrong_mode", "repeated_data"),
+        (
+            "exploding_gradients",
+            "loss_spike",
+            "divergence",
+            *_NON_FINITE,
+            "vanishing_gradients",
+            "non_finite_metric",
+            *_CURVE,
+            "overfitting",
+            "early_stopped",
+        ),
+        "any",
+        "a silent bug (gradients never zeroed, an update that changes nothing, a module in the wrong mode, the same "
+        "batch again) makes the curves and norms misbehave: they are its symptoms",
+    ),
+    Rule(
         "bad_input",
         ("non_finite_input",),
         (*_NON_FINITE, "divergence", "early_stopped", "loss_spike"),
@@ -127,14 +146,21 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "non_finite_chain",
         ("non_finite_loss",),
-        ("non_finite_gradients", "non_finite_parameters", "divergence", "early_stopped", *_CURVE),
+        (
+            "non_finite_gradients",
+            "non_finite_parameters",
+            "divergence",
+            "early_stopped",
+            "non_finite_metric",
+            *_CURVE,
+        ),
         "after",
-        "a non-finite loss makes the gradients and then the weights non-finite",
+        "a non-finite loss makes the gradients and then the weights (and so the validation metrics) non-finite",
     ),
     Rule(
         "non_finite_grads",
         ("non_finite_gradients",),
-        ("non_finite_parameters", "non_finite_loss", "divergence", "early_stopped"),
+        ("non_finite_parameters", "non_finite_loss", "divergence", "early_stopped", "non_finite_metric"),
         "after",
         "a non-finite gradient step makes the weights (and so the loss) non-finite",
     ),
@@ -177,6 +203,11 @@ RULES: tuple[Rule, ...] = (
 
 #: Rank of the codes when two roots explain as many findings (first = preferred primary).
 PRIORITY: tuple[str, ...] = (
+    "stale_gradients",
+    "optimizer_no_op",
+    "wrong_mode",
+    "repeated_data",
+    "replica_divergence",
     "non_finite_input",
     "input_scale",
     "batch_dependence",
@@ -198,6 +229,7 @@ PRIORITY: tuple[str, ...] = (
     "dataloader_bound",
     "host_sync",
     "dataloader_config",
+    "non_finite_metric",
     "early_stopped",
 )
 

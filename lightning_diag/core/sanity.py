@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -210,8 +210,14 @@ def check_loss_at_init(
 
 
 # -- gradients -----------------------------------------------------------------------------------------------------
-def check_gradients(module: nn.Module, compute_loss: Callable[[], torch.Tensor]) -> list[Verdict]:
-    """Trainable parameters that get no gradient from the loss, and non-finite gradients (module restored)."""
+def check_gradients(
+    module: nn.Module, compute_loss: Callable[[], torch.Tensor], trained: Collection[int] | None = None
+) -> list[Verdict]:
+    """Trainable parameters that get no gradient from the loss, and non-finite gradients (module restored).
+
+    ``trained``: the ``id`` of every parameter an optimizer updates, when known; a parameter no optimizer holds
+    (an EMA copy, a teacher) is not expected to get a gradient.
+    """
     with preserved_module(module), torch.enable_grad():
         for p in module.parameters():
             p.grad = None
@@ -229,7 +235,11 @@ def check_gradients(module: nn.Module, compute_loss: Callable[[], torch.Tensor])
                 )
             ]
         loss.float().sum().backward()
-        missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+        missing = [
+            n
+            for n, p in module.named_parameters()
+            if p.requires_grad and p.grad is None and (trained is None or id(p) in trained)
+        ]
         bad = [
             n
             for n, p in module.named_parameters()
@@ -454,6 +464,7 @@ def run_checks(
     overfit_batch_steps: int = 0,
     overfit_lr: float = 1e-3,
     min_drop: float = 0.5,
+    trained: Collection[int] | None = None,
 ) -> list[Verdict]:
     """All enabled checks on ``batches`` (data checks on each, model checks on the first), model left untouched.
 
@@ -469,6 +480,7 @@ def run_checks(
         overfit_batch_steps: steps of :func:`check_overfit_batch` (``0``: off).
         overfit_lr: the learning rate of the overfit check (Adam).
         min_drop: the loss drop the overfit check requires.
+        trained: ids of the parameters the optimizers update (see :func:`check_gradients`), when known.
     """
     results: list[Verdict] = []
     if data:
@@ -509,7 +521,7 @@ def run_checks(
             results += check_loss_at_init(float(loss.detach().float().sum()), int(out.shape[1]))
             results += check_probabilities_as_logits(out, labels, float(loss.detach().float().sum()))
     if gradients:
-        results += check_gradients(model, lambda: loss_of(model))
+        results += check_gradients(model, lambda: loss_of(model), trained)
     if batch_independence and x is not None and x.is_floating_point():
         # forward may need more than one input: then the check does not apply
         with contextlib.suppress(Exception):

@@ -52,15 +52,23 @@ def fingerprint(tensors: Sequence[torch.Tensor], size: int = 64) -> torch.Tensor
     """A fingerprint of a batch: a fixed-length float vector, equal for equal batches.
 
     The strided sample (:func:`flat_sample`) of each of the first ``MAX_FINGERPRINT_TENSORS`` tensors, zero-padded to
-    ``size`` values each, then each tensor's element count and the number of tensors: ``MAX_FINGERPRINT_TENSORS *
-    (size + 1) + 1`` numbers. Two batches with the same values give bitwise the same vector; a batch holding NaN
-    in its sample never compares equal, so it is never called a repeat.
+    ``size`` values each, then each tensor's sum and sum of squares (a sample alone can alias: with a stride that
+    divides the row width it reads the same pixel of every image, and image borders are 0 everywhere), then each
+    tensor's element count and the number of tensors: ``MAX_FINGERPRINT_TENSORS * (size + 3) + 1`` numbers. Two
+    batches with the same values give bitwise the same vector; a batch holding NaN in its sample never compares
+    equal, so it is never called a repeat.
     """
     device = tensors[0].device if tensors else torch.device("cpu")
     width = MAX_FINGERPRINT_TENSORS * size
     kept = tensors[:MAX_FINGERPRINT_TENSORS]
     samples = [flat_sample(t, size).to(device=device, dtype=torch.float32) for t in kept]
     values = torch.cat(samples) if samples else torch.zeros(0, device=device)
+    moments = torch.zeros(2 * MAX_FINGERPRINT_TENSORS, device=device)
+    for i, t in enumerate(kept):
+        whole = t.detach().to_dense() if t.layout != torch.strided else t.detach()
+        whole = whole.to(device=device, dtype=torch.float64)
+        moments[2 * i] = whole.sum().float()
+        moments[2 * i + 1] = whole.square().sum().float()
     # element counts (they also fix where one tensor's sample ends), then the number of tensors
     counts = (
         [float(t.numel()) for t in kept]
@@ -68,7 +76,7 @@ def fingerprint(tensors: Sequence[torch.Tensor], size: int = 64) -> torch.Tensor
         + [float(len(tensors))]
     )
     padded = torch.nn.functional.pad(values, (0, width - values.numel()))
-    return torch.cat([padded, torch.tensor(counts, dtype=torch.float32, device=device)])
+    return torch.cat([padded, moments, torch.tensor(counts, dtype=torch.float32, device=device)])
 
 
 def divergent_entries(gathered: torch.Tensor, rtol: float) -> list[int]:

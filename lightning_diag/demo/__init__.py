@@ -31,8 +31,8 @@ class Scenario:
 #: name -> scenario (the builders import torch and Lightning; this table does not).
 SCENARIOS: dict[str, Scenario] = {
     "lr_too_high": Scenario(
-        "SGD at lr=2 on a regression: the gradients explode past float32; NaNGuard skips, then rolls back with "
-        "an LR back-off",
+        "SGD at lr=2 on a regression: the loss and gradient norm spike by orders of magnitude within two "
+        "steps; NaNGuard skips the spiking steps (and would roll back with an LR back-off on NaN)",
         ("exploding_gradients",),
         "lr_too_high",
     ),

@@ -108,7 +108,12 @@ def lr_too_high() -> Any:
     callbacks = [
         GradNormMonitor(depth=2),
         NaNGuard(
-            action="skip", escalate_to="rollback", snapshot_every_n_steps=20, lr_backoff=0.1, max_rollbacks=10
+            action="skip",
+            spike_action="skip",
+            escalate_to="rollback",
+            snapshot_every_n_steps=20,
+            lr_backoff=0.1,
+            max_rollbacks=10,
         ),
         WarmupCosine(warmup_steps=0, min_lr_ratio=1.0),
         OverfitDetector(),
