@@ -254,6 +254,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
             SilentBugDetector(),
         ]
     },
+    "bare, fused AdamW": lambda: {"fused": True},  # the reference of the fused configuration
     "whole suite, fused AdamW": lambda: {
         "fused": True,
         "callbacks": [
