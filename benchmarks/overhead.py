@@ -54,7 +54,8 @@ from lightning_diag import (
     SpeedMonitor,
     WarmupCosine,
 )
-from lightning_diag.testing import HostSyncCounter
+from lightning_diag.testing import SyncAudit
+from lightning_diag.testing.syncs import STEP_HOOKS
 
 warnings.filterwarnings("ignore")
 
@@ -73,14 +74,7 @@ class StepTimer(pl.Callback):
         return [b - a for a, b in zip(self.starts[skip:], self.starts[skip + 1 :], strict=False)]
 
 
-HOOKS = (
-    "on_train_batch_start",
-    "on_before_backward",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_train_batch_end",
-    "on_train_epoch_end",
-)
+HOOKS = STEP_HOOKS
 END_HOOKS = ("on_train_end", "on_fit_end")
 
 
@@ -120,34 +114,6 @@ def _time_method(obj: Any, name: str, add: Callable[[float], None]) -> None:
             add(time.perf_counter() - start)
 
     setattr(obj, name, timed)
-
-
-class SyncAudit(pl.Callback):
-    """Counts the host syncs made inside the lightning_diag hooks, per optimizer step (first in the callbacks).
-
-    Only our hooks are audited: the optimizer and Lightning make reads of their own (non-capturable Adam reads
-    its CPU step counters), which are not ours to remove and, on a GPU, mostly touch CPU tensors.
-    """
-
-    def __init__(self) -> None:
-        self.per_step: dict[int, int] = {}
-        self.step = 0
-
-    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
-        self.step = trainer.global_step
-
-    def watch(self, callbacks: list[pl.Callback]) -> None:
-        for callback in callbacks:
-            for hook in HOOKS:
-                original = getattr(callback, hook)
-
-                def counted(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                    with HostSyncCounter() as syncs:
-                        result = _original(*args, **kwargs)
-                    self.per_step[self.step] = self.per_step.get(self.step, 0) + syncs.count
-                    return result
-
-                setattr(callback, hook, counted)
 
 
 class Workload(pl.LightningModule):

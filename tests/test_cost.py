@@ -13,16 +13,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import lightning_diag
-from lightning_diag.testing import HostSyncCounter
+from lightning_diag.testing import SyncAudit
+from lightning_diag.testing.syncs import STEP_HOOKS
 from tests.helpers import Regression, loader, trainer
 
-HOOKS = (
-    "on_train_batch_start",
-    "on_before_backward",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_train_batch_end",
-)
+#: the hooks of a quiet step (an epoch's end reads its means once: not a quiet step)
+HOOKS = tuple(h for h in STEP_HOOKS if h != "on_train_epoch_end")
 LOG_EVERY = 5
 
 
@@ -33,29 +29,6 @@ class Fused(Regression):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.AdamW(self.parameters(), lr=1e-2, fused=self.fused)
-
-
-class Audit(Callback):
-    """Counts host syncs inside the lightning_diag hooks, per optimizer step."""
-
-    def __init__(self, callbacks: list[Callback]) -> None:
-        self.per_step: dict[int, int] = {}
-        self.step = 0
-        for callback in callbacks:
-            for hook in HOOKS:
-                setattr(callback, hook, self._counted(getattr(callback, hook)))
-
-    def _counted(self, original: Any) -> Any:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            with HostSyncCounter() as syncs:
-                result = original(*args, **kwargs)
-            self.per_step[self.step] = self.per_step.get(self.step, 0) + syncs.count
-            return result
-
-        return counted
-
-    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
-        self.step = trainer.global_step
 
 
 def suite() -> list[Callback]:
@@ -75,7 +48,7 @@ def suite() -> list[Callback]:
 @pytest.mark.parametrize(("fused", "expected"), [(True, 0), (False, 1)])
 def test_quiet_steps_make_no_host_sync(fused: bool, expected: int) -> None:
     callbacks = suite()
-    audit = Audit(callbacks)
+    audit = SyncAudit(callbacks, HOOKS)
     t = trainer(max_epochs=2, log_every_n_steps=LOG_EVERY, callbacks=[audit, *callbacks])
     t.fit(Fused(fused), loader(n=96), loader(n=16))
     # step 0 runs SanityCheck's pre-flight checks; logging steps read their values once

@@ -27,10 +27,11 @@ from torch import nn
 
 from lightning_diag.core import sanity
 from lightning_diag.core.nan_trace import iter_tensors, trace_step
-from lightning_diag.testing.syncs import HostSyncCounter
+from lightning_diag.testing.syncs import HostSyncCounter, SyncAudit
 
 __all__ = [
     "HostSyncCounter",
+    "SyncAudit",
     "assert_batch_independence",
     "assert_can_overfit_batch",
     "assert_forward_backward",

@@ -11,16 +11,20 @@ read memory without dispatching an op, calls of ``Tensor.tolist()`` and ``Tensor
     assert syncs.count == 0
 
 The counter slows every op while active (Python dispatch): use it in tests and sync audits, not in timings.
+:class:`SyncAudit` is a callback that counts, per optimizer step, the syncs made inside other callbacks' hooks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch.utils._python_dispatch import TorchDispatchMode
+from typing_extensions import override
 
-__all__ = ["HostSyncCounter"]
+__all__ = ["STEP_HOOKS", "HostSyncCounter", "SyncAudit"]
 
 
 class HostSyncCounter(TorchDispatchMode):
@@ -56,3 +60,47 @@ class HostSyncCounter(TorchDispatchMode):
             setattr(torch.Tensor, name, original)
         self._saved = {}
         super().__exit__(*exc)
+
+
+#: The per-step hooks :class:`SyncAudit` watches.
+STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+)
+
+
+class SyncAudit(Callback):
+    """Counts the host syncs made inside other callbacks' per-step hooks, per optimizer step.
+
+    Put it first in ``Trainer(callbacks=...)`` (it reads the step in ``on_train_batch_start``) and pass it the
+    callbacks to audit (their ``hooks`` are wrapped on the instances, each call under a :class:`HostSyncCounter`);
+    ``per_step`` maps the global step to the syncs counted in it.
+    """
+
+    def __init__(self, callbacks: Iterable[Callback] = (), hooks: Iterable[str] = STEP_HOOKS) -> None:
+        self.per_step: dict[int, int] = {}
+        self.step = 0
+        self.hooks = tuple(hooks)
+        self.watch(callbacks)
+
+    def watch(self, callbacks: Iterable[Callback]) -> None:
+        for callback in callbacks:
+            for hook in self.hooks:
+                setattr(callback, hook, self._counted(getattr(callback, hook)))
+
+    def _counted(self, original: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            with HostSyncCounter() as syncs:
+                result = original(*args, **kwargs)
+            self.per_step[self.step] = self.per_step.get(self.step, 0) + syncs.count
+            return result
+
+        return counted
+
+    @override
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.step = trainer.global_step
