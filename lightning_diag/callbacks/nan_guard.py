@@ -425,11 +425,9 @@ class NaNGuard(DiagCallback):
         values: torch.Tensor,
     ) -> None:
         """The synchronous path: one small read per step, the decision before the update, localisation by replay."""
+        row, ranks = self._read(trainer, values)
         flags, host = self._judge(
-            trainer,
-            self._read(trainer, values),
-            has_loss=self._step_loss is not None,
-            samples=self._samples(),
+            trainer, row, has_loss=self._step_loss is not None, samples=self._samples(), ranks=ranks
         )
         if flags.params and not self._confirm_params(trainer, pl_module, optimizer):
             flags = StepFlags(
@@ -477,8 +475,9 @@ class NaNGuard(DiagCallback):
             ]
         )
 
-    def _read(self, trainer: pl.Trainer, values: torch.Tensor) -> list[float]:
-        """One all-reduce (sum: a non-finite value anywhere stays non-finite) and one host read.
+    def _read(self, trainer: pl.Trainer, values: torch.Tensor) -> tuple[list[float], int]:
+        """One all-reduce (sum: a non-finite value anywhere stays non-finite) and one host read; returns the values
+        and the number of ranks they are summed over.
 
         The all-reduce is skipped when nothing in it can differ between ranks: no input check, no spike detection,
         no GradScaler (under DDP the reduced gradients already carry a NaN from any rank, and a rank's NaN loss
@@ -486,9 +485,9 @@ class NaNGuard(DiagCallback):
         """
         world = max(int(getattr(trainer, "world_size", 1)), 1)
         rank_local = self.check_inputs or self.detect_spikes or _lightning.amp_scaler(trainer) is not None
-        if world > 1 and not rank_local and values.dim() == 1:
-            return [v * world if i in (2, 3) else v for i, v in enumerate(values.tolist())]
-        return _distributed.reduce(trainer, values, "sum").tolist()
+        if world > 1 and not rank_local:
+            return values.tolist(), 1
+        return _distributed.reduce(trainer, values, "sum").tolist(), world
 
     def _judge(
         self,
@@ -498,13 +497,16 @@ class NaNGuard(DiagCallback):
         has_loss: bool,
         has_grads: bool = True,
         samples: int | None = None,
+        ranks: int | None = None,
     ) -> tuple[StepFlags, dict[str, float]]:
         """Flags and spike verdicts from one step's reduced values (the same on every rank); ``samples``: the
-        step's batch size (a short last batch of an epoch is noisier and is not judged for spikes).
+        step's batch size (a short last batch of an epoch is noisier and is not judged for spikes); ``ranks``: how
+        many ranks the values are summed over (all of them by default).
         """
         input_sum, params_norm, loss, grad_norm = row
-        world = max(int(getattr(trainer, "world_size", 1)), 1)
-        loss, grad_norm = loss / world, grad_norm / world
+        if ranks is None:
+            ranks = max(int(getattr(trainer, "world_size", 1)), 1)
+        loss, grad_norm = loss / ranks, grad_norm / ranks
         loss_spike = grad_spike = False
         if self.detect_spikes:
             if has_loss:
