@@ -773,13 +773,13 @@ def resume_callbacks(config: str, fault: str) -> list[Any]:
                 kwargs["lr_backoff"] = 0.5
             return NaNGuard(**kwargs)
         if name == "OverfitDetector":
-            return OverfitDetector(window=2)
+            return OverfitDetector(patience=2)
         if name == "EarlyStop":
             return EarlyStop(monitor="val_loss", patience=2)
         if name == "WarmupCosine":
             return WarmupCosine(warmup_steps=3, min_lr_ratio=0.1)
         if name == "GradClip":
-            return GradClip(algorithm="zscore", spike_warmup_steps=3)
+            return GradClip(algorithm="zscore", zscore_warmup_steps=3)
         if name == "SpeedMonitor":
             return SpeedMonitor(window=4)
         if name == "SanityCheck":
@@ -914,6 +914,7 @@ def _bool_params(cls: type) -> list[str]:
         name
         for name, p in parameters(cls).items()
         if str(p.annotation).replace(" ", "") in ("bool", "bool|None", "Optional[bool]")
+        and name not in getattr(cls, "renamed_arguments", {})  # old names: tests/test_renamed.py
     ]
 
 
@@ -929,7 +930,7 @@ ARG_CASES: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("GradClip", {"algorithm": "value", "clip_value": 0.0}, ("clip_value",)),
     ("NaNGuard", {"spike_threshold": float("nan")}, ("spike_threshold",)),
     ("NaNGuard", {"lr_backoff": 0.0, "action": "rollback"}, ("lr_backoff",)),
-    ("OverfitDetector", {"window": 0}, ("window",)),
+    ("OverfitDetector", {"patience": 0}, ("patience",)),
     ("OverfitDetector", {"rise_tolerance": -0.1}, ("rise_tolerance",)),
     ("OverfitDetector", {"close_ratio": 1.5}, ("close_ratio",)),
     ("OverfitDetector", {"divergence_ratio": 0.5}, ("divergence_ratio",)),
@@ -966,7 +967,7 @@ ARG_CASES: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ),
     ("WarmupCosine", {"warmup_steps": 10, "total_steps": 10}, ("warmup_steps", "total_steps")),
     # arguments the chosen mode ignores
-    ("NaNGuard", {"detect_spikes": False, "spike_action": "skip"}, ("spike_action", "detect_spikes")),
+    ("NaNGuard", {"check_spikes": False, "spike_action": "skip"}, ("spike_action", "check_spikes")),
     ("NaNGuard", {"action": "warn", "lr_backoff": 0.5}, ("lr_backoff", "action")),
     ("NaNGuard", {"action": "raise", "escalate_to": "rollback"}, ("escalate_to", "action")),
     ("NaNGuard", {"action": "skip", "max_rollbacks": 5}, ("max_rollbacks", "action")),
@@ -977,7 +978,7 @@ ARG_CASES: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ),
     ("GradClip", {"algorithm": "norm", "agc_exclude": ["head"]}, ("agc_exclude", "algorithm")),
     ("GradClip", {"algorithm": "norm", "percentile": 50.0}, ("percentile", "algorithm")),
-    ("GradClip", {"algorithm": "norm", "spike_threshold": 3.0}, ("spike_threshold", "algorithm")),
+    ("GradClip", {"algorithm": "norm", "zscore_threshold": 3.0}, ("zscore_threshold", "algorithm")),
     ("GradClip", {"algorithm": "value", "max_norm": 1.0}, ("max_norm", "algorithm")),
     ("GradNormMonitor", {"group_by": "total", "depth": 3}, ("depth", "group_by")),
     (
@@ -999,7 +1000,7 @@ ARG_CASES: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("NaNGuard", {"action": "rollback", "lr_backoff": 0.5, "snapshot_every_n_steps": 10}, ()),
     ("NaNGuard", {"action": "skip", "escalate_to": "rollback", "max_rollbacks": 2}, ()),
     ("GradClip", {"algorithm": "agc", "max_norm": None, "agc_exclude": []}, ()),
-    ("GradClip", {"algorithm": "zscore", "max_norm": 5.0, "spike_threshold": 3.0}, ()),
+    ("GradClip", {"algorithm": "zscore", "max_norm": 5.0, "zscore_threshold": 3.0}, ()),
     ("EarlyStop", {"mode": "max", "stopping_threshold": 0.9, "divergence_threshold": 0.1}, ()),
     ("EarlyStop", {"mode": "min", "stopping_threshold": 0.1, "divergence_threshold": 5.0}, ()),
     ("WarmupCosine", {"num_cycles": 3, "cycle_mul": 2.0, "cycle_decay": 0.5}, ()),

@@ -12,13 +12,19 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from lightning_diag.__about__ import __version__
-from lightning_diag.findings import CODES, Finding, LightningDiagWarning
+from lightning_diag.findings import CODES, Finding
 
+#: the names that import Lightning (and torch): imported lazily inside the ``lightning-diag`` command
 _CALLBACK_NAMES = (
+    "ArgumentError",
+    "ConfigurationError",
     "DiagCallback",
     "EarlyStop",
     "GradClip",
     "GradNormMonitor",
+    "LightningDiagDeprecationWarning",
+    "LightningDiagWarning",
+    "MissingMetricError",
     "NaNGuard",
     "NonFiniteError",
     "OverfitDetector",
@@ -45,33 +51,44 @@ if TYPE_CHECKING or not _in_cli_process():
         GradClip,
         GradNormMonitor,
         NaNGuard,
-        NonFiniteError,
         OverfitDetector,
         SanityCheck,
-        SanityCheckError,
         SilentBugDetector,
         SpeedMonitor,
         WarmupCosine,
         collect_findings,
     )
+    from lightning_diag.errors import (
+        ArgumentError,
+        ConfigurationError,
+        LightningDiagDeprecationWarning,
+        LightningDiagWarning,
+        MissingMetricError,
+        NonFiniteError,
+        SanityCheckError,
+    )
 else:
 
     def __getattr__(name: str) -> Any:
         if name in _CALLBACK_NAMES:
-            from lightning_diag import callbacks
+            from lightning_diag import callbacks, errors
 
-            return getattr(callbacks, name)
+            return getattr(errors, name, None) or getattr(callbacks, name)
         raise AttributeError(f"module 'lightning_diag' has no attribute {name!r}")
 
 
 __all__ = [
     "CODES",
+    "ArgumentError",
+    "ConfigurationError",
     "DiagCallback",
     "EarlyStop",
     "Finding",
     "GradClip",
     "GradNormMonitor",
+    "LightningDiagDeprecationWarning",
     "LightningDiagWarning",
+    "MissingMetricError",
     "NaNGuard",
     "NonFiniteError",
     "OverfitDetector",

@@ -36,7 +36,8 @@ from typing import Any
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 
-from lightning_diag.findings import Finding, LightningDiagWarning
+from lightning_diag.errors import Deliberate, LightningDiagWarning
+from lightning_diag.findings import Finding
 
 __all__ = [
     "STRICT_ENV",
@@ -64,10 +65,6 @@ HOOKS: tuple[str, ...] = tuple(
 _NO_TRAINER = ("state_dict", "load_state_dict")
 #: Characters of the traceback kept in the finding's evidence (the end, where the error is).
 TRACEBACK_CHARS = 4000
-
-
-class Deliberate(Exception):
-    """Mixin of the exceptions lightning_diag raises on purpose (refusals, stops): never contained."""
 
 
 def strict() -> bool:

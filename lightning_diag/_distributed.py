@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["all_ranks", "any_rank", "broadcast", "gather_objects", "is_distributed", "reduce"]
+__all__ = ["all_ranks", "any_rank", "broadcast", "gather", "gather_objects", "is_distributed", "reduce"]
 
 
 def is_distributed(trainer: Any) -> bool:
@@ -46,6 +46,14 @@ def reduce(
         "min": torch.distributed.ReduceOp.MIN,
     }[op]
     return trainer.strategy.reduce(tensor.detach().clone(), reduce_op=reduce_op)
+
+
+def gather(trainer: Any, tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` stacked in rank order: shape ``[world_size, *tensor.shape]`` (``[1, ...]`` alone)."""
+    if not is_distributed(trainer):
+        return tensor.unsqueeze(0)
+    gathered = trainer.strategy.all_gather(tensor.detach())
+    return gathered.reshape(-1, *tensor.shape)
 
 
 def broadcast(trainer: Any, obj: Any, src: int = 0) -> Any:

@@ -9,18 +9,25 @@ are deliberate: the hook containment (:mod:`lightning_diag._containment`) lets t
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-from lightning_diag._containment import Deliberate
+from lightning_diag.errors import (
+    ArgumentError,
+    ConfigurationError,
+    LightningDiagDeprecationWarning,
+    MissingMetricError,
+)
 
 __all__ = [
     "ArgumentError",
     "ConfigurationError",
     "MissingMetricError",
+    "Unused",
     "check_bool",
     "check_choice",
     "check_exclusive",
@@ -32,19 +39,9 @@ __all__ = [
     "check_order",
     "check_positive",
     "check_range",
+    "check_unused",
+    "renamed",
 ]
-
-
-class ConfigurationError(Deliberate, ValueError, MisconfigurationException):
-    """A configuration lightning_diag refuses: an argument at construction, or the Trainer/model at setup."""
-
-
-class ArgumentError(ConfigurationError):
-    """A constructor argument of the wrong type, out of its range, contradicting another, or ignored."""
-
-
-class MissingMetricError(Deliberate, RuntimeError, MisconfigurationException):
-    """A monitored metric is not logged and the callback was asked to be ``strict`` about it."""
 
 
 def _fail(name: str, constraint: str, value: Any, hint: str = "") -> ArgumentError:
@@ -112,7 +109,7 @@ def check_order(
 def check_ignored(name: str, value: Any, default: Any, *, because: str, unless: str = "") -> None:
     """Refuse an argument set away from its default where the chosen mode never reads it.
 
-    ``because`` names the deciding argument and its value (e.g. ``"`detect_spikes=False`"``); ``unless`` says what
+    ``because`` names the deciding argument and its value (e.g. ``"`check_spikes=False`"``); ``unless`` says what
     would make ``name`` count.
     """
     if value == default and isinstance(value, bool) == isinstance(default, bool):
@@ -120,6 +117,75 @@ def check_ignored(name: str, value: Any, default: Any, *, because: str, unless: 
     message = f"`{name}={value!r}` has no effect with {because}: remove it"
     message += f", or {unless}." if unless else "."
     raise ArgumentError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unused:
+    """A row of a callback's table of arguments that have no effect: ``names`` are ignored when ``when(args)``.
+
+    ``because`` names the deciding argument and its value (a string, or a function of the arguments for a text
+    that depends on them); ``unless`` says what would make the arguments count.
+    """
+
+    names: tuple[str, ...]
+    when: Callable[[Mapping[str, Any]], bool]
+    because: str | Callable[[Mapping[str, Any]], str]
+    unless: str = ""
+
+
+def check_unused(init: Callable[..., Any], given: Mapping[str, Any], table: Iterable[Unused]) -> None:
+    """The one "has no effect" rule: refuse every argument set away from its default (read from ``init``'s
+    signature) where a row of ``table`` says the chosen settings never read it.
+
+    Example:
+        >>> def init(mode="a", size=1): ...
+        >>> table = [Unused(("size",), lambda a: a["mode"] != "b", lambda a: f"`mode={a['mode']!r}`", "use 'b'")]
+        >>> check_unused(init, {"mode": "a", "size": 1}, table)  # the default: fine
+        >>> check_unused(init, {"mode": "a", "size": 2}, table)
+        Traceback (most recent call last):
+        ...
+        lightning_diag.errors.ArgumentError: `size=2` has no effect with `mode='a'`: remove it, or use 'b'.
+    """
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(init).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    for row in table:
+        if not row.when(given):
+            continue
+        because = row.because(given) if callable(row.because) else row.because
+        for name in row.names:
+            check_ignored(name, given[name], defaults[name], because=because, unless=row.unless)
+
+
+_RENAMES_WARNED: set[tuple[str, str]] = set()
+
+
+def renamed(init: Callable[..., Any], given: Mapping[str, Any], old: str, new: str) -> Any:
+    """The value of the argument ``new`` of ``init``, which used to be called ``old``: the old name keeps working
+    for one release with a :class:`~lightning_diag.LightningDiagDeprecationWarning` (once per process and name);
+    both names at once is an error. ``given`` holds both (``locals()``); ``old`` is ``None`` when not used.
+    """
+    old_value, new_value = given[old], given[new]
+    if old_value is None:
+        return new_value
+    owner = init.__qualname__.split(".")[0]
+    if getattr(given.get("self"), "renamed_arguments", {}).get(old) != new:
+        raise AssertionError(f"{owner}.renamed_arguments must map {old!r} to {new!r}")  # our own bug
+    if new_value != inspect.signature(init).parameters[new].default:
+        raise ArgumentError(
+            f"`{old}` is the old name of `{new}`: pass only `{new}` (got `{old}={old_value!r}` and "
+            f"`{new}={new_value!r}`)."
+        )
+    if (owner, old) not in _RENAMES_WARNED:
+        _RENAMES_WARNED.add((owner, old))
+        warnings.warn(
+            f"{owner}(`{old}`) is deprecated and will be removed in the next release: use `{new}` instead.",
+            LightningDiagDeprecationWarning,
+            stacklevel=3,
+        )
+    return old_value
 
 
 def check_number(name: str, value: Any, *, allow_inf: bool = False) -> float:

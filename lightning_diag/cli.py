@@ -34,7 +34,6 @@ import os
 import sys
 from typing import Any
 
-from lightning_diag import posthoc
 from lightning_diag.__about__ import __version__
 from lightning_diag.core.verdict import fails
 from lightning_diag.findings import (
@@ -46,6 +45,7 @@ from lightning_diag.findings import (
     format_summary,
     write_report,
 )
+from lightning_diag.report import posthoc
 
 __all__ = ["main"]
 
@@ -113,12 +113,12 @@ def _post_hoc(path: str, args: argparse.Namespace) -> tuple[dict[str, Any], str,
         report = build_report(
             findings, status="post-hoc", global_step=max(steps, default=0), epoch=last_epoch
         )
-    from lightning_diag import plots
+    from lightning_diag.report import plots
 
     report["summary"]["logs"] = os.path.abspath(location)
     report["plots"] = plots.save_figures(plots.build_figures(plot_series, report["findings"]), run_dir)
     if args.html:
-        from lightning_diag.html_report import HTML_FILENAME
+        from lightning_diag.report.html import HTML_FILENAME
 
         report["html"] = HTML_FILENAME
     return report, write_report(report, run_dir), plot_series
@@ -134,7 +134,7 @@ def _report(args: argparse.Namespace) -> int:
     else:
         report, report_path, series = done
     if args.html:
-        from lightning_diag.html_report import HTML_FILENAME, write_html
+        from lightning_diag.report.html import HTML_FILENAME, write_html
 
         report["html"] = HTML_FILENAME
         write_html(report, series, os.path.dirname(os.path.abspath(report_path)))

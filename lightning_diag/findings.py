@@ -24,7 +24,6 @@ __all__ = [
     "Evidence",
     "Finding",
     "FindingLog",
-    "LightningDiagWarning",
     "Severity",
     "build_report",
     "format_summary",
@@ -32,8 +31,14 @@ __all__ = [
 ]
 
 
-class LightningDiagWarning(UserWarning):
-    """Base class of the warnings lightning_diag emits (tests turn them into errors)."""
+def __getattr__(name: str) -> Any:
+    # The old import path of LightningDiagWarning (now in lightning_diag.errors, which imports Lightning: this
+    # module stays importable without it, for the `lightning-diag` command's start-up).
+    if name == "LightningDiagWarning":
+        from lightning_diag.errors import LightningDiagWarning
+
+        return LightningDiagWarning
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 Evidence = dict[str, float | int | str]

@@ -65,7 +65,11 @@ def _value(parameter: inspect.Parameter, hints: dict[str, Any]) -> st.SearchStra
 
 def _arguments(cls: type) -> st.SearchStrategy[dict[str, Any]]:
     hints = typing.get_type_hints(cls.__init__)
-    params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+    params = [
+        p
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.name != "self" and p.name not in cls.renamed_arguments  # the old names: tests/test_renamed.py
+    ]
     required = {p.name: _value(p, hints) for p in params if p.default is inspect.Parameter.empty}
     optional = {p.name: _value(p, hints) for p in params if p.default is not inspect.Parameter.empty}
     return st.fixed_dictionaries(required, optional=optional)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 from lightning_diag import EarlyStop, OverfitDetector
 from lightning_diag.findings import Finding, build_report, format_summary
@@ -27,13 +28,26 @@ def test_end_of_fit_lines_go_above_the_progress_bar(tmp_path, capsys) -> None:
         max_epochs=4,
         enable_progress_bar=True,
         default_root_dir=str(tmp_path),
-        callbacks=[EarlyStop("val_loss", patience=1)],
+        callbacks=[EarlyStop("val_loss", patience=1), TQDMProgressBar()],
     )
     t.fit(Scripted([1.0, 0.5, 0.9, 0.9]), loader(n=16), loader(n=8))
     out = capsys.readouterr().out
     assert "Epoch 2: 100%" in out  # the bar was drawn on this stream
     assert starts_clean(out, "EarlyStop: restored the best weights")
     assert starts_clean(out, "lightning_diag: run finished")
+
+
+def test_the_summary_reaches_the_console_under_the_rich_progress_bar(tmp_path, capsys) -> None:
+    pytest.importorskip("rich")  # Lightning's default bar whenever rich is installed
+    t = trainer(
+        max_epochs=4,
+        enable_progress_bar=True,
+        default_root_dir=str(tmp_path),
+        callbacks=[EarlyStop("val_loss", patience=1), RichProgressBar()],
+    )
+    t.fit(Scripted([1.0, 0.5, 0.9, 0.9]), loader(n=16), loader(n=8))
+    out = capsys.readouterr().out
+    assert "lightning_diag: run finished" in out and "early_stopped" in out
 
 
 class FailsMidEpoch(Regression):
@@ -45,7 +59,10 @@ class FailsMidEpoch(Regression):
 
 def test_a_failed_run_reports_above_the_open_bar(tmp_path, capsys) -> None:
     t = trainer(
-        max_epochs=3, enable_progress_bar=True, default_root_dir=str(tmp_path), callbacks=[OverfitDetector()]
+        max_epochs=3,
+        enable_progress_bar=True,
+        default_root_dir=str(tmp_path),
+        callbacks=[OverfitDetector(), TQDMProgressBar()],
     )
     with pytest.raises(ValueError, match="boom"):
         t.fit(FailsMidEpoch(), loader(n=32), loader(n=8))

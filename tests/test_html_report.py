@@ -18,7 +18,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning_diag import EarlyStop, GradNormMonitor, NaNGuard, OverfitDetector, SpeedMonitor, WarmupCosine
 from lightning_diag.cli import main
 from lightning_diag.findings import Finding, build_report
-from lightning_diag.html_report import event_markers, render
+from lightning_diag.report.html import render
+from lightning_diag.report.marks import event_markers
 from tests import browser
 from tests.callbacks.curve_helpers import SCENARIOS, Net, loaders
 from tests.helpers import trainer
@@ -305,7 +306,8 @@ def test_report_html_from_a_runs_logs(tmp_path, capsys) -> None:
 
 
 def test_a_failing_page_never_breaks_the_run(tmp_path, monkeypatch) -> None:
-    from lightning_diag import LightningDiagWarning, html_report
+    from lightning_diag import LightningDiagWarning
+    from lightning_diag.report import html as html_report
 
     def broken(*args: object) -> str:
         raise RuntimeError("no space left")

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import re
 
-from lightning_diag import EarlyStop, OverfitDetector, plots
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+from lightning_diag import EarlyStop, OverfitDetector
+from lightning_diag.report import plots
 from tests.helpers import Scripted, loader, trainer
 
 # `val_loss` per epoch: 0.499 beats 0.5 by less than min_delta=0.01, so patience counts it as no improvement, but it
@@ -21,7 +24,7 @@ def test_console_json_plots_and_html_agree(tmp_path, capsys) -> None:
         max_epochs=len(VALUES),
         enable_progress_bar=True,
         default_root_dir=str(tmp_path),
-        callbacks=[detector, early],
+        callbacks=[detector, early, TQDMProgressBar()],  # the bar whose "Epoch N:" lines are read below
     )
     t.fit(Scripted(VALUES), loader(n=32), loader(n=8))
     out = capsys.readouterr().out

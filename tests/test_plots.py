@@ -7,7 +7,8 @@ import json
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_diag import GradNormMonitor, OverfitDetector, WarmupCosine, plots
+from lightning_diag import GradNormMonitor, OverfitDetector, WarmupCosine
+from lightning_diag.report import plots
 from tests.callbacks.curve_helpers import SCENARIOS, Net, loaders
 from tests.helpers import trainer
 from tests.readers import tb_tags

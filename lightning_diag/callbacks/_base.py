@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_diag import _lightning, _logging, html_report, plots
+from lightning_diag import _lightning, _logging
 from lightning_diag._containment import Contained
 from lightning_diag.core.verdict import Verdict
+from lightning_diag.errors import LightningDiagWarning
 from lightning_diag.findings import (
     Finding,
     FindingLog,
-    LightningDiagWarning,
     build_report,
     format_summary,
     sort_findings,
     write_report,
 )
+from lightning_diag.report import html as html_report
+from lightning_diag.report import plots
 
 __all__ = ["DiagCallback", "collect_findings"]
 
@@ -40,6 +42,9 @@ class DiagCallback(Contained, Callback):
     goes on (``LIGHTNING_DIAG_STRICT=1`` raises instead). Exceptions raised on purpose derive from
     :class:`~lightning_diag._containment.Deliberate` (or Lightning's ``MisconfigurationException``) and pass.
     """
+
+    #: old argument name -> its new name, for the names kept (with a deprecation warning) for one release
+    renamed_arguments: ClassVar[dict[str, str]] = {}
 
     def __init__(self) -> None:
         super().__init__()

@@ -26,7 +26,7 @@ import torch
 from lightning_diag import _lightning
 from lightning_diag.core.grad_stats import GradStats, compute_grad_stats, plain_layout
 
-__all__ = ["ParamSet", "RunContext", "StepContext", "batch_size", "run_context", "step_context"]
+__all__ = ["ParamSet", "RunContext", "StepContext", "run_context", "step_context"]
 
 
 @dataclasses.dataclass
@@ -119,20 +119,6 @@ class RunContext:
 
 
 _RUNS: weakref.WeakKeyDictionary[Any, RunContext] = weakref.WeakKeyDictionary()
-
-
-def batch_size(batch: Any) -> int:
-    """The leading dimension of the first tensor found in the batch (0 when there is none); host-side, no sync."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.ndim else 1
-    if isinstance(batch, dict):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        for item in batch:
-            size = batch_size(item)
-            if size:
-                return size
-    return 0
 
 
 def run_context(trainer: Any) -> RunContext:

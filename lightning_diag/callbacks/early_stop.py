@@ -19,14 +19,15 @@ from lightning_diag._distributed import broadcast
 from lightning_diag._validation import (
     ConfigurationError,
     MissingMetricError,
+    Unused,
     check_bool,
     check_choice,
-    check_ignored,
     check_int,
     check_key,
     check_number,
     check_order,
     check_positive,
+    check_unused,
 )
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core.stopping import StopTracker
@@ -62,6 +63,17 @@ _ADVICE = {
         "Add NaNGuard to find the first module that produced the non-finite value.",
     ],
 }
+
+
+#: Settings that have no effect (``_validation.check_unused``).
+_UNUSED = (
+    Unused(
+        ("restore_from",),
+        lambda a: not a["restore_best_weights"],
+        "`restore_best_weights=False`",
+        "set `restore_best_weights=True`",
+    ),
+)
 
 
 class EarlyStop(EarlyStopping, DiagCallback):
@@ -182,14 +194,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
             check_order(
                 "divergence_threshold", divergence_threshold, "stopping_threshold", stopping_threshold
             )
-        if not restore_best_weights:
-            check_ignored(
-                "restore_from",
-                restore_from,
-                "auto",
-                because="`restore_best_weights=False`",
-                unless="set `restore_best_weights=True`",
-            )
+        check_unused(EarlyStop.__init__, locals(), _UNUSED)
 
         self.monitor = monitor
         self.min_delta = float(min_delta)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 import math
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -14,11 +14,13 @@ from lightning_diag import _lightning, _logging
 from lightning_diag._validation import (
     ArgumentError,
     ConfigurationError,
+    Unused,
     check_choice,
-    check_ignored,
     check_int,
     check_positive,
     check_range,
+    check_unused,
+    renamed,
 )
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import step_context
@@ -43,8 +45,28 @@ _USES: dict[str, set[str]] = {
     "value": {"clip_value"},
     "agc": {"agc_factor", "agc_eps", "agc_exclude"},
     "autoclip": {"max_norm", "norm_type", "percentile", "history_size"},
-    "zscore": {"max_norm", "norm_type", "spike_threshold", "spike_window", "spike_warmup_steps"},
+    "zscore": {"max_norm", "norm_type", "zscore_threshold", "zscore_window", "zscore_warmup_steps"},
 }
+
+
+def _ignores(name: str) -> Callable[[Mapping[str, Any]], bool]:
+    return lambda given: name not in _USES[given["algorithm"]]
+
+
+def _algorithm(given: Mapping[str, Any]) -> str:
+    return f"`algorithm={given['algorithm']!r}`"
+
+
+#: One row per argument: it has no effect under the algorithms that do not read it (``check_unused``).
+_UNUSED = tuple(
+    Unused(
+        (name,),
+        _ignores(name),
+        _algorithm,
+        f"choose an algorithm that uses it ({', '.join(a for a, u in _USES.items() if name in u)})",
+    )
+    for name in sorted(set().union(*_USES.values()))
+)
 
 
 class GradClip(DiagCallback):
@@ -59,7 +81,7 @@ class GradClip(DiagCallback):
     Args:
         algorithm: ``"norm"`` (total norm capped at ``max_norm``), ``"value"`` (elements clamped to
             ``±clip_value``), ``"agc"`` (unit-wise adaptive clipping), ``"autoclip"`` (threshold = a percentile of
-            the norm history) or ``"zscore"`` (threshold = EMA mean + ``spike_threshold`` EMA std). Named like
+            the norm history) or ``"zscore"`` (threshold = EMA mean + ``zscore_threshold`` EMA std). Named like
             Lightning's ``gradient_clip_algorithm``.
         max_norm: the threshold of ``"norm"`` (required there); an upper cap for ``"autoclip"``/``"zscore"``.
         norm_type: p of the p-norm for the norm-based modes.
@@ -71,10 +93,13 @@ class GradClip(DiagCallback):
             owning the last registered parameter, as recommended for the classifier head; ``[]``: nothing).
         percentile: ``"autoclip"``'s percentile, in ``(0, 100]``.
         history_size: ``"autoclip"``'s bounded history of finite norms.
-        spike_threshold: ``"zscore"``'s threshold in standard deviations.
-        spike_window: ``"zscore"``'s EMA span in optimizer steps (``alpha = 2 / (spike_window + 1)``, as in
-            NaNGuard's and GradNormMonitor's spike statistics).
-        spike_warmup_steps: ``"zscore"``: finite norms observed (unclipped) before clipping starts.
+        zscore_threshold: ``"zscore"``'s threshold in standard deviations.
+        zscore_window: ``"zscore"``'s EMA span in optimizer steps (``alpha = 2 / (zscore_window + 1)``, the same
+            EMA as NaNGuard's and GradNormMonitor's spike statistics).
+        zscore_warmup_steps: ``"zscore"``: finite norms observed (unclipped) before clipping starts.
+        spike_threshold: deprecated name of ``zscore_threshold`` (until the next release).
+        spike_window: deprecated name of ``zscore_window`` (until the next release).
+        spike_warmup_steps: deprecated name of ``zscore_warmup_steps`` (until the next release).
 
     Logged metrics (at the logging interval):
         ==========================  ==============================================================
@@ -100,7 +125,7 @@ class GradClip(DiagCallback):
     Example:
         >>> import lightning.pytorch as pl
         >>> from lightning_diag import GradClip
-        >>> trainer = pl.Trainer(callbacks=[GradClip(algorithm="zscore", spike_threshold=2.5, max_norm=5.0)])
+        >>> trainer = pl.Trainer(callbacks=[GradClip(algorithm="zscore", zscore_threshold=2.5, max_norm=5.0)])
 
     Note:
         Fused optimizers (``AdamW(fused=True)``) under a GradScaler unscale inside ``step()``, so their gradients
@@ -109,6 +134,12 @@ class GradClip(DiagCallback):
         the gradients are identical on every rank, so every rank computes the same coefficient; under FSDP2 the
         total norm is global. Gradient accumulation: one clip per optimizer step, on the accumulated gradients.
     """
+
+    renamed_arguments: ClassVar[dict[str, str]] = {
+        "spike_threshold": "zscore_threshold",
+        "spike_window": "zscore_window",
+        "spike_warmup_steps": "zscore_warmup_steps",
+    }
 
     def __init__(
         self,
@@ -121,11 +152,19 @@ class GradClip(DiagCallback):
         agc_exclude: list[str] | None = None,
         percentile: float = 10.0,
         history_size: int = 1000,
-        spike_threshold: float = 2.5,
-        spike_window: int = 66,
-        spike_warmup_steps: int = 25,
+        zscore_threshold: float = 2.5,
+        zscore_window: int = 66,
+        zscore_warmup_steps: int = 25,
+        spike_threshold: float | None = None,
+        spike_window: int | None = None,
+        spike_warmup_steps: int | None = None,
     ) -> None:
         super().__init__()
+        zscore_threshold = renamed(GradClip.__init__, locals(), "spike_threshold", "zscore_threshold")
+        zscore_window = renamed(GradClip.__init__, locals(), "spike_window", "zscore_window")
+        zscore_warmup_steps = renamed(
+            GradClip.__init__, locals(), "spike_warmup_steps", "zscore_warmup_steps"
+        )
         check_choice("algorithm", algorithm, ("norm", "value", "agc", "autoclip", "zscore"))
         if max_norm is not None:
             check_positive("max_norm", max_norm)
@@ -145,19 +184,10 @@ class GradClip(DiagCallback):
             )
         check_range("percentile", percentile, 0.0, 100.0, low_open=True)
         check_int("history_size", history_size, minimum=1)
-        check_positive("spike_threshold", spike_threshold)
-        check_int("spike_window", spike_window, minimum=1)
-        check_int("spike_warmup_steps", spike_warmup_steps, minimum=0)
-        given = dict(locals())
-        defaults = {n: p.default for n, p in inspect.signature(GradClip.__init__).parameters.items()}
-        for name in sorted(set(defaults) - {"self", "algorithm"} - _USES[algorithm]):
-            check_ignored(
-                name,
-                given[name],
-                defaults[name],
-                because=f"`algorithm={algorithm!r}`",
-                unless=f"choose an algorithm that uses it ({', '.join(a for a, u in _USES.items() if name in u)})",
-            )
+        check_positive("zscore_threshold", zscore_threshold)
+        check_int("zscore_window", zscore_window, minimum=1)
+        check_int("zscore_warmup_steps", zscore_warmup_steps, minimum=0)
+        check_unused(GradClip.__init__, locals(), _UNUSED)
         self.algorithm = algorithm
         self.max_norm = max_norm
         self.norm_type = float(norm_type)
@@ -167,9 +197,9 @@ class GradClip(DiagCallback):
         self.agc_exclude = agc_exclude
         self.percentile = float(percentile)
         self.history_size = history_size
-        self.spike_threshold = float(spike_threshold)
-        self.spike_window = spike_window
-        self.spike_warmup_steps = spike_warmup_steps
+        self.zscore_threshold = float(zscore_threshold)
+        self.zscore_window = zscore_window
+        self.zscore_warmup_steps = zscore_warmup_steps
         self._adaptive: AutoClip | ZScoreClip | None = None
         self._reset_state()
 
@@ -177,8 +207,8 @@ class GradClip(DiagCallback):
         if self.algorithm == "autoclip":
             self._adaptive = AutoClip(self.percentile, self.history_size)
         elif self.algorithm == "zscore":
-            decay = 1.0 - 2.0 / (self.spike_window + 1.0)
-            self._adaptive = ZScoreClip(self.spike_threshold, decay, self.spike_warmup_steps)
+            decay = 1.0 - 2.0 / (self.zscore_window + 1.0)
+            self._adaptive = ZScoreClip(self.zscore_threshold, decay, self.zscore_warmup_steps)
         # Per step since the last log: the clip coefficient (norm-based modes) or a "clipped" flag (others).
         # Kept as device tensors and reduced at the logging step, so a quiet step adds no kernel for the rate.
         self._since_log: list[torch.Tensor] = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -11,16 +11,19 @@ from typing_extensions import override
 
 from lightning_diag import _lightning, _logging
 from lightning_diag._validation import (
+    Unused,
     check_bool,
     check_choice,
-    check_ignored,
     check_int,
     check_order,
     check_positive,
     check_range,
+    check_unused,
+    renamed,
 )
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.callbacks._context import batch_size, run_context, step_context
+from lightning_diag.callbacks._context import run_context, step_context
+from lightning_diag.core.batches import batch_size
 from lightning_diag.core.grad_stats import (
     GroupIndex,
     copy_tensors,
@@ -49,6 +52,16 @@ _VANISHING_ADVICE = [
     "Check for frozen or detached paths (a `.detach()`, `torch.no_grad()`, an unused branch).",
 ]
 
+
+#: Settings the chosen grouping never reads (``_validation.check_unused``).
+_UNUSED = (
+    Unused(
+        ("depth",),
+        lambda a: a["group_by"] != "module",
+        lambda a: f"`group_by={a['group_by']!r}`",
+        "set `group_by='module'`",
+    ),
+)
 
 #: Points kept per series for the end-of-run plots (older points are thinned, never dropped wholesale).
 MAX_HISTORY = 2000
@@ -88,11 +101,12 @@ class GradNormMonitor(DiagCallback):
             is vanishing. Judged per leaf module (the module that owns the parameters) whatever ``group_by`` and
             ``depth`` are (they only shape what is logged); the first half of the leaf modules, in registration
             order, are the early layers (:func:`~lightning_diag.core.grad_stats.vanishing_layers`).
-        vanishing_window: consecutive checks the rule must hold before it is reported. Checked at the logging
+        patience: consecutive checks the vanishing rule must hold before it is reported. Checked at the logging
             steps and, for the steps after the last one (a run shorter than the logging interval), at the end of
-            fit on up to ``vanishing_window`` of those steps spread from the first to the last.
+            fit on up to ``patience`` of those steps spread from the first to the last.
         amp_min_scale: a loss scale below this means the scale collapsed.
         amp_max_consecutive_skips: this many consecutive steps skipped by the GradScaler is a persistent overflow.
+        vanishing_window: deprecated name of ``patience`` (until the next release).
 
     Logged metrics:
         ==================================  ========================================================
@@ -110,7 +124,7 @@ class GradNormMonitor(DiagCallback):
     Findings:
         ``exploding_gradients`` (warning): total norm above ``exploding_threshold`` or a spike over its running
         mean, with the worst step, norm, ratio and the largest groups. ``vanishing_gradients`` (warning):
-        early leaf modules whose norm stays below ``vanishing_ratio`` times the late layers' for ``vanishing_window``
+        early leaf modules whose norm stays below ``vanishing_ratio`` times the late layers' for ``patience``
         checks (evidence ``smallest_norm`` 0.0: gradients that collapsed to exactly 0).
         ``non_finite_gradients`` (error): NaN/Inf gradients outside GradScaler overflow handling.
         ``amp_overflow`` (warning): the loss scale collapsed or overflows persisted.
@@ -133,6 +147,8 @@ class GradNormMonitor(DiagCallback):
         FSDP2 (DTensor) the norms are global (one all-reduce).
     """
 
+    renamed_arguments: ClassVar[dict[str, str]] = {"vanishing_window": "patience"}
+
     def __init__(
         self,
         group_by: Literal["total", "module", "parameter"] = "module",
@@ -149,17 +165,16 @@ class GradNormMonitor(DiagCallback):
         spike_warmup_steps: int = 20,
         vanishing_threshold: float = 1e-8,
         vanishing_ratio: float = 1e-4,
-        vanishing_window: int = 3,
+        patience: int = 3,
         amp_min_scale: float = 1.0,
         amp_max_consecutive_skips: int = 10,
+        vanishing_window: int | None = None,
     ) -> None:
         super().__init__()
+        patience = renamed(GradNormMonitor.__init__, locals(), "vanishing_window", "patience")
         check_choice("group_by", group_by, ("total", "module", "parameter"))
         check_int("depth", depth, minimum=1)
-        if group_by != "module":
-            check_ignored(
-                "depth", depth, 1, because=f"`group_by={group_by!r}`", unless="set `group_by='module'`"
-            )
+        check_unused(GradNormMonitor.__init__, locals(), _UNUSED)
         check_range("norm_type", norm_type, 1.0, allow_inf=True)
         for name, flag in (
             ("log_param_norms", log_param_norms),
@@ -177,7 +192,7 @@ class GradNormMonitor(DiagCallback):
         check_positive("vanishing_threshold", vanishing_threshold, strict=False)
         check_range("vanishing_ratio", vanishing_ratio, 0.0, 1.0, high_open=True)
         check_order("vanishing_threshold", vanishing_threshold, "exploding_threshold", exploding_threshold)
-        check_int("vanishing_window", vanishing_window, minimum=1)
+        check_int("patience", patience, minimum=1)
         check_positive("amp_min_scale", amp_min_scale)
         check_int("amp_max_consecutive_skips", amp_max_consecutive_skips, minimum=1)
         self.group_by = group_by
@@ -194,7 +209,7 @@ class GradNormMonitor(DiagCallback):
         self.spike_warmup_steps = spike_warmup_steps
         self.vanishing_threshold = float(vanishing_threshold)
         self.vanishing_ratio = float(vanishing_ratio)
-        self.vanishing_window = vanishing_window
+        self.patience = patience
         self.amp_min_scale = float(amp_min_scale)
         self.amp_max_consecutive_skips = amp_max_consecutive_skips
         self._reset_state()
@@ -477,7 +492,7 @@ class GradNormMonitor(DiagCallback):
         flagged = {n for n, _ in vanishing}
         for name in names:
             self._vanishing_streak[name] = self._vanishing_streak.get(name, 0) + 1 if name in flagged else 0
-        lasting = [(n, v) for n, v in vanishing if self._vanishing_streak[n] >= self.vanishing_window]
+        lasting = [(n, v) for n, v in vanishing if self._vanishing_streak[n] >= self.patience]
         if not lasting:
             return
         listed = ", ".join(f"{n} ({v:.3g})" for n, v in lasting[:8])
@@ -489,7 +504,7 @@ class GradNormMonitor(DiagCallback):
                 "vanishing_gradients",
                 "warning",
                 f"{len(lasting)} of {len(names)} layers get (almost) no gradient: below {self.vanishing_ratio:g}x the "
-                f"largest late-layer norm ({late_max:.3g}) at {self.vanishing_window} checks in a row{zero}: {listed}.",
+                f"largest late-layer norm ({late_max:.3g}) at {self.patience} checks in a row{zero}: {listed}.",
                 evidence={
                     "layers": ", ".join(n for n, _ in lasting),
                     "smallest_norm": smallest,
@@ -509,9 +524,7 @@ class GradNormMonitor(DiagCallback):
         device = self._pending[-1][2].device
         leaves = self._leaf_index(self._names, device)
         count = len(self._pending)
-        picks = sorted(
-            {round(i * (count - 1) / max(self.vanishing_window - 1, 1)) for i in range(self.vanishing_window)}
-        )
+        picks = sorted({round(i * (count - 1) / max(self.patience - 1, 1)) for i in range(self.patience)})
         rows = [self._pending[i][2] for i in picks if self._pending[i][2].numel() == len(self._names)]
         if not rows:
             return

@@ -10,35 +10,36 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import math
 import warnings
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
 from lightning_diag import _distributed, _lightning, _logging
-from lightning_diag._containment import Deliberate
 from lightning_diag._validation import (
+    Unused,
     check_bool,
     check_choice,
     check_fraction,
-    check_ignored,
     check_int,
     check_positive,
     check_range,
+    check_unused,
+    renamed,
 )
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.callbacks._context import StepContext, batch_size, run_context, step_context
+from lightning_diag.callbacks._context import StepContext, run_context, step_context
+from lightning_diag.core.batches import batch_size, floating
 from lightning_diag.core.grad_stats import max_abs, tensor_norms, total_from_norms
 from lightning_diag.core.guard import ACTIONS, Action, Decision, GuardPolicy, StepFlags, back_off_lr
 from lightning_diag.core.nan_trace import (
     Trace,
     choose_origin,
     deferred_origin,
-    iter_tensors,
     observed_origin,
     origin_advice,
     parameter_origin,
@@ -47,7 +48,8 @@ from lightning_diag.core.nan_trace import (
 from lightning_diag.core.snapshot import Snapshot
 from lightning_diag.core.spikes import DEFAULT_SPIKE_RATIO, SpikeDetector
 from lightning_diag.core.verdict import Verdict
-from lightning_diag.findings import LightningDiagWarning, Severity
+from lightning_diag.errors import LightningDiagWarning, NonFiniteError
+from lightning_diag.findings import Severity
 
 __all__ = ["NaNGuard", "NonFiniteError"]
 
@@ -97,55 +99,43 @@ _NOT_REPRODUCED = (
 )
 
 
-class NonFiniteError(Deliberate, RuntimeError):
-    """Raised by :class:`NaNGuard` when its policy is ``"raise"`` (or an escalation ends there)."""
+def _policies(given: Mapping[str, Any]) -> set[str]:
+    return {given["action"]} | ({given["spike_action"]} if given["check_spikes"] else set())
 
 
-def _floating(batch: Any) -> list[torch.Tensor]:
-    return [t for _, t in iter_tensors(batch) if t.is_floating_point() and t.numel()]
+def _policies_text(given: Mapping[str, Any]) -> str:
+    names = ("action", "spike_action") if given["check_spikes"] else ("action",)
+    return " and ".join(f"`{n}={given[n]!r}`" for n in names)
 
 
-def _check_ignored_arguments(given: dict[str, Any]) -> None:
-    """Refuse settings that the chosen policies can never use (they would suggest a protection that is not there)."""
-    defaults = {
-        name: p.default
-        for name, p in inspect.signature(NaNGuard.__init__).parameters.items()
-        if name != "self"
-    }
-    if not given["detect_spikes"]:
-        for name in ("spike_action", "spike_threshold", "spike_ratio", "spike_window", "spike_warmup_steps"):
-            check_ignored(
-                name,
-                given[name],
-                defaults[name],
-                because="`detect_spikes=False`",
-                unless="set `detect_spikes=True`",
-            )
-    policies = {given["action"]} | ({given["spike_action"]} if given["detect_spikes"] else set())
-    policies_text = " and ".join(
-        f"`{n}={given[n]!r}`" for n in ("action", "spike_action") if n == "action" or given["detect_spikes"]
-    )
-    if "skip" not in policies:
-        for name in ("max_consecutive_skips", "escalate_to"):
-            check_ignored(
-                name,
-                given[name],
-                defaults[name],
-                because=f"{policies_text} (nothing is ever skipped)",
-                unless="use `action='skip'`",
-            )
-    if "rollback" not in policies and not ("skip" in policies and given["escalate_to"] == "rollback"):
-        because = policies_text + (
-            f" and `escalate_to={given['escalate_to']!r}`" if "skip" in policies else ""
-        )
-        for name in ("snapshot_every_n_steps", "max_rollbacks", "lr_backoff"):
-            check_ignored(
-                name,
-                given[name],
-                defaults[name],
-                because=f"{because} (no rollback can happen)",
-                unless="use `action='rollback'` or `escalate_to='rollback'`",
-            )
+def _no_rollback_text(given: Mapping[str, Any]) -> str:
+    escalate = f" and `escalate_to={given['escalate_to']!r}`" if "skip" in _policies(given) else ""
+    return f"{_policies_text(given)}{escalate} (no rollback can happen)"
+
+
+#: Settings the chosen policies never read (``_validation.check_unused``).
+_UNUSED = (
+    Unused(
+        ("spike_action", "spike_threshold", "spike_ratio", "spike_window", "spike_warmup_steps"),
+        lambda a: not a["check_spikes"],
+        "`check_spikes=False`",
+        "set `check_spikes=True`",
+    ),
+    Unused(
+        ("max_consecutive_skips", "escalate_to"),
+        lambda a: "skip" not in _policies(a),
+        lambda a: f"{_policies_text(a)} (nothing is ever skipped)",
+        "use `action='skip'`",
+    ),
+    Unused(
+        ("snapshot_every_n_steps", "max_rollbacks", "lr_backoff"),
+        lambda a: (
+            "rollback" not in _policies(a) and not ("skip" in _policies(a) and a["escalate_to"] == "rollback")
+        ),
+        _no_rollback_text,
+        "use `action='rollback'` or `escalate_to='rollback'`",
+    ),
+)
 
 
 class NaNGuard(DiagCallback):
@@ -197,7 +187,7 @@ class NaNGuard(DiagCallback):
         check_inputs: check the float tensors of every training batch.
         check_params_every_n_steps: check the parameters every this many optimizer steps (``0``: never; they are also
             checked whenever something else is found).
-        detect_spikes: run the spike detectors.
+        check_spikes: run the spike detectors.
         spike_window: the EMA window of the spike statistics, in optimizer steps.
         spike_threshold: a spike is this many standard deviations above the EMA mean...
         spike_ratio: ...and also this many times the mean (``1.0`` turns this guard off). A value 100x the mean is a
@@ -210,7 +200,9 @@ class NaNGuard(DiagCallback):
             happen: a policy or ``escalate_to`` is ``"rollback"``).
         max_rollbacks: rollbacks allowed in one fit before the next one raises.
         lr_backoff: on each rollback, multiply the learning rates by this factor in ``(0, 1]``.
-        localize: replay the step to find where the first non-finite value appeared.
+        check_origin: replay the step to find where the first non-finite value appeared.
+        detect_spikes: deprecated name of ``check_spikes`` (until the next release).
+        localize: deprecated name of ``check_origin`` (until the next release).
 
     Logged metrics (at the logging interval):
         ============================  =============================================================
@@ -233,7 +225,7 @@ class NaNGuard(DiagCallback):
         ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for an unknown
             action, a negative window/threshold, ``max_consecutive_skips < 1``, ``snapshot_every_n_steps < 1``,
             ``lr_backoff`` outside ``(0, 1]``, a non-bool flag, or a setting the chosen policies never use (spike
-            settings with ``detect_spikes=False``, skip settings when nothing is skipped, rollback settings when
+            settings with ``check_spikes=False``, skip settings when nothing is skipped, rollback settings when
             no rollback can happen).
         NonFiniteError: during fit, when the policy (or an escalation) is ``"raise"``.
 
@@ -252,13 +244,18 @@ class NaNGuard(DiagCallback):
         work; the replay needs automatic optimization.
     """
 
+    renamed_arguments: ClassVar[dict[str, str]] = {
+        "detect_spikes": "check_spikes",
+        "localize": "check_origin",
+    }
+
     def __init__(
         self,
         action: Action = "skip",
         spike_action: Action = "warn",
         check_inputs: bool = True,
         check_params_every_n_steps: int = 50,
-        detect_spikes: bool = True,
+        check_spikes: bool = True,
         spike_window: int = 100,
         spike_threshold: float = 6.0,
         spike_ratio: float = DEFAULT_SPIKE_RATIO,
@@ -268,14 +265,18 @@ class NaNGuard(DiagCallback):
         snapshot_every_n_steps: int = 100,
         max_rollbacks: int = 3,
         lr_backoff: float = 1.0,
-        localize: bool = True,
+        check_origin: bool = True,
+        detect_spikes: bool | None = None,
+        localize: bool | None = None,
     ) -> None:
         super().__init__()
+        check_spikes = renamed(NaNGuard.__init__, locals(), "detect_spikes", "check_spikes")
+        check_origin = renamed(NaNGuard.__init__, locals(), "localize", "check_origin")
         check_choice("action", action, ACTIONS)
         check_choice("spike_action", spike_action, ACTIONS)
         check_bool("check_inputs", check_inputs)
-        check_bool("detect_spikes", detect_spikes)
-        check_bool("localize", localize)
+        check_bool("check_spikes", check_spikes)
+        check_bool("check_origin", check_origin)
         check_int("check_params_every_n_steps", check_params_every_n_steps, minimum=0)
         check_int("spike_window", spike_window, minimum=1)
         check_positive("spike_threshold", spike_threshold)
@@ -286,12 +287,12 @@ class NaNGuard(DiagCallback):
         check_int("snapshot_every_n_steps", snapshot_every_n_steps, minimum=1)
         check_int("max_rollbacks", max_rollbacks, minimum=1)
         check_fraction("lr_backoff", lr_backoff, low_open=True)
-        _check_ignored_arguments(dict(locals()))
+        check_unused(NaNGuard.__init__, locals(), _UNUSED)
         self.action = action
         self.spike_action = spike_action
         self.check_inputs = check_inputs
         self.check_params_every_n_steps = check_params_every_n_steps
-        self.detect_spikes = detect_spikes
+        self.check_spikes = check_spikes
         self.spike_window = spike_window
         self.spike_threshold = float(spike_threshold)
         self.spike_ratio = float(spike_ratio)
@@ -301,7 +302,7 @@ class NaNGuard(DiagCallback):
         self.snapshot_every_n_steps = snapshot_every_n_steps
         self.max_rollbacks = max_rollbacks
         self.lr_backoff = float(lr_backoff)
-        self.localize = localize
+        self.check_origin = check_origin
         self.policy = GuardPolicy(
             action, spike_action, max_consecutive_skips, escalate_to, snapshot_every_n_steps, max_rollbacks
         )
@@ -377,7 +378,7 @@ class NaNGuard(DiagCallback):
         if not self.check_inputs:
             return
         with torch.no_grad():
-            for tensor in _floating(batch):
+            for tensor in floating(batch):
                 # The sum of a tensor is non-finite exactly when an element is (float32 accumulation cannot
                 # overflow on real data): one cheap reduction per tensor, read with the step's decision.
                 total = tensor.sum(dtype=torch.float32)
@@ -484,7 +485,7 @@ class NaNGuard(DiagCallback):
         makes them NaN).
         """
         world = max(int(getattr(trainer, "world_size", 1)), 1)
-        rank_local = self.check_inputs or self.detect_spikes or _lightning.amp_scaler(trainer) is not None
+        rank_local = self.check_inputs or self.check_spikes or _lightning.amp_scaler(trainer) is not None
         if world > 1 and not rank_local:
             return values.tolist(), 1
         return _distributed.reduce(trainer, values, "sum").tolist(), world
@@ -508,7 +509,7 @@ class NaNGuard(DiagCallback):
             ranks = max(int(getattr(trainer, "world_size", 1)), 1)
         loss, grad_norm = loss / ranks, grad_norm / ranks
         loss_spike = grad_spike = False
-        if self.detect_spikes:
+        if self.check_spikes:
             if has_loss:
                 loss_spike = self._loss_spikes.update(loss, samples)
             if has_grads:
@@ -543,7 +544,7 @@ class NaNGuard(DiagCallback):
         fused kernel takes a device-side ``found_inf`` (fused Adam/AdamW/SGD, no GradScaler): the update is
         withheld on the device. Spikes must only be warned about there, and escalation ends in ``raise``.
         """
-        if (self.detect_spikes and self.spike_action != "warn") or self.rollback_possible:
+        if (self.check_spikes and self.spike_action != "warn") or self.rollback_possible:
             return False
         if self.action == "warn":
             return True
@@ -672,7 +673,7 @@ class NaNGuard(DiagCallback):
         flags: StepFlags,
     ) -> tuple[Trace | None, bool, int]:
         """Where the first non-finite value appeared: this rank's answer, then the first informative one of all."""
-        if not self.localize or self.traces >= MAX_TRACES:
+        if not self.check_origin or self.traces >= MAX_TRACES:
             return None, False, 0
         self.traces += 1
         named = run_context(trainer).named_params(pl_module, optimizer)
@@ -752,7 +753,7 @@ class NaNGuard(DiagCallback):
                 else (decision.code or "non_finite_gradients")
             )
             origin = trace.describe() if trace is not None else "its origin was not located"
-            replayed = self.localize and pl_module.automatic_optimization
+            replayed = self.check_origin and pl_module.automatic_optimization
             if at is not None:
                 gradient = (
                     f" (last non-finite gradient: {seen.tensor})" if seen and seen.phase == "backward" else ""

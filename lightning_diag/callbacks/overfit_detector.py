@@ -6,7 +6,7 @@ import collections
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -22,11 +22,12 @@ from lightning_diag._validation import (
     check_key,
     check_positive,
     check_range,
+    renamed,
 )
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core.curves import CurvePoint, CurveRules, diagnose
 from lightning_diag.core.verdict import Verdict, non_finite_metric
-from lightning_diag.findings import LightningDiagWarning
+from lightning_diag.errors import LightningDiagWarning
 
 __all__ = ["OverfitDetector"]
 
@@ -58,15 +59,16 @@ class OverfitDetector(DiagCallback):
         action: ``"warn"`` records findings; ``"stop"`` also stops training on ``overfitting`` (the rising-loss
             kind) or ``divergence`` (with EarlyStop(restore_best_weights=True) in the callbacks, you get the best
             weights back).
-        window: evaluations a trend must hold before a rule fires.
+        patience: consecutive evaluations a trend must hold before a rule fires.
         rise_tolerance: how far above its best (relative) the validation loss must rise to count as overfitting.
-        plateau_threshold: relative improvement over ``window`` below which the training loss is flat.
+        plateau_threshold: relative improvement over ``patience`` evaluations below which the training loss is flat.
         high_ratio: a flat loss is "high" above this fraction of the reference loss.
         close_ratio: validation and training losses are "close" within this relative distance.
         divergence_ratio: a rising training loss diverges above this multiple of its lowest value.
         chance_loss: the reference loss for "high" (e.g. ``ln(num_classes)`` or the loss of the best constant
             predictor); ``None``: the first evaluation's training loss.
         strict: raise when ``monitor`` is missing; otherwise warn once and only watch the training loss.
+        window: deprecated name of ``patience`` (until the next release).
 
     Logged metrics (at each evaluation, written directly to the loggers at the global step):
         ============================  =============================================================
@@ -96,12 +98,14 @@ class OverfitDetector(DiagCallback):
         >>> trainer = pl.Trainer(callbacks=[OverfitDetector(action="stop"), EarlyStop(monitor="val_loss")])
     """
 
+    renamed_arguments: ClassVar[dict[str, str]] = {"window": "patience"}
+
     def __init__(
         self,
         monitor: str = "val_loss",
         train_monitor: str | None = None,
         action: Literal["warn", "stop"] = "warn",
-        window: int = 3,
+        patience: int = 3,
         rise_tolerance: float = 0.02,
         plateau_threshold: float = 0.01,
         high_ratio: float = 0.5,
@@ -109,8 +113,10 @@ class OverfitDetector(DiagCallback):
         divergence_ratio: float = 1.5,
         chance_loss: float | None = None,
         strict: bool = True,
+        window: int | None = None,
     ) -> None:
         super().__init__()
+        patience = renamed(OverfitDetector.__init__, locals(), "window", "patience")
         check_key("monitor", monitor)
         if train_monitor is not None:
             check_key("train_monitor", train_monitor)
@@ -121,7 +127,7 @@ class OverfitDetector(DiagCallback):
                     "returns."
                 )
         check_choice("action", action, ("warn", "stop"))
-        check_int("window", window, minimum=2)
+        check_int("patience", patience, minimum=2)
         check_positive("rise_tolerance", rise_tolerance, strict=False)
         check_range("plateau_threshold", plateau_threshold, 0.0, 1.0, high_open=True)
         check_positive("high_ratio", high_ratio)
@@ -131,7 +137,7 @@ class OverfitDetector(DiagCallback):
             check_positive("chance_loss", chance_loss)
         check_bool("strict", strict)
         self.rules = CurveRules(
-            window=window,
+            patience=patience,
             rise_tolerance=rise_tolerance,
             plateau_threshold=plateau_threshold,
             high_ratio=high_ratio,
@@ -141,7 +147,7 @@ class OverfitDetector(DiagCallback):
         self.monitor = monitor
         self.train_monitor = train_monitor
         self.action = action
-        self.window = window
+        self.patience = patience
         self.rise_tolerance = rise_tolerance
         self.plateau_threshold = plateau_threshold
         self.high_ratio = high_ratio

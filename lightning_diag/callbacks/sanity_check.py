@@ -8,17 +8,32 @@ import lightning.pytorch as pl
 from typing_extensions import override
 
 from lightning_diag import _distributed, _lightning
-from lightning_diag._containment import Deliberate
-from lightning_diag._validation import check_bool, check_choice, check_fraction, check_ignored, check_int
+from lightning_diag._validation import (
+    Unused,
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_unused,
+)
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core import sanity
 from lightning_diag.core.verdict import Verdict, fails
+from lightning_diag.errors import SanityCheckError
 
 __all__ = ["SanityCheck", "SanityCheckError"]
 
 
-class SanityCheckError(Deliberate, RuntimeError):
-    """Raised by :class:`SanityCheck` when a finding reaches ``fail_on``: training does not start."""
+#: Settings that have no effect (``_validation.check_unused``).
+_UNUSED = (
+    Unused(
+        ("overfit_lr", "min_drop"),
+        lambda a: a["overfit_batch_steps"] == 0,
+        "`overfit_batch_steps=0`",
+        "set `overfit_batch_steps` > 0",
+    ),
+    Unused(("num_batches",), lambda a: not a["check_data"], "`check_data=False`", "set `check_data=True`"),
+)
 
 
 class SanityCheck(DiagCallback):
@@ -107,19 +122,7 @@ class SanityCheck(DiagCallback):
             ("check_batch_independence", check_batch_independence),
         ):
             check_bool(name, flag)
-        if overfit_batch_steps == 0:
-            for name, value, default in (("overfit_lr", overfit_lr, 1e-3), ("min_drop", min_drop, 0.5)):
-                check_ignored(
-                    name,
-                    value,
-                    default,
-                    because="`overfit_batch_steps=0`",
-                    unless="set `overfit_batch_steps` > 0",
-                )
-        if not check_data:
-            check_ignored(
-                "num_batches", num_batches, 1, because="`check_data=False`", unless="set `check_data=True`"
-            )
+        check_unused(SanityCheck.__init__, locals(), _UNUSED)
         self.fail_on = fail_on
         self.num_batches = num_batches
         self.check_data = check_data

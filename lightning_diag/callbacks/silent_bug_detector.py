@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -14,9 +12,17 @@ from typing_extensions import override
 
 from lightning_diag import _lightning, _logging
 from lightning_diag._distributed import is_distributed
-from lightning_diag._validation import check_bool, check_fraction, check_ignored, check_int, check_range
+from lightning_diag._validation import (
+    Unused,
+    check_bool,
+    check_fraction,
+    check_int,
+    check_range,
+    check_unused,
+)
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import step_context
+from lightning_diag.core.batches import batch_size, tensors
 from lightning_diag.core.grad_stats import local_tensor
 from lightning_diag.core.silent import (
     NoiseScale,
@@ -115,29 +121,6 @@ _RANK_REPEAT_ADVICE = [
     "`DistributedSampler` (Lightning adds one unless `use_distributed_sampler=False` or the sampler is custom), "
     "or shard an IterableDataset by rank.",
 ]
-
-
-def _batch_tensors(batch: Any) -> list[torch.Tensor]:
-    """The tensors of a batch (nested lists, tuples, dicts and dataclasses), in a stable order."""
-    found: list[torch.Tensor] = []
-
-    def walk(obj: Any, depth: int) -> None:
-        if depth > 6 or len(found) >= 16:
-            return
-        if isinstance(obj, torch.Tensor):
-            found.append(obj)
-        elif isinstance(obj, Mapping):
-            for key in sorted(obj, key=str):
-                walk(obj[key], depth + 1)
-        elif isinstance(obj, (list, tuple)):
-            for item in obj:
-                walk(item, depth + 1)
-        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            for field in dataclasses.fields(obj):
-                walk(getattr(obj, field.name), depth + 1)
-
-    walk(batch, 0)
-    return found
 
 
 def _replicated_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -305,6 +288,20 @@ class _NoOpProbe:
         self.handle.remove()
 
 
+#: Settings that have no effect (``_validation.check_unused``).
+_UNUSED = (
+    Unused(
+        ("noise_scale_ratio", "noise_scale_min_checks", "noise_scale_decay"),
+        lambda a: not a["log_noise_scale"],
+        "`log_noise_scale=False`",
+        "set it to True",
+    ),
+    Unused(
+        ("replica_tolerance",), lambda a: not a["check_replicas"], "`check_replicas=False`", "set it to True"
+    ),
+)
+
+
 class SilentBugDetector(DiagCallback):
     """Catch the training bugs that crash nothing: the loss just ends up worse and nobody knows why.
 
@@ -434,23 +431,7 @@ class SilentBugDetector(DiagCallback):
             ("log_noise_scale", log_noise_scale),
         ):
             check_bool(name, flag)
-        if not log_noise_scale:
-            for name, value, default in (
-                ("noise_scale_ratio", noise_scale_ratio, 10.0),
-                ("noise_scale_min_checks", noise_scale_min_checks, 5),
-                ("noise_scale_decay", noise_scale_decay, 0.9),
-            ):
-                check_ignored(
-                    name, value, default, because="`log_noise_scale=False`", unless="set it to True"
-                )
-        if not check_replicas:
-            check_ignored(
-                "replica_tolerance",
-                replica_tolerance,
-                1e-6,
-                because="`check_replicas=False`",
-                unless="set it to True",
-            )
+        check_unused(SilentBugDetector.__init__, locals(), _UNUSED)
         self.check_every_n_steps = check_every_n_steps
         self.patience = patience
         self.check_optimizer = check_optimizer
@@ -528,7 +509,7 @@ class SilentBugDetector(DiagCallback):
         previous, previous_idx, epoch = self._fp_next
         self._fp_next = None
         if batch_idx == previous_idx + 1 and epoch == trainer.current_epoch:
-            current = fingerprint(_batch_tensors(batch), self.sample_size).to(previous.device)
+            current = fingerprint(tensors(batch, limit=16), self.sample_size).to(previous.device)
             same = (previous == current).all() & (previous[-1] > 0)
             where = {"batch_idx": batch_idx, "epoch": int(epoch)}
             self._deferred.append(("repeat", same.float().reshape(1), where))
@@ -552,8 +533,8 @@ class SilentBugDetector(DiagCallback):
 
     def _start_check(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.check_repeated_data:
-            tensors = _batch_tensors(batch)
-            self._fp = fingerprint(tensors, self.sample_size) if tensors else None
+            found = tensors(batch, limit=16)
+            self._fp = fingerprint(found, self.sample_size) if found else None
             if self._fp is not None:
                 self._fp_next = (self._fp, batch_idx, int(trainer.current_epoch))
         if self.check_mode:
@@ -562,12 +543,7 @@ class SilentBugDetector(DiagCallback):
             if self._streaks["mode"].update(bool(problems)):
                 self._report_train_mode(trainer, problems)
         if self.log_noise_scale and self._square is None and self._noise_measurable(trainer, pl_module):
-            try:
-                from lightning.pytorch.utilities.data import extract_batch_size
-
-                self._micro_batch = int(extract_batch_size(batch))
-            except Exception:  # no batch size to be found: no measurement this check
-                self._micro_batch = None
+            self._micro_batch = batch_size(batch) or None  # no batch size to be found: no measurement
             if self._micro_batch:
                 params = [p for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]]
                 self._square = _SquareProbe([p for p in params if p.requires_grad])

@@ -15,9 +15,16 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_diag import _logging
-from lightning_diag._validation import check_bool, check_fraction, check_ignored, check_int, check_positive
+from lightning_diag._validation import (
+    Unused,
+    check_bool,
+    check_fraction,
+    check_int,
+    check_positive,
+    check_unused,
+)
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.callbacks._context import batch_size
+from lightning_diag.core.batches import batch_size
 from lightning_diag.core.verdict import Verdict
 
 __all__ = ["SpeedMonitor"]
@@ -34,6 +41,17 @@ def _first_loader(loaders: Any) -> DataLoader | None:
             if found is not None:
                 return found
     return None
+
+
+#: Settings that have no effect (``_validation.check_unused``).
+_UNUSED = (
+    Unused(
+        ("sync_check_steps",),
+        lambda a: not a["check_host_syncs"],
+        "`check_host_syncs=False`",
+        "set `check_host_syncs=True`",
+    ),
+)
 
 
 class SpeedMonitor(DiagCallback):
@@ -108,14 +126,7 @@ class SpeedMonitor(DiagCallback):
         check_positive("min_wait_ms", min_wait_ms, strict=False)
         check_int("sync_check_steps", sync_check_steps, minimum=1)
         check_bool("check_host_syncs", check_host_syncs)
-        if not check_host_syncs:
-            check_ignored(
-                "sync_check_steps",
-                sync_check_steps,
-                3,
-                because="`check_host_syncs=False`",
-                unless="set `check_host_syncs=True`",
-            )
+        check_unused(SpeedMonitor.__init__, locals(), _UNUSED)
         self.window = window
         self.ignore_first_steps = ignore_first_steps
         self.data_share = float(data_share)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -13,19 +14,40 @@ from lightning_diag import _logging
 from lightning_diag._validation import (
     ArgumentError,
     ConfigurationError,
+    Unused,
     check_bool,
     check_choice,
     check_exclusive,
     check_fraction,
-    check_ignored,
     check_int,
     check_positive,
+    check_unused,
 )
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import run_context
 from lightning_diag.core.schedules import warmup_cosine
 
 __all__ = ["WarmupCosine"]
+
+
+def _no_warmup(given: Mapping[str, Any]) -> str:
+    if given["warmup_steps"] == 0:
+        return "`warmup_steps=0`"
+    return "`warmup_ratio=0`" if given["warmup_ratio"] == 0 else "no `warmup_steps`/`warmup_ratio`"
+
+
+#: Settings that have no effect (``_validation.check_unused``).
+_UNUSED = (
+    Unused(
+        ("cycle_mul", "cycle_decay"), lambda a: a["num_cycles"] == 1, "`num_cycles=1`", "set `num_cycles` > 1"
+    ),
+    Unused(
+        ("warmup_start_lr", "warmup_start_factor"),
+        lambda a: (a["warmup_steps"] or 0) == 0 and (a["warmup_ratio"] or 0) == 0,
+        _no_warmup,
+        "give the warmup a length",
+    ),
+)
 
 
 class WarmupCosine(DiagCallback):
@@ -147,21 +169,7 @@ class WarmupCosine(DiagCallback):
         check_positive("cycle_decay", cycle_decay)
         check_choice("interval", interval, ("step", "epoch"))
         check_bool("log_lr", log_lr)
-        if num_cycles == 1:
-            for name, value in (("cycle_mul", cycle_mul), ("cycle_decay", cycle_decay)):
-                check_ignored(name, value, 1.0, because="`num_cycles=1`", unless="set `num_cycles` > 1")
-        no_warmup = (warmup_steps or 0) == 0 and (warmup_ratio or 0) == 0
-        if no_warmup:
-            warmup = (
-                "`warmup_steps=0`"
-                if warmup_steps == 0
-                else ("`warmup_ratio=0`" if warmup_ratio == 0 else "no `warmup_steps`/`warmup_ratio`")
-            )
-            for start_name, start in (
-                ("warmup_start_lr", warmup_start_lr),
-                ("warmup_start_factor", warmup_start_factor),
-            ):
-                check_ignored(start_name, start, None, because=warmup, unless="give the warmup a length")
+        check_unused(WarmupCosine.__init__, locals(), _UNUSED)
 
         self.warmup_steps = warmup_steps
         self.warmup_ratio = warmup_ratio

@@ -3,33 +3,33 @@
 The input is one point per evaluation: ``(x, train, val)`` where ``x`` is the number of epochs completed (1.0 at the
 end of Lightning's epoch 0, 0.5 half-way through it; or a step count), ``train`` the mean
 training loss since the previous evaluation and ``val`` the validation loss (``None`` where there was none).
-Epoch-level means are already smooth; the rules below compare them over a ``window`` of evaluations and measure
+Epoch-level means are already smooth; the rules below compare them over ``patience`` evaluations and measure
 "noise" as the median absolute difference between successive values (robust to one outlier).
 :func:`diagnose` applies every rule to the history so far, so the same code serves the live callback (called
 after each evaluation) and the post-hoc report (called once on a whole run).
 
 Rules (thresholds are :class:`CurveRules` fields):
 
-* **overfitting** (warning): the validation loss has not improved for ``window`` evaluations and now stands
+* **overfitting** (warning): the validation loss has not improved for ``patience`` evaluations and now stands
   above its best by more than ``rise_tolerance`` (relative) and twice its noise, while the training loss kept
   falling and the gap val - train is more than ``rise_tolerance`` of the validation loss (a gap of ~0 is both
   curves moving together around a plateau). Evidence: the best evaluation, the onset (the first evaluation after the best), the generalisation gap
   (val - train) and ratio at the best and now.
-* **gap widening** (an ``overfitting`` finding with severity info): no new best validation loss for ``window``
+* **gap widening** (an ``overfitting`` finding with severity info): no new best validation loss for ``patience``
   evaluations while the gap grew at each of them and training kept falling: the early sign of the above.
-* **divergence** (error): the training loss is non-finite, or it rose over the last ``window`` evaluations to
+* **divergence** (error): the training loss is non-finite, or it rose over the last ``patience`` evaluations to
   more than ``divergence_ratio`` times its lowest value, or (with ``initial``, the loss of the first training
   step) its mean since the last evaluation is more than ``divergence_ratio`` times that initial loss: the model
   does worse than where it started.
 * **loss_plateau** (warning): the training loss improved by less than ``plateau_threshold`` (relative) over the
-  last ``window`` evaluations while still above ``high_ratio`` of the reference loss (a given ``baseline``, e.g.
+  last ``patience`` evaluations while still above ``high_ratio`` of the reference loss (a given ``baseline``, e.g.
   the loss of the best constant predictor, else the initial loss). Reported when it is still creeping down at
   every evaluation (a learning rate too low), or when the validation loss is not close to it.
 * **underfitting** (warning): the same flat, high training loss, no longer moving (not creeping down), with the
   validation loss within ``close_ratio`` of it. The rule cannot know the task's loss floor (label noise, Bayes
   error), so the finding states the plateau and its evidence and names that possibility next to too little
   capacity; it is a prompt to compare with a known floor, not a verdict.
-* **validation never improved** (a ``loss_plateau`` warning): after more than ``window`` evaluations the best
+* **validation never improved** (a ``loss_plateau`` warning): after more than ``patience`` evaluations the best
   validation loss is within ``plateau_threshold`` of the first one while it and the training loss are still above
   ``high_ratio`` of the reference: whatever the training loss does, nothing that generalises is being learned (regularisation so
   strong the model cannot learn, labels unrelated to the inputs).
@@ -69,7 +69,7 @@ class CurvePoint:
 class CurveRules:
     """Thresholds of the curve rules (see the module docstring)."""
 
-    window: int = 3
+    patience: int = 3
     rise_tolerance: float = 0.02
     plateau_threshold: float = 0.01
     high_ratio: float = 0.5
@@ -79,8 +79,8 @@ class CurveRules:
     stop_rise: float = 0.05
 
     def __post_init__(self) -> None:
-        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 2:
-            raise ValueError(f"`window` must be an int >= 2, got {self.window!r}.")
+        if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 2:
+            raise ValueError(f"`patience` must be an int >= 2, got {self.patience!r}.")
         for name in (
             "rise_tolerance",
             "plateau_threshold",
@@ -196,7 +196,7 @@ def _divergence(
             {"train_loss": current, "initial_loss": initial, "ratio": round(current / initial, 4)},
             _DIVERGENCE_ADVICE,
         )
-    w = rules.window
+    w = rules.patience
     if len(points) <= w:
         return None
     lowest = min(train)
@@ -227,7 +227,7 @@ def _overfitting(
     points: Sequence[CurvePoint], rules: CurveRules, unit: str, stopped: bool = False
 ) -> Verdict | None:
     evaluated = [p for p in points if p.val is not None and math.isfinite(p.val)]
-    w = rules.window
+    w = rules.patience
     if len(evaluated) <= w:
         return None
     vals = [p.val for p in evaluated if p.val is not None]
@@ -302,7 +302,7 @@ def _overfitting(
 def _plateau_or_underfitting(
     points: Sequence[CurvePoint], rules: CurveRules, baseline: float | None
 ) -> Verdict | None:
-    w = rules.window
+    w = rules.patience
     if len(points) <= w:
         return None
     train = [p.train for p in points]
@@ -369,7 +369,7 @@ def _validation_never_improved(
     points: Sequence[CurvePoint], rules: CurveRules, baseline: float | None, unit: str
 ) -> Verdict | None:
     vals = [p.val for p in points if p.val is not None and math.isfinite(p.val)]
-    if len(vals) <= rules.window or not math.isfinite(points[0].train):
+    if len(vals) <= rules.patience or not math.isfinite(points[0].train):
         return None
     reference = baseline if baseline is not None else points[0].train
     first, best, last = vals[0], min(vals), vals[-1]

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_diag.core.batches import iter_tensors
 from lightning_diag.core.grad_stats import local_tensor
 
 __all__ = [
@@ -35,7 +36,6 @@ __all__ = [
     "choose_origin",
     "deferred_origin",
     "first_non_finite",
-    "iter_tensors",
     "non_finite_kind",
     "non_finite_tensors",
     "observed_origin",
@@ -87,21 +87,6 @@ def non_finite_kind(t: torch.Tensor) -> str:
         return ""
     has_nan, has_inf = bool(torch.isnan(t).any()), bool(torch.isinf(t).any())
     return "+".join(k for k, v in (("nan", has_nan), ("inf", has_inf)) if v)
-
-
-def iter_tensors(obj: Any, path: str = "batch") -> Iterator[tuple[str, torch.Tensor]]:
-    """``(path, tensor)`` for every tensor in a nested batch (dicts, lists, tuples, dataclasses)."""
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from iter_tensors(value, f"{path}[{key!r}]")
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            yield from iter_tensors(value, f"{path}[{i}]")
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for field in dataclasses.fields(obj):
-            yield from iter_tensors(getattr(obj, field.name), f"{path}.{field.name}")
 
 
 def first_non_finite(obj: Any, path: str = "batch") -> tuple[str, str] | None:

@@ -22,18 +22,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_diag.core.batches import iter_tensors, model_input
 from lightning_diag.core.grad_stats import strided
-from lightning_diag.core.nan_trace import first_non_finite, iter_tensors, preserved_module, preserved_rng
+from lightning_diag.core.nan_trace import first_non_finite, preserved_module, preserved_rng
 from lightning_diag.core.verdict import Verdict
 
 __all__ = [
-    "INPUT_KEYS",
     "NoLoss",
     "check_batch_independence",
     "check_data",
@@ -41,7 +41,6 @@ __all__ = [
     "check_loss_at_init",
     "check_overfit_batch",
     "check_probabilities_as_logits",
-    "model_input",
     "overfit_optimizer",
     "preserved_module",
     "run_checks",
@@ -422,26 +421,8 @@ class NoLoss(RuntimeError):
     """``training_step`` returned no loss for the batch the model checks need (Lightning skips such a batch)."""
 
 
-#: Keys tried, in order, to find the model input in a dict batch.
-INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "input_ids")
-
 #: ``loss_fn(module, batch)``: the module's training loss on the batch (``None`` when it returns none)
 LossFn = Callable[[nn.Module, Any], "torch.Tensor | None"]
-
-
-def model_input(batch: Any) -> torch.Tensor | None:
-    """The tensor a model's ``forward`` takes, by convention: ``batch[0]`` of a tuple/list, a known key of a dict
-    (``x``, ``input``, ``image``...), else the first tensor; the batch itself if it is a tensor.
-    """
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in INPUT_KEYS:
-            if isinstance(batch.get(key), torch.Tensor):
-                return batch[key]
-    return next((t for _, t in iter_tensors(batch)), None)
 
 
 def _labels(batch: Any, size: int) -> torch.Tensor | None:

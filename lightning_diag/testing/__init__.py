@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from lightning_diag.core import sanity
-from lightning_diag.core.nan_trace import iter_tensors, trace_step
+from lightning_diag.core.batches import iter_tensors
+from lightning_diag.core.nan_trace import trace_step
 from lightning_diag.testing.syncs import HostSyncCounter, SyncAudit
 
 __all__ = [

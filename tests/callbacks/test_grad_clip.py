@@ -92,7 +92,7 @@ def test_agc_keeps_unit_ratios_and_spares_the_head() -> None:
 @pytest.mark.parametrize("algorithm", ["autoclip", "zscore"])
 def test_adaptive_algorithms_log_their_threshold_and_respect_the_cap(tmp_path, algorithm: str) -> None:
     after = GradRecorder()
-    tuning = {"percentile": 50} if algorithm == "autoclip" else {"spike_warmup_steps": 3}
+    tuning = {"percentile": 50} if algorithm == "autoclip" else {"zscore_warmup_steps": 3}
     t = fit(
         GradClip(algorithm=algorithm, max_norm=0.5, **tuning),
         after,
@@ -124,8 +124,8 @@ def test_refuses_double_clipping() -> None:
         ({"algorithm": "autoclip", "percentile": 101}, r"`percentile` must be in \(0, 100\], got 101"),
         ({"algorithm": "value", "clip_value": 0.0}, r"`clip_value` must be > 0, got 0\.0"),
         ({"algorithm": "agc", "agc_factor": -0.1}, r"`agc_factor` must be > 0, got -0\.1"),
-        ({"algorithm": "zscore", "spike_threshold": 0.0}, r"`spike_threshold` must be > 0, got 0\.0"),
-        ({"algorithm": "zscore", "spike_warmup_steps": -1}, r"`spike_warmup_steps` must be >= 0, got -1"),
+        ({"algorithm": "zscore", "zscore_threshold": 0.0}, r"`zscore_threshold` must be > 0, got 0\.0"),
+        ({"algorithm": "zscore", "zscore_warmup_steps": -1}, r"`zscore_warmup_steps` must be >= 0, got -1"),
         ({"algorithm": "autoclip", "history_size": 0}, r"`history_size` must be >= 1, got 0"),
     ],
 )

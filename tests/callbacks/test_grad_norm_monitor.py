@@ -141,10 +141,10 @@ class DeadBranch(Regression):
 
 
 def test_vanishing_needs_a_window_and_names_the_layer() -> None:
-    short = trainer(max_epochs=1, log_every_n_steps=4, callbacks=[GradNormMonitor(vanishing_window=3)])
+    short = trainer(max_epochs=1, log_every_n_steps=4, callbacks=[GradNormMonitor(patience=3)])
     short.fit(DeadBranch(), loader(n=64))  # 2 logging checks < window
     assert find(collect_findings(short), "vanishing_gradients") is None
-    long = trainer(max_epochs=2, log_every_n_steps=4, callbacks=[GradNormMonitor(vanishing_window=3)])
+    long = trainer(max_epochs=2, log_every_n_steps=4, callbacks=[GradNormMonitor(patience=3)])
     long.fit(DeadBranch(), loader(n=64))
     finding = find(collect_findings(long), "vanishing_gradients")
     assert finding is not None and finding.evidence["layers"] == "dead" and finding.step == 11
@@ -209,7 +209,7 @@ def test_no_host_sync_on_a_step_that_does_not_log() -> None:
     callbacks = [
         Enter(mode),
         GradClip(max_norm=0.5),
-        GradClip(algorithm="zscore", spike_warmup_steps=2),
+        GradClip(algorithm="zscore", zscore_warmup_steps=2),
         GradNormMonitor(),
         Exit(mode, per_step),
     ]
@@ -238,7 +238,7 @@ def test_no_host_sync_on_a_step_that_does_not_log() -> None:
         ({"exploding_threshold": 0.0}, r"`exploding_threshold` must be > 0, got 0\.0"),
         ({"spike_ratio": 1.0}, r"`spike_ratio` must be > 1, got 1\.0"),
         ({"spike_window": 0}, r"`spike_window` must be >= 1, got 0"),
-        ({"vanishing_window": 0}, r"`vanishing_window` must be >= 1, got 0"),
+        ({"patience": 0}, r"`patience` must be >= 1, got 0"),
         ({"norm_type": -2.0}, r"`norm_type` must be >= 1, got -2\.0"),
     ],
 )

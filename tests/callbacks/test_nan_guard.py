@@ -79,7 +79,7 @@ def check_finding(guard: NaNGuard, inject: str) -> Any:
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("inject", ["input", "forward", "loss", "gradient"])
 def test_skip_withholds_exactly_the_bad_update(inject: str, precision: str) -> None:
-    guard = NaNGuard(action="skip", detect_spikes=False)
+    guard = NaNGuard(action="skip", check_spikes=False)
     t, model, watch = fit(inject, guard, precision)
     assert t.state.finished and all_finite(model)
     # the bad step left parameters and optimizer state (Adam's moments and step) bit-identical
@@ -97,21 +97,21 @@ def test_skip_withholds_exactly_the_bad_update(inject: str, precision: str) -> N
 
 
 def test_parameter_fault_cannot_be_skipped_and_escalates() -> None:
-    guard = NaNGuard(action="skip", detect_spikes=False)  # escalate_to="raise" by default
+    guard = NaNGuard(action="skip", check_spikes=False)  # escalate_to="raise" by default
     with pytest.raises(NonFiniteError, match=r"step 4 .*optimizer update: parameter `net.0.weight`"):
         fit("parameter", guard)
     check_finding(guard, "parameter")
 
 
 def test_consecutive_skips_escalate() -> None:
-    guard = NaNGuard(action="skip", max_consecutive_skips=2, detect_spikes=False)
+    guard = NaNGuard(action="skip", max_consecutive_skips=2, check_spikes=False)
     with pytest.raises(NonFiniteError, match="step 4"):
         fit("forward", guard, at=(2, 3, 4))
     assert guard.skipped_steps == 2
 
 
 def test_skips_that_recover_reset_the_consecutive_count() -> None:
-    guard = NaNGuard(action="skip", max_consecutive_skips=1, detect_spikes=False)
+    guard = NaNGuard(action="skip", max_consecutive_skips=1, check_spikes=False)
     t, _, _ = fit("forward", guard, at=(1, 3, 5))
     assert t.state.finished and guard.skipped_steps == 3 and guard.policy.consecutive_skips == 0
     finding = find(guard.findings, "non_finite_loss")
@@ -126,7 +126,7 @@ def test_skip_holds_the_warmup_cosine_schedule() -> None:
             lrs.append(optimizer.param_groups[0]["lr"])
 
     schedule = WarmupCosine(warmup_steps=3, total_steps=STEPS)
-    guard = NaNGuard(action="skip", detect_spikes=False)
+    guard = NaNGuard(action="skip", check_spikes=False)
     t = trainer(max_steps=STEPS, callbacks=[LR(), schedule, guard])
     t.fit(Faulty("forward", {AT}), faulty_loader())
     expected = [schedule.lr_at(s, 0.01) for s in range(STEPS)]
@@ -139,7 +139,7 @@ def test_skip_holds_the_warmup_cosine_schedule() -> None:
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("inject", ["input", "forward", "loss", "gradient", "parameter"])
 def test_rollback_restores_the_snapshot(inject: str, precision: str) -> None:
-    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2, detect_spikes=False)
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2, check_spikes=False)
     at = AT + 1 if inject == "parameter" else AT  # the corrupted weight is seen by the step after the update
     t, model, watch = fit(inject, guard, precision, at=(AT,))
     assert t.state.finished and all_finite(model)
@@ -159,7 +159,7 @@ def test_rollback_restores_the_snapshot(inject: str, precision: str) -> None:
 
 def test_rollback_backs_off_the_learning_rate_and_the_schedule_keeps_it() -> None:
     schedule = WarmupCosine(warmup_steps=2, total_steps=20)
-    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2, lr_backoff=0.5, detect_spikes=False)
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2, lr_backoff=0.5, check_spikes=False)
     t = trainer(max_steps=STEPS, callbacks=[schedule, guard])
     t.fit(Faulty("forward", {AT}), faulty_loader())
     assert schedule.lr_scale == 0.5 and schedule.held_steps == AT + 1 - 2
@@ -176,7 +176,7 @@ def test_two_rollbacks_to_one_snapshot_replay_the_schedule_from_it() -> None:
 
     schedule = WarmupCosine(warmup_steps=2, total_steps=20)
     guard = NaNGuard(
-        action="rollback", snapshot_every_n_steps=100, detect_spikes=False
+        action="rollback", snapshot_every_n_steps=100, check_spikes=False
     )  # only the snapshot at step 0
     t = trainer(max_steps=STEPS, callbacks=[LR(), schedule, guard])
     t.fit(Faulty("forward", {2, 5}), faulty_loader())
@@ -191,21 +191,21 @@ def test_rollback_backs_off_a_plain_scheduler_too() -> None:
             opt = torch.optim.SGD(self.parameters(), lr=0.01)
             return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)}
 
-    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2, lr_backoff=0.25, detect_spikes=False)
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=2, lr_backoff=0.25, check_spikes=False)
     t = trainer(max_steps=STEPS, callbacks=[guard])
     t.fit(WithScheduler("forward", {AT}), faulty_loader())
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0025)  # survived the scheduler's writes
 
 
 def test_rollbacks_are_bounded() -> None:
-    guard = NaNGuard(action="rollback", snapshot_every_n_steps=1, max_rollbacks=2, detect_spikes=False)
+    guard = NaNGuard(action="rollback", snapshot_every_n_steps=1, max_rollbacks=2, check_spikes=False)
     with pytest.raises(NonFiniteError, match="step 5"):
         fit("forward", guard, at=(2, 4, 5))
     assert guard.rollbacks == 2
 
 
 def test_skip_escalates_to_rollback_when_asked() -> None:
-    guard = NaNGuard(action="skip", escalate_to="rollback", snapshot_every_n_steps=2, detect_spikes=False)
+    guard = NaNGuard(action="skip", escalate_to="rollback", snapshot_every_n_steps=2, check_spikes=False)
     t, model, _ = fit("parameter", guard)
     assert t.state.finished and all_finite(model) and guard.rollbacks == 1
 
@@ -213,7 +213,7 @@ def test_skip_escalates_to_rollback_when_asked() -> None:
 # -- warn and raise ----------------------------------------------------------------------------------------------
 def test_warn_records_and_lets_the_update_happen() -> None:
     # warn defers its checks to the logging steps (no host sync per step): the step is named, not replayed
-    guard = NaNGuard(action="warn", detect_spikes=False, check_params_every_n_steps=0)
+    guard = NaNGuard(action="warn", check_spikes=False, check_params_every_n_steps=0)
     with pytest.warns(LightningDiagWarning) as record:
         t, model, _ = fit("forward", guard, log_every_n_steps=5)
     messages = [str(w.message) for w in record if issubclass(w.category, LightningDiagWarning)]
@@ -253,7 +253,7 @@ def test_deferred_paths_make_no_host_sync_on_quiet_steps(guard: Any, optimizer: 
 
 
 def test_skip_with_a_fused_optimizer_withholds_the_update_on_the_device() -> None:
-    guard = NaNGuard(action="skip", detect_spikes=False)
+    guard = NaNGuard(action="skip", check_spikes=False)
     model = Faulty("gradient", (AT,), optimizer="adamw_fused")
     watch = StepWatch()
     t = trainer(max_steps=STEPS, log_every_n_steps=50, callbacks=[watch, guard])
@@ -270,7 +270,7 @@ def test_skip_with_a_fused_optimizer_withholds_the_update_on_the_device() -> Non
 
 @pytest.mark.parametrize("inject", ["input", "forward", "loss", "gradient", "parameter"])
 def test_raise_names_step_phase_and_module(inject: str) -> None:
-    guard = NaNGuard(action="raise", detect_spikes=False)
+    guard = NaNGuard(action="raise", check_spikes=False)
     at = AT + 1 if inject == "parameter" else AT
     _, phase, module, tensor = EXPECTED[inject]
     with pytest.raises(NonFiniteError) as info:
@@ -284,7 +284,7 @@ def test_raise_names_step_phase_and_module(inject: str) -> None:
 
 
 def test_the_report_is_written_when_the_guard_raises(tmp_path) -> None:
-    guard = NaNGuard(action="raise", detect_spikes=False)
+    guard = NaNGuard(action="raise", check_spikes=False)
     with pytest.raises(NonFiniteError):
         fit("forward", guard, default_root_dir=str(tmp_path))
     text = (tmp_path / "diagnosis.json").read_text()
@@ -370,13 +370,13 @@ def test_no_localisation_on_good_steps() -> None:
             calls.append(self.global_step)
             return super().training_step(batch, batch_idx)
 
-    t = trainer(max_steps=STEPS, callbacks=[NaNGuard(detect_spikes=False)])
+    t = trainer(max_steps=STEPS, callbacks=[NaNGuard(check_spikes=False)])
     t.fit(Counting("forward", {AT}), faulty_loader())
     assert sorted(calls) == sorted([*range(STEPS), AT])  # one replay, of the bad step only
 
 
 def test_gradient_accumulation_replays_the_window() -> None:
-    guard = NaNGuard(action="skip", detect_spikes=False)
+    guard = NaNGuard(action="skip", check_spikes=False)
     model = Faulty("input", ())
     data = faulty_loader("input", (5,))  # sample 40 -> batch 5 -> optimizer step 2 with 2 batches per step
     t = trainer(max_steps=4, accumulate_grad_batches=2, callbacks=[guard])
@@ -416,7 +416,7 @@ def test_healthy_run_has_no_findings() -> None:
 # -- state -----------------------------------------------------------------------------------------------------
 def test_resume_after_a_rollback_restores_counters_and_snapshot_schedule(tmp_path) -> None:
     def run(ckpt_path: str | None, max_steps: int) -> NaNGuard:
-        guard = NaNGuard(action="rollback", snapshot_every_n_steps=3, detect_spikes=False)
+        guard = NaNGuard(action="rollback", snapshot_every_n_steps=3, check_spikes=False)
         save = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, filename="{step}")
         t = trainer(max_steps=max_steps, callbacks=[guard, save], enable_checkpointing=True)
         t.fit(Faulty("forward", {4}), faulty_loader(), ckpt_path=ckpt_path)

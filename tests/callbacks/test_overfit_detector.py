@@ -94,7 +94,7 @@ def test_gap_is_logged(tmp_path) -> None:
     ("kwargs", "match"),
     [
         ({"action": "halt"}, "`action` must be one of"),
-        ({"window": 1}, "`window` must be >= 2, got 1"),
+        ({"patience": 1}, "`patience` must be >= 2, got 1"),
         ({"divergence_ratio": 0.9}, "`divergence_ratio` must be > 1"),
         ({"plateau_threshold": -0.1}, "`plateau_threshold` must be in \\[0, 1\\)"),
         ({"chance_loss": float("nan")}, "`chance_loss` must be a finite number"),
@@ -112,7 +112,7 @@ def test_skipped_non_finite_steps_stay_out_of_the_training_mean() -> None:
     data = circles(1024, 0)
     data.tensors[0][300, 0] = float("nan")  # one bad sample: its step is skipped by NaNGuard
     detector = OverfitDetector()
-    guard = NaNGuard(action="skip", detect_spikes=False)
+    guard = NaNGuard(action="skip", check_spikes=False)
     from torch.utils.data import DataLoader
 
     t = trainer(max_epochs=3, callbacks=[guard, detector], num_sanity_val_steps=0)

@@ -95,7 +95,7 @@ MODES: dict[str, dict[str, Any]] = {
     "value": {"clip_value": 0.5},
     "agc": {},
     "autoclip": {},
-    "zscore": {"spike_warmup_steps": 0},
+    "zscore": {"zscore_warmup_steps": 0},
 }
 
 

@@ -193,7 +193,7 @@ def test_steps_skipped_by_nan_guard_are_not_no_ops(guard_first: bool) -> None:
     from lightning_diag import NaNGuard
     from tests.callbacks.nan_helpers import Faulty
 
-    guard = NaNGuard(action="skip", detect_spikes=False)
+    guard = NaNGuard(action="skip", check_spikes=False)
     detector = SilentBugDetector(check_every_n_steps=3)
     callbacks = [guard, detector] if guard_first else [detector, guard]
     t = trainer(max_steps=10, callbacks=callbacks)

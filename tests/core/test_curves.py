@@ -116,8 +116,8 @@ def test_a_converged_loss_is_no_plateau() -> None:
 
 def test_noise_and_rules_validation() -> None:
     assert noise([1.0]) == 0.0 and noise([1.0, 3.0, 2.0]) == 1.5
-    with pytest.raises(ValueError, match="`window` must be an int >= 2, got 1"):
-        CurveRules(window=1)
+    with pytest.raises(ValueError, match="`patience` must be an int >= 2, got 1"):
+        CurveRules(patience=1)
     with pytest.raises(ValueError, match="`divergence_ratio` must be > 1"):
         CurveRules(divergence_ratio=1.0)
     with pytest.raises(ValueError, match="`close_ratio` must be >= 0"):

@@ -101,8 +101,8 @@ def main(kind: str, out: str, resume: str | None = None) -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))
     world = 1 if kind == "single" else 2
     record = Record()
-    nan_guard = NaNGuard(action="skip", detect_spikes=False)
-    overfit = OverfitDetector(action="warn", window=2)
+    nan_guard = NaNGuard(action="skip", check_spikes=False)
+    overfit = OverfitDetector(action="warn", patience=2)
     early = EarlyStop(monitor="val_loss", patience=2)
     save = ModelCheckpoint(
         dirpath=os.path.join(out, f"ckpt-{kind}"), every_n_epochs=1, save_top_k=-1, filename="{epoch}"

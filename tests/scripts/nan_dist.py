@@ -47,7 +47,7 @@ def main(kind: str, out: str) -> None:
     for policy, inject in SCENARIOS:
         torch.manual_seed(0)
         rollback = {"snapshot_every_n_steps": 2} if policy == "rollback" else {}
-        guard = NaNGuard(action=policy, detect_spikes=False, **rollback)
+        guard = NaNGuard(action=policy, check_spikes=False, **rollback)
         if kind == "ddp":
             strategy: Any = "ddp"
             model: Faulty = Faulty(inject, (AT,), ranks=(1,))

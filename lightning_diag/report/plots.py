@@ -75,7 +75,7 @@ def _finite(values: Sequence[Any]) -> list[float]:
 def _learning_curves(
     curve: Sequence[Sequence[Any]], series: Mapping[str, Any], findings: Sequence[Mapping[str, Any]]
 ) -> Any:
-    from lightning_diag.html_report import best_point, stopped_x, where_x
+    from lightning_diag.report.marks import best_point, stopped_x, where_x
 
     fig = _figure()
     ax = fig.add_subplot()
