@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "amp_scaler",
     "check_strategy",
+    "clear_found_inf",
     "detached_trainer",
     "epochs_processed",
     "epochs_started",
@@ -26,6 +27,7 @@ __all__ = [
     "is_last_batch",
     "loss_scale",
     "replay_training_step",
+    "set_found_inf",
     "train_batch_idx",
     "trainer_callbacks",
     "trainer_shared_on_copy",
@@ -67,6 +69,26 @@ def fused_unscale(optimizer: Any) -> bool:
     Lightning wraps optimizers in ``LightningOptimizer``, which forwards attribute reads.
     """
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def set_found_inf(optimizer: Any, flag: torch.Tensor) -> bool:
+    """Withhold this step's update on the device when ``flag`` (a 0-d float tensor) is 1: the fused kernels of
+    Adam/AdamW/SGD skip the update, parameters and state untouched, as they do for a GradScaler's inf check.
+
+    Writes ``Optimizer.found_inf`` (private: the attribute ``_step_supports_amp_scaling`` optimizers read in
+    ``step()`` when no ``found_inf`` keyword is passed; torch 2.0-2.13). Returns whether the optimizer takes it
+    (``fused=True`` in its defaults); otherwise nothing is written.
+    """
+    if not bool(getattr(optimizer, "defaults", {}).get("fused")):
+        return False
+    optimizer.found_inf = flag
+    return True
+
+
+def clear_found_inf(optimizer: Any) -> None:
+    """Remove what :func:`set_found_inf` wrote, once the step has read it (a later step must not see it)."""
+    with contextlib.suppress(AttributeError):
+        del optimizer.found_inf
 
 
 @contextlib.contextmanager

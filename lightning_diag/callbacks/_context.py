@@ -83,6 +83,9 @@ class RunContext:
     step: StepContext | None = None
     #: a guard in the run acts on non-finite steps (skips, rolls back or raises): others only report them
     nonfinite_handled: bool = False
+    #: a guard in the run judges spikes of the total gradient norm: it owns `exploding_gradients` spikes (one
+    #: event, one finding), the monitors only log the norms
+    grad_spikes_owned: bool = False
     #: optimizer steps the LR schedule must not count (skipped or rolled back), not yet taken by its owner
     held_steps: int = 0
     #: a factor the learning rates were backed off by, not yet taken by the schedule's owner

@@ -30,8 +30,8 @@ from lightning_diag._validation import (
     check_unused,
 )
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.core.stopping import StopTracker
-from lightning_diag.core.verdict import Verdict, non_finite_metric
+from lightning_diag.core.stopping import StopTracker, early_stopped_verdict, missing_metric_verdict
+from lightning_diag.core.verdict import non_finite_metric
 
 __all__ = ["EarlyStop"]
 
@@ -44,26 +44,6 @@ _REASONS = {
     "divergence_threshold": EarlyStoppingReason.DIVERGENCE_THRESHOLD,
     "patience": EarlyStoppingReason.PATIENCE_EXHAUSTED,
 }
-
-_ADVICE = {
-    "patience": [
-        "The monitored metric stopped improving: more epochs are unlikely to help with the current settings.",
-        "If it stopped too soon, raise `patience` or lower `min_delta`; if the curve was still noisy, smooth it "
-        "(evaluate on more data) before trusting the stop.",
-    ],
-    "stopping_threshold": ["The target set by `stopping_threshold` was reached."],
-    "divergence_threshold": [
-        "The monitored metric crossed `divergence_threshold`: training was diverging.",
-        "Likely causes: learning rate too high, no warmup, exploding gradients. Try a lower learning rate, a "
-        "warmup (WarmupCosine) or gradient clipping (GradClip).",
-    ],
-    "non_finite": [
-        "The monitored metric became NaN/Inf: the model or the loss produced non-finite values.",
-        "Likely causes: learning rate too high, log of zero or division by zero in the loss, fp16 overflow. "
-        "Add NaNGuard to find the first module that produced the non-finite value.",
-    ],
-}
-
 
 #: Settings that have no effect (``_validation.check_unused``).
 _UNUSED = (
@@ -344,37 +324,18 @@ class EarlyStop(EarlyStopping, DiagCallback):
         self.stopped_epoch = int(trainer.current_epoch)
         self.stopping_reason = _REASONS[decision.reason]
         self.stopping_reason_message = decision.message
-        severity: Literal["info", "warning"] = (
-            "warning" if decision.reason in ("divergence_threshold", "non_finite") else "info"
+        verdict = early_stopped_verdict(
+            decision,
+            self.monitor,
+            current,
+            stopped_epoch=self.stopped_epoch,
+            best_seen=self._tracker.best_seen,
+            best_reference=self._tracker.best,
+            best_epoch=self.best_epoch,
+            wait_count=self._tracker.wait_count,
+            patience=self.patience,
         )
-        self.record(
-            trainer,
-            Verdict(
-                "early_stopped",
-                severity,
-                f"Training stopped at epoch {self.stopped_epoch}: {self._with_best_seen(decision.message)}",
-                evidence={
-                    "monitor": self.monitor,
-                    "reason": decision.reason,
-                    "value": current,
-                    "best_score": self._tracker.best_seen,
-                    "best_epoch": -1 if self.best_epoch is None else self.best_epoch,
-                    "stopped_epoch": self.stopped_epoch,
-                    "wait_count": self._tracker.wait_count,
-                    "patience": self.patience,
-                },
-                advice=_ADVICE[decision.reason],
-            ),
-        )
-
-    def _with_best_seen(self, message: str) -> str:
-        """The stop message with "best" as the best value seen, the one restored (the patience reference may differ
-        by less than ``min_delta``): one number for "best" in the console, the JSON and the plots.
-        """
-        tail = f"best {self._tracker.best:.6g}."
-        if self.best_epoch is None or not message.endswith(tail):
-            return message
-        return message[: -len(tail)] + f"best {self._tracker.best_seen:.6g} at epoch {self.best_epoch}."
+        self.record(trainer, verdict)
 
     @staticmethod
     def _can_stop(trainer: pl.Trainer) -> bool:
@@ -407,22 +368,10 @@ class EarlyStop(EarlyStopping, DiagCallback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._missing_checks and not self._monitor_seen:
-            logged = sorted(trainer.callback_metrics)
-            close = difflib.get_close_matches(self.monitor, logged, n=1)
-            self.record(
-                trainer,
-                Verdict(
-                    "missing_metric",
-                    "info",
-                    f"EarlyStop monitored `{self.monitor}`, which was never logged ({self._missing_checks} checks): "
-                    f"it never judged the run. Logged: {', '.join(f'`{k}`' for k in logged) or 'nothing'}.",
-                    {"metric": self.monitor, "checks": self._missing_checks, "logged": ", ".join(logged)},
-                    [f"Did you mean `{close[0]}`?"]
-                    if close
-                    else [f"Log it with `self.log({self.monitor!r}, ...)`."],
-                ),
-                key=self.monitor,
+            verdict = missing_metric_verdict(
+                self.monitor, self._missing_checks, sorted(trainer.callback_metrics)
             )
+            self.record(trainer, verdict, key=self.monitor)
         if not self.restore_best_weights or self.best_step is None or self.best_step == trainer.global_step:
             return  # nothing to restore: no best yet, or the model still holds the best weights
         if self._checkpoint_callback is not None and self._checkpoint_callback.best_model_path:

@@ -21,9 +21,18 @@ from lightning_diag._validation import (
     check_unused,
     renamed,
 )
+from lightning_diag.callbacks import _compat
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import run_context, step_context
+from lightning_diag.callbacks._deferred import Deferred, DeferredQueue
 from lightning_diag.core.batches import batch_size
+from lightning_diag.core.grad_rules import (
+    NormHistory,
+    VanishingRule,
+    amp_verdict,
+    exploding_verdict,
+    non_finite_gradients_verdict,
+)
 from lightning_diag.core.grad_stats import (
     GroupIndex,
     copy_tensors,
@@ -32,26 +41,10 @@ from lightning_diag.core.grad_stats import (
     grouped_norms,
     subtract_tensors,
     tensor_norms,
-    vanishing_layers,
 )
-from lightning_diag.core.spikes import DEFAULT_SPIKE_RATIO, SpikeDetector
-from lightning_diag.core.verdict import Verdict
+from lightning_diag.core.spikes import DEFAULT_SPIKE_RATIO
 
 __all__ = ["GradNormMonitor"]
-
-_EXPLODING_ADVICE = [
-    "Clip gradients (GradClip(max_norm=1.0), or an adaptive algorithm such as algorithm='zscore').",
-    "Lower the learning rate, or add/extend a warmup (WarmupCosine).",
-    "Check the initialisation and add normalisation (LayerNorm/BatchNorm) or residual connections in deep stacks.",
-    "Under fp16, prefer bf16 or make sure the loss is scaled (16-mixed uses a GradScaler).",
-]
-_VANISHING_ADVICE = [
-    "Prefer non-saturating activations (ReLU/GELU/SiLU) over sigmoid/tanh in deep stacks.",
-    "Use an initialisation matched to the activation (Kaiming for ReLU, Xavier for tanh).",
-    "Add residual connections and normalisation layers so gradients reach the early layers.",
-    "Check for frozen or detached paths (a `.detach()`, `torch.no_grad()`, an unused branch).",
-]
-
 
 #: Settings the chosen grouping never reads (``_validation.check_unused``).
 _UNUSED = (
@@ -100,7 +93,7 @@ class GradNormMonitor(DiagCallback):
         vanishing_ratio: an early layer whose norm is below ``vanishing_ratio`` times the largest late-layer norm
             is vanishing. Judged per leaf module (the module that owns the parameters) whatever ``group_by`` and
             ``depth`` are (they only shape what is logged); the first half of the leaf modules, in registration
-            order, are the early layers (:func:`~lightning_diag.core.grad_stats.vanishing_layers`).
+            order, are the early layers (:func:`~lightning_diag.core.grad_rules.vanishing_layers`).
         patience: consecutive checks the vanishing rule must hold before it is reported. Checked at the logging
             steps and, for the steps after the last one (a run shorter than the logging interval), at the end of
             fit on up to ``patience`` of those steps spread from the first to the last.
@@ -141,7 +134,9 @@ class GradNormMonitor(DiagCallback):
         >>> trainer = pl.Trainer(log_every_n_steps=10, callbacks=[GradNormMonitor(depth=2, exploding_threshold=1e3)])
 
     Note:
-        Steps skipped by the GradScaler (inf/NaN after unscaling) are counted, never treated as failures, and kept
+        One event, one finding: when NaNGuard checks spikes in the same run (``check_spikes=True``, its default),
+        it owns spikes of the total norm (it sees the loss at the same step and can act on them) and this callback
+        only logs the norms; ``exploding_threshold`` stays this callback's rule. Steps skipped by the GradScaler (inf/NaN after unscaling) are counted, never treated as failures, and kept
         out of every running statistic. With a fused optimizer under 16-bit AMP the gradients are still scaled in
         this hook; the statistics divide by the scale. Under DDP gradients are identical on every rank; under
         FSDP2 (DTensor) the norms are global (one all-reduce).
@@ -221,21 +216,21 @@ class GradNormMonitor(DiagCallback):
             _lightning.check_strategy(trainer, "GradNormMonitor")
 
     def _reset_state(self) -> None:
-        # Running statistics, replayed on the host from the pending steps at each logging step.
-        self._spikes = SpikeDetector(
-            self.spike_window, self.spike_threshold, self.spike_ratio, self.spike_warmup_steps
+        self._history = NormHistory(
+            self.spike_window,
+            self.spike_threshold,
+            self.spike_ratio,
+            self.spike_warmup_steps,
+            self.exploding_threshold,
         )
-        self._skipped = 0  # steps the GradScaler skipped
-        self._skip_run = 0  # current run of consecutive skipped steps
-        self._max_run = 0  # longest run of skipped steps since the last AMP check
-        # (global step, total norm, per-tensor norms) of the steps not replayed yet
-        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        self._pending_samples: list[int] = []  # samples behind each pending step (0: unknown)
+        self._vanishing = VanishingRule(self.vanishing_ratio, self.vanishing_threshold, self.patience)
+        # The steps not replayed yet: their total norm (read at the next logging step), their per-tensor norms
+        # kept on the device (read only for the worst step of a flagged interval) and their batch size.
+        self._queue = DeferredQueue()
         self._samples = 0  # samples of the micro-batches of the optimizer step in progress
         self._leaves: GroupIndex | None = None
         self._leaf_names: tuple[str, ...] = ()
         self._groups: GroupIndex | None = None
-        self._vanishing_streak: dict[str, int] = {}
         # Per-group norms at the logging steps, for the end-of-run heatmap (bounded: see _remember_norms)
         self.norm_history: dict[str, list[tuple[int, float]]] = {}
         # (parameters, their copy before the step, per-group parameter norms, groups, global step) of a logging step
@@ -265,83 +260,35 @@ class GradNormMonitor(DiagCallback):
         if stats.norms.numel() == 0:
             return
         # A quiet step costs no kernel and no sync: keep references to the norms computed for everyone anyway.
-        self._pending.append((trainer.global_step, stats.total_norm, stats.norms))
-        self._pending_samples.append(self._samples)
+        full = self._queue.add(
+            trainer.global_step,
+            stats.total_norm,
+            info={"samples": self._samples},
+            kept={"norms": stats.norms},
+        )
         self._samples = 0
         self._names = stats.names
         if _logging.should_log_step(trainer):
             self._log_and_check(trainer, pl_module, step.params, stats)
-        elif len(self._pending) >= self.max_pending_steps:
-            self._replay(trainer, self._fetch_pending())
+        elif full:
+            self._replay(trainer, self._queue.take(trainer)[0])
 
-    #: Pending steps kept before the statistics are replayed even without logging (bounds memory and latency).
-    max_pending_steps = 256
-
-    def _fetch_pending(self, extra: torch.Tensor | None = None) -> list[float]:
-        """The pending total norms (then ``extra``) in one host transfer."""
-        parts = [torch.stack([total for _, total, _ in self._pending]).float()] if self._pending else []
-        if extra is not None:
-            parts.append(extra)
-        return torch.cat(parts).tolist() if parts else []
-
-    def _replay(self, trainer: pl.Trainer, totals: list[float]) -> None:
+    def _replay(self, trainer: pl.Trainer, entries: list[Deferred]) -> None:
         """Run the running statistics over the pending steps, in order, and record what they show."""
-        pending, self._pending = self._pending, []
-        samples, self._pending_samples = self._pending_samples, []
-        samples += [0] * (len(pending) - len(samples))
-        scaled = _lightning.amp_scaler(trainer) is not None
-        flagged, worst, worst_ratio, worst_at, nonfinite, max_run = 0, 0.0, 0.0, -1, 0, 0
-        worst_mean = 0.0
-        for (step, _, _), total, size in zip(pending, totals, samples, strict=False):
-            if not math.isfinite(total):
-                if scaled:  # the GradScaler skips this step: count it, keep it out of the statistics
-                    self._skipped += 1
-                    self._skip_run += 1
-                    max_run = max(max_run, self._skip_run)
-                else:
-                    nonfinite += 1
-                continue
-            self._skip_run = 0
-            mean = self._spikes.mean
-            spike = self._spikes.update(
-                total, size or None
-            )  # spikes (and short last batches) stay out of them
-            over = self.exploding_threshold is not None and total > self.exploding_threshold
-            if spike or over:
-                flagged += 1
-                if total > worst:
-                    worst, worst_ratio, worst_at, worst_mean = total, total / max(mean, 1e-12), step, mean
-        if flagged:
-            norms = next(n for s, _, n in pending if s == worst_at).tolist()
-            self._report_exploding(
-                trainer, flagged, worst, worst_ratio, worst_at, worst_mean, norms, self._names
-            )
-        if nonfinite:
-            guarded = run_context(trainer).nonfinite_handled
-            what = (
-                f"{nonfinite} step(s) had a non-finite gradient norm (NaN/Inf gradients, or finite ones too large for "
-                "float32) without a GradScaler to skip them"
-            )
-            self.record(
-                trainer,
-                Verdict(
-                    "non_finite_gradients",
-                    "warning" if guarded else "error",
-                    what
-                    + (
-                        ": NaNGuard decided what to do with them (see its findings)."
-                        if guarded
-                        else ": the parameters took those updates."
-                    ),
-                    evidence={"steps": nonfinite},
-                    advice=[
-                        "See NaNGuard's finding for where the first non-finite value appeared."
-                        if guarded
-                        else "Add NaNGuard to skip such steps and locate the layer that produced the first non-finite value."
-                    ],
-                ),
-            )
-        self._max_run = max(self._max_run, max_run)
+        context = run_context(trainer)
+        found = self._history.replay(
+            [e.step for e in entries],
+            [e.host[0] for e in entries],
+            [int(e.info.get("samples", 0)) for e in entries],
+            scaled=_lightning.amp_scaler(trainer) is not None,
+            check_spikes=not context.grad_spikes_owned,  # NaNGuard judges those spikes: one event, one finding
+        )
+        if found.flagged:
+            norms = next(e.kept["norms"] for e in entries if e.step == found.worst_step).tolist()
+            verdict = exploding_verdict(found, self.exploding_threshold, norms, self._names)
+            self.record(trainer, verdict)
+        if found.non_finite:
+            self.record(trainer, non_finite_gradients_verdict(found.non_finite, context.nonfinite_handled))
 
     def _log_and_check(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, step_params: list[torch.Tensor], stats: Any
@@ -365,17 +312,8 @@ class GradNormMonitor(DiagCallback):
                 self._snapshot = (params, before, pieces["param_groups"], groups, trainer.global_step)
         if scaler is not None:
             pieces["scale"] = _lightning.loss_scale(scaler).to(device).view(1)
-        layout = [(k, v.numel()) for k, v in pieces.items()]
-        n_pending = len(self._pending)
-        values = self._fetch_pending(
-            torch.cat([v.float().to(device) for v in pieces.values()])
-        )  # one transfer
-        self._replay(trainer, values[:n_pending])
-        out: dict[str, list[float]] = {}
-        i = n_pending
-        for key, size in layout:
-            out[key], i = values[i : i + size], i + size
-
+        entries, out = self._queue.take(trainer, extra=pieces)  # one transfer
+        self._replay(trainer, entries)
         metrics: dict[str, float] = {"diag/grad_norm/total": out["total"][0]}
         for name, value in zip(groups.names, out.get("groups", []), strict=False):
             metrics[f"diag/grad_norm/{name}"] = value
@@ -386,7 +324,7 @@ class GradNormMonitor(DiagCallback):
                     metrics[f"diag/param_norm/{name}"] = value
         if scaler is not None and self.log_amp:
             metrics["diag/amp/scale"] = out["scale"][0]
-            metrics["diag/amp/skipped_steps"] = float(self._skipped)
+            metrics["diag/amp/skipped_steps"] = float(self._history.skipped)
         _logging.log_step(pl_module, metrics)
         self._remember_norms(
             trainer.global_step, groups.names if self.group_by != "total" else ("total",), out
@@ -394,8 +332,17 @@ class GradNormMonitor(DiagCallback):
         if self.log_histogram:
             _logging.log_histogram(trainer, "diag/grad_norm/hist", stats.norms, step=trainer.global_step)
         if scaler is not None:
-            self._check_amp(trainer, out["scale"][0], self._skipped, self._max_run)
-            self._max_run = 0
+            history = self._history
+            amp = amp_verdict(
+                out["scale"][0],
+                history.skipped,
+                history.max_run,
+                self.amp_min_scale,
+                self.amp_max_consecutive_skips,
+            )
+            if amp is not None:
+                self.record(trainer, amp)
+            history.max_run = 0
         if math.isfinite(out["total"][0]):
             self._check_vanishing(trainer, self._leaf_index(stats.names, device).names, out["leaves"])
 
@@ -417,69 +364,6 @@ class GradNormMonitor(DiagCallback):
             seen.setdefault(group_name(n, self.group_by, self.depth), None)
         return tuple(seen)
 
-    def _report_exploding(
-        self,
-        trainer: pl.Trainer,
-        flags: float,
-        worst: float,
-        ratio: float,
-        step: int,
-        ema: float,
-        worst_norms: list[float],
-        names: tuple[str, ...],
-    ) -> None:
-        top = sorted(zip(worst_norms, names, strict=True), reverse=True)[:3]
-        layers = ", ".join(f"{n} ({v:.3g})" for v, n in top)
-        over = self.exploding_threshold is not None and worst > self.exploding_threshold
-        why = (
-            f"above `exploding_threshold`={self.exploding_threshold:g}"
-            if over
-            else f"{ratio:.1f}x its running mean {ema:.3g}"
-        )
-        self.record(
-            trainer,
-            Verdict(
-                "exploding_gradients",
-                "warning",
-                f"Gradient norm reached {worst:.4g} at step {step} ({why}); {int(flags)} flagged step(s) in this "
-                f"interval. Largest tensors: {layers}.",
-                evidence={
-                    "worst_norm": worst,
-                    "worst_step": step,
-                    "ratio_to_mean": ratio,
-                    "running_mean": ema,
-                    "flagged_steps": int(flags),
-                    "largest_tensors": layers,
-                },
-                advice=_EXPLODING_ADVICE,
-            ),
-        )
-
-    def _check_amp(self, trainer: pl.Trainer, scale: float, skipped: float, max_run: int) -> None:
-        collapsed = scale < self.amp_min_scale
-        persistent = max_run >= self.amp_max_consecutive_skips
-        if not (collapsed or persistent):
-            return
-        what = (
-            f"the loss scale collapsed to {scale:g}"
-            if collapsed
-            else f"{max_run} consecutive steps overflowed"
-        )
-        self.record(
-            trainer,
-            Verdict(
-                "amp_overflow",
-                "warning",
-                f"GradScaler: {what}; {int(skipped)} step(s) skipped so far. Occasional skips are normal, this is not.",
-                evidence={"scale": scale, "skipped_steps": int(skipped), "max_consecutive_skips": max_run},
-                advice=[
-                    "Gradients overflow fp16 even at a small scale: the model produces values beyond fp16's range.",
-                    "Switch to bf16-mixed (same speed on recent GPUs, no overflow), or lower the learning rate.",
-                    "Add NaNGuard to see whether the values are truly non-finite (a bug) rather than large.",
-                ],
-            ),
-        )
-
     def _leaf_index(self, names: tuple[str, ...], device: torch.device) -> GroupIndex:
         """Tensors grouped by leaf module (the gradient rules judge per layer whatever the logging grouping)."""
         if self._leaves is None or self._leaf_names != names or self._leaves.index.device != device:
@@ -488,44 +372,21 @@ class GradNormMonitor(DiagCallback):
         return self._leaves
 
     def _check_vanishing(self, trainer: pl.Trainer, names: tuple[str, ...], norms: list[float]) -> None:
-        vanishing, late_max = vanishing_layers(names, norms, self.vanishing_ratio, self.vanishing_threshold)
-        flagged = {n for n, _ in vanishing}
-        for name in names:
-            self._vanishing_streak[name] = self._vanishing_streak.get(name, 0) + 1 if name in flagged else 0
-        lasting = [(n, v) for n, v in vanishing if self._vanishing_streak[n] >= self.patience]
-        if not lasting:
-            return
-        listed = ", ".join(f"{n} ({v:.3g})" for n, v in lasting[:8])
-        smallest = min(v for _, v in lasting)
-        zero = " (exactly 0: no gradient reaches them at all)" if smallest == 0 else ""
-        self.record(
-            trainer,
-            Verdict(
-                "vanishing_gradients",
-                "warning",
-                f"{len(lasting)} of {len(names)} layers get (almost) no gradient: below {self.vanishing_ratio:g}x the "
-                f"largest late-layer norm ({late_max:.3g}) at {self.patience} checks in a row{zero}: {listed}.",
-                evidence={
-                    "layers": ", ".join(n for n, _ in lasting),
-                    "smallest_norm": smallest,
-                    "late_max_norm": late_max,
-                    "ratio": self.vanishing_ratio,
-                    "threshold": self.vanishing_threshold,
-                    "leaf_modules": len(names),
-                },
-                advice=_VANISHING_ADVICE,
-            ),
-        )
+        verdict = self._vanishing.check(names, norms)
+        if verdict is not None:
+            self.record(trainer, verdict)
 
     def _check_vanishing_at_end(self, trainer: pl.Trainer) -> None:
         """Judge the steps after the last logging step (all of a run shorter than the logging interval)."""
-        if not self._pending or not self._names:
+        entries = self._queue.entries
+        if not entries or not self._names:
             return
-        device = self._pending[-1][2].device
-        leaves = self._leaf_index(self._names, device)
-        count = len(self._pending)
+        leaves = self._leaf_index(self._names, entries[-1].kept["norms"].device)
+        count = len(entries)
         picks = sorted({round(i * (count - 1) / max(self.patience - 1, 1)) for i in range(self.patience)})
-        rows = [self._pending[i][2] for i in picks if self._pending[i][2].numel() == len(self._names)]
+        rows = [
+            entries[i].kept["norms"] for i in picks if entries[i].kept["norms"].numel() == len(self._names)
+        ]
         if not rows:
             return
         values = torch.stack([grouped_norms(r.float(), leaves, self.norm_type) for r in rows]).tolist()
@@ -555,37 +416,27 @@ class GradNormMonitor(DiagCallback):
     # -- state ----------------------------------------------------------------------------------------------
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pending:  # steps after the last logging step still get their say
+        if self._queue:  # steps after the last logging step still get their say
             self._check_vanishing_at_end(trainer)
-            self._replay(trainer, self._fetch_pending())
+            self._replay(trainer, self._queue.take(trainer)[0])
 
     @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
-            "spikes": self._spikes.state_dict(),
-            "skipped": self._skipped,
-            "skip_run": self._skip_run,
-            "vanishing_streak": dict(self._vanishing_streak),
+            **self._history.state_dict(),
+            "vanishing_streak": dict(self._vanishing.streak),
             "findings": self._findings_state(),
         }
-        if self._pending:  # steps not replayed yet: saved raw, so a resumed run replays them alike
-            state["pending_steps"] = [step for step, _, _ in self._pending]
-            state["pending_totals"] = torch.stack([t for _, t, _ in self._pending]).detach().cpu()
-            state["pending_norms"] = torch.stack([n for _, _, n in self._pending]).detach().cpu()
+        if self._queue:  # steps not replayed yet: saved raw, so a resumed run replays them alike
+            state["queue"] = self._queue.state_dict()
             state["pending_names"] = list(self._names)
-            state["pending_samples"] = list(self._pending_samples)
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "spikes" in state_dict:
-            self._spikes.load_state_dict(state_dict["spikes"])
-        self._skipped = int(state_dict.get("skipped", self._skipped))
-        self._skip_run = int(state_dict.get("skip_run", self._skip_run))
-        self._vanishing_streak = {str(k): int(v) for k, v in state_dict.get("vanishing_streak", {}).items()}
-        if "pending_steps" in state_dict:
-            totals, norms = state_dict["pending_totals"], state_dict["pending_norms"]
-            self._pending = [(int(s), totals[i], norms[i]) for i, s in enumerate(state_dict["pending_steps"])]
+        self._history.load_state_dict(state_dict)
+        self._vanishing.streak = {str(k): int(v) for k, v in state_dict.get("vanishing_streak", {}).items()}
+        self._queue.load_state_dict(state_dict.get("queue") or _compat.grad_norm_queue_0_1(state_dict))
+        if self._queue:
             self._names = tuple(state_dict.get("pending_names", ()))
-            self._pending_samples = [int(v) for v in state_dict.get("pending_samples", [])]
         self._load_findings_state(state_dict)

@@ -1,13 +1,13 @@
 """NaNGuard: detect, localise and survive NaN/Inf and spikes: warn, skip, roll back or stop, alike on every rank.
 
-The callback gathers (inputs, loss, gradient statistics, parameters), reduces the step's flags across ranks with
-one collective, lets :class:`~lightning_diag.core.guard.GuardPolicy` decide, acts, records and logs. Where a
-non-finite value began is found by :mod:`lightning_diag.core.nan_trace`.
+The callback gathers (inputs, loss, gradient statistics, parameters), reduces the step's numbers across ranks
+with one collective, lets its core partner judge and decide (:mod:`lightning_diag.core.guard`: the judge, the
+policy and the words of the findings), acts, records and logs. Where a non-finite value began is found by
+:mod:`lightning_diag.core.nan_trace`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -31,72 +31,34 @@ from lightning_diag._validation import (
     check_unused,
     renamed,
 )
+from lightning_diag.callbacks import _compat
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import StepContext, run_context, step_context
-from lightning_diag.core.batches import batch_size, floating
+from lightning_diag.callbacks._deferred import DeferredQueue
 from lightning_diag.core.grad_stats import max_abs, tensor_norms, total_from_norms
-from lightning_diag.core.guard import ACTIONS, Action, Decision, GuardPolicy, StepFlags, back_off_lr
-from lightning_diag.core.nan_trace import (
-    Trace,
-    choose_origin,
-    deferred_origin,
-    observed_origin,
-    origin_advice,
-    parameter_origin,
-    trace_step,
+from lightning_diag.core.guard import (
+    ACTIONS,
+    Action,
+    BadStep,
+    Decision,
+    GuardPolicy,
+    Origin,
+    StepFlags,
+    StepJudge,
+    StepWindow,
+    back_off_lr,
+    step_verdicts,
 )
+from lightning_diag.core.nan_trace import choose_origin, deferred_origin, locate
 from lightning_diag.core.snapshot import Snapshot
-from lightning_diag.core.spikes import DEFAULT_SPIKE_RATIO, SpikeDetector
+from lightning_diag.core.spikes import DEFAULT_SPIKE_RATIO
 from lightning_diag.core.verdict import Verdict
 from lightning_diag.errors import LightningDiagWarning, NonFiniteError
-from lightning_diag.findings import Severity
 
 __all__ = ["NaNGuard", "NonFiniteError"]
 
-_CODE_OF_PHASE = {
-    "input": "non_finite_input",
-    "forward": "non_finite_loss",
-    "loss": "non_finite_loss",
-    "backward": "non_finite_gradients",
-    "optimizer": "non_finite_parameters",
-}
-_SPIKE_ADVICE = [
-    "Lower the learning rate or lengthen the warmup (WarmupCosine).",
-    "Clip gradients (GradClip(algorithm='zscore') adapts to the norm's own statistics).",
-    "Look for bad or mislabelled samples in the batches of that step (batch_idx in the evidence).",
-]
-_OVERFLOW_ADVICE = [
-    "The learning rate is far too high (or the loss scale is): lower it, add warmup (WarmupCosine).",
-    "Clip gradients (GradClip) so one step cannot throw the weights this far.",
-]
-
 #: Localisations per fit; after that, findings rely on the flags (a run left broken under "warn" stays cheap).
 MAX_TRACES = 20
-#: Deferred steps kept before they are judged even without a logging step (bounds memory and latency).
-MAX_PENDING = 256
-
-
-@dataclasses.dataclass
-class _Pending:
-    """A deferred step: its device values, and what naming the origin later needs (no batch: it is gone)."""
-
-    step: int
-    epoch: int
-    values: torch.Tensor  # [input sum, parameter norm, loss, gradient norm]
-    reduced: bool  # already summed over ranks (a device-side skip needs the same decision everywhere)
-    has_loss: bool
-    samples: int | None
-    names: tuple[str, ...]
-    norms: torch.Tensor  # per-tensor gradient norms, to name the first non-finite gradient
-    batch_idx: str
-
-
-_NOT_REPRODUCED = (
-    "The replay of the same step was finite: the fault depends on state or chance, not on the step's data alone. "
-    "Look for stateful or nondeterministic code (a module that keeps a counter or cache, randomness without a "
-    "seed, uninitialised memory such as torch.empty) or a flaky kernel/hardware; run with "
-    "torch.use_deterministic_algorithms(True) to tell them apart."
-)
 
 
 def _policies(given: Mapping[str, Any]) -> set[str]:
@@ -235,7 +197,8 @@ class NaNGuard(DiagCallback):
         >>> trainer = pl.Trainer(callbacks=[NaNGuard(action="rollback", snapshot_every_n_steps=200, lr_backoff=0.5)])
 
     Note:
-        Rollback memory: one CPU copy of the parameters and buffers plus the optimizer state (about 3x the
+        With ``check_spikes=True`` NaNGuard owns ``exploding_gradients`` spikes of the total norm: a
+        GradNormMonitor in the same run logs the norms and leaves those findings to it. Rollback memory: one CPU copy of the parameters and buffers plus the optimizer state (about 3x the
         parameter bytes with Adam). The snapshot is not saved in checkpoints; a resumed run takes a fresh one when
         training starts and keeps the saved snapshot schedule. Unlike ``Trainer(detect_anomaly=True)``, which
         runs autograd's anomaly mode on every step, NaNGuard pays for the localisation only on the step that needs
@@ -306,6 +269,13 @@ class NaNGuard(DiagCallback):
         self.policy = GuardPolicy(
             action, spike_action, max_consecutive_skips, escalate_to, snapshot_every_n_steps, max_rollbacks
         )
+        self.judge = StepJudge(
+            spike_window,
+            self.spike_threshold,
+            self.spike_ratio,
+            spike_warmup_steps,
+            check_spikes=check_spikes,
+        )
         self._reset_state()
 
     @property
@@ -334,35 +304,24 @@ class NaNGuard(DiagCallback):
             # Under FSDP1 each rank checks its own shards and the flags are combined: detection and skip are
             # correct; a rollback (snapshots of flat parameters) is not supported there.
             _lightning.check_strategy(trainer, "NaNGuard", fsdp1=not self.rollback_possible)
-            run_context(trainer).nonfinite_handled = self.action != "warn"
+            context = run_context(trainer)
+            context.nonfinite_handled = self.action != "warn"
+            context.grad_spikes_owned = self.check_spikes  # one owner of `exploding_gradients` spikes
 
     def _reset_state(self) -> None:
         self.policy.reset()
+        self.judge.reset()
         self.traces = 0
         self._snapshot: Snapshot | None = None
-        self._loss_spikes = SpikeDetector(
-            self.spike_window, self.spike_threshold, self.spike_ratio, self.spike_warmup_steps
-        )
-        self._grad_spikes = SpikeDetector(
-            self.spike_window, self.spike_threshold, self.spike_ratio, self.spike_warmup_steps
-        )
         self._warned: set[str] = set()
-        self._overflow: tuple[float, str] = (math.nan, "")  # (largest |g|, its tensor) of a norm overflow
-        self._pending: list[_Pending] = []  # deferred steps not judged yet
+        self._queue = DeferredQueue()  # deferred steps not judged yet
         self._found_inf_on: Any = None  # the optimizer given a device-side found_inf for this step
-        self._zero: torch.Tensor | None = None
-        self._clear_window()
-
-    def _clear_window(self) -> None:
-        # The micro-batches of the optimizer step in progress and their device-side flags.
-        self._batches: list[tuple[Any, int]] = []
-        self._input_sum: torch.Tensor | None = None
-        self._step_loss: torch.Tensor | None = None
+        self._window = StepWindow()  # the micro-batches of the step in progress
 
     # -- gather -----------------------------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._clear_window()
+        self._window.clear()
         if self.rollback_possible:
             # A resumed run snapshots the checkpoint's state but keeps the saved snapshot schedule.
             self._snapshot = Snapshot(pl_module, trainer.optimizers, trainer.global_step)
@@ -373,30 +332,17 @@ class NaNGuard(DiagCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if batch_idx % max(int(trainer.accumulate_grad_batches), 1) == 0:
-            self._clear_window()  # a new optimizer step begins (also after a window whose steps returned None)
-        self._batches.append((batch, batch_idx))
-        if not self.check_inputs:
-            return
-        with torch.no_grad():
-            for tensor in floating(batch):
-                # The sum of a tensor is non-finite exactly when an element is (float32 accumulation cannot
-                # overflow on real data): one cheap reduction per tensor, read with the step's decision.
-                total = tensor.sum(dtype=torch.float32)
-                self._input_sum = (
-                    total if self._input_sum is None else self._input_sum + total.to(self._input_sum.device)
-                )
+            self._window.clear()  # a new optimizer step begins (also after a window whose steps returned None)
+        self._window.add_batch(batch, batch_idx, check_inputs=self.check_inputs)
 
     @override
     def on_before_backward(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
     ) -> None:
-        value = loss.detach().float().sum()
-        scaler = _lightning.amp_scaler(trainer)
-        if scaler is not None:  # the hook sees the scaled loss
-            value = value * _lightning.loss_scale(scaler).to(value.device).reciprocal()
-        # Summed over the micro-batches (Lightning already divided each by accumulate_grad_batches): the step's
-        # loss, non-finite if any micro-batch's was.
-        self._step_loss = value if self._step_loss is None else self._step_loss + value
+        scaler = _lightning.amp_scaler(trainer)  # the hook sees the scaled loss
+        self._window.add_loss(
+            loss, _lightning.loss_scale(scaler).reciprocal() if scaler is not None else None
+        )
 
     # -- reduce -> decide -> act -> record -> log -------------------------------------------------------------
     @override
@@ -406,7 +352,7 @@ class NaNGuard(DiagCallback):
     ) -> None:
         step = step_context(trainer, pl_module, optimizer)
         values = self._gather(trainer, pl_module, optimizer, step)
-        if self._deferred(trainer, optimizer):
+        if self._deferral(trainer, optimizer) is not None:
             self._defer(trainer, pl_module, optimizer, step, values)
         else:
             self._decide_now(trainer, pl_module, optimizer, step, values)
@@ -415,7 +361,7 @@ class NaNGuard(DiagCallback):
                 pl_module,
                 {"diag/nan/skipped_steps": self.skipped_steps, "diag/nan/rollbacks": self.rollbacks},
             )
-        self._clear_window()
+        self._window.clear()
 
     def _decide_now(
         self,
@@ -426,29 +372,27 @@ class NaNGuard(DiagCallback):
         values: torch.Tensor,
     ) -> None:
         """The synchronous path: one small read per step, the decision before the update, localisation by replay."""
+        window = self._window
         row, ranks = self._read(trainer, values)
-        flags, host = self._judge(
-            trainer, row, has_loss=self._step_loss is not None, samples=self._samples(), ranks=ranks
+        flags, host = self.judge.judge(
+            row,
+            ranks=ranks,
+            scaled=self._scaled(trainer),
+            has_loss=window.loss is not None,
+            samples=window.samples,
         )
         if flags.params and not self._confirm_params(trainer, pl_module, optimizer):
-            flags = StepFlags(
-                **{**vars(flags), "params": False}
-            )  # finite, only their float32 norm overflowed
-        trace: Trace | None = None
-        reproduced, rank = False, 0
+            flags = dataclasses.replace(flags, params=False)  # finite, only their float32 norm overflowed
+        origin = Origin()
         if flags.non_finite:
-            trace, reproduced, rank = self._locate(trainer, pl_module, optimizer, step, flags)
-            if trace is not None and trace.phase == "optimizer":
-                flags = StepFlags(**{**vars(flags), "params": True})
-            if trace is None and flags.grads and not (flags.loss or flags.input or flags.params):
-                flags = self._norm_overflow(trainer, step, flags)
-        decision = self.policy.update(flags, trainer.global_step)
-        if decision.snapshot_due:
-            self._snapshot = Snapshot(pl_module, trainer.optimizers, trainer.global_step)
-        if decision.action is not None:
-            code, message = self._record(trainer, pl_module, decision, flags, host, trace, reproduced, rank)
-            self._act(trainer, pl_module, optimizer, decision, code, message)
-            step.skipped = decision.withholds_update
+            origin = self._locate(trainer, pl_module, optimizer, step, flags)
+            if origin.trace is not None and origin.trace.phase == "optimizer":
+                flags = dataclasses.replace(flags, params=True)
+            if origin.trace is None and flags.grads and not (flags.loss or flags.input or flags.params):
+                flags, origin = self._norm_overflow(trainer, step, flags, origin)
+        at = (trainer.global_step, trainer.current_epoch, window.batch_idx)
+        if self._conclude(trainer, pl_module, flags, host, origin, at, optimizer).withholds_update:
+            step.skipped = True
 
     def _gather(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, step: StepContext
@@ -456,78 +400,29 @@ class NaNGuard(DiagCallback):
         """``[input sum, parameter norm, loss, gradient norm]`` of the step, a device vector (no sync)."""
         stats = step.grad_stats()  # shared, pre-clip
         device = stats.total_norm.device
-        if self._zero is None or self._zero.device != device:
-            self._zero = torch.zeros((), device=device)
-        zero = self._zero
         every = self.check_params_every_n_steps
-        check_params = self.policy.snapshot_due or (every > 0 and trainer.global_step % every == 0)
-        params_norm = zero
-        if check_params:
+        params_norm = None
+        if self.policy.snapshot_due or (every > 0 and trainer.global_step % every == 0):
             # The L2 norm is non-finite when a parameter is (and ~8x cheaper than the max norm on CPU); the rare
             # finite parameters whose norm overflows float32 are told apart on detection (_confirm_params).
             found = run_context(trainer).param_set(pl_module, optimizer)
-            params_norm = total_from_norms(tensor_norms([p.detach() for p in found.params])).to(device)
-        return torch.stack(
-            [
-                self._input_sum.to(device) if self._input_sum is not None else zero,
-                params_norm,
-                self._step_loss.to(device) if self._step_loss is not None else zero,
-                stats.total_norm.float() if stats.norms.numel() else zero,
-            ]
-        )
+            params_norm = total_from_norms(tensor_norms([p.detach() for p in found.params]))
+        return self._window.row(params_norm, stats.total_norm if stats.norms.numel() else None, device)
+
+    def _scaled(self, trainer: pl.Trainer) -> bool:
+        """A GradScaler handles overflowing gradients in this run (they are its business, not failures)."""
+        return _lightning.amp_scaler(trainer) is not None
 
     def _read(self, trainer: pl.Trainer, values: torch.Tensor) -> tuple[list[float], int]:
         """One all-reduce (sum: a non-finite value anywhere stays non-finite) and one host read; returns the values
-        and the number of ranks they are summed over.
-
-        The all-reduce is skipped when nothing in it can differ between ranks: no input check, no spike detection,
-        no GradScaler (under DDP the reduced gradients already carry a NaN from any rank, and a rank's NaN loss
-        makes them NaN).
+        and the number of ranks they are summed over. The all-reduce is left out when nothing in the values can
+        differ between ranks: no input check, no spike detection, no GradScaler (under DDP the reduced gradients
+        already carry a NaN from any rank, and a rank's NaN loss makes them NaN).
         """
-        world = max(int(getattr(trainer, "world_size", 1)), 1)
-        rank_local = self.check_inputs or self.check_spikes or _lightning.amp_scaler(trainer) is not None
-        if world > 1 and not rank_local:
+        rank_local = self.check_inputs or self.check_spikes or self._scaled(trainer)
+        if not _distributed.is_distributed(trainer) or not rank_local:
             return values.tolist(), 1
-        return _distributed.reduce(trainer, values, "sum").tolist(), world
-
-    def _judge(
-        self,
-        trainer: pl.Trainer,
-        row: list[float],
-        *,
-        has_loss: bool,
-        has_grads: bool = True,
-        samples: int | None = None,
-        ranks: int | None = None,
-    ) -> tuple[StepFlags, dict[str, float]]:
-        """Flags and spike verdicts from one step's reduced values (the same on every rank); ``samples``: the
-        step's batch size (a short last batch of an epoch is noisier and is not judged for spikes); ``ranks``: how
-        many ranks the values are summed over (all of them by default).
-        """
-        input_sum, params_norm, loss, grad_norm = row
-        if ranks is None:
-            ranks = max(int(getattr(trainer, "world_size", 1)), 1)
-        loss, grad_norm = loss / ranks, grad_norm / ranks
-        loss_spike = grad_spike = False
-        if self.check_spikes:
-            if has_loss:
-                loss_spike = self._loss_spikes.update(loss, samples)
-            if has_grads:
-                grad_spike = self._grad_spikes.update(grad_norm, samples)
-        flags = StepFlags(
-            input=not math.isfinite(input_sum),
-            loss=not math.isfinite(loss),
-            # under a GradScaler, overflowing gradients are its business (it skips the step, lowers the scale)
-            grads=not math.isfinite(grad_norm) and _lightning.amp_scaler(trainer) is None,
-            params=not math.isfinite(params_norm),
-            loss_spike=loss_spike,
-            grad_spike=grad_spike,
-        )
-        return flags, {"loss": loss, "grad_norm": grad_norm}
-
-    def _samples(self) -> int | None:
-        """The samples of the optimizer step in progress (all its micro-batches), ``None`` when unknown."""
-        return sum(batch_size(b) for b, _ in self._batches) or None
+        return _distributed.reduce(trainer, values, "sum").tolist(), int(trainer.world_size)
 
     def _confirm_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> bool:
         """Whether a parameter is really non-finite (its L2 norm alone can overflow): the max norm, on detection."""
@@ -536,26 +431,55 @@ class NaNGuard(DiagCallback):
         peak = peaks.max() if peaks.numel() else torch.zeros(())
         return not math.isfinite(float(_distributed.reduce(trainer, peak.reshape(1), "max")[0]))
 
+    def _norm_overflow(
+        self, trainer: pl.Trainer, step: StepContext, flags: StepFlags, origin: Origin
+    ) -> tuple[StepFlags, Origin]:
+        """Finite gradients whose norm overflows float32 are exploding, not NaN: flag them so."""
+        if not step.grads:
+            return flags, origin
+        peaks = _distributed.reduce(trainer, max_abs(step.grads), "max").tolist()
+        if not all(math.isfinite(v) for v in peaks):
+            return flags, origin  # really non-finite somewhere: the usual path
+        worst = max(range(len(peaks)), key=peaks.__getitem__)
+        return StepFlags(norm_overflow=True), dataclasses.replace(
+            origin, overflow=(peaks[worst], step.names[worst])
+        )
+
+    def _locate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: Any,
+        step: StepContext,
+        flags: StepFlags,
+    ) -> Origin:
+        """Where the first non-finite value appeared: this rank's answer, then the first informative one of all."""
+        replayed = self.check_origin and pl_module.automatic_optimization
+        if not self.check_origin or self.traces >= MAX_TRACES:
+            return Origin(replayed=replayed)
+        self.traces += 1
+        found = run_context(trainer).param_set(pl_module, optimizer)
+        replay = functools.partial(_lightning.replay_training_step, trainer, pl_module) if replayed else None
+        mine = locate(
+            pl_module,
+            found.names,
+            found.params,
+            self._window.batches,
+            (lambda batch, i: functools.partial(replay, batch, i)) if replay is not None else None,
+            (step.names, step.grads),
+            input_bad=flags.input,
+            loss_bad=flags.loss,
+            grad_bad=flags.grads,
+        )
+        trace, reproduced, rank = choose_origin(_distributed.gather_objects(trainer, mine))
+        return Origin(trace, reproduced, rank, replayed)
+
     # -- deferred: no host read on quiet steps ----------------------------------------------------------------
-    def _deferred(self, trainer: pl.Trainer, optimizer: Any) -> bool:
-        """Whether this step's checks wait for the next logging step (no host synchronisation per step).
-
-        ``action="warn"`` (nothing to decide before the update), and ``action="skip"`` with an optimizer whose
-        fused kernel takes a device-side ``found_inf`` (fused Adam/AdamW/SGD, no GradScaler): the update is
-        withheld on the device. Spikes must only be warned about there, and escalation ends in ``raise``.
-        """
-        if (self.check_spikes and self.spike_action != "warn") or self.rollback_possible:
-            return False
-        if self.action == "warn":
-            return True
-        return self._device_skip(trainer, optimizer)
-
-    def _device_skip(self, trainer: pl.Trainer, optimizer: Any) -> bool:
-        return (
-            self.action == "skip"
-            and self.escalate_to == "raise"
-            and _lightning.amp_scaler(trainer) is None
-            and bool(getattr(optimizer, "defaults", {}).get("fused"))
+    def _deferral(self, trainer: pl.Trainer, optimizer: Any) -> str | None:
+        """How this step's checks can wait for the next logging step (see ``GuardPolicy.deferral``)."""
+        fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
+        return self.policy.deferral(
+            spikes_checked=self.check_spikes, fused=fused, scaled=self._scaled(trainer)
         )
 
     def _defer(
@@ -566,320 +490,130 @@ class NaNGuard(DiagCallback):
         step: StepContext,
         values: torch.Tensor,
     ) -> None:
-        if self._device_skip(trainer, optimizer):
+        reduced = self._deferral(trainer, optimizer) == "device"
+        if reduced:
             # The decision must be the same on every rank: reduce on the device (a collective, no host read).
             values = _distributed.reduce(trainer, values, "sum")
-            bad = ~torch.isfinite(values).all()
-            optimizer.found_inf = bad.float()  # the fused kernel skips the update on 1
+            _lightning.set_found_inf(optimizer, (~torch.isfinite(values).all()).float())  # skipped on 1
             self._found_inf_on = optimizer
-            reduced = True
-        else:
-            reduced = False
-        self._pending.append(
-            _Pending(
-                step=int(trainer.global_step),
-                epoch=int(trainer.current_epoch),
-                values=values,
-                reduced=reduced,
-                has_loss=self._step_loss is not None,
-                samples=self._samples(),
-                names=step.names,
-                norms=step.grad_stats().norms,
-                batch_idx=",".join(str(i) for _, i in self._batches),
-            )
+        window = self._window
+        info = {
+            "epoch": int(trainer.current_epoch),
+            "has_loss": window.loss is not None,
+            "samples": window.samples,
+            "names": list(step.names),
+            "batch_idx": window.batch_idx,
+        }
+        full = self._queue.add(
+            trainer.global_step, values, reduced=reduced, info=info, kept={"norms": step.grad_stats().norms}
         )
-        if _logging.should_log_step(trainer) or len(self._pending) >= MAX_PENDING:
+        if _logging.should_log_step(trainer) or full:
             self._flush(trainer, pl_module)
 
     def _flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Judge the pending steps, in order, from one host transfer (one collective for those not yet reduced)."""
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
-        device = pending[-1].values.device
-        rows = torch.stack([p.values.to(device) for p in pending])
-        local = torch.tensor([not p.reduced for p in pending], device=device)
-        if bool(local.any()):  # the rows not summed over ranks yet: one collective for all of them
-            rows = torch.where(local[:, None], _distributed.reduce(trainer, rows, "sum"), rows)
-        context = run_context(trainer)
-        for entry, row in zip(pending, rows.tolist(), strict=True):
-            flags, host = self._judge(
-                trainer,
-                row,
-                has_loss=entry.has_loss,
-                has_grads=entry.norms.numel() > 0,
-                samples=entry.samples,
+        entries, _ = self._queue.take(trainer)
+        ranks, scaled = max(int(getattr(trainer, "world_size", 1)), 1), self._scaled(trainer)
+        for entry in entries:
+            info, norms = entry.info, entry.kept["norms"]
+            has_grads = norms.numel() > 0
+            flags, host = self.judge.judge(
+                entry.host,
+                ranks=ranks,
+                scaled=scaled,
+                has_loss=info["has_loss"],
+                has_grads=has_grads,
+                samples=info["samples"],
             )
-            decision = self.policy.update(flags, entry.step)
-            if decision.action is None:
-                continue
-            seen = None
+            origin = Origin()
             if flags.non_finite:
-                values = entry.norms.tolist() if flags.grads else []
-                seen = deferred_origin(pl_module, entry.names, values, flags.input, flags.loss, flags.grads)
-                if seen is None and flags.params:
-                    seen = Trace("optimizer", "", "", "parameters", "")
-            code, message = self._record(
-                trainer,
-                pl_module,
-                decision,
-                flags,
-                host,
-                None,
-                False,
-                0,
-                at=(entry.step, entry.epoch),
-                batch_idx=entry.batch_idx,
-                seen=seen,
-            )
-            if decision.action == "skip":
-                context.hold_schedule(1)  # withheld on the device: the schedule catches up now
-            elif decision.action == "raise":
-                raise NonFiniteError(message)
-            elif code not in self._warned and trainer.is_global_zero:
-                self._warned.add(code)
-                warnings.warn(message, LightningDiagWarning, stacklevel=2)
+                values = norms.tolist() if flags.grads else []  # a host read, on detection only
+                names = info["names"]
+                seen = deferred_origin(
+                    pl_module, names, values, flags.input, flags.loss, flags.grads, flags.params
+                )
+                origin = Origin(seen=seen)
+            at = (entry.step, info["epoch"], info["batch_idx"])
+            self._conclude(trainer, pl_module, flags, host, origin, at, deferred=True)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._found_inf_on is not None:  # the optimizer step has read it
-            with contextlib.suppress(AttributeError):
-                del self._found_inf_on.found_inf
+            _lightning.clear_found_inf(self._found_inf_on)
             self._found_inf_on = None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer, pl_module)  # steps after the last logging step still get their say
 
-    def _norm_overflow(self, trainer: pl.Trainer, step: StepContext, flags: StepFlags) -> StepFlags:
-        """Finite gradients whose norm overflows float32 are exploding, not NaN: flag them so."""
-        if not step.grads:
-            return flags
-        peaks = _distributed.reduce(trainer, max_abs(step.grads), "max").tolist()
-        if not all(math.isfinite(v) for v in peaks):
-            return flags  # really non-finite somewhere: the usual path
-        worst = max(range(len(peaks)), key=peaks.__getitem__)
-        self._overflow = (peaks[worst], step.names[worst])
-        return StepFlags(norm_overflow=True)
-
-    def _locate(
+    # -- record -> act ----------------------------------------------------------------------------------------
+    def _conclude(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
-        optimizer: Any,
-        step: StepContext,
         flags: StepFlags,
-    ) -> tuple[Trace | None, bool, int]:
-        """Where the first non-finite value appeared: this rank's answer, then the first informative one of all."""
-        if not self.check_origin or self.traces >= MAX_TRACES:
-            return None, False, 0
-        self.traces += 1
-        named = run_context(trainer).named_params(pl_module, optimizer)
-        found = parameter_origin(pl_module, [n for n, _ in named], [p for _, p in named])
-        if found is None and pl_module.automatic_optimization:
-            for (
-                batch,
-                batch_idx,
-            ) in self._batches:  # every micro-batch, on every rank: sharded models stay in step
-                replayed = trace_step(
-                    pl_module,
-                    batch,
-                    functools.partial(_lightning.replay_training_step, trainer, pl_module, batch, batch_idx),
-                )
-                found = found or replayed
-        mine: tuple[dict[str, str] | None, bool] = (vars(found), True) if found is not None else (None, False)
-        if found is None:
-            observed = observed_origin(
-                pl_module,
-                [b for b, _ in self._batches],
-                step.names,
-                step.grads,
-                input_bad=flags.input,
-                loss_bad=flags.loss,
-                grad_bad=flags.grads,
-            )
-            mine = (vars(observed) if observed is not None else None, False)
-        return choose_origin(_distributed.gather_objects(trainer, mine))
+        values: dict[str, float],
+        origin: Origin,
+        at: tuple[int, int, str],
+        optimizer: Any = None,
+        *,
+        deferred: bool = False,
+    ) -> Decision:
+        """Decide on a judged step (``at``: its step, epoch and batch indices), then record and act on it."""
+        step, epoch, batch_idx = at
+        decision = self.policy.update(flags, step)
+        if decision.snapshot_due:
+            self._snapshot = Snapshot(pl_module, trainer.optimizers, step)
+        if decision.action is None:
+            return decision
+        snapshot = self._snapshot.step if self._snapshot is not None else None
+        bad = BadStep(int(step), int(epoch), decision.action, snapshot, batch_idx, deferred)
+        verdict = self._record(trainer, pl_module, bad, decision, flags, values, origin)
+        self._act(trainer, pl_module, decision, verdict, None if deferred else optimizer)
+        return decision
 
     def _record(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
+        bad: BadStep,
         decision: Decision,
         flags: StepFlags,
         values: dict[str, float],
-        trace: Trace | None,
-        reproduced: bool,
-        rank: int,
-        *,
-        at: tuple[int, int] | None = None,
-        batch_idx: str | None = None,
-        seen: Trace | None = None,
-    ) -> tuple[str, str]:
-        """Record the finding(s) of a bad step; returns the code and message of the main one.
-
-        ``at``: ``(step, epoch)`` of a step judged later (deferred to a logging step), whose batches are gone;
-        ``seen``: what its own values show then (the phase, a gradient's tensor), which is not where it began.
-        """
-        assert decision.action is not None
-        action = self._describe_action(decision.action)
-        # the update went ahead with a non-finite value (warn) or the run stops (raise): an error
-        severity: Severity = "warning" if decision.withholds_update else "error"
-        if batch_idx is None:
-            batch_idx = ",".join(str(i) for _, i in self._batches)
-        step, epoch = at if at is not None else (int(trainer.global_step), int(trainer.current_epoch))
-        when = {"step": step, "epoch": epoch}
-        where = f"at step {step}"
-        if flags.norm_overflow:
-            peak, name = self._overflow
-            message = (
-                f"Exploding gradients {where}: every gradient is finite but their norm overflows float32 "
-                f"(largest |g| = {peak:.3g} in `{name}`). Action: {action}."
-            )
-            evidence: dict[str, Any] = {"max_abs_grad": peak, "tensor": name, "action": decision.action}
-            self.record(
-                trainer,
-                Verdict("exploding_gradients", severity, message, evidence=evidence, advice=_OVERFLOW_ADVICE),
-                key="norm_overflow",
-                **when,
-            )
-            return "exploding_gradients", message
-        if flags.non_finite:
-            code = (
-                _CODE_OF_PHASE[trace.phase]
-                if trace is not None
-                else (decision.code or "non_finite_gradients")
-            )
-            origin = trace.describe() if trace is not None else "its origin was not located"
-            replayed = self.check_origin and pl_module.automatic_optimization
-            if at is not None:
-                gradient = (
-                    f" (last non-finite gradient: {seen.tensor})" if seen and seen.phase == "backward" else ""
-                )
-                origin = (
-                    f"seen at the next logging step in the step's own values{gradient}; the step was not replayed, "
-                    "so where it began is not known (checks are deferred to keep quiet steps free of host syncs: "
-                    "action='skip' or 'raise' locates it)"
-                )
-            elif trace is not None and not reproduced:
-                # Only this step's own values show it: say where it was seen, name no module as its origin.
-                trace = Trace(trace.phase, "", "", trace.tensor if trace.phase == "input" else "", trace.kind)
-                where_seen = {"input": f"the input batch (`{trace.tensor}`)", "loss": "the loss"}.get(
-                    trace.phase, "the gradients"
-                )
-                origin = f"seen in {where_seen}; " + (
-                    "the replay of this step did not reproduce it, so where it began is unknown"
-                    if replayed
-                    else "where it began was not traced (no replay under manual optimization)"
-                )
-            message = (
-                f"Non-finite {code.removeprefix('non_finite_').replace('_', ' ')} {where} "
-                f"(epoch {epoch}): {origin}. Action: {action}."
-            )
-            evidence = {"action": decision.action, "rank": rank, "reproduced": int(reproduced)}
-            if trace is not None:
-                evidence.update(vars(trace))
-            elif seen is not None:
-                evidence.update(phase=seen.phase, tensor=seen.tensor, deferred=1)
-            if batch_idx:
-                evidence["batch_idx"] = batch_idx
-            half = str(getattr(trainer.precision_plugin, "precision", "")).startswith("16")
-            advice = origin_advice(trace, pl_module, half_precision=half) if trace is not None else []
-            if trace is not None and not reproduced and replayed and at is None:
-                advice = [_NOT_REPRODUCED, *advice]
-            # the action is part of the condition: a skip and a later rollback of the same fault are two findings
-            where_key = f"{trace.phase}:{trace.module}:{trace.tensor}" if trace is not None else code
-            key = f"{where_key}:{decision.action}"
-            self.record(
-                trainer, Verdict(code, severity, message, evidence=evidence, advice=advice), key=key, **when
-            )
-            return code, message
-        main = ("", "")
-        for flagged, detector, code, what, value in (
-            (flags.loss_spike, self._loss_spikes, "loss_spike", "loss", values["loss"]),
-            (
-                flags.grad_spike,
-                self._grad_spikes,
-                "exploding_gradients",
-                "gradient norm",
-                values["grad_norm"],
-            ),
-        ):
-            if not flagged:
-                continue
-            other, other_detector, other_what = (
-                (values["grad_norm"], self._grad_spikes, "gradient norm")
-                if code == "loss_spike"
-                else (values["loss"], self._loss_spikes, "loss")
-            )
-            around = (
-                f" The {other_what} at that step: {other:.4g} (running mean {other_detector.mean:.4g})."
-                if math.isfinite(other) and other_detector.count
-                else ""
-            )
-            unusual = (
-                f" and more than {self.spike_threshold:g} standard deviations above it (std {detector.std:.4g})"
-                if detector.count >= detector.warmup
-                else f" after {detector.count} step(s)"
-            )
-            message = (
-                f"{what.capitalize()} spike {where}: {value:.4g}, {value / max(detector.mean, 1e-12):.1f}x its running "
-                f"mean {detector.mean:.4g}{unusual}.{around} Action: {action}."
-            )
-            evidence = {
-                "value": value,
-                "mean": detector.mean,
-                "std": detector.std,
-                "ratio_to_mean": value / max(detector.mean, 1e-12),
-                f"{other_what.replace(' ', '_')}_at_step": other,
-                "action": decision.action,
-            }
-            if batch_idx:
-                evidence["batch_idx"] = batch_idx
-            self.record(
-                trainer,
-                Verdict(
-                    code,
-                    "error" if decision.action == "raise" else "warning",
-                    message,
-                    evidence=evidence,
-                    advice=_SPIKE_ADVICE,
-                ),
-                key=f"spike:{what}",
-                **when,
-            )
-            main = main if main[0] else (code, message)
-        return main
-
-    def _describe_action(self, action: str) -> str:
-        return {
-            "warn": "none (action='warn'), the update goes ahead",
-            "skip": "step skipped (parameters and optimizer state untouched)",
-            "rollback": f"rolled back to the snapshot of step {self._snapshot.step if self._snapshot else '?'}",
-            "raise": "training stopped",
-        }[action]
+        origin: Origin,
+    ) -> Verdict:
+        """Record the finding(s) of a bad step (their words are core's); returns the main one."""
+        half = str(getattr(trainer.precision_plugin, "precision", "")).startswith("16")
+        found = step_verdicts(
+            bad, decision, flags, values, self.judge, origin, model=pl_module, half_precision=half
+        )
+        for verdict, key in found:
+            self.record(trainer, verdict, key=key, step=bad.step, epoch=bad.epoch)
+        return found[0][0]
 
     def _act(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
-        optimizer: Any,
         decision: Decision,
-        code: str,
-        message: str,
+        verdict: Verdict,
+        optimizer: Any = None,
     ) -> None:
+        """Carry out the decision. ``optimizer=None``: a deferred step, whose skip was withheld on the device."""
         if decision.action == "warn":
-            if code not in self._warned and trainer.is_global_zero:
-                self._warned.add(code)
-                warnings.warn(message, LightningDiagWarning, stacklevel=2)
+            if verdict.code not in self._warned and trainer.is_global_zero:
+                self._warned.add(verdict.code)
+                warnings.warn(verdict.message, LightningDiagWarning, stacklevel=2)
             return
         if decision.action == "raise":
-            raise NonFiniteError(message)
-        optimizer.zero_grad(set_to_none=True)  # a true skip: no parameter or optimizer-state update
+            raise NonFiniteError(verdict.message)
         context = run_context(trainer)
         context.hold_schedule(decision.hold_steps)
+        if optimizer is None:
+            return
+        optimizer.zero_grad(set_to_none=True)  # a true skip: no parameter or optimizer-state update
         if decision.action == "rollback":
             assert self._snapshot is not None
             self._snapshot.restore(pl_module, trainer.optimizers)
@@ -907,47 +641,17 @@ class NaNGuard(DiagCallback):
         state: dict[str, Any] = {
             **self.policy.state_dict(),
             "traces": self.traces,
-            "loss_spikes": self._loss_spikes.state_dict(),
-            "grad_spikes": self._grad_spikes.state_dict(),
+            **self.judge.state_dict(),
             "findings": self._findings_state(),
         }
-        if self._pending:  # deferred steps not judged yet: saved raw, so a resumed run judges them alike
-            state["pending"] = [
-                {
-                    "step": p.step,
-                    "epoch": p.epoch,
-                    "values": p.values.detach().cpu(),
-                    "reduced": p.reduced,
-                    "has_loss": p.has_loss,
-                    "samples": p.samples,
-                    "names": list(p.names),
-                    "norms": p.norms.detach().cpu(),
-                    "batch_idx": p.batch_idx,
-                }
-                for p in self._pending
-            ]
+        if self._queue:  # deferred steps not judged yet: saved raw, so a resumed run judges them alike
+            state["queue"] = self._queue.state_dict()
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.policy.load_state_dict(state_dict)
         self.traces = int(state_dict.get("traces", self.traces))
-        self._pending = [
-            _Pending(
-                step=int(p["step"]),
-                epoch=int(p["epoch"]),
-                values=p["values"],
-                reduced=bool(p["reduced"]),
-                has_loss=bool(p["has_loss"]),
-                samples=None if p.get("samples") is None else int(p["samples"]),
-                names=tuple(p["names"]),
-                norms=p["norms"],
-                batch_idx=str(p["batch_idx"]),
-            )
-            for p in state_dict.get("pending", [])
-        ]
-        if "loss_spikes" in state_dict:
-            self._loss_spikes.load_state_dict(state_dict["loss_spikes"])
-        if "grad_spikes" in state_dict:
-            self._grad_spikes.load_state_dict(state_dict["grad_spikes"])
+        self._queue.load_state_dict(state_dict.get("queue") or _compat.nan_guard_queue_0_1(state_dict))
+        self.judge.load_state_dict(state_dict)
         self._load_findings_state(state_dict)

@@ -25,7 +25,7 @@ from lightning_diag._validation import (
     renamed,
 )
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.core.curves import CurvePoint, CurveRules, diagnose
+from lightning_diag.core.curves import CurvePoint, CurveRules, diagnose, stopped_verdict
 from lightning_diag.core.verdict import Verdict, non_finite_metric
 from lightning_diag.errors import LightningDiagWarning
 
@@ -306,18 +306,7 @@ class OverfitDetector(DiagCallback):
         if self.action == "stop" and stop_reason is not None and not trainer.should_stop:
             trainer.should_stop = True
             self.stopped_at = x
-            self.record(
-                trainer,
-                Verdict(
-                    "early_stopped",
-                    "info",
-                    f"OverfitDetector stopped training at epoch {max(math.ceil(x) - 1, 0)}: {stop_reason.code}.",
-                    evidence={"reason": stop_reason.code, "x": x, "stopped_epoch": max(math.ceil(x) - 1, 0)},
-                    advice=[
-                        "Keep the best weights with EarlyStop(restore_best_weights=True) in the same Trainer."
-                    ],
-                ),
-            )
+            self.record(trainer, stopped_verdict(stop_reason.code, x))
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import statistics
 import time
 import warnings
 from collections import deque
@@ -25,7 +24,12 @@ from lightning_diag._validation import (
 )
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.core.batches import batch_size
-from lightning_diag.core.verdict import Verdict
+from lightning_diag.core.throughput import (
+    LoaderFacts,
+    dataloader_bound,
+    host_sync_verdict,
+    pin_memory_verdict,
+)
 
 __all__ = ["SpeedMonitor"]
 
@@ -221,93 +225,38 @@ class SpeedMonitor(DiagCallback):
         loader = _first_loader(trainer.train_dataloader)
         self._judge_bound(trainer, pl_module, loader)
         if loader is not None and pl_module.device.type == "cuda" and not loader.pin_memory:
-            self.record(
-                trainer,
-                Verdict(
-                    "dataloader_config",
-                    "warning",
-                    "Training on CUDA with `DataLoader(pin_memory=False)`: host-to-device copies of each batch are slower "
-                    "and cannot overlap with compute.",
-                    evidence={"pin_memory": 0, "num_workers": loader.num_workers},
-                    advice=["Pass `pin_memory=True` to the training DataLoader."],
-                ),
-            )
+            self.record(trainer, pin_memory_verdict(loader.num_workers))
 
     def _judge_bound(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loader: DataLoader | None
     ) -> None:
-        # Medians, not means: a loaded machine deschedules the process now and then (a few long "waits"), a slow
-        # loader is slow at every step.
-        wait, compute = statistics.median(self._waits), statistics.median(self._computes)
-        step = wait + compute
-        share = wait / step if step > 0 else 0.0
-        if share > self.data_share and wait * 1e3 >= self.min_wait_ms:
-            self._report_bound(trainer, pl_module, loader, share, wait, compute)
+        facts = None
+        if loader is not None:
+            on_cuda = pl_module.device.type == "cuda"
+            facts = LoaderFacts(
+                loader.num_workers,
+                loader.pin_memory,
+                loader.persistent_workers,
+                loader.batch_size,
+                on_cuda,
+                os.cpu_count() or 1,
+            )
+        verdict = dataloader_bound(
+            self._waits,
+            self._computes,
+            data_share=self.data_share,
+            min_wait_ms=self.min_wait_ms,
+            steps_so_far=int(trainer.global_step),
+            loader=facts,
+        )
+        if verdict is not None:
+            self.record(trainer, verdict)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A run shorter than the logging interval (or the steps after the last logging step) is judged at the end.
         if self._last_logged != trainer.global_step and len(self._waits) >= 2:
             self._judge_bound(trainer, pl_module, _first_loader(trainer.train_dataloader))
-
-    def _report_bound(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        loader: DataLoader | None,
-        share: float,
-        wait: float,
-        compute: float,
-    ) -> None:
-        evidence: dict[str, float | int | str] = {
-            "data_share": share,
-            "data_wait_ms": wait * 1e3,
-            "expected_speedup": round((wait + compute) / max(compute, 1e-9), 3),
-            "compute_ms": compute * 1e3,
-            "steps_averaged": len(self._waits),
-        }
-        advice: list[str] = []
-        if loader is not None:
-            workers = loader.num_workers
-            evidence.update(
-                {
-                    "num_workers": workers,
-                    "pin_memory": int(loader.pin_memory),
-                    "persistent_workers": int(loader.persistent_workers),
-                    "batch_size": loader.batch_size if loader.batch_size is not None else -1,
-                }
-            )
-            cpus = os.cpu_count() or 1
-            if workers == 0:
-                advice.append(
-                    f"`num_workers=0` loads every batch in the training process, between steps: use "
-                    f"`DataLoader(num_workers=N)` (this machine has {cpus} CPUs) so batches are prepared while the "
-                    "model computes."
-                )
-            else:
-                advice.append(
-                    f"The {workers} worker(s) cannot keep up: raise `num_workers` or `prefetch_factor`, or make "
-                    "`__getitem__` cheaper (decode/resize once and cache, move augmentation to the GPU)."
-                )
-                if not loader.persistent_workers:
-                    advice.append("`persistent_workers=True` avoids restarting the workers at every epoch.")
-            if pl_module.device.type == "cuda" and not loader.pin_memory:
-                advice.append("`pin_memory=True` speeds up and overlaps the host-to-device copy.")
-        advice.append("Check the storage: reading many small files from a network disk is a common cause.")
-        self.record(
-            trainer,
-            Verdict(
-                "dataloader_bound",
-                "warning",
-                f"Waiting for data takes {share:.0%} of each training step ({wait * 1e3:.1f} ms waiting, "
-                f"{compute * 1e3:.1f} ms computing, medians over {len(self._waits)} steps): the model is starved. "
-                f"With the loading overlapped with compute, steps would be up to "
-                f"{(wait + compute) / max(compute, 1e-9):.1f}x faster (about {wait * max(int(trainer.global_step), 1):.1f} s "
-                f"saved over the {int(trainer.global_step)} steps so far).",
-                evidence=evidence,
-                advice=advice,
-            ),
-        )
 
     # -- CUDA only --------------------------------------------------------------------------------------------
     def _read_device_time(self) -> None:
@@ -339,25 +288,8 @@ class SpeedMonitor(DiagCallback):
             if "synchroniz" in str(r.message).lower()
         )
         if self._sync_steps_done == self.sync_check_steps and self._sync_seen:
-            sites = sorted(set(self._sync_seen))
             self.record(
-                trainer,
-                Verdict(
-                    "host_sync",
-                    "warning",
-                    f"{len(self._sync_seen)} synchronising CUDA call(s) in {self.sync_check_steps} watched steps; the host "
-                    f"waits for the device at: {', '.join(sites[:6])}.",
-                    evidence={
-                        "syncs": len(self._sync_seen),
-                        "steps": self.sync_check_steps,
-                        "call_sites": ", ".join(sites[:12]),
-                    },
-                    advice=[
-                        "Avoid `.item()`, `.cpu()`, `print(tensor)` and Python `if tensor:` in the training step; log tensors "
-                        "with `self.log` (Lightning converts them at the logging interval).",
-                        "Avoid data-dependent shapes (`nonzero`, boolean masks) in the hot path.",
-                    ],
-                ),
+                trainer, host_sync_verdict(self._sync_seen, len(self._sync_seen), self.sync_check_steps)
             )
 
     # -- report ---------------------------------------------------------------------------------------------

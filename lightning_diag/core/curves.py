@@ -53,7 +53,13 @@ from typing import Any
 
 from lightning_diag.core.verdict import Severity, Verdict
 
-__all__ = ["CurvePoint", "CurveRules", "diagnose", "noise"]
+__all__ = [
+    "CurvePoint",
+    "CurveRules",
+    "diagnose",
+    "noise",
+    "stopped_verdict",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,3 +447,15 @@ _PLATEAU_ADVICE = [
     "Check the learning rate with a short range test: too low creeps, too high (or no warmup) stalls at a high loss.",
     "Check capacity and the data (labels, normalisation); the model may have learned all it can from them.",
 ]
+
+
+def stopped_verdict(reason: str, x: float) -> Verdict:
+    """OverfitDetector stopped the run (``action="stop"``) at curve position ``x`` (epochs done) for ``reason``."""
+    epoch = max(math.ceil(x) - 1, 0)
+    return Verdict(
+        "early_stopped",
+        "info",
+        f"OverfitDetector stopped training at epoch {epoch}: {reason}.",
+        {"reason": reason, "x": x, "stopped_epoch": epoch},
+        ["Keep the best weights with EarlyStop(restore_best_weights=True) in the same Trainer."],
+    )

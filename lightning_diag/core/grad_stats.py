@@ -32,7 +32,6 @@ __all__ = [
     "strided",
     "subtract_tensors",
     "tensor_norms",
-    "vanishing_layers",
 ]
 
 GroupBy = Literal["total", "module", "parameter"]
@@ -320,35 +319,3 @@ def leaf_module(param_name: str) -> str:
         ('body.3', '(root)')
     """
     return group_name(param_name, "module", len(param_name.split(".")))
-
-
-def vanishing_layers(
-    names: Sequence[str], norms: Sequence[float], ratio: float, floor: float
-) -> tuple[list[tuple[str, float]], float]:
-    """Early layers whose gradient is ~0 next to the late layers': the vanishing-gradient rule, per leaf module.
-
-    ``names``/``norms`` are the leaf modules in registration order (a proxy for depth) and their gradient norms.
-    The first half are the early layers, the rest the late ones. An early layer is vanishing when its norm is below
-    ``ratio`` times the largest late-layer norm; a layer anywhere whose gradient is exactly 0 is too (it is in the
-    graph, a ``0 * x`` or a dead path, but learns nothing). When every late layer is itself at or below ``floor`` nothing is
-    vanishing: all layers small together is a converged (or dead) model, not gradients that fail to reach the
-    early layers. Returns the vanishing ``(name, norm)`` and the largest late-layer norm.
-
-    Example:
-        >>> vanishing_layers(["l0", "l1", "l2", "l3"], [1e-9, 0.2, 0.3, 0.5], 1e-4, 1e-8)
-        ([('l0', 1e-09)], 0.5)
-        >>> vanishing_layers(["l0", "l1", "l2", "l3"], [1e-9, 1e-9, 1e-9, 1e-9], 1e-4, 1e-8)[0]  # converged
-        []
-        >>> vanishing_layers(["l0", "l1", "dead"], [0.2, 0.3, 0.0], 1e-4, 1e-8)[0]  # a late branch times 0
-        [('dead', 0.0)]
-    """
-    finite = [(n, v) for n, v in zip(names, norms, strict=True) if math.isfinite(v)]
-    if len(finite) < 2 or len(finite) != len(names):
-        return [], 0.0
-    half = len(finite) // 2
-    late_max = max(v for _, v in finite[half:])
-    if late_max <= floor:
-        return [], late_max
-    return [
-        (n, v) for i, (n, v) in enumerate(finite) if (i < half and v < ratio * late_max) or v == 0.0
-    ], late_max

@@ -36,6 +36,7 @@ __all__ = [
     "choose_origin",
     "deferred_origin",
     "first_non_finite",
+    "locate",
     "non_finite_kind",
     "non_finite_tensors",
     "observed_origin",
@@ -347,6 +348,45 @@ def observed_origin(
     return None
 
 
+def locate(
+    model: nn.Module,
+    names: Sequence[str],
+    params: Sequence[torch.Tensor],
+    batches: Sequence[Any],
+    replay: Callable[[Any, int], Callable[[], Any]] | None,
+    grads: tuple[Sequence[str], Sequence[torch.Tensor]],
+    *,
+    input_bad: bool,
+    loss_bad: bool,
+    grad_bad: bool,
+) -> tuple[dict[str, str] | None, bool]:
+    """This rank's answer to "where did the first non-finite value of this step appear": ``(vars(trace) or None,
+    reproduced)``, to be combined across ranks with :func:`choose_origin`.
+
+    A non-finite parameter is the answer (reproduced: it is non-finite now); otherwise every micro-batch of the
+    step (``batches``: ``(batch, batch_idx)`` pairs) is replayed with hooks (``replay(batch, batch_idx)`` returns
+    the zero-argument function that runs the training step; ``None``: no replay, manual optimization); otherwise
+    what the step's own values show (:func:`observed_origin` on ``grads``: ``(names, gradients)``), not
+    reproduced.
+    """
+    found = parameter_origin(model, names, params)
+    if found is None and replay is not None:
+        for batch, batch_idx in batches:  # every micro-batch, on every rank: sharded models stay in step
+            found = found or trace_step(model, batch, replay(batch, batch_idx))
+    if found is not None:
+        return vars(found), True
+    observed = observed_origin(
+        model,
+        [b for b, _ in batches],
+        grads[0],
+        grads[1],
+        input_bad=input_bad,
+        loss_bad=loss_bad,
+        grad_bad=grad_bad,
+    )
+    return (vars(observed) if observed is not None else None), False
+
+
 def deferred_origin(
     model: nn.Module,
     grad_names: Sequence[str],
@@ -354,9 +394,10 @@ def deferred_origin(
     input_bad: bool,
     loss_bad: bool,
     grad_bad: bool,
+    params_bad: bool = False,
 ) -> Trace | None:
-    """The origin a step judged later can still name: the input, the loss, or the last layer whose gradient norm
-    is non-finite (from the per-tensor norms kept for the step).
+    """The origin a step judged later can still name: the input, the loss, the last layer whose gradient norm is
+    non-finite (from the per-tensor norms kept for the step), or the parameters.
     """
     if input_bad:
         return Trace("input", "", "", "batch", "")
@@ -367,6 +408,8 @@ def deferred_origin(
         if bad:
             module, module_type = owner_module(model, bad[-1])
             return Trace("backward", module, module_type, f"parameter `{bad[-1]}`", "")
+    if params_bad:
+        return Trace("optimizer", "", "", "parameters", "")
     return None
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from lightning_diag.core.batches import iter_tensors, model_input
 from lightning_diag.core.grad_stats import strided
+from lightning_diag.core.layers import BATCH_MIXING
 from lightning_diag.core.nan_trace import first_non_finite, preserved_module, preserved_rng
 from lightning_diag.core.verdict import Verdict
 
@@ -45,8 +46,6 @@ __all__ = [
     "preserved_module",
     "run_checks",
 ]
-
-_MIXING = (nn.modules.batchnorm._BatchNorm,)
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
@@ -282,11 +281,11 @@ def check_batch_independence(
     """The output of sample ``sample`` must not depend on any other sample of ``x`` (gradient test)."""
     if not x.is_floating_point() or x.dim() < 1 or x.shape[0] < 2:
         return []
-    mixing = [n for n, m in module.named_modules() if isinstance(m, _MIXING)]
+    mixing = [n for n, m in module.named_modules() if isinstance(m, BATCH_MIXING)]
     with preserved_module(module), torch.enable_grad():
         if mixing:
             for m in module.modules():
-                if isinstance(m, _MIXING):
+                if isinstance(m, BATCH_MIXING):
                     m.eval()  # BatchNorm mixes samples by design in training mode
         inputs = x.detach().clone().requires_grad_(True)
         out = forward(inputs)

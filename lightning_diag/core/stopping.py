@@ -21,10 +21,21 @@ both modes (never sign-flipped).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
-__all__ = ["StopDecision", "StopReason", "StopTracker"]
+from lightning_diag.core.verdict import Severity, Verdict
+
+__all__ = [
+    "STOP_ADVICE",
+    "StopDecision",
+    "StopReason",
+    "StopTracker",
+    "early_stopped_verdict",
+    "missing_metric_verdict",
+]
 
 StopReason = Literal["none", "non_finite", "stopping_threshold", "divergence_threshold", "patience"]
 
@@ -161,3 +172,75 @@ class StopTracker:
         self.best_seen = float(state.get("best_seen", self.best_seen))
         self.wait_count = int(state.get("wait_count", self.wait_count))
         self.num_updates = int(state.get("num_updates", self.num_updates))
+
+
+STOP_ADVICE = {
+    "patience": [
+        "The monitored metric stopped improving: more epochs are unlikely to help with the current settings.",
+        "If it stopped too soon, raise `patience` or lower `min_delta`; if the curve was still noisy, smooth it "
+        "(evaluate on more data) before trusting the stop.",
+    ],
+    "stopping_threshold": ["The target set by `stopping_threshold` was reached."],
+    "divergence_threshold": [
+        "The monitored metric crossed `divergence_threshold`: training was diverging.",
+        "Likely causes: learning rate too high, no warmup, exploding gradients. Try a lower learning rate, a "
+        "warmup (WarmupCosine) or gradient clipping (GradClip).",
+    ],
+    "non_finite": [
+        "The monitored metric became NaN/Inf: the model or the loss produced non-finite values.",
+        "Likely causes: learning rate too high, log of zero or division by zero in the loss, fp16 overflow. "
+        "Add NaNGuard to find the first module that produced the non-finite value.",
+    ],
+}
+
+
+def early_stopped_verdict(
+    decision: StopDecision,
+    monitor: str,
+    value: float,
+    *,
+    stopped_epoch: int,
+    best_seen: float,
+    best_reference: float,
+    best_epoch: int | None,
+    wait_count: int,
+    patience: int,
+) -> Verdict:
+    """Why training stopped, with the best value *seen* (the one whose weights are restored): the patience
+    reference (``best_reference``) can differ from it by less than ``min_delta``, and "best" names one number in
+    the console, the JSON and the plots. A stop on divergence or a non-finite value is a warning; the others info.
+    """
+    message = decision.message
+    tail = f"best {best_reference:.6g}."
+    if best_epoch is not None and message.endswith(tail):
+        message = message[: -len(tail)] + f"best {best_seen:.6g} at epoch {best_epoch}."
+    severity: Severity = "warning" if decision.reason in ("divergence_threshold", "non_finite") else "info"
+    return Verdict(
+        "early_stopped",
+        severity,
+        f"Training stopped at epoch {stopped_epoch}: {message}",
+        {
+            "monitor": monitor,
+            "reason": decision.reason,
+            "value": value,
+            "best_score": best_seen,
+            "best_epoch": -1 if best_epoch is None else best_epoch,
+            "stopped_epoch": stopped_epoch,
+            "wait_count": wait_count,
+            "patience": patience,
+        },
+        list(STOP_ADVICE[decision.reason]),
+    )
+
+
+def missing_metric_verdict(monitor: str, checks: int, logged: Sequence[str]) -> Verdict:
+    """A monitored key that was never logged (non-strict): nothing was judged; a close key is suggested."""
+    close = difflib.get_close_matches(monitor, list(logged), n=1)
+    return Verdict(
+        "missing_metric",
+        "info",
+        f"EarlyStop monitored `{monitor}`, which was never logged ({checks} checks): "
+        f"it never judged the run. Logged: {', '.join(f'`{k}`' for k in logged) or 'nothing'}.",
+        {"metric": monitor, "checks": checks, "logged": ", ".join(logged)},
+        [f"Did you mean `{close[0]}`?"] if close else [f"Log it with `self.log({monitor!r}, ...)`."],
+    )

@@ -7,7 +7,8 @@ import torch
 from torch.nn import functional as F
 
 from lightning_diag.core.curves import CurvePoint, diagnose
-from lightning_diag.core.grad_stats import leaf_module, vanishing_layers
+from lightning_diag.core.grad_rules import vanishing_layers
+from lightning_diag.core.grad_stats import leaf_module
 from lightning_diag.core.sanity import check_data, check_probabilities_as_logits
 
 

@@ -128,6 +128,23 @@ class GuardPolicy:
         """Whether the next good step takes a snapshot (known before the step is judged)."""
         return self.rollback_possible and self.good_since_snapshot >= self.snapshot_every_n_steps
 
+    def deferral(
+        self, *, spikes_checked: bool, fused: bool, scaled: bool
+    ) -> Literal["warn", "device"] | None:
+        """Whether a step's checks can wait for the next logging step (no host synchronisation per step):
+        ``"warn"`` when nothing has to be decided before the update; ``"device"`` when a skip can be decided on the
+        device (``action="skip"`` escalating only to ``"raise"``, an optimizer whose fused kernel takes a
+        device-side ``found_inf``, no GradScaler); ``None`` when the decision needs a host read first (a spike
+        policy other than ``"warn"``, a possible rollback).
+        """
+        if (spikes_checked and self.spike_action != "warn") or self.rollback_possible:
+            return None
+        if self.action == "warn":
+            return "warn"
+        if self.action == "skip" and self.escalate_to == "raise" and fused and not scaled:
+            return "device"
+        return None
+
     def snapshot_taken(self, step: int, *, keep_schedule: bool = False) -> None:
         """A snapshot of the model at ``step`` exists now. ``keep_schedule``: a resumed run's fresh snapshot keeps
         the saved snapshot schedule (``snapshot_step`` and the count of good steps since).
