@@ -48,7 +48,10 @@ def test_console_json_plots_and_html_agree(tmp_path, capsys) -> None:
         round(min(VALUES), 6),
         VALUES.index(min(VALUES)),
     )  # the truth of the script
-    assert stopped["message"].endswith(f"best {value} at epoch {epoch}.")
+    assert stopped["message"].endswith(f"Best {value} at epoch {epoch}: the weights restored.")
+    # the patience counted from epoch 1's 0.5 (0.499 beat it by less than min_delta): the message says so
+    assert "did not beat 0.5 at epoch 1 by more than 0.01" in stopped["message"]
+    assert "the best value seen, 0.499 at epoch 2, beat it by less than `min_delta`" in stopped["message"]
     assert f"{stopped['evidence']['best_score']:.6g}" == value and stopped["evidence"]["best_epoch"] == epoch
     assert stopped["evidence"]["restored_epoch"] == epoch
     series = {**detector.report_series(), **early.report_series()}

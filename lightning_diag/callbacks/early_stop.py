@@ -301,7 +301,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
         if not math.isfinite(current):
             self.record(trainer, non_finite_metric(self.monitor, current, "EarlyStop"), key=self.monitor)
 
-        decision = self._tracker.update(current)
+        decision = self._tracker.update(current, at=int(trainer.current_epoch))
         if decision.new_best:
             self.best_epoch = int(trainer.current_epoch)
             self.best_step = int(trainer.global_step)
@@ -330,10 +330,10 @@ class EarlyStop(EarlyStopping, DiagCallback):
             current,
             stopped_epoch=self.stopped_epoch,
             best_seen=self._tracker.best_seen,
-            best_reference=self._tracker.best,
             best_epoch=self.best_epoch,
             wait_count=self._tracker.wait_count,
             patience=self.patience,
+            restores=self.restore_best_weights,
         )
         self.record(trainer, verdict)
 

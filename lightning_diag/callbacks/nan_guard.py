@@ -47,6 +47,7 @@ from lightning_diag.core.guard import (
     StepJudge,
     StepWindow,
     back_off_lr,
+    escalation,
     step_verdicts,
 )
 from lightning_diag.core.nan_trace import choose_origin, deferred_origin, locate
@@ -199,8 +200,10 @@ class NaNGuard(DiagCallback):
     Note:
         With ``check_spikes=True`` NaNGuard owns ``exploding_gradients`` spikes of the total norm: a
         GradNormMonitor in the same run logs the norms and leaves those findings to it. Rollback memory: one CPU copy of the parameters and buffers plus the optimizer state (about 3x the
-        parameter bytes with Adam). The snapshot is not saved in checkpoints; a resumed run takes a fresh one when
-        training starts and keeps the saved snapshot schedule. Unlike ``Trainer(detect_anomaly=True)``, which
+        parameter bytes with Adam). The snapshot travels in checkpoints (the same bytes again in the checkpoint file),
+        so a run resumed at any step, also between a rollback and the next snapshot, rolls back to the same weights
+        and holds the same schedule steps as the run that saved it; a sharded (FSDP2) model's snapshot stays out
+        of the checkpoint and a resumed run takes a fresh one when training starts. Unlike ``Trainer(detect_anomaly=True)``, which
         runs autograd's anomaly mode on every step, NaNGuard pays for the localisation only on the step that needs
         it. The replay re-runs ``training_step`` (with ``self.log`` silenced): other side effects there (appending
         to a list, counters) happen once more on a replayed step. Manual optimization: detection and the policies
@@ -313,6 +316,7 @@ class NaNGuard(DiagCallback):
         self.judge.reset()
         self.traces = 0
         self._snapshot: Snapshot | None = None
+        self._snapshot_loaded = False  # the snapshot came with the checkpoint: a resumed run keeps it
         self._warned: set[str] = set()
         self._queue = DeferredQueue()  # deferred steps not judged yet
         self._found_inf_on: Any = None  # the optimizer given a device-side found_inf for this step
@@ -322,8 +326,9 @@ class NaNGuard(DiagCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._window.clear()
-        if self.rollback_possible:
-            # A resumed run snapshots the checkpoint's state but keeps the saved snapshot schedule.
+        if self.rollback_possible and not self._snapshot_loaded:
+            # A fresh run snapshots its start; a run resumed from a checkpoint without a snapshot (a sharded
+            # model's) snapshots the checkpoint's state but keeps the saved snapshot schedule.
             self._snapshot = Snapshot(pl_module, trainer.optimizers, trainer.global_step)
             self.policy.snapshot_taken(trainer.global_step, keep_schedule=True)
 
@@ -569,7 +574,11 @@ class NaNGuard(DiagCallback):
         if decision.action is None:
             return decision
         snapshot = self._snapshot.step if self._snapshot is not None else None
-        bad = BadStep(int(step), int(epoch), decision.action, snapshot, batch_idx, deferred)
+        policy = self.policy
+        why = escalation(
+            decision, skips=policy.consecutive_skips, rollbacks=policy.rollbacks, lr_backoff=self.lr_backoff
+        )
+        bad = BadStep(int(step), int(epoch), decision.action, snapshot, batch_idx, deferred, why)
         verdict = self._record(trainer, pl_module, bad, decision, flags, values, origin)
         self._act(trainer, pl_module, decision, verdict, None if deferred else optimizer)
         return decision
@@ -646,6 +655,8 @@ class NaNGuard(DiagCallback):
         }
         if self._queue:  # deferred steps not judged yet: saved raw, so a resumed run judges them alike
             state["queue"] = self._queue.state_dict()
+        if self._snapshot is not None and self.rollback_possible and not self._snapshot.sharded:
+            state["snapshot"] = self._snapshot.state_dict()  # a resumed run rolls back to the same weights
         return state
 
     @override
@@ -654,4 +665,7 @@ class NaNGuard(DiagCallback):
         self.traces = int(state_dict.get("traces", self.traces))
         self._queue.load_state_dict(state_dict.get("queue") or _compat.nan_guard_queue_0_1(state_dict))
         self.judge.load_state_dict(state_dict)
+        if state_dict.get("snapshot") is not None and self.rollback_possible:
+            self._snapshot = Snapshot.from_state_dict(state_dict["snapshot"])
+            self.policy.has_snapshot = self._snapshot_loaded = True
         self._load_findings_state(state_dict)

@@ -40,8 +40,31 @@ class Snapshot:
     def __init__(self, module: nn.Module, optimizers: Sequence[torch.optim.Optimizer], step: int) -> None:
         self.step = step
         with torch.no_grad():
-            self.module_state = {k: _copy_to_cpu(v) for k, v in module.state_dict().items()}
+            state = module.state_dict()
+            #: some tensor was a shard (FSDP2 DTensor): this copy is this rank's alone
+            self.sharded = any(type(v).__name__ == "DTensor" for v in state.values())
+            self.module_state = {k: _copy_to_cpu(v) for k, v in state.items()}
             self.optimizer_states = [self._capture_optimizer(opt) for opt in optimizers]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The snapshot as plain types and CPU tensors (a checkpoint loads it with ``weights_only=True``)."""
+        return {
+            "step": self.step,
+            "module_state": self.module_state,
+            "optimizer_states": self.optimizer_states,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Snapshot:
+        """A snapshot saved with :meth:`state_dict` (a resumed run rolls back to the same state as the run that
+        saved it).
+        """
+        snapshot = cls.__new__(cls)
+        snapshot.step = int(state["step"])
+        snapshot.sharded = False
+        snapshot.module_state = dict(state["module_state"])
+        snapshot.optimizer_states = list(state["optimizer_states"])
+        return snapshot
 
     @staticmethod
     def _params(optimizer: torch.optim.Optimizer) -> Iterable[torch.Tensor]:

@@ -88,6 +88,9 @@ class StopTracker:
         self.name = name
         self.best = math.inf if mode == "min" else -math.inf
         self.best_seen = self.best
+        #: where (the ``at`` label given to :meth:`update`, an epoch for EarlyStop) ``best`` and ``best_seen`` were
+        self.best_at: int | None = None
+        self.best_seen_at: int | None = None
         self.wait_count = 0
         self.num_updates = 0
 
@@ -95,13 +98,19 @@ class StopTracker:
         """Whether ``a`` beats ``b`` by more than ``margin`` in this mode."""
         return a < b - margin if self.mode == "min" else a > b + margin
 
-    def update(self, value: float) -> StopDecision:
-        """Consume one evaluation of the monitored value."""
+    def update(self, value: float, at: int | None = None) -> StopDecision:
+        """Consume one evaluation of the monitored value; ``at`` labels it (EarlyStop passes the epoch) so the
+        messages can say where the patience reference and the best value were seen.
+        """
         self.num_updates += 1
         new_best = math.isfinite(value) and self.better(value, self.best_seen)
         if new_best:
-            self.best_seen = value
-        return dataclasses.replace(self._decide(value), new_best=new_best)
+            self.best_seen, self.best_seen_at = value, at
+        before = self.best
+        decision = self._decide(value)
+        if self.best != before:
+            self.best_at = at
+        return dataclasses.replace(decision, new_best=new_best)
 
     def _decide(self, value: float) -> StopDecision:
         sign = "<" if self.mode == "min" else ">"
@@ -153,11 +162,22 @@ class StopTracker:
         )
 
     def _patience_message(self) -> str:
-        bar = f" and baseline {self.baseline:.6g}" if self.baseline is not None else ""
-        return (
-            f"`{self.name}` did not improve by more than {self.min_delta} over its best{bar} for "
-            f"{self.wait_count} evaluation(s) (patience {self.patience}); best {self.best:.6g}."
+        """Which value the patience counted from (and where), for how long, and the best value seen when it is a
+        different one (better than the reference by less than ``min_delta``: it did not reset the patience).
+        """
+        bar = f" (nor baseline {self.baseline:.6g})" if self.baseline is not None else ""
+        where = f" at epoch {self.best_at}" if self.best_at is not None else ""
+        message = (
+            f"`{self.name}` did not beat {self.best:.6g}{where} by more than {self.min_delta}{bar} for "
+            f"{self.wait_count} evaluation(s) (patience {self.patience}, counted from that value)"
         )
+        if self.best_seen != self.best:
+            seen = f" at epoch {self.best_seen_at}" if self.best_seen_at is not None else ""
+            message += (
+                f"; the best value seen, {self.best_seen:.6g}{seen}, beat it by less than `min_delta` and did not "
+                "reset the patience"
+            )
+        return message + "."
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -165,6 +185,8 @@ class StopTracker:
             "best_seen": float(self.best_seen),
             "wait_count": int(self.wait_count),
             "num_updates": int(self.num_updates),
+            "best_at": self.best_at,
+            "best_seen_at": self.best_seen_at,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -172,6 +194,9 @@ class StopTracker:
         self.best_seen = float(state.get("best_seen", self.best_seen))
         self.wait_count = int(state.get("wait_count", self.wait_count))
         self.num_updates = int(state.get("num_updates", self.num_updates))
+        for key in ("best_at", "best_seen_at"):
+            if state.get(key) is not None:
+                setattr(self, key, int(state[key]))
 
 
 STOP_ADVICE = {
@@ -201,24 +226,23 @@ def early_stopped_verdict(
     *,
     stopped_epoch: int,
     best_seen: float,
-    best_reference: float,
     best_epoch: int | None,
     wait_count: int,
     patience: int,
+    restores: bool,
 ) -> Verdict:
-    """Why training stopped, with the best value *seen* (the one whose weights are restored): the patience
-    reference (``best_reference``) can differ from it by less than ``min_delta``, and "best" names one number in
-    the console, the JSON and the plots. A stop on divergence or a non-finite value is a warning; the others info.
+    """Why training stopped, and the best value seen: the one whose weights are kept when ``restores`` (the
+    patience reference can differ from it by less than ``min_delta``; the message names both, one number each).
+    A stop on divergence or a non-finite value is a warning; the others info.
     """
-    message = decision.message
-    tail = f"best {best_reference:.6g}."
-    if best_epoch is not None and message.endswith(tail):
-        message = message[: -len(tail)] + f"best {best_seen:.6g} at epoch {best_epoch}."
+    kept = ""
+    if restores and best_epoch is not None and math.isfinite(best_seen):
+        kept = f" Best {best_seen:.6g} at epoch {best_epoch}: the weights restored."
     severity: Severity = "warning" if decision.reason in ("divergence_threshold", "non_finite") else "info"
     return Verdict(
         "early_stopped",
         severity,
-        f"Training stopped at epoch {stopped_epoch}: {message}",
+        f"Training stopped at epoch {stopped_epoch}: {decision.message}{kept}",
         {
             "monitor": monitor,
             "reason": decision.reason,

@@ -6,6 +6,7 @@ import copy
 import random
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -197,11 +198,28 @@ def test_rollback_backs_off_a_plain_scheduler_too() -> None:
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0025)  # survived the scheduler's writes
 
 
-def test_rollbacks_are_bounded() -> None:
+def test_rollbacks_are_bounded_and_the_stop_says_they_were_exhausted() -> None:
     guard = NaNGuard(action="rollback", snapshot_every_n_steps=1, max_rollbacks=2, check_spikes=False)
-    with pytest.raises(NonFiniteError, match="step 5"):
+    with pytest.raises(NonFiniteError, match="step 5") as raised:
         fit("forward", guard, at=(2, 4, 5))
     assert guard.rollbacks == 2
+    message = str(raised.value)
+    assert (
+        "training stopped (the fault came back after 2 rollback(s), the most `max_rollbacks` allows"
+        in message
+    )
+    assert (
+        "with `lr_backoff=1.0` every rollback resumed at the same learning rate, which diverged again"
+        in message
+    )
+    (stop,) = [f for f in guard.findings if f.evidence.get("action") == "raise"]
+    assert stop.severity == "error" and "Set `lr_backoff=0.5`" in stop.advice[0]
+
+
+def test_skips_that_run_out_say_so() -> None:
+    guard = NaNGuard(action="skip", max_consecutive_skips=2, check_spikes=False)
+    with pytest.raises(NonFiniteError, match="2 consecutive step\\(s\\) were skipped"):
+        fit("forward", guard, at=(3, 4, 5))
 
 
 def test_skip_escalates_to_rollback_when_asked() -> None:
@@ -455,3 +473,28 @@ def test_resume_after_a_rollback_restores_counters_and_snapshot_schedule(tmp_pat
 def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         NaNGuard(**kwargs)
+
+
+def test_a_run_resumed_between_a_rollback_and_the_next_snapshot_is_exact(tmp_path) -> None:
+    """Snapshot at step 5, a rollback at step 6, a checkpoint at the end of epoch 0 (step 8: one good step since
+    the rollback, the next snapshot not due yet), a second fault at step 10: the resumed run must roll back to step
+    5's weights again and hold the same schedule steps."""
+
+    def run(ckpt_path: str | None) -> tuple[NaNGuard, WarmupCosine, Faulty]:
+        pl.seed_everything(0, verbose=False)
+        guard = NaNGuard(action="rollback", snapshot_every_n_steps=5, check_spikes=False)
+        schedule = WarmupCosine(warmup_steps=3, total_steps=14)
+        save = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1, filename="{step}")
+        model = Faulty("forward", (6, 10))
+        t = trainer(max_steps=14, callbacks=[guard, schedule, save], enable_checkpointing=True)
+        t.fit(model, faulty_loader(), ckpt_path=ckpt_path)
+        return guard, schedule, model
+
+    guard, schedule, model = run(None)
+    saved = torch.load(tmp_path / "step=8.ckpt", weights_only=True)["callbacks"][guard.state_key]
+    assert saved["snapshot"]["step"] == 5 and saved["advanced"] == 1 and saved["rollbacks"] == 1
+    resumed_guard, resumed_schedule, resumed = run(str(tmp_path / "step=8.ckpt"))
+    assert guard.rollbacks == resumed_guard.rollbacks == 2
+    assert resumed_schedule.held_steps == schedule.held_steps
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

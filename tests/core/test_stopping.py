@@ -103,3 +103,30 @@ def test_state_round_trip_decides_the_same() -> None:
 def test_bad_mode() -> None:
     with pytest.raises(ValueError, match=r"`mode` must be 'min' or 'max', got 'avg'"):
         StopTracker(mode="avg")  # type: ignore[arg-type]
+
+
+def test_the_patience_message_names_the_reference_and_the_best_value_seen() -> None:
+    # The main example's case: 0.0445 at epoch 12 is the reference; 0.0441381 at epoch 16 beats it by less than
+    # min_delta, so the patience goes on counting from epoch 12 and the restored best is epoch 16's.
+    tracker = StopTracker(min_delta=0.001, patience=5, name="val_loss")
+    values = {11: 0.050, 12: 0.0445, 13: 0.0446, 14: 0.0447, 15: 0.0450, 16: 0.0441381, 17: 0.0443}
+    decisions = [tracker.update(v, at=epoch) for epoch, v in values.items()]
+    assert [d.stop for d in decisions] == [False] * 6 + [True]
+    message = decisions[-1].message
+    assert "did not beat 0.0445 at epoch 12 by more than 0.001 for 5 evaluation(s)" in message
+    assert "(patience 5, counted from that value)" in message
+    assert "the best value seen, 0.0441381 at epoch 16, beat it by less than `min_delta`" in message
+    assert (tracker.best_at, tracker.best_seen_at) == (12, 16)
+    restored = StopTracker(min_delta=0.001, patience=5)
+    restored.load_state_dict(tracker.state_dict())
+    assert (restored.best_at, restored.best_seen_at) == (12, 16)
+
+
+def test_the_patience_message_without_a_closer_best_names_one_value() -> None:
+    tracker = StopTracker(patience=2, name="loss")
+    for epoch, value in enumerate([1.0, 0.5, 0.6, 0.7]):
+        decision = tracker.update(value, at=epoch)
+    assert decision.stop and decision.message == (
+        "`loss` did not beat 0.5 at epoch 1 by more than 0.0 for 2 evaluation(s) (patience 2, counted from that "
+        "value)."
+    )

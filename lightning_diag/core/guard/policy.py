@@ -81,6 +81,11 @@ class Decision:
     snapshot_due: bool = False
     #: optimizer steps the LR schedule must not count
     hold_steps: int = 0
+    #: the policy asked for before escalation, and why it could not be followed: ``"params"`` (non-finite
+    #: parameters: a skip cannot cure them), ``"skips"`` (``max_consecutive_skips`` reached), ``"no_snapshot"``,
+    #: ``"rollbacks"`` (``max_rollbacks`` used up)
+    requested: Action | None = None
+    why: str = ""
 
     @property
     def withholds_update(self) -> bool:
@@ -159,12 +164,15 @@ class GuardPolicy:
 
     def resolve(self, requested: Action, *, cannot_skip: bool = False) -> Action:
         """The policy that applies now to ``requested``, after escalation (does not change any counter)."""
-        action = requested
+        return self._escalate(requested, cannot_skip=cannot_skip)[0]
+
+    def _escalate(self, requested: Action, *, cannot_skip: bool = False) -> tuple[Action, str]:
+        action, why = requested, ""
         if action == "skip" and (cannot_skip or self.consecutive_skips >= self.max_consecutive_skips):
-            action = self.escalate_to
+            action, why = self.escalate_to, "params" if cannot_skip else "skips"
         if action == "rollback" and (not self.has_snapshot or self.rollbacks >= self.max_rollbacks):
-            action = "raise"
-        return action
+            action, why = "raise", "no_snapshot" if not self.has_snapshot else "rollbacks"
+        return action, why
 
     def update(self, flags: StepFlags, step: int) -> Decision:
         """Judge one optimizer step and keep the counters; ``step`` is the global step (for snapshots)."""
@@ -178,9 +186,11 @@ class GuardPolicy:
             self.advanced += 1
             return Decision(None, snapshot_due=due)
         requested = self.action if flags.non_finite else self.spike_action
-        action = self.resolve(requested, cannot_skip=flags.non_finite and flags.params)
-        decision = Decision(action, flags.code, escalated=action != requested, hold_steps=self._apply(action))
-        return decision
+        action, why = self._escalate(requested, cannot_skip=flags.non_finite and flags.params)
+        hold = self._apply(action)
+        return Decision(
+            action, flags.code, action != requested, hold_steps=hold, requested=requested, why=why
+        )
 
     def _apply(self, action: Action) -> int:
         """Update the counters for ``action``; returns the steps the schedule must hold."""
@@ -209,10 +219,11 @@ class GuardPolicy:
             "rollbacks": self.rollbacks,
             "good_since_snapshot": self.good_since_snapshot,
             "snapshot_step": self.snapshot_step,
+            "advanced": self.advanced,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("skipped_steps", "consecutive_skips", "rollbacks", "good_since_snapshot"):
+        for key in ("skipped_steps", "consecutive_skips", "rollbacks", "good_since_snapshot", "advanced"):
             if key in state:
                 setattr(self, key, int(state[key]))
         if state.get("snapshot_step") is not None:

@@ -24,6 +24,7 @@ __all__ = [
     "BadStep",
     "Origin",
     "describe_action",
+    "escalation",
     "non_finite_verdict",
     "overflow_verdict",
     "spike_verdict",
@@ -69,6 +70,8 @@ class BadStep:
     batch_idx: str = ""
     #: judged at a later logging step from the step's own values (checks deferred: no replay possible)
     deferred: bool = False
+    #: why the requested policy could not be followed (see :func:`escalation`): a sentence, and advice first
+    escalation: tuple[str, tuple[str, ...]] = ("", ())
 
     @property
     def severity(self) -> Severity:
@@ -77,13 +80,66 @@ class BadStep:
 
     @property
     def action_text(self) -> str:
-        return describe_action(self.action, self.snapshot_step)
+        text = describe_action(self.action, self.snapshot_step)
+        return f"{text} ({self.escalation[0]})" if self.escalation[0] else text
+
+    def advice(self, advice: list[str]) -> list[str]:
+        """``advice`` with what to change about an exhausted policy first."""
+        return [*self.escalation[1], *advice]
 
     def evidence(self, **values: Any) -> dict[str, Any]:
         evidence = {**values, "action": self.action}
         if self.batch_idx:
             evidence["batch_idx"] = self.batch_idx
         return evidence
+
+
+def escalation(
+    decision: Decision, *, skips: int, rollbacks: int, lr_backoff: float
+) -> tuple[str, tuple[str, ...]]:
+    """Why the policy asked for could not be followed, and what to change: ``("", ())`` when it was followed.
+
+    Example:
+        >>> from lightning_diag.core.guard.policy import Decision
+        >>> text, advice = escalation(Decision("raise", requested="rollback", why="rollbacks"), skips=0, rollbacks=3,
+        ...                           lr_backoff=1.0)
+        >>> text.startswith("the fault came back after 3 rollback(s)"), "`lr_backoff=1.0`" in text
+        (True, True)
+    """
+    if decision.why == "rollbacks":
+        same = (
+            f": with `lr_backoff={lr_backoff:.1f}` every rollback resumed at the same learning rate, which diverged again"
+            if lr_backoff == 1.0
+            else f", each at a learning rate {lr_backoff:g}x the one before"
+        )
+        advice = (
+            "The same fault recurred after every rollback: rolling back again would repeat it. "
+            + (
+                "Set `lr_backoff=0.5` so each rollback lowers the learning rate, "
+                if lr_backoff == 1.0
+                else ""
+            )
+            + "lower the base learning rate or lengthen the warmup, and clip gradients (GradClip); raise "
+            "`max_rollbacks` only if the fault is rare.",
+        )
+        return (
+            f"the fault came back after {rollbacks} rollback(s), the most `max_rollbacks` allows{same}",
+            advice,
+        )
+    if decision.why == "skips":
+        return (
+            f"{skips} consecutive step(s) were skipped, the most `max_consecutive_skips` allows: the fault is not "
+            "one bad batch",
+            (
+                "Every step fails now: skipping cannot help. Find the origin (the module named in the message), "
+                "or use `action='rollback'` with `lr_backoff<1` to return to a good state.",
+            ),
+        )
+    if decision.why == "params":
+        return "the parameters themselves are non-finite: skipping a step cannot repair them", ()
+    if decision.why == "no_snapshot":
+        return "no rollback snapshot had been taken yet", ()
+    return "", ()
 
 
 def describe_action(action: str, snapshot_step: int | None = None) -> str:
@@ -160,7 +216,7 @@ def non_finite_verdict(
     if trace is not None and not reproduced and replayed and not bad.deferred:
         advice = [NOT_REPRODUCED, *advice]
     where_key = f"{trace.phase}:{trace.module}:{trace.tensor}" if trace is not None else code
-    return Verdict(code, bad.severity, message, evidence, advice), f"{where_key}:{bad.action}"
+    return Verdict(code, bad.severity, message, evidence, bad.advice(advice)), f"{where_key}:{bad.action}"
 
 
 def spike_verdict(
@@ -199,7 +255,7 @@ def spike_verdict(
     )
     code = "loss_spike" if what == "loss" else "exploding_gradients"
     severity: Severity = "error" if bad.action == "raise" else "warning"
-    return Verdict(code, severity, message, evidence, list(SPIKE_ADVICE)), f"spike:{what}"
+    return Verdict(code, severity, message, evidence, bad.advice(SPIKE_ADVICE)), f"spike:{what}"
 
 
 @dataclasses.dataclass(frozen=True)
