@@ -444,6 +444,41 @@ def test_state_survives_a_checkpoint_and_a_new_fit_starts_clean(tmp_path) -> Non
     assert alarms(detector) == []  # setup("fit") forgot the previous fit
 
 
+def test_state_0_1_0_deferred_entries_are_judged_after_loading_and_saved_in_the_queue_format() -> None:
+    """0.1.0 saved its follow-ups as ``"deferred": [{"kind", "values", **where}]``; they load into the shared queue
+    and are judged at the next check with one host read, as 0.1.0 judged them; ``state_dict`` writes the queue."""
+    from types import SimpleNamespace
+
+    from lightning_diag.testing import HostSyncCounter
+
+    detector = SilentBugDetector()
+    detector.load_state_dict(
+        {
+            "streaks": {"no_op": 0, "stale": 1, "mode": 0, "repeat": 1, "ranks": 0},
+            "noise": {"trace": 0.0, "grad_sq": 0.0, "count": 0},
+            "held_checked": True,
+            "deferred": [
+                {"kind": "repeat", "values": [1.0], "batch_idx": 5, "epoch": 1},
+                {"kind": "stale", "values": [4.0, 4.0], "step": 9, "next_step": 10},
+            ],
+        }
+    )
+    state = detector.state_dict()
+    assert "deferred" not in state
+    assert [e["info"] for e in state["queue"]] == [
+        {"kind": "repeat", "batch_idx": 5, "epoch": 1},
+        {"kind": "stale", "step": 9, "next_step": 10},
+    ]
+    counter = HostSyncCounter()
+    with counter:
+        detector._take_deferred(SimpleNamespace(world_size=1, global_step=14, current_epoch=1))
+    assert counter.count == 1  # both entries in one read
+    found = {f.code: f for f in detector.findings}
+    assert found["repeated_data"].evidence == {"batch_idx": 5, "epoch": 1, "checks": 2}
+    assert found["stale_gradients"].evidence == {"watched_tensors": 4, "step": 9, "checks": 2}
+    assert detector.state_dict()["queue"] == []
+
+
 class ManyBugs(Net):
     """Three silent bugs at once: gradients never zeroed, a sub-module left in eval mode, the same batch again."""
 

@@ -1,9 +1,11 @@
-"""The math and small state machines behind SilentBugDetector: errors that raise nothing and produce no NaN.
+"""The rules behind SilentBugDetector: errors that raise nothing and produce no NaN.
 
-Everything here is pure torch + stdlib (no Lightning): strided samples and fingerprints of tensors, the module-mode
-rule, the cross-rank comparison of checksums, the gradient-noise-scale estimator of McCandlish et al. (2018, "An
-Empirical Model of Large-Batch Training", appendix A.1) and a running estimate of it, and the consecutive-check
-counter that turns an observation into a finding.
+Everything here is pure torch + stdlib (no Lightning): the check schedule, strided samples and fingerprints of
+tensors and the two repeated-data rules, the rule for parameters no optimizer holds, the module-mode rule, the
+checksums of replicas and their cross-rank comparison, the gradient-noise-scale estimator of McCandlish et al.
+(2018, "An Empirical Model of Large-Batch Training", appendix A.1), a running estimate of it and its judgement,
+and the consecutive-check counter that turns an observation into a finding. The words of the findings are in
+:mod:`lightning_diag.core.silent.verdicts`.
 """
 
 from __future__ import annotations
@@ -11,25 +13,61 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from lightning_diag.core.grad_stats import tensor_norms
+
 __all__ = [
+    "NOISE_FLOOR",
+    "NoiseSample",
     "NoiseScale",
     "Streak",
+    "all_stale",
+    "batch_over_noise_scale",
     "bn_batches_tracked",
+    "bn_updates",
+    "checksums",
     "divergent_entries",
+    "diverging_tensors",
     "fingerprint",
     "flat_sample",
+    "holds_dtensors",
+    "is_check_step",
     "is_mode_sensitive",
     "mode_problems",
+    "model_parallel",
+    "no_op_seen",
+    "noise_row",
+    "noise_sample",
     "noise_scale_terms",
+    "replica_checksums",
+    "replicated_buffers",
+    "same_batch",
+    "same_on_every_rank",
+    "unheld_names",
 ]
 
 #: Batch tensors that enter a batch fingerprint (the rest of a batch is ignored).
 MAX_FINGERPRINT_TENSORS = 8
+#: Relative gap between the micro-batch and the mean squared gradient norm below which it is float32 rounding.
+NOISE_FLOOR = 1e-5
+
+
+def is_check_step(step: int, every_n_steps: int | None, log_every_n_steps: int) -> bool:
+    """Whether optimizer step ``step`` is a check step: every ``every_n_steps`` steps, or (``None``) step 0 and the
+    logging steps of ``log_every_n_steps`` (Lightning logs after the batch whose ``step + 1`` is a multiple).
+
+    Example:
+        >>> [s for s in range(12) if is_check_step(s, None, 5)], [s for s in range(12) if is_check_step(s, 4, 5)]
+        ([0, 4, 9], [0, 4, 8])
+    """
+    if every_n_steps is not None:
+        return step % every_n_steps == 0
+    every = max(log_every_n_steps, 1)
+    return step == 0 or (step + 1) % every == 0
 
 
 def flat_sample(t: torch.Tensor, size: int) -> torch.Tensor:
@@ -77,6 +115,96 @@ def fingerprint(tensors: Sequence[torch.Tensor], size: int = 64) -> torch.Tensor
     )
     padded = torch.nn.functional.pad(values, (0, width - values.numel()))
     return torch.cat([padded, moments, torch.tensor(counts, dtype=torch.float32, device=device)])
+
+
+def same_batch(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """Whether two batch fingerprints are equal and the first saw a tensor (a 0-d bool device tensor, no sync)."""
+    return (previous == current).all() & (previous[-1] > 0)
+
+
+def same_on_every_rank(rows: torch.Tensor) -> bool:
+    """Whether every rank's fingerprint (a ``[world_size, n]`` host table) equals rank 0's, which saw a tensor."""
+    return bool(rows[0, -1] > 0) and all(torch.equal(rows[0], r) for r in rows[1:])
+
+
+# -- parameters no optimizer holds -------------------------------------------------------------------------------
+def unheld_names(with_grad: Sequence[tuple[str, torch.Tensor]], held: set[int]) -> tuple[list[str], int]:
+    """The names of the parameters that received a gradient but no optimizer holds (``id`` not in ``held``), and
+    how many of the others train.
+
+    Example:
+        >>> a, b = torch.zeros(1), torch.zeros(1)
+        >>> unheld_names([("a", a), ("b", b)], {id(a)})
+        (['b'], 1)
+    """
+    unheld = [n for n, p in with_grad if id(p) not in held]
+    return unheld, len(with_grad) - len(unheld)
+
+
+def no_op_seen(active: int, moved: int) -> bool | None:
+    """The no-op rule at one check: ``True`` when none of the ``active`` sampled elements (those with a finite,
+    non-zero gradient) moved, ``None`` when there was nothing to judge.
+    """
+    return None if active == 0 else moved == 0
+
+
+def all_stale(stale: int, judged: int) -> bool:
+    """The stale-gradient rule: every watched gradient that had something to apply was stale."""
+    return judged > 0 and stale == judged
+
+
+# -- replicas ----------------------------------------------------------------------------------------------------
+def replicated_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Float buffers that must be equal on every rank: not the running statistics of norm layers, which each
+    rank's forward updates with its own batch between DDP's buffer broadcasts.
+    """
+    found = []
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, nn.modules.batchnorm._NormBase):
+            continue
+        for name, buffer in sub.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point():
+                found.append((f"{prefix}.{name}" if prefix else name, buffer.detach()))
+    return found
+
+
+def checksums(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[norm_0, sum_0, norm_1, sum_1, ...]`` of ``tensors`` in float32: one foreach pass, no host read."""
+    floats = [t.detach().float() for t in tensors]
+    return torch.stack([tensor_norms(floats), torch.stack([t.sum() for t in floats])], dim=1).flatten()
+
+
+def replica_checksums(module: nn.Module) -> tuple[list[str], int, torch.Tensor | None]:
+    """What ranks compare of a replicated model: the names of its parameters then of its
+    :func:`replicated_buffers`, how many of them are parameters, and their :func:`checksums` (``None``: no tensor).
+    """
+    named = [(n, p.detach()) for n, p in module.named_parameters()]
+    parameters = len(named)
+    named += replicated_buffers(module)
+    values = checksums([t for _, t in named]) if named else None
+    return [n for n, _ in named], parameters, values
+
+
+def diverging_tensors(table: torch.Tensor, parameters: int, rtol: float) -> tuple[list[int], list[int]]:
+    """The tensors whose :func:`checksums` differ across the rows of a ``[world_size, 2 * n]`` table, split into
+    parameters (the first ``parameters`` tensors) and buffers, by index.
+    """
+    bad = sorted({i // 2 for i in divergent_entries(table, rtol)})
+    return [i for i in bad if i < parameters], [i for i in bad if i >= parameters]
+
+
+def holds_dtensors(params: Iterable[torch.Tensor]) -> bool:
+    """Whether some parameter is a DTensor (FSDP2, tensor parallelism): ranks hold shards, not replicas."""
+    return any(type(p).__name__ == "DTensor" for p in params)
+
+
+def model_parallel(module: Any) -> bool:
+    """Whether ``module.device_mesh`` has a dimension other than data parallelism (tensor/pipeline parallel ranks
+    see the same batch on purpose).
+    """
+    mesh = getattr(module, "device_mesh", None)
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    return any(name != "data_parallel" and mesh[name].size() > 1 for name in names)  # type: ignore[index]
 
 
 def divergent_entries(gathered: torch.Tensor, rtol: float) -> list[int]:
@@ -179,6 +307,14 @@ def bn_batches_tracked(modules: Iterable[nn.Module]) -> torch.Tensor | None:
     return torch.stack([c.detach().reshape(()) for c in counts]).sum() if counts else None
 
 
+def bn_updates(before: torch.Tensor | None, modules: Iterable[nn.Module]) -> int:
+    """How many times the norm layers of ``modules`` updated their running statistics since :func:`bn_batches_tracked`
+    said ``before`` (one host read; ``0`` when there was nothing to count).
+    """
+    after = bn_batches_tracked(modules) if before is not None else None
+    return int(after - before.to(after.device)) if after is not None and before is not None else 0
+
+
 # -- the gradient noise scale ------------------------------------------------------------------------------------
 def noise_scale_terms(
     small_sq: float, big_sq: float, batch_small: float, batch_big: float
@@ -202,6 +338,66 @@ def noise_scale_terms(
     return trace, grad_sq
 
 
+def noise_row(
+    micro: Sequence[torch.Tensor],
+    accumulate: int,
+    total_norm: torch.Tensor | None,
+    loss_scale: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """This rank's ``[mean |G_micro|^2, |G_step|^2, 1]`` on the device (no host read), or zeros when the step is
+    not comparable (a partial accumulation window at the end of an epoch, no gradient norm).
+
+    ``micro`` holds the squared norm of each micro-batch's incoming gradient, of a loss that Lightning divided by
+    ``accumulate`` (hence the factor ``accumulate**2``) and, under a GradScaler, multiplied by ``loss_scale``.
+    """
+    if len(micro) != accumulate or total_norm is None:
+        return torch.zeros(3, device=device)
+    local = torch.stack(list(micro)).mean() * accumulate**2
+    if loss_scale is not None:
+        local = local / loss_scale.to(local.device) ** 2
+    return torch.stack([local.to(device), total_norm.float().to(device) ** 2, torch.ones((), device=device)])
+
+
+class NoiseSample(NamedTuple):
+    """One measurement of the noise-scale terms (:func:`noise_sample`)."""
+
+    trace: float
+    grad_sq: float
+    micro_batch: float
+    global_batch: float
+    micro_batches: int
+
+
+def noise_sample(rows: torch.Tensor, micro_batch: int, accumulate: int) -> NoiseSample | None:
+    """The noise-scale terms of one step from the gathered :func:`noise_row` of every rank (a host table), or
+    ``None`` when a rank could not measure or the micro-batch gradients agree to rounding (identical batches: no
+    noise to measure).
+    """
+    if not bool((rows[:, 2] > 0).all()) or not micro_batch:
+        return None
+    small_sq = float(rows[:, 0].mean())
+    big_sq = float(rows[0, 1])
+    if not small_sq - big_sq > NOISE_FLOOR * small_sq:
+        return None
+    micro = accumulate * rows.shape[0]
+    batch_small = float(micro_batch)
+    batch_big = batch_small * micro
+    trace, grad_sq = noise_scale_terms(small_sq, big_sq, batch_small, batch_big)
+    return NoiseSample(trace, grad_sq, batch_small, batch_big, micro)
+
+
+def batch_over_noise_scale(global_batch: float, scale: float, ratio: float) -> float | None:
+    """``global_batch / B_simple`` when it is more than ``ratio`` times below or above 1, else ``None``.
+
+    Example:
+        >>> batch_over_noise_scale(64.0, 1000.0, 10.0), batch_over_noise_scale(64.0, 100.0, 10.0)
+        (0.064, None)
+    """
+    over = global_batch / scale
+    return None if 1 / ratio <= over <= ratio else over
+
+
 @dataclasses.dataclass
 class NoiseScale:
     """Running (exponentially weighted) estimates of ``tr(Sigma)`` and ``|G|^2``, and their ratio ``B_simple``.
@@ -213,6 +409,16 @@ class NoiseScale:
     trace: float = 0.0
     grad_sq: float = 0.0
     count: int = 0
+
+    def add(self, sample: NoiseSample | None) -> float | None:
+        """Count one :func:`noise_sample` (``None``: nothing measured); the running ``B_simple`` when it is finite
+        and positive (then it is worth logging), else ``None``.
+        """
+        if sample is None:
+            return None
+        self.update(sample.trace, sample.grad_sq)
+        scale = self.scale
+        return scale if math.isfinite(scale) and scale > 0 else None
 
     def update(self, trace: float, grad_sq: float) -> None:
         if not (math.isfinite(trace) and math.isfinite(grad_sq)):
