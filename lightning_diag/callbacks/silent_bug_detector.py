@@ -410,10 +410,12 @@ class SilentBugDetector(DiagCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        probe = self._noop
-        if probe is None or int(trainer.global_step) <= self._cycle_step:
+        if int(trainer.global_step) <= self._cycle_step:
             return  # accumulating: the optimizer has not stepped yet
         self._stale.disarm()  # a step skipped by the GradScaler never ran its post-hooks
+        probe = self._noop
+        if probe is None:
+            return
         self._noop = None
         probe.close()
         read = probe.read()

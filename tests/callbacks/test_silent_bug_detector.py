@@ -548,3 +548,13 @@ def test_ddp_replica_divergence_and_same_data_on_every_rank(tmp_path) -> None:
     assert r0["rank-local-buffer"]["alarms"] == [["replica_divergence", "warning"]]
     assert r0["rank-local-buffer"]["evidence"]["first_tensor"] == "offset"
     assert r0["no-distributed-sampler"]["alarms"] == [["repeated_data", "warning"]]
+
+
+def test_without_the_optimizer_check_the_stale_probe_hooks_do_not_pile_up() -> None:
+    # The stale probe's starting hook used to be removed only next to the no-op probe: with check_optimizer=False
+    # one more post-hook stayed on the optimizer at every check, and the patience counted steps instead of checks.
+    detector = SilentBugDetector(check_every_n_steps=2, check_optimizer=False)
+    t = trainer(max_steps=24, callbacks=[detector])
+    t.fit(Regression(), loader(n=64))
+    assert len(t.optimizers[0]._optimizer_step_post_hooks) <= 1
+    assert [f.code for f in detector.findings] == []

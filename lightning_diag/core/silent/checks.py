@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lightning_diag.core.grad_stats import tensor_norms
+from lightning_diag.core.layers import is_norm_layer
 
 __all__ = [
     "NOISE_FLOOR",
@@ -160,7 +161,7 @@ def replicated_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """
     found = []
     for prefix, sub in module.named_modules():
-        if isinstance(sub, nn.modules.batchnorm._NormBase):
+        if is_norm_layer(sub):
             continue
         for name, buffer in sub.named_buffers(recurse=False):
             if buffer is not None and buffer.is_floating_point():
@@ -234,7 +235,7 @@ def is_mode_sensitive(module: nn.Module) -> bool:
     """
     if isinstance(module, _DROPOUT):
         return float(getattr(module, "p", 0.0)) > 0.0
-    if isinstance(module, nn.modules.batchnorm._NormBase):
+    if is_norm_layer(module):
         return bool(module.track_running_stats)
     return False
 
@@ -267,12 +268,12 @@ def mode_problems(
         return any(is_trained(p) for p in module.parameters(recurse=False))
 
     wrong = not training  # the mode flag of a module in the wrong mode
-    norm_or_dropout = (*_DROPOUT, nn.modules.batchnorm._NormBase)
 
     def plain(sub: nn.Module) -> bool:
         if training:
             return not is_mode_sensitive(sub) and _has_trainable(sub)
-        return not isinstance(sub, norm_or_dropout) and next(sub.children(), None) is None
+        norm_or_dropout = isinstance(sub, _DROPOUT) or is_norm_layer(sub)
+        return not norm_or_dropout and next(sub.children(), None) is None
 
     if not any(sub.training == wrong and plain(sub) for sub in root.modules()):
         return []
@@ -298,11 +299,11 @@ def bn_batches_tracked(modules: Iterable[nn.Module]) -> torch.Tensor | None:
     ``None`` when there is none. It grows by one per forward in train mode.
     """
     counts = [
-        m.num_batches_tracked
+        count
         for m in modules
-        if isinstance(m, nn.modules.batchnorm._NormBase)
+        if is_norm_layer(m)
         and m.track_running_stats
-        and m.num_batches_tracked is not None
+        and isinstance(count := getattr(m, "num_batches_tracked", None), torch.Tensor)
     ]
     return torch.stack([c.detach().reshape(()) for c in counts]).sum() if counts else None
 

@@ -229,6 +229,7 @@ class StaleWatch:
         """Watch up to ``STALE_TENSORS`` of ``params`` from the end of ``optimizer``'s step ``step``."""
         if self.probe is not None:
             self.probe.close()
+        self.disarm()  # the hook of an earlier check that never ran (a skipped step) must not pile up
         start = functools.partial(self._start, step, spread(list(params), STALE_TENSORS))
         self.start = optimizer.register_step_post_hook(start)
 
