@@ -12,7 +12,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from lightning_diag.__about__ import __version__
-from lightning_diag.findings import CODES, Finding
+from lightning_diag.findings import CODES, Finding, Report, load_report
 
 #: the names that import Lightning (and torch): imported lazily inside the ``lightning-diag`` command
 _CALLBACK_NAMES = (
@@ -92,6 +92,7 @@ __all__ = [
     "NaNGuard",
     "NonFiniteError",
     "OverfitDetector",
+    "Report",
     "SanityCheck",
     "SanityCheckError",
     "SilentBugDetector",
@@ -99,4 +100,5 @@ __all__ = [
     "WarmupCosine",
     "__version__",
     "collect_findings",
+    "load_report",
 ]

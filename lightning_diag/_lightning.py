@@ -4,19 +4,27 @@ Every read below names the attribute it relies on and the versions it was checke
 exercises each one against the installed versions, so a release that moves one fails there, loudly, instead of
 deep inside a user's run. Everything else in lightning_diag uses public APIs or these helpers.
 
-Checked on: lightning 2.4-2.6, torch 2.4-2.13.
+It is also where the two namespaces meet: Lightning ships as ``lightning.pytorch`` and as the standalone
+``pytorch_lightning`` package that many libraries still use, whose classes are distinct twins. :func:`is_a` asks
+"is this a TensorBoardLogger / DDPStrategy / ..." of both (the standalone one only once it is imported: an object
+of its classes cannot exist before).
+
+Checked on: lightning 2.4-2.6, pytorch_lightning 2.4-2.6, torch 2.4-2.13.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
 __all__ = [
+    "NAMESPACES",
     "amp_scaler",
     "check_strategy",
     "clear_found_inf",
@@ -24,6 +32,7 @@ __all__ = [
     "epochs_processed",
     "epochs_started",
     "fused_unscale",
+    "is_a",
     "is_last_batch",
     "loss_scale",
     "replay_training_step",
@@ -32,6 +41,35 @@ __all__ = [
     "trainer_callbacks",
     "trainer_shared_on_copy",
 ]
+
+
+#: The two packages Lightning ships as.
+NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
+_CLASSES: dict[tuple[str, bool], tuple[type, ...]] = {}
+
+
+def is_a(obj: Any, name: str) -> bool:
+    """Whether ``obj`` is an instance of Lightning's class ``name`` (``"loggers.TensorBoardLogger"``,
+    ``"strategies.DDPStrategy"``, ``"callbacks.ModelCheckpoint"``...) in either namespace.
+
+    Example:
+        >>> from lightning.pytorch.loggers import CSVLogger
+        >>> is_a(CSVLogger("/tmp"), "loggers.CSVLogger"), is_a(CSVLogger("/tmp"), "loggers.TensorBoardLogger")
+        (True, False)
+    """
+    standalone = "pytorch_lightning" in sys.modules
+    key = (name, standalone)
+    classes = _CLASSES.get(key)
+    if classes is None:
+        found = []
+        for root in NAMESPACES if standalone else NAMESPACES[:1]:
+            module_name, _, class_name = f"{root}.{name}".rpartition(".")
+            try:
+                found.append(getattr(importlib.import_module(module_name), class_name))
+            except (ImportError, AttributeError):  # an optional logger's package is not installed
+                continue
+        classes = _CLASSES[key] = tuple(found)
+    return bool(classes) and isinstance(obj, classes)
 
 
 def trainer_callbacks(trainer: Any) -> list[Any]:

@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+
+from lightning_diag._lightning import is_a
 
 __all__ = [
     "HISTOGRAM_QUANTILES",
@@ -93,9 +93,9 @@ def log_histogram(trainer: Any, name: str, values: torch.Tensor, step: int) -> N
     flat = values.detach().float().flatten().cpu()
     quantiles: dict[str, float] | None = None
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
+        if is_a(logger, "loggers.TensorBoardLogger"):
             logger.experiment.add_histogram(name, flat, global_step=step)
-        elif isinstance(logger, WandbLogger):
+        elif is_a(logger, "loggers.WandbLogger"):
             import wandb
 
             counts, edges = torch.histogram(flat, bins=64)
@@ -122,15 +122,15 @@ def log_figure(trainer: Any, name: str, figure: Any, step: int) -> bool:
         return False
     taken = False
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
+        if is_a(logger, "loggers.TensorBoardLogger"):
             logger.experiment.add_figure(name, figure, global_step=step, close=False)
             taken = True
-        elif isinstance(logger, WandbLogger):
+        elif is_a(logger, "loggers.WandbLogger"):
             import wandb
 
             logger.experiment.log({name: wandb.Image(figure), "trainer/global_step": step})
             taken = True
-        elif isinstance(logger, MLFlowLogger):
+        elif is_a(logger, "loggers.MLFlowLogger"):
             logger.experiment.log_figure(logger.run_id, figure, f"{name}.png")
             taken = True
     return taken
@@ -142,16 +142,16 @@ def log_text(trainer: Any, name: str, text: str, step: int) -> bool:
         return False
     taken = False
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
+        if is_a(logger, "loggers.TensorBoardLogger"):
             # TensorBoard renders text as markdown: indent it so it shows verbatim.
             logger.experiment.add_text(name, "    " + text.replace("\n", "\n    "), global_step=step)
             taken = True
-        elif isinstance(logger, WandbLogger):
+        elif is_a(logger, "loggers.WandbLogger"):
             import wandb
 
             logger.experiment.log({name: wandb.Html("<pre>" + text + "</pre>"), "trainer/global_step": step})
             taken = True
-        elif isinstance(logger, MLFlowLogger):
+        elif is_a(logger, "loggers.MLFlowLogger"):
             logger.experiment.log_text(logger.run_id, text, f"{name}.txt")
             taken = True
     return taken
@@ -161,11 +161,12 @@ def log_dir(trainer: Any) -> str:
     """Where run artefacts go: the first logger's directory, else ``default_root_dir``.
 
     Same rule as ``Trainer.log_dir`` but without its broadcast, so it is safe on rank 0 alone and inside
-    ``on_exception`` (where another rank may already be gone).
+    ``on_exception`` (where another rank may already be gone); the loggers of both namespaces
+    (``lightning.pytorch`` and ``pytorch_lightning``) are recognised.
     """
     if trainer.loggers:
         logger = trainer.loggers[0]
-        if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        if is_a(logger, "loggers.TensorBoardLogger") or is_a(logger, "loggers.CSVLogger"):
             return str(logger.log_dir)
         save_dir = getattr(logger, "save_dir", None)
         if save_dir:
@@ -181,14 +182,14 @@ def log_html(trainer: Any, name: str, path: str, step: int) -> bool:
         return False
     taken = False
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
+        if is_a(logger, "loggers.WandbLogger"):
             import wandb
 
             with open(path, encoding="utf-8") as handle:
                 page = wandb.Html(handle.read(), inject=False)
             logger.experiment.log({name: page, "trainer/global_step": step})
             taken = True
-        elif isinstance(logger, MLFlowLogger):
+        elif is_a(logger, "loggers.MLFlowLogger"):
             logger.experiment.log_artifact(logger.run_id, path)
             taken = True
     return taken
@@ -199,7 +200,7 @@ def console(trainer: Any, text: str) -> None:
     if not trainer.is_global_zero:
         return
     bar = getattr(trainer, "progress_bar_callback", None)
-    if isinstance(bar, TQDMProgressBar) and bar.is_enabled:
+    if bar is not None and is_a(bar, "callbacks.TQDMProgressBar") and bar.is_enabled:
         from tqdm import tqdm
 
         tqdm.write(text, file=sys.stdout)  # what the bar's own `print` does, also once the bars are closed

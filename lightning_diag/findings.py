@@ -24,9 +24,11 @@ __all__ = [
     "Evidence",
     "Finding",
     "FindingLog",
+    "Report",
     "Severity",
     "build_report",
     "format_summary",
+    "load_report",
     "write_report",
 ]
 
@@ -337,6 +339,10 @@ def format_summary(report: Mapping[str, Any], path: str | None = None, *, verbos
     return "\n".join(lines)
 
 
+#: The path of the last ``diagnosis.json`` this process wrote (:func:`load_report` with no argument reads it).
+_LAST_WRITTEN: list[str] = []
+
+
 def write_report(report: Mapping[str, Any], directory: str | os.PathLike[str]) -> str:
     """Write ``diagnosis.json`` into ``directory`` (created if needed); return its path."""
     os.makedirs(directory, exist_ok=True)
@@ -346,4 +352,76 @@ def write_report(report: Mapping[str, Any], directory: str | os.PathLike[str]) -
         json.dump(report, handle, indent=2, sort_keys=False)
         handle.write("\n")
     os.replace(tmp, path)
+    _LAST_WRITTEN[:] = [os.path.abspath(path)]
     return path
+
+
+@dataclasses.dataclass
+class Report:
+    """A run's ``diagnosis.json`` read back: its findings as :class:`Finding` objects, the primary one first.
+
+    Attributes:
+        path: the file it was read from.
+        status: how the run ended (``finished``, ``failed``, ``interrupted``, ``hung``).
+        primary: the finding that names the run's problem (``None`` for a healthy run).
+        findings: every finding in time order.
+        summary: the report's summary block (counts, codes, the error that stopped the run).
+        document: the whole JSON document (``caused_by`` links, ids).
+    """
+
+    path: str
+    status: str
+    primary: Finding | None
+    findings: list[Finding]
+    summary: dict[str, Any]
+    document: dict[str, Any]
+
+    @property
+    def healthy(self) -> bool:
+        """No warning or error finding, and the run finished."""
+        return bool(self.summary.get("healthy", False))
+
+    def loud(self) -> list[Finding]:
+        """The warning and error findings."""
+        return [f for f in self.findings if f.severity in ("warning", "error")]
+
+
+def load_report(path: str | os.PathLike[str] | None = None) -> Report:
+    """A run's report as :class:`Finding` objects, from ``diagnosis.json`` or a directory below which one was
+    written (the newest), or, with no argument, the last report this process wrote.
+
+    The way to a run's findings when the callback objects you hold are not the ones that ran: libraries that
+    deep-copy the callbacks they are given (or build the Trainer themselves) leave yours empty.
+
+    Example:
+        >>> import tempfile
+        >>> run_dir = tempfile.mkdtemp()
+        >>> findings = [Finding("loss_spike", "warning", "a spike", step=3, epoch=0, source="NaNGuard")]
+        >>> _ = write_report(build_report(findings, status="finished", global_step=9, epoch=1), run_dir)
+        >>> report = load_report()  # the last report written here, or load_report(run_dir)
+        >>> report.primary.code, report.status, [f.step for f in report.findings]
+        ('loss_spike', 'finished', [3])
+    """
+    if path is None:
+        if not _LAST_WRITTEN:
+            raise FileNotFoundError("No diagnosis.json was written by this process yet: pass its path.")
+        file = _LAST_WRITTEN[0]
+    else:
+        file = os.fspath(path)
+        if os.path.isdir(file):
+            found = [
+                os.path.join(root, REPORT_FILENAME)
+                for root, _, files in os.walk(file)
+                if REPORT_FILENAME in files
+            ]
+            if not found:
+                raise FileNotFoundError(f"No {REPORT_FILENAME} below {file}.")
+            file = max(found, key=os.path.getmtime)
+    with open(file, encoding="utf-8") as handle:
+        document = json.load(handle)
+    findings = [Finding.from_dict(entry) for entry in document.get("findings", [])]
+    ids = [entry.get("id") for entry in document.get("findings", [])]
+    primary_id = document.get("primary")
+    primary = next((f for f, fid in zip(findings, ids, strict=True) if fid == primary_id), None)
+    summary = dict(document.get("summary", {}))
+    return Report(file, str(summary.get("status", "")), primary, findings, summary, document)

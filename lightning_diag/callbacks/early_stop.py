@@ -266,7 +266,7 @@ class EarlyStop(EarlyStopping, DiagCallback):
             return None
         for callback in _lightning.trainer_callbacks(trainer):
             if (
-                isinstance(callback, ModelCheckpoint)
+                _lightning.is_a(callback, "callbacks.ModelCheckpoint")
                 and callback.monitor == self.monitor
                 and callback.mode == self.mode
                 and callback.save_top_k != 0

@@ -9,7 +9,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
 from lightning_diag import _distributed, _lightning, _logging
@@ -34,7 +33,9 @@ def _replicated(trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
     """Whether every rank holds the whole model (one process, or DDP): not FSDP, DeepSpeed or tensor parallelism,
     whose ranks hold shards, so their checksums differ and their parameter hooks do not see whole gradients.
     """
-    if int(getattr(trainer, "world_size", 1)) > 1 and not isinstance(trainer.strategy, DDPStrategy):
+    if int(getattr(trainer, "world_size", 1)) > 1 and not _lightning.is_a(
+        trainer.strategy, "strategies.DDPStrategy"
+    ):
         return False
     return not checks.holds_dtensors(pl_module.parameters())
 
