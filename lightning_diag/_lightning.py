@@ -40,6 +40,7 @@ __all__ = [
     "train_batch_idx",
     "trainer_callbacks",
     "trainer_shared_on_copy",
+    "unused_parameters_fatal",
 ]
 
 
@@ -225,6 +226,21 @@ def replay_training_step(trainer: Any, pl_module: Any, batch: Any, batch_idx: in
     if isinstance(out, Mapping):
         out = out.get("loss")
     return out if isinstance(out, torch.Tensor) else None
+
+
+def unused_parameters_fatal(trainer: Any) -> bool:
+    """Whether a trainable parameter without a gradient stops the run: DDP over several processes without
+    ``find_unused_parameters=True`` fails at the next backward ("Expected to have finished reduction...").
+
+    Reads ``DDPStrategy._ddp_kwargs`` (private: the keyword arguments given to ``DistributedDataParallel``;
+    lightning 2.0-2.6).
+    """
+    if int(getattr(trainer, "world_size", 1)) <= 1 or not is_a(
+        getattr(trainer, "strategy", None), "strategies.DDPStrategy"
+    ):
+        return False
+    kwargs = getattr(trainer.strategy, "_ddp_kwargs", None) or {}
+    return not bool(kwargs.get("find_unused_parameters", False))
 
 
 def check_strategy(trainer: Any, who: str, *, fsdp1: bool = False) -> None:

@@ -245,7 +245,9 @@ def _doctor(args: argparse.Namespace) -> int:
             message=i.message,
             step=0,
             epoch=0,
-            evidence=i.evidence,
+            evidence={
+                k: v for k, v in i.evidence.items() if k != "pending"
+            },  # no training follows to measure
             advice=i.advice,
             source="lightning-diag doctor",
         )

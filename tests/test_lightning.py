@@ -9,6 +9,7 @@ import copy
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
 
@@ -89,3 +90,38 @@ def test_replay_training_step_silences_logging_and_returns_the_loss() -> None:
     loss = _lightning.replay_training_step(None, model, batch, 0)
     assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and logged == ["x"]
     assert "log" not in vars(model)  # the silencing shadow was removed
+
+
+def test_unused_parameters_are_fatal_only_under_ddp_without_find_unused() -> None:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    class Stub:  # the two public attributes the read needs, around a real DDPStrategy
+        def __init__(self, world_size: int, strategy: Any) -> None:
+            self.world_size, self.strategy = world_size, strategy
+
+    assert _lightning.unused_parameters_fatal(Stub(2, DDPStrategy()))
+    assert not _lightning.unused_parameters_fatal(Stub(2, DDPStrategy(find_unused_parameters=True)))
+    assert not _lightning.unused_parameters_fatal(Stub(1, DDPStrategy()))
+    assert not _lightning.unused_parameters_fatal(trainer())
+
+
+def test_set_found_inf_writes_only_where_a_fused_kernel_reads_it() -> None:
+    param = torch.nn.Parameter(torch.ones(3))
+    fused = torch.optim.AdamW([param], lr=0.1, fused=True)
+    param.grad = torch.ones(3)
+    assert _lightning.set_found_inf(fused, torch.ones(()))
+    fused.step()
+    assert torch.equal(param.detach(), torch.ones(3))  # the update was withheld on the device
+    _lightning.clear_found_inf(fused)
+    assert not hasattr(fused, "found_inf")
+    plain = torch.optim.AdamW([param], lr=0.1)
+    assert not _lightning.set_found_inf(plain, torch.ones(())) and not hasattr(plain, "found_inf")
+
+
+def test_is_a_recognises_both_namespaces() -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    assert _lightning.is_a(CSVLogger("/tmp/x"), "loggers.CSVLogger")
+    assert not _lightning.is_a(CSVLogger("/tmp/x"), "loggers.TensorBoardLogger")
+    standalone = pytest.importorskip("pytorch_lightning")
+    assert _lightning.is_a(standalone.loggers.CSVLogger("/tmp/x"), "loggers.CSVLogger")

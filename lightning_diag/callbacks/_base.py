@@ -12,6 +12,8 @@ from typing_extensions import override
 
 from lightning_diag import _lightning, _logging
 from lightning_diag._containment import Contained
+from lightning_diag.callbacks._context import run_context
+from lightning_diag.core.consequences import gate
 from lightning_diag.core.verdict import Verdict
 from lightning_diag.errors import LightningDiagWarning
 from lightning_diag.findings import (
@@ -106,6 +108,7 @@ class DiagCallback(Contained, Callback):
             # A new fit starts clean; a resumed one gets its state back from load_state_dict (called later).
             self._finding_log.clear()
             self._reset_state()
+            run_context(trainer).losses.clear()  # this fit's losses only (the gate's measure of consequences)
 
     def _reset_state(self) -> None:
         """Forget what the previous fit left behind (called at ``setup("fit")``, before any state is loaded)."""
@@ -127,7 +130,12 @@ class DiagCallback(Contained, Callback):
 
     def _finish_run(self, trainer: pl.Trainer, status: str, error: str | None = None) -> None:
         reporters = [cb for cb in _lightning.trainer_callbacks(trainer) if isinstance(cb, DiagCallback)]
-        if not reporters or reporters[-1] is not self or not trainer.is_global_zero:
+        if not reporters or reporters[-1] is not self:
+            return
+        # A warning needs a consequence or a certainty: symptoms nothing followed from become info (every rank,
+        # so every rank's findings agree).
+        gate([vars(f) for cb in reporters for f in cb.findings], run_context(trainer).losses)
+        if not trainer.is_global_zero:
             return
         report = build_report(
             collect_findings(trainer),

@@ -74,6 +74,10 @@ class StepContext:
         return stats
 
 
+#: Training losses kept per run for the severity gate.
+MAX_LOSSES = 20000
+
+
 @dataclasses.dataclass
 class RunContext:
     """What the callbacks of one Trainer share across steps."""
@@ -90,6 +94,17 @@ class RunContext:
     held_steps: int = 0
     #: a factor the learning rates were backed off by, not yet taken by the schedule's owner
     lr_scale: float = 1.0
+    #: ``(step, training loss)`` as read on the host by whichever callback reads it anyway (NaNGuard): what the
+    #: end-of-run severity gate measures a symptom's consequence on (bounded: thinned past MAX_LOSSES)
+    losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+
+    def record_loss(self, step: int, value: float) -> None:
+        """A step's training loss, read on the host already (never read for this)."""
+        if self.losses and step <= self.losses[-1][0]:
+            return  # a step judged twice (a replayed window) is kept once
+        self.losses.append((int(step), float(value)))
+        if len(self.losses) > MAX_LOSSES:
+            del self.losses[: len(self.losses) // 2 : 2]  # thin the older half, keep the recent steps whole
 
     def param_set(self, pl_module: Any, optimizer: Any) -> ParamSet:
         """The parameters ``optimizer`` updates, named as in ``pl_module`` (rebuilt when its param groups change)."""

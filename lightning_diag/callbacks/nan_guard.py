@@ -35,6 +35,7 @@ from lightning_diag.callbacks import _compat
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import StepContext, run_context, step_context
 from lightning_diag.callbacks._deferred import DeferredQueue
+from lightning_diag.core.consequences import POLICY
 from lightning_diag.core.grad_stats import max_abs, tensor_norms, total_from_norms
 from lightning_diag.core.guard import (
     ACTIONS,
@@ -47,10 +48,11 @@ from lightning_diag.core.guard import (
     StepJudge,
     StepWindow,
     back_off_lr,
+    crashed_on_input_verdict,
     escalation,
     step_verdicts,
 )
-from lightning_diag.core.nan_trace import choose_origin, deferred_origin, locate
+from lightning_diag.core.nan_trace import choose_origin, deferred_origin, first_non_finite, locate
 from lightning_diag.core.snapshot import Snapshot
 from lightning_diag.core.spikes import DEFAULT_SPIKE_RATIO
 from lightning_diag.core.verdict import Verdict
@@ -386,6 +388,8 @@ class NaNGuard(DiagCallback):
             has_loss=window.loss is not None,
             samples=window.samples,
         )
+        if window.loss is not None:
+            run_context(trainer).record_loss(trainer.global_step, host["loss"])
         if flags.params and not self._confirm_params(trainer, pl_module, optimizer):
             flags = dataclasses.replace(flags, params=False)  # finite, only their float32 norm overflowed
         origin = Origin()
@@ -530,6 +534,8 @@ class NaNGuard(DiagCallback):
                 has_grads=has_grads,
                 samples=info["samples"],
             )
+            if info["has_loss"]:
+                run_context(trainer).record_loss(entry.step, host["loss"])
             origin = Origin()
             if flags.non_finite:
                 values = norms.tolist() if flags.grads else []  # a host read, on detection only
@@ -552,6 +558,23 @@ class NaNGuard(DiagCallback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer, pl_module)  # steps after the last logging step still get their say
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # A forward that raises on NaN data never reaches on_before_optimizer_step: the batch is still here.
+        if self.check_inputs and not isinstance(exception, (NonFiniteError, KeyboardInterrupt)):
+            for batch, _ in self._window.batches:
+                bad = first_non_finite(batch)
+                if bad is not None:
+                    error = f"{type(exception).__name__}: {str(exception)[:200]}"
+                    verdict, key = crashed_on_input_verdict(
+                        trainer.global_step, trainer.current_epoch, *bad, error
+                    )
+                    self.record(trainer, verdict, key=key)
+                    break
+        super().on_exception(trainer, pl_module, exception)
 
     # -- record -> act ----------------------------------------------------------------------------------------
     def _conclude(
@@ -612,7 +635,9 @@ class NaNGuard(DiagCallback):
     ) -> None:
         """Carry out the decision. ``optimizer=None``: a deferred step, whose skip was withheld on the device."""
         if decision.action == "warn":
-            if verdict.code not in self._warned and trainer.is_global_zero:
+            # A NaN/Inf is certain: say it now. A spike is a symptom: the report says whether anything followed.
+            certain = POLICY.get(verdict.code) != "symptom"
+            if certain and verdict.code not in self._warned and trainer.is_global_zero:
                 self._warned.add(verdict.code)
                 warnings.warn(verdict.message, LightningDiagWarning, stacklevel=2)
             return

@@ -43,13 +43,19 @@ class SanityCheck(DiagCallback):
     already on the device, and no extra data is drawn), SanityCheck runs the checks of
     :mod:`lightning_diag.core.sanity` and records each failure as a finding:
 
-    * data (on the first ``num_batches`` batches): NaN/Inf (``non_finite_input``), float inputs far from unit scale
-      (``input_scale``, warning), integer labels all of one class or heavily imbalanced (``label_distribution``);
-    * ``loss_at_init``: for a model whose output is ``[batch, C]`` with integer labels, the loss at initialisation
-      against ``ln(C)`` (far above: an overconfident init; near 0: a leak);
-    * ``missing_gradients``: trainable parameters the loss does not reach (names listed), or a loss detached
-      from every parameter;
-    * ``batch_dependence``: the output of one sample must not depend on the others (gradient test; BatchNorm is
+    * data: NaN/Inf in the first ``num_batches`` batches (``non_finite_input``, error);
+    * what the first step consumes, read with one observed run of the loss (the batch itself may be a dict of
+      lengths, masks, category codes... built by a library): the float input of the first layer with parameters
+      far from unit scale (``input_scale``), the targets handed to a classification loss all of one class or
+      heavily imbalanced (``label_distribution``), and that loss at initialisation against ``ln(C)``
+      (``loss_at_init``: far above, an overconfident init; near 0, a leak; probabilities given to a loss that
+      takes logits). These are symptoms: ``info`` before training, a ``warning`` at the end of fit only if a
+      consequence followed (the loss went wrong around them), so they never stop a run that may be right;
+    * ``missing_gradients``: trainable parameters the loss does not reach (names listed): an error when nothing an
+      optimizer steps gets a gradient (or under DDP without ``find_unused_parameters``, which would stop at the
+      next backward), a warning when the model learns without them (auxiliary encoders, conditional branches,
+      unused heads, experts);
+    * ``batch_dependence`` (warning): the output of one sample depends on the others (gradient test; BatchNorm is
       put in eval mode for it, which the finding says);
     * ``cannot_overfit_batch`` (``overfit_batch_steps > 0``): a copy of the model trained on the first batch with
       Adam must cut its loss by ``min_drop``.
@@ -58,14 +64,16 @@ class SanityCheck(DiagCallback):
     calls backward and the optimizer itself, so replaying it would update the real weights.
 
     Weights, gradients, buffers, train/eval modes, the optimizer state and the RNG states are left exactly as they
-    were. The model's input is found by convention (``batch[0]``, or ``x``/``input``/``image``... in a dict); the
-    checks that need ``forward(input)`` are skipped when that call fails. Then ``fail_on`` decides: a finding of
-    that severity or worse (on any rank) raises :class:`SanityCheckError` before the first update.
+    were. The batch-independence check calls ``forward`` on the input found by convention (``batch[0]``, or
+    ``x``/``input``/``image``... in a dict) and is skipped when that call fails. Then ``fail_on`` decides: a finding
+    of that severity or worse (on any rank) raises :class:`SanityCheckError` before the first update. At the
+    default (``"error"``) that is only for what cannot be by design: NaN/Inf data, a loss with no gradient path,
+    nothing an optimizer steps reached by the loss.
 
     Args:
         fail_on: ``"error"`` (default), ``"warning"`` or ``"never"``.
         num_batches: batches the data checks look at.
-        check_data: run the data checks.
+        check_data: run the data checks (NaN/Inf, input scale, labels).
         check_loss_at_init: run the loss-at-initialisation check.
         check_gradients: run the missing-gradient check.
         check_batch_independence: run the batch-mixing check.
@@ -164,6 +172,7 @@ class SanityCheck(DiagCallback):
                     self._batches,
                     _no_loss,
                     data=True,
+                    inputs=False,
                     loss_at_init=False,
                     gradients=False,
                     batch_independence=False,
@@ -204,6 +213,7 @@ class SanityCheck(DiagCallback):
                 ),
                 copyable=lambda: _lightning.trainer_shared_on_copy(pl_module),
                 data=False,
+                inputs=self.check_data and pl_module.automatic_optimization,
                 loss_at_init=bool(loss_checks["loss_at_init"]),
                 gradients=bool(loss_checks["gradients"]),
                 batch_independence=self.check_batch_independence,
@@ -212,6 +222,7 @@ class SanityCheck(DiagCallback):
                 min_drop=self.min_drop,
                 trained={id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
                 or None,
+                unused_fatal=_lightning.unused_parameters_fatal(trainer),
             )
         except sanity.NoLoss:
             # Lightning skips a batch whose training_step returns None: check the next one (still before any update)

@@ -51,6 +51,7 @@ __all__ = [
     "Rule",
     "consistent_advice",
     "diagnose",
+    "explains",
     "finding_ids",
 ]
 
@@ -285,7 +286,8 @@ def _collapsed_to_zero(finding: Mapping[str, Any]) -> bool:
     return bool(evidence.get("exactly_zero"))
 
 
-def _explains(rule: Rule, cause: Mapping[str, Any], effect: Mapping[str, Any]) -> bool:
+def explains(rule: Rule, cause: Mapping[str, Any], effect: Mapping[str, Any]) -> bool:
+    """Whether ``rule`` links ``cause`` to ``effect`` (codes and the order of their first steps)."""
     if cause.get("code") not in rule.cause or effect.get("code") not in rule.effect:
         return False
     if (
@@ -322,7 +324,7 @@ def diagnose(findings: Sequence[Mapping[str, Any]], ids: Sequence[str] | None = 
             candidates = [
                 (int(c.get("step", 0)), cid)
                 for cid, c in zip(ids, findings, strict=True)
-                if cid != eid and _explains(rule, c, effect) and root(cid) != eid
+                if cid != eid and explains(rule, c, effect) and root(cid) != eid
             ]
             if candidates:
                 caused_by[eid] = min(candidates)[1]

@@ -1,12 +1,17 @@
 """Pre-flight checks on a model and a batch, the ones practitioners run by hand before a long training run.
 
-Each check returns :class:`~lightning_diag.core.verdict.Verdict` s (empty when all is well) and leaves the model as it found it: parameter values
+Each check returns :class:`~lightning_diag.core.verdict.Verdict` s (empty when all is well) and leaves the model as it
+found it: parameter values
 and gradients, buffers (BatchNorm statistics), train/eval mode and the RNG states are restored, no optimizer is
 touched (the overfit check trains a deep copy).
 
-* :func:`check_data`: NaN/Inf in the batch, float inputs far from unit scale, integer labels that are all one
-  class or heavily imbalanced.
-* :func:`check_loss_at_init`: a classification loss at initialisation should be close to ``ln(C)``.
+* :func:`check_data`: NaN/Inf anywhere in the batch (the one data fault that cannot be by design).
+* :func:`observe_step` runs the loss once and reads what the model really consumes, the way libraries build their
+  batches (dicts of lengths, masks, category codes, time features...) notwithstanding: the float input of the first
+  layer with parameters (:func:`check_input_scale`: far from unit scale), and the targets handed to a
+  classification loss (:func:`check_labels`: one class, or heavily imbalanced; :func:`check_loss_at_init`: the
+  loss at initialisation against ``ln(C)``; :func:`check_probabilities_as_logits`). Nothing is judged on a tensor
+  whose role is a guess: a batch field that is not a loss's target is never called labels.
 * :func:`check_gradients`: trainable parameters the loss does not reach (no gradient), and non-finite gradients.
 * :func:`check_batch_independence`: the gradient of sample ``i``'s output with respect to the inputs must be zero
   for every other sample (a view/reshape that mixes the batch dimension breaks it). Modules that mix samples on
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
@@ -32,95 +38,195 @@ from lightning_diag.core.batches import iter_tensors, model_input
 from lightning_diag.core.grad_stats import strided
 from lightning_diag.core.layers import BATCH_MIXING
 from lightning_diag.core.nan_trace import first_non_finite, preserved_module, preserved_rng
-from lightning_diag.core.verdict import Verdict
+from lightning_diag.core.verdict import Severity, Verdict
 
 __all__ = [
+    "CLASSIFICATION_LOSSES",
+    "LossCall",
     "NoLoss",
+    "StepView",
     "check_batch_independence",
     "check_data",
     "check_gradients",
+    "check_input_scale",
+    "check_labels",
     "check_loss_at_init",
+    "check_loss_calls",
     "check_overfit_batch",
     "check_probabilities_as_logits",
+    "observe_step",
     "overfit_optimizer",
+    "pending",
     "preserved_module",
     "run_checks",
 ]
 
 
 # -- data ----------------------------------------------------------------------------------------------------------
-def check_data(
-    batch: Any, *, scale_limit: float = 20.0, imbalance: float = 0.9, min_label_samples: int = 16
-) -> list[Verdict]:
-    """NaN/Inf anywhere in the batch; float inputs whose typical magnitude exceeds ``scale_limit``; integer
-    targets (the last integer tensor of the batch) that are all one class or with one class above ``imbalance``.
-
-    The label checks need ``min_label_samples`` labels: 8 samples of a balanced two-class task are all one class
-    by chance once in 128 batches, 16 once in 32,768.
-    """
-    issues: list[Verdict] = []
+def check_data(batch: Any) -> list[Verdict]:
+    """NaN/Inf anywhere in the batch (an error: no model is meant to train on it)."""
     bad = first_non_finite(batch)
-    if bad is not None:
-        issues.append(
+    if bad is None:
+        return []
+    return [
+        Verdict(
+            "non_finite_input",
+            "error",
+            f"The batch holds {bad[1].upper()} in `{bad[0]}`.",
+            {"phase": "input", "tensor": bad[0], "kind": bad[1]},
+            ["Clean the data or drop such samples in the Dataset/collate_fn before training."],
+        )
+    ]
+
+
+# -- what the first step consumes ---------------------------------------------------------------------------------
+#: Losses whose target is a class index (or a 0/1 label): the tensors :func:`check_labels` may judge.
+CLASSIFICATION_LOSSES: dict[Callable[..., Any], str] = {
+    nn.functional.cross_entropy: "cross_entropy",
+    nn.functional.nll_loss: "nll_loss",
+    nn.functional.binary_cross_entropy: "binary_cross_entropy",
+    nn.functional.binary_cross_entropy_with_logits: "binary_cross_entropy_with_logits",
+}
+
+
+@dataclasses.dataclass
+class LossCall:
+    """One call of a classification loss during the observed step."""
+
+    name: str
+    input: torch.Tensor
+    target: torch.Tensor
+    value: torch.Tensor
+
+
+@dataclasses.dataclass
+class StepView:
+    """What one training step consumed: the first parameterised layer's float input and the classification losses."""
+
+    first_layer: tuple[str, torch.Tensor] | None = None
+    losses: list[LossCall] = dataclasses.field(default_factory=list)
+
+
+class _LossCalls(torch.overrides.TorchFunctionMode):
+    """Records the classification-loss calls (``nn.CrossEntropyLoss`` and the like end in these functions)."""
+
+    def __init__(self, view: StepView) -> None:
+        super().__init__()
+        self.view = view
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = CLASSIFICATION_LOSSES.get(func)
+        if name is not None and len(args) + len(kwargs) >= 2:
+            given = dict(zip(("input", "target"), args, strict=False)) | kwargs
+            if isinstance(given.get("input"), torch.Tensor) and isinstance(given.get("target"), torch.Tensor):
+                self.view.losses.append(
+                    LossCall(name, given["input"].detach(), given["target"].detach(), out)
+                )
+        return out
+
+
+def observe_step(model: nn.Module, run: Callable[[], Any]) -> StepView:
+    """Run ``run()`` (the training step's loss, under ``no_grad``) and record what the model consumed."""
+    view = StepView()
+    owners = [(n, m) for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+
+    def pre_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: Any) -> None:
+            if view.first_layer is not None:
+                return
+            x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            if x is not None and x.is_floating_point() and x.numel() >= 2:
+                view.first_layer = (name or "(root)", x.detach())
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in owners]
+    try:
+        with preserved_module(model), preserved_rng(), torch.no_grad(), _LossCalls(view):
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return view
+
+
+def pending(verdict: Verdict) -> Verdict:
+    """A symptom seen before any consequence can be: ``info`` now, a ``warning`` at the end of fit if a consequence
+    followed (:mod:`lightning_diag.core.consequences`).
+    """
+    return dataclasses.replace(verdict, severity="info", evidence={**verdict.evidence, "pending": 1})
+
+
+def check_input_scale(layer: str, x: torch.Tensor, *, limit: float = 20.0) -> list[Verdict]:
+    """The float input of the first layer with parameters, far from unit scale (root-mean-square above ``limit``).
+
+    Judged on what the layer receives, not on the raw batch: a model that normalises inside its step is fine.
+    """
+    x = x.detach().float()
+    if x.numel() < 2 or not bool(torch.isfinite(x).all()):
+        return []
+    rms = float(x.pow(2).mean().sqrt())
+    if rms <= limit:
+        return []
+    return [
+        pending(
             Verdict(
-                "non_finite_input",
-                "error",
-                f"The batch holds {bad[1].upper()} in `{bad[0]}`.",
-                {"phase": "input", "tensor": bad[0], "kind": bad[1]},
-                ["Clean the data or drop such samples in the Dataset/collate_fn before training."],
+                "input_scale",
+                "warning",
+                f"The first layer with parameters, `{layer}`, receives inputs far from unit scale: root-mean-square "
+                f"{rms:.3g} (mean {float(x.mean()):.3g}, std {float(x.std()):.3g}).",
+                {"layer": layer, "rms": rms},
+                [
+                    "Standardise inputs (zero mean, unit variance) or scale them to [0, 1], in the Dataset or at the "
+                    "start of `forward`/`training_step`; large inputs slow and destabilise training."
+                ],
             )
         )
-    tensors = list(iter_tensors(batch))
-    for name, t in tensors:
-        if not t.is_floating_point() or t.numel() < 2 or not bool(torch.isfinite(t).all()):
-            continue
-        rms = float(t.float().pow(2).mean().sqrt())
-        if rms > scale_limit:
-            issues.append(
-                Verdict(
-                    "input_scale",
-                    "warning",
-                    f"`{name}` looks unnormalised: root-mean-square {rms:.3g} (mean {float(t.float().mean()):.3g}, "
-                    f"std {float(t.float().std()):.3g}).",
-                    {"tensor": name, "rms": rms},
-                    [
-                        "Standardise inputs (zero mean, unit variance) or scale them to [0, 1]; large inputs slow and "
-                        "destabilise training."
-                    ],
-                )
-            )
-    labels = [
-        (n, t)
-        for n, t in tensors
-        if not t.is_floating_point() and t.dim() == 1 and t.numel() >= max(min_label_samples, 2)
     ]
-    if labels:
-        name, y = labels[-1]
-        values, counts = torch.unique(y, return_counts=True)
-        top = float(counts.max()) / y.numel()
-        if len(values) == 1:
-            issues.append(
-                Verdict(
-                    "label_distribution",
-                    "warning",
-                    f"Every label in `{name}` is {int(values[0])}: the batch has a single class.",
-                    {"tensor": name, "classes": 1, "batch_size": int(y.numel())},
-                    [
-                        "Shuffle the training data (DataLoader(shuffle=True)); check the labels were not overwritten."
-                    ],
-                )
-            )
-        elif top > imbalance:
-            issues.append(
-                Verdict(
-                    "label_distribution",
-                    "warning",
-                    f"`{name}` is heavily imbalanced: the most frequent class is {top:.0%} of the batch.",
-                    {"tensor": name, "classes": len(values), "top_share": round(top, 4)},
-                    ["Rebalance (WeightedRandomSampler, class weights in the loss) or check the sampling."],
-                )
-            )
-    return issues
+
+
+def check_labels(
+    call: LossCall, *, imbalance: float = 0.9, min_label_samples: int = 16, ignore_index: int = -100
+) -> list[Verdict]:
+    """The targets a classification loss received: all of one class, or one class above ``imbalance``.
+
+    Needs ``min_label_samples`` labels: 8 samples of a balanced two-class task are all one class by chance once in
+    128 batches, 16 once in 32,768.
+    """
+    target = call.target
+    if target.is_floating_point():
+        if call.name.startswith("binary") and bool(((target == 0) | (target == 1)).all()):
+            target = target.long()  # 0/1 labels given as floats
+        else:
+            return []  # soft targets (probabilities, label smoothing): not class labels
+    y = target.reshape(-1)
+    y = y[y != ignore_index]
+    if y.numel() < max(min_label_samples, 2):
+        return []
+    values, counts = torch.unique(y, return_counts=True)
+    top = float(counts.max()) / y.numel()
+    where = f"the targets of `{call.name}`"
+    if len(values) == 1:
+        verdict = Verdict(
+            "label_distribution",
+            "warning",
+            f"Every one of {where} in the first batch is {int(values[0])}: the batch has a single class.",
+            {"loss": call.name, "classes": 1, "batch_size": int(y.numel())},
+            ["Shuffle the training data (DataLoader(shuffle=True)); check the labels were not overwritten."],
+        )
+    elif top > imbalance:
+        verdict = Verdict(
+            "label_distribution",
+            "warning",
+            f"{where.capitalize()} are heavily imbalanced in the first batch: the most frequent class is {top:.0%}.",
+            {"loss": call.name, "classes": len(values), "top_share": round(top, 4)},
+            ["Rebalance (WeightedRandomSampler, class weights in the loss) or check the sampling."],
+        )
+    else:
+        return []
+    return [pending(verdict)]
 
 
 # -- loss at init --------------------------------------------------------------------------------------------------
@@ -209,12 +315,22 @@ def check_loss_at_init(
 
 # -- gradients -----------------------------------------------------------------------------------------------------
 def check_gradients(
-    module: nn.Module, compute_loss: Callable[[], torch.Tensor], trained: Collection[int] | None = None
+    module: nn.Module,
+    compute_loss: Callable[[], torch.Tensor],
+    trained: Collection[int] | None = None,
+    *,
+    unused_fatal: bool = False,
 ) -> list[Verdict]:
     """Trainable parameters that get no gradient from the loss, and non-finite gradients (module restored).
 
     ``trained``: the ``id`` of every parameter an optimizer updates, when known; a parameter no optimizer holds
     (an EMA copy, a teacher) is not expected to get a gradient.
+
+    Severity: a loss detached from every parameter, or no gradient for any parameter an optimizer steps, is an
+    error (nothing can learn). Some parameters without a gradient in a model that otherwise learns (an auxiliary
+    encoder used only under another setting, a conditional branch, an unused head, experts a router did not pick)
+    is a warning that names them, unless ``unused_fatal`` (DDP without ``find_unused_parameters``, which stops at
+    the next backward): then an error.
     """
     with preserved_module(module), torch.enable_grad():
         for p in module.parameters():
@@ -243,21 +359,39 @@ def check_gradients(
             for n, p in module.named_parameters()
             if p.grad is not None and not bool(torch.isfinite(strided(p.grad)).all())
         ]
+        reached = sum(
+            1
+            for p in module.parameters()
+            if p.requires_grad and p.grad is not None and (trained is None or id(p) in trained)
+        )
     issues = []
     if missing:
+        nothing = reached == 0
+        severity: Severity = "error" if nothing or unused_fatal else "warning"
+        what = (
+            "no parameter an optimizer steps gets a gradient: nothing can learn"
+            if nothing
+            else f"the {reached} other(s) do, so the model learns without them"
+        )
+        ddp = (
+            " Under DDP without `find_unused_parameters=True` this stops training at the next backward."
+            if unused_fatal
+            else ""
+        )
         issues.append(
             Verdict(
                 "missing_gradients",
-                "error",
-                f"{len(missing)} trainable parameter(s) get no gradient from the loss: {', '.join(missing[:8])}"
-                + (" ..." if len(missing) > 8 else "")
-                + ".",
-                {"parameters": ",".join(missing), "count": len(missing)},
+                severity,
+                f"{len(missing)} trainable parameter(s) get no gradient from the loss on this batch: "
+                f"{', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "") + f"; {what}.{ddp}",
+                {"parameters": ",".join(missing), "count": len(missing), "reached": reached},
                 [
-                    "An unused layer (defined but not called in forward), a branch cut by `.detach()`, or a head that "
-                    "the loss ignores.",
-                    "If they are meant to stay fixed, set `requires_grad_(False)`; under DDP unused parameters also "
-                    "need `find_unused_parameters=True`.",
+                    "If they are used only under another setting or on other batches (an auxiliary encoder, a "
+                    "conditional branch, experts), nothing is wrong; to save their memory and optimizer state, "
+                    "freeze them (`requires_grad_(False)`) or do not build them.",
+                    "Otherwise: an unused layer (defined but not called in forward), a branch cut by `.detach()`, or "
+                    "a head the loss ignores.",
+                    "Under DDP, parameters without a gradient need `DDPStrategy(find_unused_parameters=True)`.",
                 ],
             )
         )
@@ -310,7 +444,7 @@ def check_batch_independence(
     return [
         Verdict(
             "batch_dependence",
-            "error",
+            "warning",
             f"The output of sample {sample} depends on {len(others)} other sample(s) of the batch (e.g. sample "
             f"{others[0]}){note}: something mixes the batch dimension.",
             {
@@ -403,7 +537,7 @@ def check_overfit_batch(
     return [
         Verdict(
             "cannot_overfit_batch",
-            "error" if not math.isfinite(last) or last >= first else "warning",
+            "error" if not math.isfinite(last) else "warning",
             f"Trained on a single batch for {len(losses) - 1} steps, the loss went from {first:.4g} to {last:.4g} "
             f"(less than the {min_drop:.0%} drop a working model achieves).",
             {"first_loss": first, "last_loss": last, "steps": len(losses) - 1},
@@ -424,11 +558,21 @@ class NoLoss(RuntimeError):
 LossFn = Callable[[nn.Module, Any], "torch.Tensor | None"]
 
 
-def _labels(batch: Any, size: int) -> torch.Tensor | None:
-    found = [
-        t for _, t in iter_tensors(batch) if not t.is_floating_point() and t.dim() == 1 and t.shape[0] == size
-    ]
-    return found[-1] if found else None
+def check_loss_calls(calls: Sequence[LossCall]) -> list[Verdict]:
+    """The loss at initialisation of the first cross-entropy / NLL call with ``[batch, C]`` inputs and class-index
+    targets (against ``ln(C)``), and probabilities fed to a loss that takes logits.
+    """
+    for call in calls:
+        if call.name not in ("cross_entropy", "nll_loss") or call.input.dim() != 2 or call.target.dim() != 1:
+            continue
+        if call.target.is_floating_point() or call.input.shape[0] != call.target.shape[0]:
+            continue
+        loss = float(call.value.detach().float().sum()) if call.value.numel() == 1 else math.nan
+        found = check_loss_at_init(loss, int(call.input.shape[1])) if call.name == "cross_entropy" else []
+        if call.name == "cross_entropy":
+            found += check_probabilities_as_logits(call.input, call.target, loss)
+        return [pending(v) for v in found]
+    return []
 
 
 def run_checks(
@@ -438,6 +582,7 @@ def run_checks(
     *,
     copyable: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     data: bool = True,
+    inputs: bool = True,
     loss_at_init: bool = True,
     gradients: bool = True,
     batch_independence: bool = True,
@@ -445,22 +590,27 @@ def run_checks(
     overfit_lr: float = 1e-3,
     min_drop: float = 0.5,
     trained: Collection[int] | None = None,
+    unused_fatal: bool = False,
 ) -> list[Verdict]:
-    """All enabled checks on ``batches`` (data checks on each, model checks on the first), model left untouched.
+    """All enabled checks on ``batches`` (the NaN/Inf check on each, the model checks on the first), the model
+    left untouched.
 
     Args:
-        model: the model (a LightningModule, whose ``forward`` takes :func:`model_input` of a batch).
+        model: the model (a LightningModule).
         batches: batches already on the model's device.
         loss_fn: ``loss_fn(module, batch)``, the training loss of ``module`` (the model or a copy) on ``batch``.
         copyable: a context inside which ``copy.deepcopy(model)`` copies the model only (the overfit check).
-        data: run :func:`check_data` on every batch.
-        loss_at_init: run :func:`check_loss_at_init` (classification outputs only).
+        data: run :func:`check_data` (NaN/Inf) on every batch.
+        inputs: observe the first batch's step (:func:`observe_step`) and judge what the model consumed: the first
+            layer's input scale and the targets of a classification loss.
+        loss_at_init: run :func:`check_loss_calls` on that step's classification losses.
         gradients: run :func:`check_gradients`.
         batch_independence: run :func:`check_batch_independence` (float inputs only).
         overfit_batch_steps: steps of :func:`check_overfit_batch` (``0``: off).
         overfit_lr: the learning rate of the overfit check (Adam).
         min_drop: the loss drop the overfit check requires.
         trained: ids of the parameters the optimizers update (see :func:`check_gradients`), when known.
+        unused_fatal: parameters without a gradient stop the run (DDP without ``find_unused_parameters``).
     """
     results: list[Verdict] = []
     if data:
@@ -481,27 +631,22 @@ def run_checks(
             raise NoLoss("training_step returned no loss on this batch")
         return loss
 
-    x = model_input(batch)
-    if loss_at_init and x is not None:
-        with preserved_module(model), torch.no_grad():
-            try:
-                out = model(x)
-                loss = loss_of(model)
-            except Exception:  # forward may need more than one input: the check does not apply
-                out, loss = None, None
-        labels = _labels(batch, x.shape[0]) if x.dim() >= 1 else None
-        if (
-            isinstance(out, torch.Tensor)
-            and loss is not None
-            and out.is_floating_point()
-            and out.dim() == 2
-            and labels is not None
-            and out.shape[0] == labels.shape[0]
-        ):
-            results += check_loss_at_init(float(loss.detach().float().sum()), int(out.shape[1]))
-            results += check_probabilities_as_logits(out, labels, float(loss.detach().float().sum()))
+    if inputs or loss_at_init:
+        try:
+            view = observe_step(model, lambda: loss_of(model))
+        except NoLoss:
+            raise
+        except Exception:  # the step cannot run outside the loop: nothing to observe (training will tell)
+            view = StepView()
+        if inputs and view.first_layer is not None:
+            results += check_input_scale(*view.first_layer)
+        if inputs and view.losses:
+            results += check_labels(view.losses[0])
+        if loss_at_init:
+            results += check_loss_calls(view.losses)
     if gradients:
-        results += check_gradients(model, lambda: loss_of(model), trained)
+        results += check_gradients(model, lambda: loss_of(model), trained, unused_fatal=unused_fatal)
+    x = model_input(batch)
     if batch_independence and x is not None and x.is_floating_point():
         # forward may need more than one input: then the check does not apply
         with contextlib.suppress(Exception):

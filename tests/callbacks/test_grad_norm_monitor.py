@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
-from lightning_diag import GradClip, GradNormMonitor, LightningDiagWarning, NaNGuard, collect_findings
+from lightning_diag import GradClip, GradNormMonitor, NaNGuard, collect_findings
 from tests.callbacks.grad_helpers import PRECISIONS, Enter, Exit, GradRecorder, SyncCounter, precision_kwargs
 from tests.helpers import Regression, find, loader, trainer
 from tests.readers import csv_scalars, tb_tags
@@ -121,11 +121,12 @@ def test_with_nan_guard_one_spike_is_one_finding_from_its_one_owner() -> None:
     monitor = GradNormMonitor(spike_warmup_steps=10, log_param_norms=False, log_update_ratio=False)
     guard = NaNGuard(action="warn", spike_warmup_steps=10)
     t = trainer(max_epochs=5, log_every_n_steps=8, callbacks=[monitor, guard])
-    with pytest.warns(LightningDiagWarning, match="spike at step 25"):
-        t.fit(Spiky(spike_step=25), loader(n=64))
+    t.fit(Spiky(spike_step=25), loader(n=64))  # a spike is a symptom: no live warning, the report judges it
     exploding = [f for f in collect_findings(t) if f.code == "exploding_gradients"]
     assert [(f.source, f.step) for f in exploding] == [("NaNGuard", 25)]  # NaNGuard can act on it: it owns it
     assert monitor.norm_history  # the monitor still logs the norms
+    # the loss recovered at once (lr=1e-7 cannot move the weights): no consequence, so the spike is info
+    assert exploding[0].severity == "info" and exploding[0].evidence["harm"].startswith("none measured")
 
 
 def test_absolute_threshold_and_no_false_positive_on_a_healthy_run() -> None:

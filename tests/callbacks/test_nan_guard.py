@@ -498,3 +498,31 @@ def test_a_run_resumed_between_a_rollback_and_the_next_snapshot_is_exact(tmp_pat
     assert resumed_schedule.held_steps == schedule.held_steps
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+class RaisesOnNaN(Faulty):
+    """A forward that raises on non-finite input (as index computations and input validations do)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if not torch.isfinite(batch[0]).all():
+            raise RuntimeError("index -9223372036854775808 is out of bounds")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_nan_batch_that_makes_the_forward_raise_is_the_primary_finding(tmp_path) -> None:
+    guard = NaNGuard()
+    t = trainer(max_steps=STEPS, callbacks=[guard], default_root_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        t.fit(RaisesOnNaN(), faulty_loader("input", (AT,)))
+    (finding,) = [f for f in guard.findings if f.code == "non_finite_input"]
+    assert finding.severity == "error" and finding.step == AT
+    assert (
+        finding.evidence["tensor"].startswith("batch[0] (sample 0)")
+        and "out of bounds" in finding.evidence["error"]
+    )
+    from lightning_diag import load_report
+
+    report = load_report(tmp_path)
+    assert (
+        report.status == "failed" and report.primary is not None and report.primary.code == "non_finite_input"
+    )

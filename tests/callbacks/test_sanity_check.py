@@ -46,6 +46,9 @@ def test_evidence_names_the_culprits() -> None:
     assert mixing.evidence["dependent_samples"] > 0 and "view/reshape" in mixing.advice[0]
     init = next(f for f in run({"bug": "overconfident_init"}, {}).findings if f.code == "loss_at_init")
     assert init.evidence["num_classes"] == 4 and init.evidence["loss"] > 1.5 * np.log(4)
+    scale = next(f for f in run({}, {"scale": 1000.0}).findings if f.code == "input_scale")
+    assert scale.evidence["layer"] == "net.0" and scale.evidence["rms"] > 500
+    assert scale.evidence["harm"].startswith("none measured")  # one step: no consequence to measure
     nan = next(f for f in run({}, {"nan": True}).findings if f.code == "non_finite_input")
     assert nan.evidence["tensor"] == "batch[0] (sample 3)"
 
@@ -86,24 +89,37 @@ def test_checks_leave_weights_optimizer_and_rng_untouched() -> None:
 
 
 def test_fail_on_error_stops_before_the_first_update() -> None:
-    model = Classifier(bug="unused_layer")
+    model = Classifier(bug="detached")  # nothing an optimizer steps gets a gradient: nothing can learn
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     t = trainer(max_steps=3, callbacks=[SanityCheck()])
-    with pytest.raises(
-        SanityCheckError, match=r"missing_gradients: 2 trainable parameter\(s\).*unused.weight"
-    ):
+    with pytest.raises(SanityCheckError, match=r"missing_gradients: .*nothing can learn"):
         t.fit(model, loader())
     assert t.global_step == 0
     assert all(torch.equal(v, initial[k]) for k, v in model.state_dict().items())
 
 
+def test_an_unused_layer_in_a_model_that_learns_never_stops_the_run() -> None:
+    """An auxiliary encoder used only under another setting: named, with advice, and training goes on."""
+    check = SanityCheck()  # fail_on="error", the default
+    t = trainer(max_steps=3, callbacks=[check])
+    t.fit(Classifier(bug="unused_layer"), loader())
+    assert t.global_step == 3
+    (missing,) = [f for f in check.findings if f.code == "missing_gradients"]
+    assert missing.severity == "warning" and "unused.weight" in missing.message
+    assert "model learns without them" in missing.message and "freeze them" in missing.advice[0]
+
+
 def test_fail_on_warning_and_never() -> None:
-    with pytest.raises(SanityCheckError, match="loss_at_init"):
+    with pytest.raises(SanityCheckError, match="batch_dependence"):
         trainer(max_steps=1, callbacks=[SanityCheck(fail_on="warning")]).fit(
-            Classifier(bug="overconfident_init"), loader()
+            Classifier(bug="batch_mixing"), loader()
         )
     t = trainer(max_steps=2, callbacks=[SanityCheck(fail_on="error")])
-    t.fit(Classifier(bug="overconfident_init"), loader())  # a warning does not stop fail_on="error"
+    t.fit(Classifier(bug="batch_mixing"), loader())  # a warning does not stop fail_on="error"
+    assert t.global_step == 2
+    # a symptom that may be by design (an overconfident init) stops nothing, even with fail_on="warning"
+    t = trainer(max_steps=2, callbacks=[SanityCheck(fail_on="warning")])
+    t.fit(Classifier(bug="overconfident_init"), loader())
     assert t.global_step == 2
 
 

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from lightning_diag.core.curves import CurvePoint, diagnose
 from lightning_diag.core.grad_rules import vanishing_layers
 from lightning_diag.core.grad_stats import leaf_module
-from lightning_diag.core.sanity import check_data, check_probabilities_as_logits
+from lightning_diag.core.sanity import LossCall, check_labels, check_probabilities_as_logits
 
 
 def _probs(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,10 +32,16 @@ def test_softmax_before_cross_entropy_is_flagged_and_nll_of_log_probs_is_not() -
 
 
 def test_label_checks_need_enough_labels() -> None:
-    x = torch.randn(8, 2)
-    assert check_data([x, torch.zeros(8, dtype=torch.long)]) == []  # 8 labels all one class: chance, 1 in 128
-    found = check_data([torch.randn(32, 2), torch.zeros(32, dtype=torch.long)])
-    assert [v.code for v in found] == ["label_distribution"]
+    def call(target: torch.Tensor) -> LossCall:
+        logits = torch.randn(len(target), 3)
+        return LossCall("cross_entropy", logits, target, F.cross_entropy(logits, target))
+
+    assert (
+        check_labels(call(torch.zeros(8, dtype=torch.long))) == []
+    )  # 8 labels all one class: chance, 1 in 128
+    found = check_labels(call(torch.zeros(32, dtype=torch.long)))
+    assert [v.code for v in found] == ["label_distribution"] and found[0].severity == "info"
+    assert found[0].evidence["pending"] == 1  # a warning at the end of fit only if a consequence followed
 
 
 def test_vanishing_is_early_layers_against_late_layers_not_all_small_together() -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "CODE_OF_PHASE",
     "BadStep",
     "Origin",
+    "crashed_on_input_verdict",
     "describe_action",
     "escalation",
     "non_finite_verdict",
@@ -316,3 +317,22 @@ def step_verdicts(
             spike_verdict(bad, "gradient norm", values["grad_norm"], judge.grad_spikes, threshold, other)
         )
     return found
+
+
+def crashed_on_input_verdict(
+    step: int, epoch: int, tensor: str, kind: str, error: str
+) -> tuple[Verdict, str]:
+    """The run died of an exception in a step whose batch held NaN/Inf: the data, not the exception, is the cause
+    to fix first (a forward that raises on it, an index computed from it).
+    """
+    names = {"nan": "NaN", "inf": "Inf", "nan+inf": "NaN and Inf"}
+    message = (
+        f"Non-finite input at step {step} (epoch {epoch}): the batch held {names.get(kind, 'NaN/Inf')} in `{tensor}` "
+        f"when the run died of `{error}`; the exception came from that batch before any check could act."
+    )
+    evidence = {"phase": "input", "tensor": tensor, "kind": kind, "action": "raise", "error": error}
+    advice = [
+        "Clean the data or drop such samples in the Dataset/collate_fn; the sample index is in `tensor`.",
+        "To keep training through rare bad batches, filter them in `training_step` (return None) or in the loader.",
+    ]
+    return Verdict("non_finite_input", "error", message, evidence, advice), f"input:{tensor}:crash"

@@ -1,0 +1,213 @@
+"""A warning needs a consequence or a certainty: the severity policy of every finding code, and the gate that applies
+it at the end of a run.
+
+Every code is one of three kinds (:data:`POLICY`):
+
+================  ==========================================================================================
+kind              its severity
+================  ==========================================================================================
+``certain``       as its rule says: a fact that harms the run by itself or cannot be by design (a NaN/Inf,
+                  no gradient path at all, a refused setting, a gradient that is never cleared, an update that
+                  changes nothing, a hang, an out-of-memory stop)
+``measured``      as its rule says: the rule itself measures a harm to the loss, a monitored metric, time or
+                  memory (overfitting, a plateau, divergence, the time spent waiting for data, memory that will run
+                  out)
+``symptom``       ``warning`` only with a measured consequence, ``info`` otherwise: something unusual that
+                  may or may not hurt (a gradient-norm surge, a loss spike, inputs far from unit scale, dead or
+                  saturated units)
+================  ==========================================================================================
+
+A symptom has a consequence when (:func:`gate`):
+
+* it explains (:data:`lightning_diag.core.diagnosis.RULES`, transitively) a warning/error finding that is
+  ``certain`` or ``measured`` (a loss spike that led to divergence, vanishing gradients behind a plateau), or
+* the training loss got worse after it and stayed worse: the median of the :data:`WINDOW` steps after its last
+  occurrence is above the median of the :data:`WINDOW` steps before its first one by more than
+  :data:`WORSE_BY` (relative) and more than 3 median absolute deviations, or a loss after it is NaN/Inf. A spike
+  the loss recovers from within the window moves neither median.
+
+Otherwise the symptom becomes ``info`` and says so in ``evidence["harm"]``. A symptom seen before any consequence
+could be (SanityCheck's pre-flight checks) is recorded as ``info`` with ``evidence["pending"] = 1``: it becomes a
+``warning`` at the end of fit if a consequence followed (so a pre-flight ``fail_on="warning"`` never stops a run for
+something that may be by design). Nothing here touches a Trainer: the callbacks record, and the last lightning_diag
+callback of the run applies the gate at the end of fit.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import statistics
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any, Literal
+
+from lightning_diag.core.diagnosis import RULES, explains, finding_ids
+
+__all__ = ["POLICY", "WINDOW", "WORSE_BY", "Kind", "gate", "loss_harm"]
+
+Kind = Literal["certain", "measured", "symptom"]
+
+#: The kind of every finding code (see the module docstring). A code missing here is ``certain``.
+POLICY: dict[str, Kind] = {
+    # certain: facts
+    "non_finite_loss": "certain",
+    "non_finite_gradients": "certain",
+    "non_finite_parameters": "certain",
+    "non_finite_input": "certain",
+    "non_finite_metric": "certain",
+    "missing_gradients": "certain",
+    "batch_dependence": "certain",
+    "internal_error": "certain",
+    "declined": "certain",
+    "missing_metric": "certain",
+    "optimizer_no_op": "certain",
+    "stale_gradients": "certain",
+    "wrong_mode": "certain",
+    "replica_divergence": "certain",
+    "repeated_data": "certain",
+    "grad_noise_scale": "certain",
+    "dataloader_config": "certain",
+    "training_hang": "certain",
+    "uneven_batches": "certain",
+    "out_of_memory": "certain",
+    # measured: the rule measures the harm itself
+    "overfitting": "measured",
+    "underfitting": "measured",
+    "loss_plateau": "measured",
+    "divergence": "measured",
+    "early_stopped": "measured",
+    "cannot_overfit_batch": "measured",
+    "amp_overflow": "measured",
+    "dataloader_bound": "measured",
+    "host_sync": "measured",
+    "straggler": "measured",
+    "step_time_outlier": "measured",
+    "memory_growth": "measured",
+    "memory_pressure": "measured",
+    "memory_fragmentation": "measured",
+    # symptoms: a warning only with a consequence
+    "exploding_gradients": "symptom",
+    "vanishing_gradients": "symptom",
+    "loss_spike": "symptom",
+    "input_scale": "symptom",
+    "label_distribution": "symptom",
+    "loss_at_init": "symptom",
+    "dead_units": "symptom",
+    "saturated_activations": "symptom",
+    "activation_scale": "symptom",
+}
+
+#: Steps of training loss on each side of a symptom that :func:`loss_harm` compares.
+WINDOW = 20
+#: How much worse (relative) the median loss after a symptom must be than before it.
+WORSE_BY = 0.25
+_LOUD = ("warning", "error")
+
+
+def loss_harm(first: int, last: int, losses: Sequence[tuple[int, float]]) -> str:
+    """What the training loss did after a symptom seen from step ``first`` to step ``last``: a sentence when it got
+    worse and stayed worse (or went non-finite), ``""`` otherwise (including when too few steps were seen).
+
+    ``losses``: ``(step, loss)`` in step order.
+
+    Example:
+        >>> steady = [(s, 1.0 - 0.01 * s) for s in range(60)]
+        >>> loss_harm(30, 30, steady)
+        ''
+        >>> worse = [(s, 1.0 if s < 30 else 3.0) for s in range(60)]
+        >>> loss_harm(30, 30, worse)
+        'the training loss rose from a median of 1 over the 20 steps before to 3 over the 20 after'
+    """
+    steps = [s for s, _ in losses]
+    start = bisect.bisect_left(steps, first)
+    end = bisect.bisect_right(steps, last)
+    before = [v for _, v in losses[max(0, start - WINDOW) : start] if math.isfinite(v)]
+    after = [v for _, v in losses[end : end + WINDOW]]
+    if any(not math.isfinite(v) for v in after):
+        bad = next(s for s, v in losses[end : end + WINDOW] if not math.isfinite(v))
+        return f"the training loss became non-finite at step {bad}"
+    if len(before) < 3 or len(after) < 3:
+        return ""
+    pre, post = statistics.median(before), statistics.median(after)
+    spread = statistics.median(abs(v - pre) for v in before)
+    if post > pre + WORSE_BY * abs(pre) and post > pre + 3 * spread:
+        return (
+            f"the training loss rose from a median of {pre:.4g} over the {len(before)} steps before to {post:.4g} "
+            f"over the {len(after)} after"
+        )
+    return ""
+
+
+def _effects(findings: Sequence[Mapping[str, Any]], ids: Sequence[str]) -> dict[str, list[str]]:
+    """Id -> the ids of the findings it explains directly by some rule of the diagnosis table (any severity)."""
+    found: dict[str, list[str]] = {i: [] for i in ids}
+    for rule in RULES:
+        for cid, cause in zip(ids, findings, strict=True):
+            for eid, effect in zip(ids, findings, strict=True):
+                if cid != eid and explains(rule, cause, effect):
+                    found[cid].append(eid)
+    return found
+
+
+def gate(
+    findings: Sequence[MutableMapping[str, Any]], losses: Sequence[tuple[int, float]] = ()
+) -> list[tuple[int, str]]:
+    """Apply the severity policy to a run's findings (dicts, as ``Finding.to_dict()`` or ``Finding.__dict__``):
+    every loud ``symptom`` without a consequence becomes ``info``, every pending one with a consequence a
+    ``warning``; each gets ``evidence["harm"]`` saying what was (or was not) measured. Returns ``(index, new
+    severity)`` for the findings it changed.
+
+    Example:
+        >>> spike = {"code": "exploding_gradients", "severity": "warning", "step": 30, "last_step": 30, "evidence": {}}
+        >>> gate([spike], [(s, 1.0 - 0.01 * s) for s in range(60)])
+        [(0, 'info')]
+        >>> spike["severity"], spike["evidence"]["harm"]
+        ('info', 'none measured: the training loss kept its course after it')
+    """
+    ids = finding_ids(findings)
+    effects = _effects(findings, ids)
+    by_id = dict(zip(ids, findings, strict=True))
+
+    def consequence(start: str) -> Mapping[str, Any] | None:
+        seen, todo = {start}, list(effects[start])
+        while todo:
+            i = todo.pop(0)
+            if i in seen:
+                continue
+            seen.add(i)
+            effect = by_id[i]
+            if (
+                effect.get("severity") in _LOUD
+                and POLICY.get(str(effect.get("code")), "certain") != "symptom"
+            ):
+                return effect
+            todo += effects[i]
+        return None
+
+    changed: list[tuple[int, str]] = []
+    for index, (fid, finding) in enumerate(zip(ids, findings, strict=True)):
+        evidence = finding.setdefault("evidence", {})
+        pending = bool(evidence.pop("pending", 0))
+        if POLICY.get(str(finding.get("code")), "certain") != "symptom":
+            continue
+        if finding.get("severity") not in _LOUD and not pending:
+            continue
+        effect = consequence(fid)
+        first = int(finding.get("step", 0))
+        harm = (
+            f"led to {effect['code']} at step {int(effect.get('step', 0))}"
+            if effect is not None
+            else loss_harm(first, int(finding.get("last_step") or first), losses)
+        )
+        if not harm:
+            harm = (
+                "none measured: the training loss kept its course after it"
+                if losses
+                else "none measured: no training loss was observed and no other finding followed from it"
+            )
+        evidence["harm"] = harm
+        severity = "info" if harm.startswith("none measured") else "warning"
+        if finding.get("severity") not in (severity, "error"):
+            finding["severity"] = severity
+            changed.append((index, severity))
+    return changed
