@@ -25,7 +25,7 @@ from lightning_diag._validation import (
     renamed,
 )
 from lightning_diag.callbacks._base import DiagCallback
-from lightning_diag.core.curves import CurvePoint, CurveRules, diagnose, stopped_verdict
+from lightning_diag.core.curves import CurvePoint, CurveRules, comparable, diagnose, stopped_verdict
 from lightning_diag.core.verdict import Verdict, non_finite_metric
 from lightning_diag.errors import LightningDiagWarning
 
@@ -74,7 +74,7 @@ class OverfitDetector(DiagCallback):
         ============================  =============================================================
         key                           value
         ============================  =============================================================
-        ``diag/overfit/gap``          validation loss - training loss
+        ``diag/overfit/gap``          validation loss - training loss (only when they are on one scale)
         ``diag/overfit/train_loss``   the training loss of the curve (mean since the last evaluation)
         ============================  =============================================================
 
@@ -288,8 +288,13 @@ class OverfitDetector(DiagCallback):
         self.points.append(CurvePoint(x, train, val))
         self.steps.append(int(trainer.global_step))
         metrics = {"diag/overfit/train_loss": train}
-        if val is not None and math.isfinite(val) and math.isfinite(train):
-            metrics["diag/overfit/gap"] = val - train
+        if (
+            val is not None
+            and math.isfinite(val)
+            and math.isfinite(train)
+            and comparable(self.points, self.rules)
+        ):
+            metrics["diag/overfit/gap"] = val - train  # a gap only between losses on the same scale
         _logging.log_direct(trainer, metrics, step=trainer.global_step)
         stop_reason: Verdict | None = None
         for detection in diagnose(

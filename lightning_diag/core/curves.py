@@ -40,6 +40,12 @@ Rules (thresholds are :class:`CurveRules` fields):
 
 Oscillation (the noise relative to the loss level above ``oscillation_ratio``) is added to the evidence of a
 divergence or a plateau as a hint of a learning rate too high.
+
+**Scales.** A gap or a ratio between the two losses is computed only when they are on the same scale
+(:func:`comparable`: within ``scale_ratio`` of each other at the first evaluation). Otherwise each curve is judged
+on its own: overfitting is the validation loss rising from its best while the training loss falls (no gap
+condition), the underfitting rule (which needs the two close) and "validation never improved" (which measures the
+validation loss against the training loss's reference) do not apply.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from lightning_diag.core.verdict import Severity, Verdict
 __all__ = [
     "CurvePoint",
     "CurveRules",
+    "comparable",
     "diagnose",
     "noise",
     "stopped_verdict",
@@ -83,6 +90,7 @@ class CurveRules:
     divergence_ratio: float = 1.5
     oscillation_ratio: float = 0.1
     stop_rise: float = 0.05
+    scale_ratio: float = 4.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 2:
@@ -100,6 +108,8 @@ class CurveRules:
                 raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
         if not (isinstance(self.divergence_ratio, (int, float)) and self.divergence_ratio > 1):
             raise ValueError(f"`divergence_ratio` must be > 1, got {self.divergence_ratio!r}.")
+        if not (isinstance(self.scale_ratio, (int, float)) and self.scale_ratio > 1):
+            raise ValueError(f"`scale_ratio` must be > 1, got {self.scale_ratio!r}.")
 
 
 def _verdict(
@@ -117,6 +127,27 @@ def noise(values: Sequence[float]) -> float:
     """
     diffs = [abs(b - a) for a, b in itertools.pairwise(values)]
     return round(statistics.median(diffs), 12) if diffs else 0.0
+
+
+def comparable(points: Sequence[CurvePoint], rules: CurveRules | None = None) -> bool:
+    """Whether the training and validation losses are on the same scale, judged at the first evaluation (before
+    either could have moved far from the other): within ``scale_ratio`` of each other. A training loss scaled or
+    summed differently (a weighted sum of terms, a target normalised only in training) is compared with nothing.
+
+    Example:
+        >>> comparable([CurvePoint(1.0, 0.9, 1.0)]), comparable([CurvePoint(1.0, 0.05, 16.9)])
+        (True, False)
+    """
+    rules = rules or CurveRules()
+    first = next(
+        (p for p in points if p.val is not None and math.isfinite(p.val) and math.isfinite(p.train)), None
+    )
+    if first is None or first.val is None:
+        return True
+    if first.train <= 0 or first.val <= 0:
+        return first.train == first.val or abs(first.val - first.train) <= abs(first.train)
+    ratio = first.val / first.train
+    return 1 / rules.scale_ratio <= ratio <= rules.scale_ratio
 
 
 def _fmt(value: float) -> str:
@@ -147,13 +178,14 @@ def diagnose(
     divergence = _divergence(points, rules, unit, initial, recent)
     if divergence is not None:
         return [divergence]  # the other rules read a loss that is still meaningful
-    overfit = _overfitting(points, rules, unit, stopped)
+    same_scale = comparable(points, rules)
+    overfit = _overfitting(points, rules, unit, stopped, same_scale)
     if overfit is not None:
         found.append(overfit)
-    plateau = _plateau_or_underfitting(points, rules, baseline)
+    plateau = _plateau_or_underfitting(points, rules, baseline, same_scale)
     if plateau is not None and overfit is None:
         found.append(plateau)
-    flat = _validation_never_improved(points, rules, baseline, unit) if plateau is None else None
+    flat = _validation_never_improved(points, rules, baseline, unit, same_scale) if plateau is None else None
     if flat is not None and (overfit is None or overfit.severity == "info"):
         # a gap that "widens" because only the training loss moves is not the early sign of overfitting
         found = [flat]
@@ -230,7 +262,11 @@ def _divergence(
 
 
 def _overfitting(
-    points: Sequence[CurvePoint], rules: CurveRules, unit: str, stopped: bool = False
+    points: Sequence[CurvePoint],
+    rules: CurveRules,
+    unit: str,
+    stopped: bool = False,
+    same_scale: bool = True,
 ) -> Verdict | None:
     evaluated = [p for p in points if p.val is not None and math.isfinite(p.val)]
     w = rules.patience
@@ -261,6 +297,8 @@ def _overfitting(
         "gap_ratio": round(last.val / last.train, 4) if last.train > 0 else "n/a",
     }
     rise = last.val - best.val
+    if not same_scale:
+        return _overfitting_alone(evaluated, best_index, rules, unit, evidence)
     # a gap that is still ~0 is validation and training moving together (noise around a plateau), not overfitting
     real_gap = gap_now > rules.rise_tolerance * abs(last.val)
     if train_fell and real_gap and rise > max(rules.rise_tolerance * abs(best.val), 2 * noise(vals)):
@@ -305,8 +343,41 @@ def _overfitting(
     return None
 
 
+def _overfitting_alone(
+    evaluated: Sequence[CurvePoint],
+    best_index: int,
+    rules: CurveRules,
+    unit: str,
+    evidence: dict[str, Any],
+) -> Verdict | None:
+    """Overfitting judged on each curve alone (training and validation losses on different scales): the validation
+    loss rose from its best by more than ``rise_tolerance`` and twice its noise while the training loss fell. No gap
+    is computed: a difference of two scales means nothing.
+    """
+    best, last = evaluated[best_index], evaluated[-1]
+    assert best.val is not None and last.val is not None
+    vals = [p.val for p in evaluated if p.val is not None]
+    rise = last.val - best.val
+    for key in ("gap_at_best", "gap", "gap_ratio"):
+        evidence.pop(key, None)
+    evidence["scales"] = "different"
+    if not (last.train < best.train and rise > max(rules.rise_tolerance * abs(best.val), 2 * noise(vals))):
+        return None
+    onset = evaluated[best_index + 1]
+    return _verdict(
+        "overfitting",
+        "warning",
+        f"Overfitting since {_x(onset, unit)}: the validation loss rose from its best {_fmt(best.val)} ({_x(best, unit)}) "
+        f"to {_fmt(last.val)} while the training loss kept falling ({_fmt(best.train)} -> {_fmt(last.train)}); the "
+        "two losses are on different scales, so no gap between them is computed.",
+        last.x,
+        evidence,
+        _OVERFIT_ADVICE,
+    )
+
+
 def _plateau_or_underfitting(
-    points: Sequence[CurvePoint], rules: CurveRules, baseline: float | None
+    points: Sequence[CurvePoint], rules: CurveRules, baseline: float | None, same_scale: bool = True
 ) -> Verdict | None:
     w = rules.patience
     if len(points) <= w:
@@ -332,7 +403,8 @@ def _plateau_or_underfitting(
         return None  # still decelerating: too early to tell a plateau from convergence
     creeping = steady and improvement > 0
     close = (
-        last.val is not None
+        same_scale
+        and last.val is not None
         and math.isfinite(last.val)
         and abs(last.val - last.train) <= rules.close_ratio * abs(last.train)
     )
@@ -372,11 +444,17 @@ def _plateau_or_underfitting(
 
 
 def _validation_never_improved(
-    points: Sequence[CurvePoint], rules: CurveRules, baseline: float | None, unit: str
+    points: Sequence[CurvePoint],
+    rules: CurveRules,
+    baseline: float | None,
+    unit: str,
+    same_scale: bool = True,
 ) -> Verdict | None:
     vals = [p.val for p in points if p.val is not None and math.isfinite(p.val)]
     if len(vals) <= rules.patience or not math.isfinite(points[0].train):
         return None
+    if not same_scale:
+        return None  # "high" is measured against the training loss's reference: meaningless on another scale
     reference = baseline if baseline is not None else points[0].train
     first, best, last = vals[0], min(vals), vals[-1]
     if reference <= 0 or first <= 0:

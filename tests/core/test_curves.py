@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from lightning_diag.core.curves import CurvePoint, CurveRules, diagnose, noise
+from lightning_diag.core.curves import CurvePoint, CurveRules, comparable, diagnose, noise
 
 
 def curve(train: list[float], val: list[float | None] | None = None) -> list[CurvePoint]:
@@ -131,3 +131,26 @@ def test_mid_epoch_evaluations_are_named_by_epoch_and_progress() -> None:
     (detection,) = diagnose(points)
     assert "since epoch 2:" in detection.message and "(epoch 2, 50% through)" in detection.message
     assert detection.evidence["best_epoch"] == 2 and detection.evidence["onset_epoch"] == 2
+
+
+def test_losses_on_different_scales_are_judged_each_on_their_own() -> None:
+    # a training loss on a normalised target (~0.05) against a validation loss in raw units (~17): no gap means
+    # anything; overfitting is the validation loss rising from its best while the training loss falls
+    train = [0.09, 0.07, 0.06, 0.05, 0.045, 0.04, 0.035]
+    val = [16.9, 16.5, 16.8, 17.5, 18.6, 19.9, 21.0]
+    points = [CurvePoint(float(i + 1), t, v) for i, (t, v) in enumerate(zip(train, val, strict=True))]
+    assert not comparable(points)
+    (found,) = diagnose(points)
+    assert found.code == "overfitting" and found.severity == "warning"
+    assert "gap" not in found.evidence and found.evidence["scales"] == "different"
+    assert "different scales, so no gap" in found.message
+    same = [CurvePoint(p.x, p.train * 300, p.val) for p in points]  # the same curves on one scale
+    assert comparable(same)
+
+
+def test_a_flat_validation_loss_on_another_scale_is_no_plateau_of_the_training_loss() -> None:
+    # training on a normalised target falls far; validation, in raw units, stays flat: not "nothing learned"
+    train = [1.0, 0.6, 0.4, 0.3, 0.25, 0.22]
+    val = [40.0, 40.1, 39.9, 40.2, 40.0, 40.1]
+    points = [CurvePoint(float(i + 1), t, v) for i, (t, v) in enumerate(zip(train, val, strict=True))]
+    assert [v.code for v in diagnose(points) if v.severity == "warning"] == []
