@@ -101,6 +101,7 @@ __all__ = [
     "SanityCheckError",
     "SilentBugDetector",
     "SpeedMonitor",
+    "TrainingHangError",
     "WarmupCosine",
     "__version__",
     "collect_findings",

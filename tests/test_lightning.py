@@ -89,3 +89,28 @@ def test_replay_training_step_silences_logging_and_returns_the_loss() -> None:
     loss = _lightning.replay_training_step(None, model, batch, 0)
     assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and logged == ["x"]
     assert "log" not in vars(model)  # the silencing shadow was removed
+
+
+def test_thread_stacks_read_another_threads_frames_without_its_help() -> None:
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def blocked_here() -> None:
+        release.wait(10)
+
+    thread = threading.Thread(target=blocked_here, name="blocked")
+    thread.start()
+    try:
+        time.sleep(0.05)
+        stacks = _lightning.thread_stacks()
+        name, frames = stacks[thread.ident]
+        assert name == "blocked" and any(
+            f.name == "blocked_here" and "release.wait" in f.line for f in frames
+        )
+        _, main_frames = stacks[threading.get_ident()]
+        assert main_frames[-1].name == "thread_stacks"  # outermost first: the caller's own frame last
+    finally:
+        release.set()
+        thread.join()

@@ -39,7 +39,6 @@ import multiprocessing
 import os
 import re
 import signal
-import sys
 import sysconfig
 import threading
 import time
@@ -55,7 +54,6 @@ __all__ = [
     "Heartbeat",
     "RaiseOnHang",
     "Watch",
-    "busy",
     "describe_frames",
     "poll_seconds",
     "timer_lease",
@@ -77,7 +75,6 @@ class _Lease:
     owner: object | None = None
     foreign = False  # a timer armed by other code and not cancelled since
     displaced = False  # other code armed or cancelled the timer while a watch held it
-    watching: object | None = None  # the Watch running in this process
 
 
 _LEASE = _Lease()
@@ -102,11 +99,6 @@ def _cancel_by_others(*args: Any, **kwargs: Any) -> Any:
 if not hasattr(faulthandler.dump_traceback_later, "__wrapped__"):
     faulthandler.dump_traceback_later = _arm_by_others
     faulthandler.cancel_dump_traceback_later = _cancel_by_others
-
-
-def busy() -> bool:
-    """Whether a watch already runs in this process (another HangWatchdog's fit)."""
-    return _LEASE.watching is not None or _LEASE.owner is not None
 
 
 def timer_lease() -> str | None:
@@ -196,7 +188,6 @@ class Watch:
         self._known_size = os.fstat(self._file.fileno()).st_size
         reason = None
         with _LOCK:
-            _LEASE.watching = self
             if use_timer:
                 reason = "held" if _LEASE.owner is not None else "foreign" if _LEASE.foreign else None
                 if reason is None:
@@ -211,7 +202,8 @@ class Watch:
 
     def stop(self) -> None:
         """Stop the thread, cancel the timer, close the files (an empty dump file and this rank's heartbeat file
-        are removed). Idempotent; safe on any exit path."""
+        are removed). Idempotent; safe on any exit path.
+        """
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=max(5 * self.poll_s, 1.0))
@@ -220,8 +212,6 @@ class Watch:
                 if not _LEASE.displaced:
                     _CANCEL()
                 _LEASE.owner = None
-            if _LEASE.watching is self:
-                _LEASE.watching = None
         self.timer = False
         if self._file is not None:
             self._file.close()
@@ -325,7 +315,7 @@ class Watch:
         return self._file is not None and os.fstat(self._file.fileno()).st_size > self._known_size
 
     def _timer_fired(self, now: float, blocked_s: float) -> None:
-        """faulthandler's C timer wrote a dump: the watchdog thread could not run in time. Report it."""
+        """Faulthandler's C timer wrote a dump: the watchdog thread could not run in time. Report it."""
         fired_at = now - max(time.time() - os.fstat(self._file.fileno()).st_mtime, 0.0)
         self._known_size = os.fstat(self._file.fileno()).st_size
         self.armed_until = 0.0  # spent (repeat=False): the next heartbeat re-arms it
@@ -358,9 +348,9 @@ class Watch:
     def _write_dump(self, header: str, *, stacks: bool = True) -> None:
         parts = [header]
         if stacks:
-            stacks = _lightning.thread_stacks()
-            for ident in sorted(stacks, key=lambda i: i != self.thread_ident):  # the training thread first
-                name, frames = stacks[ident]
+            threads = _lightning.thread_stacks()
+            for ident in sorted(threads, key=lambda i: i != self.thread_ident):  # the training thread first
+                name, frames = threads[ident]
                 role = ", the training thread" if ident == self.thread_ident else ""
                 parts.append(f"\nThread {name} (0x{ident:016x}{role}):\n")
                 parts.extend(traceback.format_list(frames))
@@ -400,12 +390,21 @@ class Watch:
             if rank == self.rank:
                 continue
             try:
-                with open(os.path.join(self.directory, f"heartbeat_rank{rank}.json"), encoding="utf-8") as handle:
+                with open(
+                    os.path.join(self.directory, f"heartbeat_rank{rank}.json"), encoding="utf-8"
+                ) as handle:
                     d = json.load(handle)
             except (OSError, ValueError):
                 continue
             beats.append(
-                RankBeat(rank, int(d["beats"]), int(d["step"]), str(d["phase"]), wall - d["since"], wall - d["written"])
+                RankBeat(
+                    rank,
+                    int(d["beats"]),
+                    int(d["step"]),
+                    str(d["phase"]),
+                    wall - d["since"],
+                    wall - d["written"],
+                )
             )
         return beats
 
@@ -495,7 +494,7 @@ class RaiseOnHang:
         self._installed = True
         return None
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, _signum: int, _frame: Any) -> None:
         raise TrainingHangError(self.message)
 
     def fire(self, message: str) -> None:

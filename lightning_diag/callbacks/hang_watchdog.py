@@ -117,9 +117,9 @@ class HangWatchdog(DiagCallback):
         and every rank's position, while waiting for data the DataLoader worker pids. ``uneven_batches`` (error, or a
         warning when ``max_steps`` ends training first). ``straggler`` (info after 2 consecutive checks, warning after
         ``patience``): the rank, the cause (``"input"``, ``"compute"`` or both) and the share of each step lost.
-        ``step_time_outlier`` (info, after 100 steps, at least 5 outliers). ``declined`` (info): another
-        HangWatchdog already watches this process; a faulthandler timer armed by other code (it is left alone, the
-        watchdog thread still works); ``action="raise"`` unavailable (fit not in the main thread, SIGUSR2 taken).
+        ``step_time_outlier`` (info, after 100 steps, at least 5 outliers). ``declined`` (info): a faulthandler
+        timer armed by other code (it is left alone, the watchdog thread still works); ``action="raise"``
+        unavailable (fit not in the main thread, SIGUSR2 taken).
 
     Raises:
         ValueError: (``ArgumentError``) at construction for an unknown ``action``, a non-positive budget,
@@ -259,13 +259,6 @@ class HangWatchdog(DiagCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if monitor.busy():
-            self.decline(
-                trainer,
-                "HangWatchdog: another HangWatchdog already watches this process; this one stays out of the way.",
-                "another_watchdog",
-            )
-            return
         watch = monitor.Watch(
             self._budgets,
             directory=self._directory,
@@ -280,8 +273,13 @@ class HangWatchdog(DiagCallback):
         try:
             timer = watch.start(use_timer=True)
         except OSError as error:
-            self.decline(trainer, f"HangWatchdog cannot write to {self._directory!r} ({error}): it is off.", "directory")
+            self.decline(
+                trainer,
+                f"HangWatchdog cannot write to {self._directory!r} ({error}): it is off.",
+                "directory",
+            )
             return
+        # "held": another HangWatchdog's watch has the timer; its dump covers this process's threads too.
         self._watch, self._trainer_ref = watch, weakref.ref(trainer)
         if timer == "foreign":
             self.decline(trainer, _FOREIGN_TIMER, "faulthandler_timer")
@@ -307,7 +305,9 @@ class HangWatchdog(DiagCallback):
             self._stop()
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._stop()
         super().on_exception(trainer, pl_module, exception)
 
@@ -322,7 +322,11 @@ class HangWatchdog(DiagCallback):
             self._raise_tried = True
             why = self._raiser.install()
             if why is not None:
-                self.decline(trainer, f"HangWatchdog(action='raise') cannot raise here: {why}. It warns instead.", "raise")
+                self.decline(
+                    trainer,
+                    f"HangWatchdog(action='raise') cannot raise here: {why}. It warns instead.",
+                    "raise",
+                )
 
     @override
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -352,7 +356,9 @@ class HangWatchdog(DiagCallback):
         self._time_step(watch, before, elapsed, watch.hb.at)
 
     @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
         watch = self._watch
         if watch is None:
             return
@@ -383,7 +389,12 @@ class HangWatchdog(DiagCallback):
 
     @override
     def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         self._beat("val", trainer)
 
@@ -422,7 +433,7 @@ class HangWatchdog(DiagCallback):
         self._beat("teardown", trainer)
 
     # -- step times: outliers and stragglers ----------------------------------------------------------------
-    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+    def _on_gc(self, phase: str, _info: dict[str, Any]) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter()
         else:
@@ -430,7 +441,8 @@ class HangWatchdog(DiagCallback):
 
     def _time_step(self, watch: monitor.Watch, before: str, elapsed: float, now: float) -> None:
         """At a batch start: the step that just ended (from the previous batch start, minus validation and
-        checkpoint saves in between), its data wait and garbage-collection pauses."""
+        checkpoint saves in between), its data wait and garbage-collection pauses.
+        """
         if self._last_start is not None and not self._first_in_epoch:
             step_s = now - self._last_start - (watch.paused_s - self._paused_at_start)
             data_s = elapsed if before == "data" else 0.0
@@ -471,7 +483,10 @@ class HangWatchdog(DiagCallback):
         if any(r[3] < 3 for r in rows):
             return
         verdict = self._straggler.update(
-            [r[0] for r in rows], [r[1] for r in rows], statistics.median(r[2] for r in rows), trainer.global_step
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            statistics.median(r[2] for r in rows),
+            trainer.global_step,
         )
         before = [r[0] + r[1] for r in rows]
         slowest = max(range(len(rows)), key=lambda r: before[r])
@@ -484,7 +499,8 @@ class HangWatchdog(DiagCallback):
 
     def _keep(self, trainer: pl.Trainer, verdict: Verdict | None, key: str) -> None:
         """Record ``verdict`` once; later verdicts for the same ``key`` update that finding (counts grow, info
-        becomes a warning) instead of adding one per check."""
+        becomes a warning) instead of adding one per check.
+        """
         if verdict is None:
             return
         kept = self._kept.get(key)
@@ -522,7 +538,9 @@ class HangWatchdog(DiagCallback):
         if trainer is None or watch is None:
             return
         main_frame, user_frame = monitor.describe_frames(frames)
-        behind, ranks = rank_behind(watch.read_beats(), watch.world_size) if watch.world_size > 1 else (None, "")
+        behind, ranks = (
+            rank_behind(watch.read_beats(), watch.world_size) if watch.world_size > 1 else (None, "")
+        )
         event = HangEvent(
             phase=hb.phase,
             step=hb.step,

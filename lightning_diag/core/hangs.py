@@ -270,9 +270,7 @@ def training_hang(event: HangEvent) -> Verdict:
     """``training_hang``: error while the run is stuck; a warning once it resumed (the stall cost that time)."""
     name = PHASES.get(event.phase, event.phase)
     resumed = event.resumed_after_s is not None
-    waiting = (
-        f"{event.waited_s:.1f} s in `{name}` at step {event.step} (budget {event.budget_s:.3g} s: {event.budget_rule})"
-    )
+    waiting = f"{event.waited_s:.1f} s in `{name}` at step {event.step} (budget {event.budget_s:.3g} s: {event.budget_rule})"
     other = event.rank_behind is not None and event.rank_behind != event.rank
     if event.world_size > 1 and other:
         message = f"Rank {event.rank_behind} is behind: rank {event.rank} has waited for it for {waiting}"
@@ -328,7 +326,9 @@ def training_hang(event: HangEvent) -> Verdict:
         evidence["resumed_after_s"] = round(float(event.resumed_after_s or 0.0), 3)
     advice = [_PHASE_ADVICE[_advice_key(event.phase)]]
     if event.rank_behind is not None and event.rank_behind != event.rank:
-        advice.insert(0, f"Look at rank {event.rank_behind}'s stacks (hang_rank{event.rank_behind}.txt): it is behind.")
+        advice.insert(
+            0, f"Look at rank {event.rank_behind}'s stacks (hang_rank{event.rank_behind}.txt): it is behind."
+        )
     advice.append(
         f"If `{name}` is legitimately this slow, raise its budget: `HangWatchdog({event.budget_argument}=...)`."
     )
@@ -446,7 +446,13 @@ class StragglerRule:
         compute_gap: float,
         step: int,
     ) -> Verdict:
-        cause = "input" if data_gap >= 0.8 * gap else "compute" if compute_gap >= 0.8 * gap else "input and compute"
+        cause = (
+            "input"
+            if data_gap >= 0.8 * gap
+            else "compute"
+            if compute_gap >= 0.8 * gap
+            else "input and compute"
+        )
         warning = self.streak >= self.patience
         other_data = statistics.median(data_ms[r] for r in others)
         other_compute = statistics.median(compute_ms[r] for r in others)
@@ -465,7 +471,9 @@ class StragglerRule:
             "(bucket sequence lengths the same way on every rank).",
         }
         lines = [advice[c] for c in ("input", "compute") if c in cause]
-        lines.append("SpeedMonitor on every rank, or the logged `diag/straggler/*` values, show the split over time.")
+        lines.append(
+            "SpeedMonitor on every rank, or the logged `diag/straggler/*` values, show the split over time."
+        )
         return Verdict(
             "straggler",
             "warning" if warning else "info",

@@ -34,7 +34,9 @@ AT = 6  # the step at which the run blocks
 def report(name: str, finding: Any) -> None:
     """Print the detection time against the budget (read by the PR notes; `pytest -s`)."""
     ev = finding.evidence
-    print(f"\nDETECTION {name}: {ev['waited_s']:.2f} s waited, budget {ev['budget_s']:.2f} s, by {ev['detected_by']}")
+    print(
+        f"\nDETECTION {name}: {ev['waited_s']:.2f} s waited, budget {ev['budget_s']:.2f} s, by {ev['detected_by']}"
+    )
 
 
 class Sleepy(Regression):
@@ -63,7 +65,9 @@ def test_sleeping_training_step_is_dumped_and_reported_while_stuck(tmp_path) -> 
     seen = model.report_seen
     assert seen is not None and seen["summary"]["status"] == "hung"
     (entry,) = seen["findings"]
-    assert entry["code"] == "training_hang" and entry["severity"] == "error" and seen["primary"] == entry["id"]
+    assert (
+        entry["code"] == "training_hang" and entry["severity"] == "error" and seen["primary"] == entry["id"]
+    )
     # at the end: the same finding, now a warning that says the run resumed
     finding = find(collect_findings(t), "training_hang")
     ev = finding.evidence
@@ -92,7 +96,9 @@ def test_gil_holding_c_call_still_dumps_while_stuck(tmp_path) -> None:
     dump = tmp_path / "root" / "hang_rank0.txt"
     try:
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and "in training_step" not in (dump.read_text() if dump.exists() else ""):
+        while time.monotonic() < deadline and "in training_step" not in (
+            dump.read_text() if dump.exists() else ""
+        ):
             assert proc.poll() is None, "the run ended instead of blocking"
             time.sleep(0.1)
         text = dump.read_text()
@@ -102,7 +108,9 @@ def test_gil_holding_c_call_still_dumps_while_stuck(tmp_path) -> None:
         proc.wait(timeout=30)
     assert text.startswith("Timeout (")  # written by faulthandler's C thread
     assert 'hang_gil.py", line' in text and "in training_step" in text
-    assert not (tmp_path / "root" / "diagnosis.json").exists()  # the Python thread never ran: no report (documented)
+    assert not (
+        tmp_path / "root" / "diagnosis.json"
+    ).exists()  # the Python thread never ran: no report (documented)
     detected = dump.stat().st_mtime - float((tmp_path / "stuck_at").read_text())
     print(f"\nDETECTION GIL-holding C call (subprocess): dump {detected:.2f} s after the call, budget 1.00 s")
     assert 1.0 <= detected < 3.0
@@ -197,13 +205,17 @@ def test_slow_first_step_validation_and_checkpoint_within_their_budgets_are_quie
     t.fit(SlowStartAndValidation(), loader(n=64), loader(n=16))
     assert find(collect_findings(t), "training_hang") is None
     budgets = watchdog._budgets
-    assert budgets.budget("step") == 1.0 and budgets.budget("val") >= 9.0 and budgets.budget("checkpoint") >= 9.0
+    assert (
+        budgets.budget("step") == 1.0 and budgets.budget("val") >= 9.0 and budgets.budget("checkpoint") >= 9.0
+    )
     assert not list(tmp_path.glob("hang_rank*.txt"))
 
 
 def test_action_raise_raises_in_the_training_thread_after_a_second_budget(tmp_path) -> None:
     t = trainer(
-        max_epochs=1, default_root_dir=str(tmp_path), callbacks=[HangWatchdog(action="raise", min_timeout_s=1.0)]
+        max_epochs=1,
+        default_root_dir=str(tmp_path),
+        callbacks=[HangWatchdog(action="raise", min_timeout_s=1.0)],
     )
     start = time.monotonic()
     with pytest.raises(TrainingHangError, match=r"no progress for 2\.\d s in `training step` at step 6"):
@@ -222,7 +234,9 @@ def test_a_faulthandler_timer_armed_by_other_code_is_left_alone(tmp_path) -> Non
     with open(theirs, "w") as handle:
         faulthandler.dump_traceback_later(4.0, file=handle)  # e.g. pytest's faulthandler_timeout
         try:
-            t = trainer(max_epochs=1, default_root_dir=str(tmp_path), callbacks=[HangWatchdog(min_timeout_s=1.0)])
+            t = trainer(
+                max_epochs=1, default_root_dir=str(tmp_path), callbacks=[HangWatchdog(min_timeout_s=1.0)]
+            )
             with pytest.warns(LightningDiagWarning, match="faulthandler timer armed by other code"):
                 t.fit(Regression(), loader(n=64))
             (declined,) = [f for f in collect_findings(t) if f.code == "declined"]
@@ -247,7 +261,9 @@ def test_a_timer_armed_during_the_fit_makes_the_watchdog_step_aside(tmp_path) ->
     model = ArmsItsOwn()
     with open(theirs, "w") as model.handle:
         try:
-            t = trainer(max_epochs=1, default_root_dir=str(tmp_path), callbacks=[HangWatchdog(min_timeout_s=1.0)])
+            t = trainer(
+                max_epochs=1, default_root_dir=str(tmp_path), callbacks=[HangWatchdog(min_timeout_s=1.0)]
+            )
             with pytest.warns(LightningDiagWarning, match="faulthandler timer armed by other code"):
                 t.fit(model, loader(n=64))
             assert _hang_monitor._LEASE.foreign  # theirs is still armed: our teardown did not cancel it
@@ -256,17 +272,30 @@ def test_a_timer_armed_during_the_fit_makes_the_watchdog_step_aside(tmp_path) ->
     assert not _hang_monitor._LEASE.foreign
 
 
-def test_a_second_watchdog_steps_aside_and_nothing_is_left_after_fit(tmp_path) -> None:
+def test_two_watchdogs_share_the_timer_and_nothing_is_left_after_fit(tmp_path) -> None:
     callbacks = [HangWatchdog(min_timeout_s=1.0), HangWatchdog(min_timeout_s=2.0)]
     before = list(gc.callbacks)
     t = trainer(max_epochs=1, default_root_dir=str(tmp_path), callbacks=callbacks)
-    with pytest.warns(LightningDiagWarning, match="another HangWatchdog"):
-        t.fit(Regression(), loader(n=64))
-    assert [f.evidence["reason"] for f in callbacks[1].findings] == ["another_watchdog"]
-    assert not callbacks[0].findings
-    assert _hang_monitor._LEASE.owner is None and _hang_monitor._LEASE.watching is None
-    assert gc.callbacks == before and not any(n.startswith("lightning_diag") for n in _thread_names())
+    held = []
+    t.fit(Watched(held), loader(n=64))
+    assert held == [(True, False)]  # the first holds the process's one timer, the second runs without it
+    assert not callbacks[0].findings and not callbacks[1].findings
+    assert _hang_monitor._LEASE.owner is None and gc.callbacks == before
+    assert not any(n.startswith("lightning_diag") for n in _thread_names())
     assert not list(tmp_path.glob("hang_rank*")) and not list(tmp_path.glob("heartbeat_rank*"))
+
+
+class Watched(Regression):
+    def __init__(self, held: list[tuple[bool, bool]]) -> None:
+        super().__init__()
+        self.held = held
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 2:
+            watchers = [c for c in self.trainer.callbacks if isinstance(c, HangWatchdog)]
+            self.held.append(tuple(w._watch.timer for w in watchers))
+            assert sum(n.startswith("lightning_diag") for n in _thread_names()) == 2
+        return super().training_step(batch, batch_idx)
 
 
 def test_an_exception_in_the_run_stops_the_watch(tmp_path) -> None:
@@ -279,7 +308,9 @@ def test_an_exception_in_the_run_stops_the_watch(tmp_path) -> None:
     t = trainer(max_epochs=1, default_root_dir=str(tmp_path), callbacks=[HangWatchdog(min_timeout_s=1.0)])
     with pytest.raises(RuntimeError, match="user bug"):
         t.fit(Fails(), loader(n=64))
-    assert _hang_monitor._LEASE.owner is None and not any(n.startswith("lightning_diag") for n in _thread_names())
+    assert _hang_monitor._LEASE.owner is None and not any(
+        n.startswith("lightning_diag") for n in _thread_names()
+    )
 
 
 def _thread_names() -> list[str]:
@@ -375,7 +406,11 @@ def test_ddp_rank_1_blocks_both_ranks_dump_and_the_report_names_rank_1(tmp_path)
     _finish(proc, 150)
     assert hung is not None, "no diagnosis.json with status hung was written while the ranks were stuck"
     (entry,) = hung["findings"]
-    assert entry["code"] == "training_hang" and entry["severity"] == "error" and entry["evidence"]["rank_behind"] == 1
+    assert (
+        entry["code"] == "training_hang"
+        and entry["severity"] == "error"
+        and entry["evidence"]["rank_behind"] == 1
+    )
     assert entry["evidence"]["phase"] == "backward"  # rank 0 waits in the gradient all-reduce
     assert entry["message"].startswith("Rank 1 is behind: rank 0 has waited for it")
     for rank in (0, 1):  # both ranks dumped into rank 0's log directory
@@ -390,7 +425,9 @@ def test_ddp_rank_1_blocks_both_ranks_dump_and_the_report_names_rank_1(tmp_path)
     assert final["severity"] == "warning" and final["evidence"]["resumed_after_s"] > 6.0
     assert not list(root.glob("heartbeat_rank*.json"))  # cleaned up at the end
     for name, f in (("rank 0 (waits in backward)", final), ("rank 1 (sleeps)", own)):
-        print(f"\nDETECTION DDP {name}: {f['evidence']['waited_s']:.2f} s waited, budget {f['evidence']['budget_s']:.2f} s")
+        print(
+            f"\nDETECTION DDP {name}: {f['evidence']['waited_s']:.2f} s waited, budget {f['evidence']['budget_s']:.2f} s"
+        )
 
 
 @pytest.mark.distributed
@@ -426,7 +463,10 @@ def test_device_side_sleep_then_item_shows_the_item_line(tmp_path) -> None:
             return loss
 
     t = trainer(
-        accelerator="cuda", max_epochs=1, default_root_dir=str(tmp_path), callbacks=[HangWatchdog(min_timeout_s=1.0)]
+        accelerator="cuda",
+        max_epochs=1,
+        default_root_dir=str(tmp_path),
+        callbacks=[HangWatchdog(min_timeout_s=1.0)],
     )
     t.fit(DeviceWait(), loader(n=128))
     finding = find(collect_findings(t), "training_hang")
