@@ -33,12 +33,14 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import functools
+import gc
 import json
 import math
 import multiprocessing
 import os
 import re
 import signal
+import statistics
 import sysconfig
 import threading
 import time
@@ -47,12 +49,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from lightning_diag import _lightning
-from lightning_diag.core.hangs import PHASES, PhaseBudgets, RankBeat
+from lightning_diag.core.hangs import PHASES, HangEvent, PhaseBudgets, RankBeat, StepOutliers, rank_behind
 from lightning_diag.errors import TrainingHangError
 
 __all__ = [
     "Heartbeat",
     "RaiseOnHang",
+    "StepTimer",
     "Watch",
     "describe_frames",
     "poll_seconds",
@@ -407,6 +410,103 @@ class Watch:
                 )
             )
         return beats
+
+    def hang_event(
+        self,
+        hb: Heartbeat,
+        waited: float,
+        detected_by: str,
+        frames: list[tuple[str, int, str, str]],
+        blocked_s: float,
+        action: str,
+    ) -> HangEvent:
+        """Everything the ``training_hang`` finding says about the heartbeat ``hb`` that overran its budget."""
+        main_frame, user_frame = describe_frames(frames)
+        behind, ranks = rank_behind(self.read_beats(), self.world_size) if self.world_size > 1 else (None, "")
+        return HangEvent(
+            phase=hb.phase,
+            step=hb.step,
+            waited_s=waited,
+            budget_s=hb.budget,
+            budget_rule=self.budgets.explain(hb.phase),
+            budget_argument=self.budgets.argument_for(hb.phase),
+            main_frame=main_frame,
+            user_frame=user_frame,
+            dump=self.dump_path,
+            rank=self.rank,
+            world_size=self.world_size,
+            rank_behind=behind,
+            ranks=ranks,
+            detected_by=detected_by,
+            worker_pids=worker_pids() if hb.phase in ("data", "data_first") else (),
+            action=action,
+            blocked_s=blocked_s,
+        )
+
+
+class StepTimer:
+    """What the step-time rules need, measured from the heartbeats: each step's time from one training batch start
+    to the next minus the validation and checkpoint saves in between, its data wait, its forward time (training
+    step phase) and the garbage collector's pauses inside it (timed through ``gc.callbacks`` while installed).
+    The first batch of each epoch (worker start-up) is left out.
+    """
+
+    def __init__(self, outliers: StepOutliers | None, stragglers: bool) -> None:
+        self.outliers = outliers
+        self.stragglers = stragglers
+        #: per step since the last :meth:`medians`: data wait, forward, step time (ms) for the straggler rule
+        self.samples: tuple[list[float], list[float], list[float]] = ([], [], [])
+        self.first_in_epoch = True
+        self._last_start: float | None = None
+        self._last_step = 0
+        self._paused_at_start = 0.0
+        self._gc_s = self._gc_started = self._gc_at_start = 0.0
+
+    def install(self) -> None:
+        if self.outliers is not None:
+            gc.callbacks.append(self._on_gc)
+
+    def uninstall(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self._gc_s += time.perf_counter() - self._gc_started
+
+    def batch_start(self, watch: Watch, before: str, elapsed: float) -> None:
+        """A training batch started (its heartbeat just ran): account for the step that ended."""
+        now = watch.hb.at
+        if self._last_start is not None and not self.first_in_epoch:
+            step_s = now - self._last_start - (watch.paused_s - self._paused_at_start)
+            data_s = elapsed if before == "data" else 0.0
+            if self.outliers is not None and watch.budgets.warm:
+                after = ""
+                if watch.paused_s > self._paused_at_start:
+                    after = "a checkpoint save" if watch.paused_by == "checkpoint" else "validation"
+                self.outliers.add(self._last_step, step_s, data_s, self._gc_s - self._gc_at_start, after)
+            if before == "data" and self.stragglers:
+                self.samples[0].append(data_s * 1e3)
+                self.samples[2].append(step_s * 1e3)
+        self.first_in_epoch = False
+        self._last_start, self._paused_at_start, self._gc_at_start = now, watch.paused_s, self._gc_s
+        self._last_step = watch.hb.step
+
+    def forward(self, before: str, elapsed: float) -> None:
+        """The backward pass started: ``elapsed`` was the training step phase (forward and loss)."""
+        if before == "step" and self.stragglers:
+            self.samples[1].append(elapsed * 1e3)
+
+    def medians(self) -> list[float]:
+        """``[data wait, forward, step time (ms), steps]`` medians since the last call (zeros without steps)."""
+        data, forward, step = self.samples
+        row = [statistics.median(s) if s else 0.0 for s in (data, forward, step)]
+        row.append(float(min(len(data), len(forward))))
+        for samples in self.samples:
+            samples.clear()
+        return row
 
 
 def worker_pids() -> tuple[int, ...]:

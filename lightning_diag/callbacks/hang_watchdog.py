@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gc
 import statistics
 import sys
-import time
 import weakref
 from typing import Any, Literal
 
@@ -30,13 +28,12 @@ from lightning_diag._validation import (
 from lightning_diag.callbacks import _hang_monitor as monitor
 from lightning_diag.callbacks._base import DiagCallback, run_report
 from lightning_diag.core.hangs import (
-    PHASES,
     BudgetSettings,
     HangEvent,
     PhaseBudgets,
     StepOutliers,
     StragglerRule,
-    rank_behind,
+    hang_error_message,
     training_hang,
     uneven_batches,
 )
@@ -59,27 +56,21 @@ _UNUSED = (
 class HangWatchdog(DiagCallback):
     """Notice a training run that stopped moving, dump every thread's stack, and say where, on which rank and why.
 
-    Every hook of the fit is a heartbeat that names the phase the run enters: start-up, waiting for data, training
-    step (forward and loss), backward, optimizer step, validation, checkpoint save, teardown. A phase that outlasts
-    its budget is a hang. Budgets are learned per phase: ``safety_factor`` x the longest interval seen, clamped to
-    ``[min_timeout_s, max_timeout_s]``; ``first_step_timeout_s`` until the first training batch completed
-    (compilation, warm-up, worker start-up) and for a phase not seen yet (the first validation run, the first
-    checkpoint save); ``step_timeout_s``, ``validation_timeout_s`` and ``checkpoint_timeout_s`` replace the learned
-    budgets of their phases. A heartbeat costs about a microsecond and no host-device synchronisation.
+    Every hook of the fit is a heartbeat naming the phase the run enters: start-up, waiting for data, training step
+    (forward and loss), backward, optimizer step, validation, checkpoint save, teardown (about a microsecond, no host
+    sync). A phase that outlasts its budget is a hang. Budgets are learned per phase (``safety_factor`` x the longest
+    interval seen, clamped to ``[min_timeout_s, max_timeout_s]``), are ``first_step_timeout_s`` until the first
+    training batch completed and for a phase not seen yet, or are set by ``step_timeout_s``,
+    ``validation_timeout_s``, ``checkpoint_timeout_s``.
 
-    Two detectors watch the heartbeats. A Python thread wakes every ``min(budgets)/20`` (20 ms to 1 s): when the
-    training thread overruns, it writes every thread's stack (with source lines) to ``<log dir>/hang_rank<r>.txt``,
-    records ``training_hang`` and, on global rank 0, writes ``diagnosis.json`` with ``status: "hung"`` while the run
-    is still stuck. It runs whenever the training thread releases the GIL (sleeps, collectives, DataLoader waits,
-    CUDA synchronisations, I/O). A C call that holds the GIL stops every Python thread, so
-    ``faulthandler.dump_traceback_later`` (a C thread that dumps without the GIL) is armed as well, a little later
-    than the Python thread's deadline; when it had to write the dump, the Python thread reports it as soon as it runs.
-
-    Under DDP (every rank runs the watchdog) each rank's thread also writes its heartbeat to
-    ``heartbeat_rank<r>.json`` in rank 0's log directory, so the rank that fires names the rank that is behind without
-    a collective. Once, at the start of training, one collective compares the ranks' numbers of training batches
-    (``uneven_batches``); at logging steps one small all-gather compares the ranks' data waits and forward times
-    (``straggler``).
+    A watchdog thread (it runs whenever the training thread releases the GIL) then writes every thread's stack to
+    ``<log dir>/hang_rank<r>.txt``, records ``training_hang`` and, on global rank 0, writes ``diagnosis.json`` with
+    ``status: "hung"`` while the run is still stuck. For a C call that holds the GIL, faulthandler's C timer
+    (``faulthandler.dump_traceback_later``) writes the dump instead, and the thread reports it once it runs again
+    (:mod:`lightning_diag.callbacks._hang_monitor` has the mechanism). Under DDP every rank writes
+    ``heartbeat_rank<r>.json`` next to rank 0's report, so the rank that fires names the rank that is behind without a
+    collective; one collective at the start of training compares the ranks' numbers of batches, one small all-gather
+    per logging step their data waits and forward times.
 
     Args:
         action: ``"warn"``: record, dump and report, and let the run go on (if it ever does). ``"raise"``: also raise
@@ -134,18 +125,13 @@ class HangWatchdog(DiagCallback):
         >>> trainer = pl.Trainer(callbacks=[HangWatchdog(min_timeout_s=60.0, checkpoint_timeout_s=900.0)])
 
     Note:
-        ``action="raise"`` installs a ``SIGUSR2`` handler during the fit (declined when fit does not run in the main
-        thread or SIGUSR2 already has a handler) and sends that signal to the main thread: a sleep, a lock or a
-        queue wait is interrupted at once; a C call that does not return to Python (a collective waiting inside
-        C++, a GIL-holding call) raises only when it returns. Under DDP the other ranks then fail in their next
-        collective, or at the process group's timeout.
-
-        faulthandler has one timer per process: lightning_diag notes who arms it (from its import on) and never
-        displaces a timer other code armed (pytest's ``faulthandler_timeout``...); it then runs without it. When a C
-        call holds the GIL on rank 0 forever, only the dump appears (no ``diagnosis.json``); the other ranks' dumps
-        and heartbeat files still name it. Under FSDP the forward pass holds collectives too, so compute stragglers
-        are levelled like backward time under DDP: only input stragglers are reliable there. Budgets are not saved
-        in checkpoints: a resumed run warms up again.
+        ``action="raise"`` installs a ``SIGUSR2`` handler (declined when fit is not in the main thread or SIGUSR2 is
+        taken) and signals the main thread: a sleep, lock or queue wait is interrupted at once, a C call that does not
+        return to Python (a collective in C++, a GIL-holding call) raises when it returns; under DDP the other ranks
+        then fail in their next collective. faulthandler has one timer per process: a timer armed by other code
+        (pytest's ``faulthandler_timeout``) is never displaced; the watch runs without it. If rank 0 holds the GIL
+        forever, only its dump appears; the other ranks' dumps and heartbeat files still name it. Under FSDP the
+        forward holds collectives too: only input stragglers are reliable there. Budgets are not checkpointed.
     """
 
     def __init__(
@@ -222,14 +208,9 @@ class HangWatchdog(DiagCallback):
         self._budgets = PhaseBudgets(self._settings)
         self._outliers = StepOutliers()
         self._straggler = StragglerRule(self.straggler_threshold, self.patience)
-        self._samples: tuple[list[float], list[float], list[float]] = ([], [], [])  # data, forward, step (ms)
+        self._timer = monitor.StepTimer(self._outliers if self.check_step_time else None, False)
         self._collectives = False
         self._directory = ""
-        self._last_start: float | None = None
-        self._last_step = 0
-        self._first_in_epoch = True
-        self._paused_at_start = 0.0
-        self._gc_s = self._gc_started = self._gc_at_start = 0.0
         self._last_logged = -1
         self._kept: dict[str, Finding] = {}
         self._events: dict[int, tuple[HangEvent, Finding]] = {}
@@ -256,6 +237,7 @@ class HangWatchdog(DiagCallback):
             self._directory = str(broadcast(trainer, _logging.log_dir(trainer)))
             watchers = [c for c in _lightning.trainer_callbacks(trainer) if isinstance(c, HangWatchdog)]
             self._collectives = is_distributed(trainer) and watchers[0] is self
+            self._timer.stragglers = self._collectives and self.check_stragglers
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -283,8 +265,7 @@ class HangWatchdog(DiagCallback):
         self._watch, self._trainer_ref = watch, weakref.ref(trainer)
         if timer == "foreign":
             self.decline(trainer, _FOREIGN_TIMER, "faulthandler_timer")
-        if self.check_step_time:
-            gc.callbacks.append(self._on_gc)
+        self._timer.install()
 
     def _smallest_budget(self) -> float:
         given = (self.step_timeout_s, self.validation_timeout_s, self.checkpoint_timeout_s)
@@ -296,8 +277,7 @@ class HangWatchdog(DiagCallback):
             self._watch = None
         self._raiser.restore()
         self._trainer_ref = None
-        if self._on_gc in gc.callbacks:
-            gc.callbacks.remove(self._on_gc)
+        self._timer.uninstall()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -341,7 +321,7 @@ class HangWatchdog(DiagCallback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._first_in_epoch = True
+        self._timer.first_in_epoch = True
         self._beat("data_first", trainer)
 
     @override
@@ -352,8 +332,7 @@ class HangWatchdog(DiagCallback):
         if watch is None:
             return
         before = watch.hb.phase
-        elapsed = watch.beat("step", trainer.global_step)
-        self._time_step(watch, before, elapsed, watch.hb.at)
+        self._timer.batch_start(watch, before, watch.beat("step", trainer.global_step))
 
     @override
     def on_before_backward(
@@ -363,9 +342,7 @@ class HangWatchdog(DiagCallback):
         if watch is None:
             return
         before = watch.hb.phase
-        elapsed = watch.beat("backward")
-        if before == "step" and self._collectives and self.check_stragglers:
-            self._samples[1].append(elapsed * 1e3)
+        self._timer.forward(before, watch.beat("backward"))
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -386,17 +363,6 @@ class HangWatchdog(DiagCallback):
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._beat("val_first", trainer)
-
-    @override
-    def on_validation_batch_start(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._beat("val", trainer)
 
     @override
     def on_validation_batch_end(
@@ -432,32 +398,7 @@ class HangWatchdog(DiagCallback):
             self._on_displaced()
         self._beat("teardown", trainer)
 
-    # -- step times: outliers and stragglers ----------------------------------------------------------------
-    def _on_gc(self, phase: str, _info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._gc_started = time.perf_counter()
-        else:
-            self._gc_s += time.perf_counter() - self._gc_started
-
-    def _time_step(self, watch: monitor.Watch, before: str, elapsed: float, now: float) -> None:
-        """At a batch start: the step that just ended (from the previous batch start, minus validation and
-        checkpoint saves in between), its data wait and garbage-collection pauses.
-        """
-        if self._last_start is not None and not self._first_in_epoch:
-            step_s = now - self._last_start - (watch.paused_s - self._paused_at_start)
-            data_s = elapsed if before == "data" else 0.0
-            if self.check_step_time and self._budgets.warm:
-                after = ""
-                if watch.paused_s > self._paused_at_start:
-                    after = "a checkpoint save" if watch.paused_by == "checkpoint" else "validation"
-                self._outliers.add(self._last_step, step_s, data_s, self._gc_s - self._gc_at_start, after)
-            if before == "data" and self._collectives and self.check_stragglers:
-                self._samples[0].append(data_s * 1e3)
-                self._samples[2].append(step_s * 1e3)
-        self._first_in_epoch = False
-        self._last_start, self._paused_at_start, self._gc_at_start = now, watch.paused_s, self._gc_s
-        self._last_step = watch.hb.step
-
+    # -- logging steps: outliers and stragglers -----------------------------------------------------------
     def _at_logging_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics: dict[str, float] = {}
         if self._collectives and self.check_stragglers:
@@ -473,13 +414,8 @@ class HangWatchdog(DiagCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]
     ) -> None:
         """One all-gather of every rank's medians (the same logging steps on every rank), then the rule."""
-        data, forward, step = self._samples
-        count = min(len(data), len(forward))
-        row = [statistics.median(s) if s else 0.0 for s in (data, forward, step)]
-        local = torch.tensor([*row, float(count)], dtype=torch.float32, device=pl_module.device)
+        local = torch.tensor(self._timer.medians(), dtype=torch.float32, device=pl_module.device)
         rows = gather(trainer, local).tolist()
-        for samples in self._samples:
-            samples.clear()
         if any(r[3] < 3 for r in rows):
             return
         verdict = self._straggler.update(
@@ -488,12 +424,8 @@ class HangWatchdog(DiagCallback):
             statistics.median(r[2] for r in rows),
             trainer.global_step,
         )
-        before = [r[0] + r[1] for r in rows]
-        slowest = max(range(len(rows)), key=lambda r: before[r])
-        metrics["diag/straggler/gap_ms"] = before[slowest] - statistics.median(
-            b for r, b in enumerate(before) if r != slowest
-        )
-        metrics["diag/straggler/rank"] = float(slowest)
+        metrics["diag/straggler/gap_ms"] = self._straggler.gap_ms
+        metrics["diag/straggler/rank"] = float(self._straggler.slowest)
         if verdict is not None:
             self._keep(trainer, verdict, f"straggler:rank{verdict.evidence['rank']}")
 
@@ -513,10 +445,9 @@ class HangWatchdog(DiagCallback):
     # -- uneven batches -------------------------------------------------------------------------------------
     def _check_uneven_batches(self, trainer: pl.Trainer) -> None:
         counts = [float(c) for c in gather_objects(trainer, float(trainer.num_training_batches))]
-        accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-        max_steps = int(getattr(trainer, "max_steps", -1) or -1)
-        stops_first = max_steps >= 0 and max_steps * accumulate <= min(counts)
-        verdict = uneven_batches(counts, stops_first=stops_first)
+        verdict = uneven_batches(
+            counts, max_steps=int(trainer.max_steps), accumulate=int(trainer.accumulate_grad_batches)
+        )
         if verdict is None:
             return
         self.record(trainer, verdict, key="uneven_batches")
@@ -537,29 +468,8 @@ class HangWatchdog(DiagCallback):
         watch = self._watch
         if trainer is None or watch is None:
             return
-        main_frame, user_frame = monitor.describe_frames(frames)
-        behind, ranks = (
-            rank_behind(watch.read_beats(), watch.world_size) if watch.world_size > 1 else (None, "")
-        )
-        event = HangEvent(
-            phase=hb.phase,
-            step=hb.step,
-            waited_s=waited,
-            budget_s=hb.budget,
-            budget_rule=self._budgets.explain(hb.phase),
-            budget_argument=self._budgets.argument_for(hb.phase),
-            main_frame=main_frame,
-            user_frame=user_frame,
-            dump=watch.dump_path,
-            rank=watch.rank,
-            world_size=watch.world_size,
-            rank_behind=behind,
-            ranks=ranks,
-            detected_by=detected_by,
-            worker_pids=monitor.worker_pids() if hb.phase in ("data", "data_first") else (),
-            action=self.action if self._raiser.signum is not None else "warn",
-            blocked_s=blocked_s,
-        )
+        action = self.action if self._raiser.signum is not None else "warn"
+        event = watch.hang_event(hb, waited, detected_by, frames, blocked_s, action)
         verdict = training_hang(event)
         self._events[hb.beat] = (event, self.record(trainer, verdict, key=hb.phase, step=hb.step))
         where = ""
@@ -583,11 +493,8 @@ class HangWatchdog(DiagCallback):
             self.decline(trainer, _FOREIGN_TIMER, "faulthandler_timer")
 
     def _on_second_timeout(self, hb: monitor.Heartbeat, waited: float) -> None:
-        watch = self._watch
-        self._raiser.fire(
-            f"HangWatchdog: no progress for {waited:.1f} s in `{PHASES.get(hb.phase, hb.phase)}` at step {hb.step} "
-            f"(two budgets of {hb.budget:.3g} s); every thread's stack: {watch.dump_path if watch else '?'}."
-        )
+        dump = self._watch.dump_path if self._watch is not None else "?"
+        self._raiser.fire(hang_error_message(hb.phase, hb.step, waited, hb.budget, dump))
 
     # -- state ----------------------------------------------------------------------------------------------
     @override

@@ -3,7 +3,8 @@
 **Phases.** A training run moves through phases, each started by a heartbeat (a Lightning hook): start-up, waiting
 for data, training step (forward and loss), backward, optimizer step, validation, checkpoint save, teardown.
 :data:`PHASES` maps the internal keys to the names users read; the first batch of an epoch (worker start-up) and
-the first batch of a validation run have keys of their own, with the same names.
+the first batch of a validation run have keys of their own, with the same names. Validation has a heartbeat per
+batch: its budget bounds one batch (its data and its step), not the whole run.
 
 **Budgets** (:class:`PhaseBudgets`). A phase that lasts longer than its budget is a hang. Budgets are learned from
 the run, per phase: ``clamp(safety_factor x the longest interval seen in that phase, min_timeout_s,
@@ -56,6 +57,7 @@ __all__ = [
     "RankBeat",
     "StepOutliers",
     "StragglerRule",
+    "hang_error_message",
     "rank_behind",
     "training_hang",
     "uneven_batches",
@@ -278,31 +280,7 @@ def training_hang(event: HangEvent) -> Verdict:
         message = f"No progress on rank {event.rank} for {waiting}"
     else:
         message = f"No progress for {waiting}"
-    message += f"; the training thread waits at {event.main_frame}"
-    if event.user_frame and event.user_frame != event.main_frame:
-        message += f", called from {event.user_frame}"
-    message += f". Every thread's stack: {event.dump}."
-    if event.detected_by == "faulthandler timer":
-        if event.blocked_s > 1.0:
-            message += (
-                f" The watchdog thread could not run for {event.blocked_s:.1f} s (a C call held the GIL): "
-                "faulthandler's timer wrote the stacks."
-            )
-        else:
-            message += " faulthandler's timer wrote the stacks."
-    if event.world_size > 1:
-        if event.rank_behind is None:
-            message += f" No single rank is behind ({event.ranks})."
-        elif not other:
-            message += f" This rank is behind the others ({event.ranks})."
-        else:
-            message += f" Where each rank is: {event.ranks}."
-    if event.worker_pids:
-        message += f" DataLoader worker processes: {', '.join(map(str, event.worker_pids))}."
-    if resumed:
-        message += f" The run resumed after {event.resumed_after_s:.1f} s."
-    elif event.action == "raise":
-        message += " HangWatchdog raises TrainingHangError if it is still stuck after a second budget."
+    message += _hang_details(event, other)
     evidence: dict[str, Any] = {
         "phase": name,
         "step": event.step,
@@ -325,7 +303,7 @@ def training_hang(event: HangEvent) -> Verdict:
     if resumed:
         evidence["resumed_after_s"] = round(float(event.resumed_after_s or 0.0), 3)
     advice = [_PHASE_ADVICE[_advice_key(event.phase)]]
-    if event.rank_behind is not None and event.rank_behind != event.rank:
+    if other:
         advice.insert(
             0, f"Look at rank {event.rank_behind}'s stacks (hang_rank{event.rank_behind}.txt): it is behind."
         )
@@ -335,24 +313,63 @@ def training_hang(event: HangEvent) -> Verdict:
     return Verdict("training_hang", "warning" if resumed else "error", message, evidence, advice)
 
 
+def _hang_details(event: HangEvent, other: bool) -> str:
+    """The rest of the hang's message: where the training thread waits, who dumped, the ranks, the outcome."""
+    message = f"; the training thread waits at {event.main_frame}"
+    if event.user_frame and event.user_frame != event.main_frame:
+        message += f", called from {event.user_frame}"
+    message += f". Every thread's stack: {event.dump}."
+    if event.detected_by == "faulthandler timer":
+        if event.blocked_s > 1.0:
+            message += (
+                f" The watchdog thread could not run for {event.blocked_s:.1f} s (a C call held the GIL): "
+                "faulthandler's timer wrote the stacks."
+            )
+        else:
+            message += " faulthandler's timer wrote the stacks."
+    if event.world_size > 1:
+        if event.rank_behind is None:
+            message += f" No single rank is behind ({event.ranks})."
+        elif not other:
+            message += f" This rank is behind the others ({event.ranks})."
+        else:
+            message += f" Where each rank is: {event.ranks}."
+    if event.worker_pids:
+        message += f" DataLoader worker processes: {', '.join(map(str, event.worker_pids))}."
+    if event.resumed_after_s is not None:
+        message += f" The run resumed after {event.resumed_after_s:.1f} s."
+    elif event.action == "raise":
+        message += " HangWatchdog raises TrainingHangError if it is still stuck after a second budget."
+    return message
+
+
+def hang_error_message(phase: str, step: int, waited_s: float, budget_s: float, dump: str) -> str:
+    """The message of the ``TrainingHangError`` raised after a second budget without progress."""
+    return (
+        f"HangWatchdog: no progress for {waited_s:.1f} s in `{PHASES.get(phase, phase)}` at step {step} (two budgets "
+        f"of {budget_s:.3g} s); every thread's stack: {dump}."
+    )
+
+
 # -- uneven batches -------------------------------------------------------------------------------------------
 
 
-def uneven_batches(counts: Sequence[float], *, stops_first: bool) -> Verdict | None:
+def uneven_batches(counts: Sequence[float], *, max_steps: int = -1, accumulate: int = 1) -> Verdict | None:
     """``uneven_batches`` when the ranks' numbers of training batches per epoch differ (``None`` when equal).
 
     Error: the ranks with more batches would run steps the others never join, and the gradient all-reduce of the
-    first such step waits forever. A warning when ``stops_first`` (``max_steps`` ends training before the
-    shortest rank's epoch does). Ranks that all stream (infinite length) cannot be compared: ``None``.
+    first such step waits forever. A warning when ``max_steps`` (with ``accumulate`` batches per step) ends training
+    before the shortest rank's epoch does. Ranks that all stream (infinite length) cannot be compared: ``None``.
 
     Example:
-        >>> uneven_batches([8, 8], stops_first=False) is None
+        >>> uneven_batches([8, 8]) is None
         True
-        >>> uneven_batches([8, 9], stops_first=False).severity
-        'error'
+        >>> uneven_batches([8, 9]).severity, uneven_batches([8, 9], max_steps=4).severity
+        ('error', 'warning')
     """
     if len(counts) < 2 or len(set(counts)) == 1:
         return None
+    stops_first = max_steps >= 0 and max_steps * max(accumulate, 1) <= min(counts)
     shown = ", ".join(f"rank {r}: {_count(c)}" for r, c in enumerate(counts))
     longer = [r for r, c in enumerate(counts) if c > min(counts)]
     shortest = min(counts)
@@ -410,6 +427,7 @@ class StragglerRule:
         self.rank: int | None = None
         self.streak = 0
         self.first_step = 0
+        self.slowest, self.gap_ms = 0, 0.0
 
     def update(
         self, data_ms: Sequence[float], compute_ms: Sequence[float], step_ms: float, step: int
@@ -421,6 +439,7 @@ class StragglerRule:
         culprit = max(range(len(before)), key=lambda r: before[r])
         others = [r for r in range(len(before)) if r != culprit]
         gap = before[culprit] - statistics.median(before[r] for r in others)
+        self.slowest, self.gap_ms = culprit, gap  # logged at every check
         score = gap / step_ms
         if score < self.threshold or gap < self.min_gap_ms:
             self.rank, self.streak = None, 0

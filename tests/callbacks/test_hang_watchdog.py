@@ -185,7 +185,7 @@ class SlowStartAndValidation(Regression):
         return super().training_step(batch, batch_idx)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        time.sleep(2.0 if batch_idx == 0 else 0.0)
+        time.sleep(2.0 if batch_idx == 1 else 0.0)
         super().validation_step(batch, batch_idx)
 
 

@@ -237,18 +237,20 @@ def test_rank_behind(beats, world, behind, contains) -> None:
 
 
 @pytest.mark.parametrize(
-    ("counts", "stops_first", "severity", "contains"),
+    ("counts", "limits", "severity", "contains"),
     [
-        ([8, 8], False, None, ""),
-        ([math.inf, math.inf], False, None, ""),  # streams cannot be compared
-        ([8, 9], False, "error", "rank 0: 8, rank 1: 9"),
-        ([9, 8, 9], False, "error", "ranks with more (0, 2)"),
-        ([8, 9], True, "warning", "does not hang"),
-        ([math.inf, 8], False, "error", "rank 0: inf"),
+        ([8, 8], {}, None, ""),
+        ([math.inf, math.inf], {}, None, ""),  # streams cannot be compared
+        ([8, 9], {}, "error", "rank 0: 8, rank 1: 9"),
+        ([9, 8, 9], {}, "error", "ranks with more (0, 2)"),
+        ([8, 9], {"max_steps": 8}, "warning", "does not hang"),
+        ([8, 9], {"max_steps": 4, "accumulate": 2}, "warning", "does not hang"),
+        ([8, 9], {"max_steps": 5, "accumulate": 2}, "error", "would run a step"),
+        ([math.inf, 8], {}, "error", "rank 0: inf"),
     ],
 )
-def test_uneven_batches(counts, stops_first, severity, contains) -> None:
-    verdict = uneven_batches(counts, stops_first=stops_first)
+def test_uneven_batches(counts, limits, severity, contains) -> None:
+    verdict = uneven_batches(counts, **limits)
     if severity is None:
         assert verdict is None
         return
