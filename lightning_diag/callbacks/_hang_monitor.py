@@ -20,7 +20,7 @@ Two detectors, because neither sees everything:
 A process has one faulthandler timer. lightning_diag wraps ``faulthandler.dump_traceback_later`` and
 ``cancel_dump_traceback_later`` when it is imported (transparent wrappers that note who armed the timer), so a timer
 armed by other code after that import (pytest's ``faulthandler_timeout``, a script's own) is known and never
-displaced: the watch then runs without it (:func:`timer_lease`). A timer armed before ``import lightning_diag``, or
+displaced: the watch then runs without it (:meth:`Watch.start` says so). A timer armed before ``import lightning_diag``, or
 through a reference to the function taken before it, cannot be seen.
 
 Under DDP every rank's watchdog thread writes ``heartbeat_rank<r>.json`` (its heartbeat count, step, phase) into the
@@ -59,7 +59,6 @@ __all__ = [
     "Watch",
     "describe_frames",
     "poll_seconds",
-    "timer_lease",
     "worker_pids",
 ]
 
@@ -104,13 +103,6 @@ if not hasattr(faulthandler.dump_traceback_later, "__wrapped__"):
     faulthandler.cancel_dump_traceback_later = _cancel_by_others
 
 
-def timer_lease() -> str | None:
-    """Why the timer is not free for a new watch (``None``: it is)."""
-    if _LEASE.owner is not None:
-        return "held"
-    return "foreign" if _LEASE.foreign else None
-
-
 # -- heartbeats and the watch ---------------------------------------------------------------------------------
 
 
@@ -124,7 +116,8 @@ class Heartbeat(NamedTuple):
     beat: int
 
 
-_PAUSES = frozenset({"val_first", "val", "checkpoint"})
+_PAUSES = frozenset({"val_first", "val", "val_end", "epoch_end", "checkpoint"})
+_AFTER = {"checkpoint": "a checkpoint save", "epoch_end": "the end of an epoch"}
 _LIBRARY = tuple(
     os.path.normpath(p) + os.sep
     for p in {
@@ -485,7 +478,7 @@ class StepTimer:
             if self.outliers is not None and watch.budgets.warm:
                 after = ""
                 if watch.paused_s > self._paused_at_start:
-                    after = "a checkpoint save" if watch.paused_by == "checkpoint" else "validation"
+                    after = _AFTER.get(watch.paused_by, "validation")
                 self.outliers.add(self._last_step, step_s, data_s, self._gc_s - self._gc_at_start, after)
             if before == "data" and self.stragglers:
                 self.samples[0].append(data_s * 1e3)
@@ -595,14 +588,20 @@ class RaiseOnHang:
         return None
 
     def _handle(self, _signum: int, _frame: Any) -> None:
-        raise TrainingHangError(self.message)
+        if self.message:  # not withdrawn: the run did not resume in between
+            raise TrainingHangError(self.message)
 
     def fire(self, message: str) -> None:
         if self._installed and self.signum is not None:
             self.message = message
             signal.pthread_kill(threading.main_thread().ident or 0, self.signum)
 
+    def withdraw(self) -> None:
+        """The run resumed: a signal still in flight raises nothing."""
+        self.message = ""
+
     def restore(self) -> None:
+        self.message = ""
         if self._installed and self.signum is not None:
             signal.signal(self.signum, self._previous if self._previous is not None else signal.SIG_DFL)
             self._installed = False

@@ -57,8 +57,8 @@ class HangWatchdog(DiagCallback):
     """Notice a training run that stopped moving, dump every thread's stack, and say where, on which rank and why.
 
     Every hook of the fit is a heartbeat naming the phase the run enters: start-up, waiting for data, training step
-    (forward and loss), backward, optimizer step, validation, checkpoint save, teardown (about a microsecond, no host
-    sync). A phase that outlasts its budget is a hang. Budgets are learned per phase (``safety_factor`` x the longest
+    (forward and loss), backward, optimizer step, validation, checkpoint save, end of epoch, teardown (about a
+    microsecond, no host sync). A phase that outlasts its budget is a hang. Budgets are learned per phase (``safety_factor`` x the longest
     interval seen, clamped to ``[min_timeout_s, max_timeout_s]``), are ``first_step_timeout_s`` until the first
     training batch completed and for a phase not seen yet, or are set by ``step_timeout_s``,
     ``validation_timeout_s``, ``checkpoint_timeout_s``.
@@ -280,6 +280,11 @@ class HangWatchdog(DiagCallback):
         self._timer.uninstall()
 
     @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop()  # before the end-of-run report: the watchdog thread must not write a "hung" one after it
+        super().on_fit_end(trainer, pl_module)
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._stop()
@@ -377,6 +382,10 @@ class HangWatchdog(DiagCallback):
         self._beat("val", trainer)
 
     @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._beat("val_end", trainer)  # the LightningModule's own epoch end runs after the callbacks'
+
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._beat("data", trainer)
 
@@ -388,7 +397,7 @@ class HangWatchdog(DiagCallback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._beat("data", trainer)
+        self._beat("epoch_end", trainer)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -480,6 +489,7 @@ class HangWatchdog(DiagCallback):
 
     def _on_resumed(self, hb: monitor.Heartbeat, after_s: float) -> None:
         """Called from the training thread at the first heartbeat after a reported hang."""
+        self._raiser.withdraw()
         entry = self._events.pop(hb.beat, None)
         if entry is not None:
             event, finding = entry

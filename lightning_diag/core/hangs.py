@@ -1,10 +1,10 @@
 """HangWatchdog's rules and their words: phase budgets, hangs, uneven batches, stragglers, step-time outliers.
 
 **Phases.** A training run moves through phases, each started by a heartbeat (a Lightning hook): start-up, waiting
-for data, training step (forward and loss), backward, optimizer step, validation, checkpoint save, teardown.
-:data:`PHASES` maps the internal keys to the names users read; the first batch of an epoch (worker start-up) and
-the first batch of a validation run have keys of their own, with the same names. Validation has a heartbeat per
-batch: its budget bounds one batch (its data and its step), not the whole run.
+for data, training step (forward and loss), backward, optimizer step, validation, checkpoint save, end of epoch,
+teardown. :data:`PHASES` maps the internal keys to the names users read; the first batch of an epoch (worker
+start-up), the first batch of a validation run and its epoch end have keys of their own, with the same names.
+Validation has a heartbeat per batch: its budget bounds one batch (its data and its step), not the whole run.
 
 **Budgets** (:class:`PhaseBudgets`). A phase that lasts longer than its budget is a hang. Budgets are learned from
 the run, per phase: ``clamp(safety_factor x the longest interval seen in that phase, min_timeout_s,
@@ -13,8 +13,9 @@ training batch has completed, the training phases get ``first_step_timeout_s`` (
 start-up, process-group start: torchtitan gives 300 s to the first step, then 100 s) and the first step is not
 learned from. A phase not seen yet (the first validation run, the first checkpoint) gets ``first_step_timeout_s``
 too. Explicit overrides replace the learned budget of their phases: ``step_timeout_s`` (waiting for data, training
-step, backward, optimizer step), ``validation_timeout_s``, ``checkpoint_timeout_s``. Start-up and teardown always
-get ``first_step_timeout_s``.
+step, backward, optimizer step), ``validation_timeout_s``, ``checkpoint_timeout_s``. Start-up, teardown and the
+epoch-end hooks (training's, validation's: ``validation_timeout_s`` when given) are never learned: they get
+``first_step_timeout_s``.
 
 **Findings.** :func:`training_hang` (error while stuck; a warning once the run resumed: the stall cost that much
 time), :func:`uneven_batches` (error: DDP would hang at the end of the shortest epoch; a warning when ``max_steps``
@@ -73,13 +74,18 @@ PHASES: dict[str, str] = {
     "optimizer": "optimizer step",
     "val_first": "validation",
     "val": "validation",
+    "val_end": "validation",
+    "epoch_end": "end of epoch",
     "checkpoint": "checkpoint save",
     "teardown": "teardown",
 }
 TRAINING_PHASES = ("data", "step", "backward", "optimizer")
-VALIDATION_PHASES = ("val_first", "val")
+VALIDATION_PHASES = ("val_first", "val", "val_end")
 CHECKPOINT_PHASES = ("checkpoint",)
-FIXED_PHASES = ("startup", "teardown")
+#: never learned: once per run or per epoch, and free to take far longer than anything seen before (an epoch-end
+#: hook that computes a metric over the whole validation set; the sanity check's epoch end saw two batches)
+FIXED_PHASES = ("startup", "teardown", "epoch_end", "val_end")
+_WARMUP_PHASES = (*TRAINING_PHASES, "data_first")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,12 +145,12 @@ class PhaseBudgets:
 
     def _compute(self, phase: str) -> float:
         s = self.settings
-        if phase in FIXED_PHASES or (not self.warm and phase in (*TRAINING_PHASES, "data_first")):
+        if not self.warm and phase in _WARMUP_PHASES:
             return s.first_step_timeout_s
         override = s.override(phase)
         if override is not None:
             return override[1]
-        longest = self.longest.get(phase)
+        longest = None if phase in FIXED_PHASES else self.longest.get(phase)
         if longest is None:
             return s.first_step_timeout_s
         return min(max(s.safety_factor * longest, s.min_timeout_s), s.max_timeout_s)
@@ -152,13 +158,13 @@ class PhaseBudgets:
     def explain(self, phase: str) -> str:
         """How the budget of ``phase`` was set, in words (for the finding)."""
         s = self.settings
-        if phase in FIXED_PHASES:
-            return "`first_step_timeout_s`"
-        if not self.warm and phase in (*TRAINING_PHASES, "data_first"):
+        if not self.warm and phase in _WARMUP_PHASES:
             return "`first_step_timeout_s`: the first training batch had not completed"
         override = s.override(phase)
         if override is not None:
             return f"`{override[0]}`"
+        if phase in FIXED_PHASES:
+            return "`first_step_timeout_s`"
         longest = self.longest.get(phase)
         if longest is None:
             return "`first_step_timeout_s`: this phase had not been seen yet"
@@ -169,7 +175,7 @@ class PhaseBudgets:
 
     def argument_for(self, phase: str) -> str:
         """The constructor argument that raises the budget of ``phase``."""
-        if phase in FIXED_PHASES or (not self.warm and phase in (*TRAINING_PHASES, "data_first")):
+        if (not self.warm and phase in _WARMUP_PHASES) or phase in ("startup", "teardown", "epoch_end"):
             return "first_step_timeout_s"
         if phase in VALIDATION_PHASES:
             return "validation_timeout_s"
@@ -257,6 +263,8 @@ _PHASE_ADVICE: dict[str, str] = {
     "waits: a collective only some ranks reach, or a host-device synchronisation.",
     "val": "Validation waits: a metric synced across ranks (`self.log(..., sync_dist=True)`, torchmetrics' "
     "`compute()`) inside a branch only some ranks take, or validation sets of different lengths per rank.",
+    "epoch_end": "An end-of-epoch hook waits (`on_train_epoch_end` of the LightningModule or a callback, an "
+    "epoch-interval LR scheduler): a collective inside a branch only some ranks take, or heavy work on one rank.",
     "checkpoint": "The checkpoint write waits: a slow or full filesystem, or a rank that does not reach the "
     "barrier after the save.",
     "teardown": "Teardown waits: DataLoader workers or logger processes that do not exit, or a rank stuck in "
@@ -265,7 +273,7 @@ _PHASE_ADVICE: dict[str, str] = {
 
 
 def _advice_key(phase: str) -> str:
-    return {"data_first": "data", "val_first": "val"}.get(phase, phase)
+    return {"data_first": "data", "val_first": "val", "val_end": "val"}.get(phase, phase)
 
 
 def training_hang(event: HangEvent) -> Verdict:

@@ -65,6 +65,30 @@ S = BudgetSettings(safety_factor=5.0, min_timeout_s=10.0, max_timeout_s=100.0, f
             600.0,
             "first training batch",
         ),  # first step wins
+        (
+            S,
+            True,
+            {"epoch_end": 1.0},
+            "epoch_end",
+            300.0,
+            "`first_step_timeout_s`",
+        ),  # epoch ends: never learned
+        (
+            S,
+            True,
+            {"val_end": 1.0},
+            "val_end",
+            300.0,
+            "`first_step_timeout_s`",
+        ),  # the sanity check saw 2 batches
+        (
+            BudgetSettings(validation_timeout_s=7.0),
+            True,
+            {"val_end": 1.0},
+            "val_end",
+            7.0,
+            "`validation_timeout_s`",
+        ),
     ],
     ids=lambda v: None,
 )
