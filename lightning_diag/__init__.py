@@ -22,6 +22,7 @@ _CALLBACK_NAMES = (
     "EarlyStop",
     "GradClip",
     "GradNormMonitor",
+    "HangWatchdog",
     "LightningDiagDeprecationWarning",
     "LightningDiagWarning",
     "MissingMetricError",
@@ -32,6 +33,7 @@ _CALLBACK_NAMES = (
     "SanityCheckError",
     "SilentBugDetector",
     "SpeedMonitor",
+    "TrainingHangError",
     "WarmupCosine",
     "collect_findings",
 )
@@ -50,6 +52,7 @@ if TYPE_CHECKING or not _in_cli_process():
         EarlyStop,
         GradClip,
         GradNormMonitor,
+        HangWatchdog,
         NaNGuard,
         OverfitDetector,
         SanityCheck,
@@ -66,6 +69,7 @@ if TYPE_CHECKING or not _in_cli_process():
         MissingMetricError,
         NonFiniteError,
         SanityCheckError,
+        TrainingHangError,
     )
 else:
 
@@ -86,6 +90,7 @@ __all__ = [
     "Finding",
     "GradClip",
     "GradNormMonitor",
+    "HangWatchdog",
     "LightningDiagDeprecationWarning",
     "LightningDiagWarning",
     "MissingMetricError",
@@ -97,6 +102,7 @@ __all__ = [
     "SanityCheckError",
     "SilentBugDetector",
     "SpeedMonitor",
+    "TrainingHangError",
     "WarmupCosine",
     "__version__",
     "collect_findings",

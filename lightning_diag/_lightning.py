@@ -18,6 +18,8 @@ import contextlib
 import copy
 import importlib
 import sys
+import threading
+import traceback
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -37,6 +39,7 @@ __all__ = [
     "loss_scale",
     "replay_training_step",
     "set_found_inf",
+    "thread_stacks",
     "train_batch_idx",
     "trainer_callbacks",
     "trainer_shared_on_copy",
@@ -262,3 +265,17 @@ def check_strategy(trainer: Any, who: str, *, fsdp1: bool = False) -> None:
             "optimizer step, so norms, clipping and skips would not be correct. Use DDP or FSDP2 "
             "(`ModelParallelStrategy`), or remove the callback."
         )
+
+
+def thread_stacks() -> dict[int, tuple[str, list[traceback.FrameSummary]]]:
+    """Every Python thread's name and stack (outermost frame first), keyed by thread ident, read from another
+    thread without the threads' cooperation.
+
+    Reads ``sys._current_frames()`` (CPython's underscore API, documented "for debugging"; CPython 3.4-3.14) and
+    the source lines through ``linecache``. Threads not started by ``threading`` are named ``Thread-<ident>``.
+    """
+    names = {t.ident: t.name for t in threading.enumerate()}
+    stacks: dict[int, tuple[str, list[traceback.FrameSummary]]] = {}
+    for ident, frame in sys._current_frames().items():
+        stacks[ident] = (names.get(ident, f"Thread-{ident}"), list(traceback.extract_stack(frame)))
+    return stacks

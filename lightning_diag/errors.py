@@ -17,6 +17,7 @@ class                             raised when
 :class:`MissingMetricError`       a monitored metric is never logged and the callback is ``strict``
 :class:`NonFiniteError`           NaNGuard's policy is ``"raise"`` (or an escalation ends there)
 :class:`SanityCheckError`         SanityCheck found a fault at or above ``fail_on`` before training
+:class:`TrainingHangError`        HangWatchdog's ``action="raise"``: no progress for two budgets in a row
 :class:`LightningDiagWarning`     the base of every warning lightning_diag emits
 :class:`LightningDiagDeprecationWarning`  an argument or import path that will be removed in the next release
 ================================  =====================================================================
@@ -43,6 +44,7 @@ __all__ = [
     "MissingMetricError",
     "NonFiniteError",
     "SanityCheckError",
+    "TrainingHangError",
 ]
 
 
@@ -80,3 +82,9 @@ class NonFiniteError(Deliberate, RuntimeError):
 
 class SanityCheckError(Deliberate, RuntimeError):
     """Raised by :class:`~lightning_diag.SanityCheck` when a finding reaches ``fail_on``: training does not start."""
+
+
+class TrainingHangError(Deliberate, RuntimeError):
+    """Raised in the training thread by :class:`~lightning_diag.HangWatchdog` with ``action="raise"`` when a phase
+    made no progress for two budgets in a row (delivered by a signal: see HangWatchdog's notes for its limits).
+    """

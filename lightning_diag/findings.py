@@ -81,6 +81,10 @@ CODES: dict[str, str] = {
     "non_finite_metric": "a monitored or validation metric is NaN/Inf",
     "missing_metric": "a monitored metric was never logged (strict=False)",
     "declined": "a callback could not do (part of) its work with this setup and stayed out of the way",
+    "training_hang": "a training phase made no progress for longer than its budget (stacks dumped, rank behind named)",
+    "uneven_batches": "ranks have different numbers of training batches per epoch (DDP would hang at the end)",
+    "straggler": "one rank is consistently slower before the gradient all-reduce; the others wait for it",
+    "step_time_outlier": "steps far above the median step time, with what coincided (GC, data, validation, saves)",
 }
 
 

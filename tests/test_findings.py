@@ -56,6 +56,11 @@ DESIGN_CODES = {
     "non_finite_metric",
     "missing_metric",
     "declined",
+    # hangs and slow ranks (HangWatchdog)
+    "training_hang",
+    "uneven_batches",
+    "straggler",
+    "step_time_outlier",
 }
 
 

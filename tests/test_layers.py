@@ -1,8 +1,9 @@
 """The layering rules of DESIGN.md, checked on the source (AST), so a change that breaks one fails here.
 
 * ``core/`` is pure torch + stdlib: it imports neither Lightning nor any lightning_diag module outside ``core/``.
-* A callback module imports no other callback module (only the shared ``_base``, ``_context``, ``_deferred`` and
-  ``_compat``): what callbacks share travels through the run context.
+* A callback module imports no other callback module (only private helpers: the shared ``_base``, ``_context``,
+  ``_deferred``, ``_compat``, or one callback's own machinery such as ``_hang_monitor``): what callbacks share
+  travels through the run context.
 * No ``Verdict(`` is built in a callback module except ``DiagCallback.decline``: a rule and the words of its
   finding live in the callback's core partner.
 * Private torch/Lightning state (``trainer._x``, ``getattr(optimizer, "_x")``, ``nn.modules.batchnorm._NormBase``)
@@ -19,7 +20,6 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lightning_diag"
-SHARED_CALLBACK_MODULES = {"_base", "_context", "_deferred", "_compat"}
 #: the two modules that call torch's ``_foreach_*`` kernels
 FOREACH_MODULES = {"core/grad_stats.py", "core/clipping.py"}
 #: lightning_diag's own private modules: ``_lightning.amp_scaler`` is our API, not private state
@@ -78,14 +78,15 @@ def test_a_callback_imports_no_other_callback(path: pathlib.Path) -> None:
         for name in _imports(tree)
         if name.startswith("lightning_diag.callbacks.") and len(name.split(".")) > 2
     }
-    others -= SHARED_CALLBACK_MODULES | {path.stem}
+    others = {m for m in others if not m.startswith("_")}  # private helpers (_base, _deferred, _hang_monitor...)
+    others -= {path.stem}
     assert not others, f"{_rel(path)} imports the callback module(s) {sorted(others)}"
     from_package = [
         node
         for node in ast.walk(tree)
         if isinstance(node, ast.ImportFrom)
         and node.module == "lightning_diag.callbacks"
-        and any(alias.name not in SHARED_CALLBACK_MODULES for alias in node.names)
+        and any(not alias.name.startswith("_") for alias in node.names)
     ]
     assert not from_package, f"{_rel(path)} imports callbacks from lightning_diag.callbacks"
 

@@ -125,3 +125,28 @@ def test_is_a_recognises_both_namespaces() -> None:
     assert not _lightning.is_a(CSVLogger("/tmp/x"), "loggers.TensorBoardLogger")
     standalone = pytest.importorskip("pytorch_lightning")
     assert _lightning.is_a(standalone.loggers.CSVLogger("/tmp/x"), "loggers.CSVLogger")
+
+
+def test_thread_stacks_read_another_threads_frames_without_its_help() -> None:
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def blocked_here() -> None:
+        release.wait(10)
+
+    thread = threading.Thread(target=blocked_here, name="blocked")
+    thread.start()
+    try:
+        time.sleep(0.05)
+        stacks = _lightning.thread_stacks()
+        name, frames = stacks[thread.ident]
+        assert name == "blocked" and any(
+            f.name == "blocked_here" and "release.wait" in f.line for f in frames
+        )
+        _, main_frames = stacks[threading.get_ident()]
+        assert main_frames[-1].name == "thread_stacks"  # outermost first: the caller's own frame last
+    finally:
+        release.set()
+        thread.join()

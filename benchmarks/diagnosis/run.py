@@ -4,7 +4,7 @@
 
 The suite is added the way a user would: every exported lightning_diag callback that needs no task-specific
 argument, at its defaults (``GradNormMonitor``, ``NaNGuard``, ``OverfitDetector``, ``SanityCheck``,
-``SpeedMonitor``, ``SilentBugDetector`` where the package has it), plus ``EarlyStop`` on the run's ``monitor``
+``SpeedMonitor``, ``SilentBugDetector`` and ``HangWatchdog`` where the package has them), plus ``EarlyStop`` on the run's ``monitor``
 (``OverfitDetector`` watches that key too). ``GradClip`` and ``WarmupCosine`` are left out: they change the
 optimisation (a clipped or re-scheduled run is a different run), they do not diagnose it. Nothing is tuned per
 scenario.
@@ -128,6 +128,9 @@ def suite(monitor: str | None) -> list[Any]:
     silent = getattr(ld, "SilentBugDetector", None)
     if silent is not None:
         callbacks.append(silent())
+    watchdog = getattr(ld, "HangWatchdog", None)
+    if watchdog is not None:
+        callbacks.append(watchdog())
     if monitor is not None:
         callbacks.append(_with_monitor(ld.OverfitDetector, monitor))
         callbacks.append(ld.EarlyStop(monitor=monitor))

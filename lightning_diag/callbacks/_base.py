@@ -27,7 +27,7 @@ from lightning_diag.findings import (
 from lightning_diag.report import html as html_report
 from lightning_diag.report import plots
 
-__all__ = ["DiagCallback", "collect_findings"]
+__all__ = ["DiagCallback", "collect_findings", "run_report"]
 
 
 class DiagCallback(Contained, Callback):
@@ -137,13 +137,7 @@ class DiagCallback(Contained, Callback):
         gate([vars(f) for cb in reporters for f in cb.findings], run_context(trainer).losses)
         if not trainer.is_global_zero:
             return
-        report = build_report(
-            collect_findings(trainer),
-            status=status,
-            global_step=trainer.global_step,
-            epoch=_last_epoch(trainer),
-            error=error,
-        )
+        report = run_report(trainer, status, error=error)
         directory = _logging.log_dir(trainer)
         series: dict[str, Any] = {}
         for callback in reporters:
@@ -182,6 +176,21 @@ def _last_epoch(trainer: Any) -> int:
     """
     started = _lightning.epochs_started(trainer)
     return int(trainer.current_epoch) if started is None else max(started - 1, 0)
+
+
+def run_report(trainer: pl.Trainer, status: str, error: str | None = None) -> dict[str, Any]:
+    """The ``diagnosis.json`` document of ``trainer``'s run so far (every lightning_diag callback's findings).
+
+    What :meth:`DiagCallback._finish_run` writes at the end of a fit, and what HangWatchdog writes from its watchdog
+    thread while the run is stuck (``status="hung"``): reads findings and counters only, no collective, no logger.
+    """
+    return build_report(
+        collect_findings(trainer),
+        status=status,
+        global_step=trainer.global_step,
+        epoch=_last_epoch(trainer),
+        error=error,
+    )
 
 
 def collect_findings(trainer: pl.Trainer) -> list[Finding]:

@@ -204,6 +204,8 @@ RULES: tuple[Rule, ...] = (
 
 #: Rank of the codes when two roots explain as many findings (first = preferred primary).
 PRIORITY: tuple[str, ...] = (
+    "uneven_batches",  # the run was refused before it could hang
+    "training_hang",  # a stuck run is the run's problem, whatever else was seen before it
     "stale_gradients",
     "optimizer_no_op",
     "wrong_mode",
@@ -227,6 +229,7 @@ PRIORITY: tuple[str, ...] = (
     "overfitting",
     "underfitting",
     "loss_plateau",
+    "straggler",
     "dataloader_bound",
     "host_sync",
     "dataloader_config",
