@@ -41,6 +41,7 @@ __all__ = [
     "set_found_inf",
     "thread_stacks",
     "train_batch_idx",
+    "train_loader",
     "trainer_callbacks",
     "trainer_shared_on_copy",
     "unused_parameters_fatal",
@@ -229,6 +230,27 @@ def replay_training_step(trainer: Any, pl_module: Any, batch: Any, batch_idx: in
     if isinstance(out, Mapping):
         out = out.get("loss")
     return out if isinstance(out, torch.Tensor) else None
+
+
+def train_loader(trainer: Any) -> Any:
+    """The (first) training DataLoader of the fit, ``None`` when there is none yet.
+
+    ``Trainer.train_dataloader`` (public) holds what the user passed, possibly a list or dict of loaders.
+    """
+    return _first_loader(getattr(trainer, "train_dataloader", None))
+
+
+def _first_loader(loaders: Any) -> Any:
+    if isinstance(loaders, torch.utils.data.DataLoader):
+        return loaders
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        for item in loaders:
+            found = _first_loader(item)
+            if found is not None:
+                return found
+    return None
 
 
 def unused_parameters_fatal(trainer: Any) -> bool:

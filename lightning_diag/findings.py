@@ -168,7 +168,8 @@ class FindingLog:
 
     A condition is identified by ``(code, key)``; ``key`` defaults to the code alone, so a callback that can
     report the same code for different subjects (two layers, two metrics) passes the subject as ``key``.
-    A repeat keeps the first message and evidence and raises ``count`` and ``last_step``.
+    A repeat keeps the first message and evidence and raises ``count`` and ``last_step``; a repeat of a higher
+    severity replaces the severity, message, evidence and advice (the condition got worse).
     """
 
     def __init__(self) -> None:
@@ -183,6 +184,10 @@ class FindingLog:
             return finding
         kept.count += finding.count
         kept.last_step = max(kept.last_step or kept.step, finding.last_step or finding.step)
+        if SEVERITIES.index(finding.severity) > SEVERITIES.index(kept.severity):
+            # a repeat that is worse (the run was stopped for it this time) speaks for the condition
+            kept.severity, kept.message = finding.severity, finding.message
+            kept.evidence, kept.advice = finding.evidence, finding.advice
         return kept
 
     def __iter__(self) -> Any:

@@ -78,7 +78,9 @@ def test_a_callback_imports_no_other_callback(path: pathlib.Path) -> None:
         for name in _imports(tree)
         if name.startswith("lightning_diag.callbacks.") and len(name.split(".")) > 2
     }
-    others = {m for m in others if not m.startswith("_")}  # private helpers (_base, _deferred, _hang_monitor...)
+    others = {
+        m for m in others if not m.startswith("_")
+    }  # private helpers (_base, _deferred, _hang_monitor...)
     others -= {path.stem}
     assert not others, f"{_rel(path)} imports the callback module(s) {sorted(others)}"
     from_package = [

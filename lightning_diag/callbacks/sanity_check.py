@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from typing_extensions import override
 
 from lightning_diag import _distributed, _lightning
@@ -97,6 +98,7 @@ class SanityCheck(DiagCallback):
 
     Example:
         >>> import lightning.pytorch as pl
+    import torch
         >>> from lightning_diag import SanityCheck
         >>> trainer = pl.Trainer(callbacks=[SanityCheck(overfit_batch_steps=50)])
 
@@ -223,6 +225,7 @@ class SanityCheck(DiagCallback):
                 trained={id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
                 or None,
                 unused_fatal=_lightning.unused_parameters_fatal(trainer),
+                shuffled=_shuffled(trainer),
             )
         except sanity.NoLoss:
             # Lightning skips a batch whose training_step returns None: check the next one (still before any update)
@@ -270,3 +273,16 @@ def _no_loss(*_args: Any) -> None:
 def _num_batches(trainer: pl.Trainer) -> int:
     n = trainer.num_training_batches
     return int(n) if isinstance(n, (int, float)) and n != float("inf") else 1 << 30
+
+
+def _shuffled(trainer: pl.Trainer) -> bool | None:
+    """Whether the training DataLoader shuffles (``None`` when it cannot be told: an iterable dataset, a custom
+    sampler).
+    """
+    sampler = getattr(_lightning.train_loader(trainer), "sampler", None)
+    if isinstance(sampler, torch.utils.data.RandomSampler):
+        return True
+    if isinstance(sampler, torch.utils.data.SequentialSampler):
+        return False
+    shuffle = getattr(sampler, "shuffle", None)  # DistributedSampler, which Lightning puts in under DDP
+    return bool(shuffle) if isinstance(shuffle, bool) else None

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_diag import _logging
+from lightning_diag import _lightning, _logging
 from lightning_diag._validation import (
     Unused,
     check_bool,
@@ -32,19 +32,6 @@ from lightning_diag.core.throughput import (
 )
 
 __all__ = ["SpeedMonitor"]
-
-
-def _first_loader(loaders: Any) -> DataLoader | None:
-    if isinstance(loaders, DataLoader):
-        return loaders
-    if isinstance(loaders, dict):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        for item in loaders:
-            found = _first_loader(item)
-            if found is not None:
-                return found
-    return None
 
 
 #: Settings that have no effect (``_validation.check_unused``).
@@ -222,7 +209,7 @@ class SpeedMonitor(DiagCallback):
         if self._device_ms is not None:
             metrics["diag/throughput/device_ms"] = self._device_ms
         _logging.log_step(pl_module, metrics)
-        loader = _first_loader(trainer.train_dataloader)
+        loader = _lightning.train_loader(trainer)
         self._judge_bound(trainer, pl_module, loader)
         if loader is not None and pl_module.device.type == "cuda" and not loader.pin_memory:
             self.record(trainer, pin_memory_verdict(loader.num_workers))
@@ -256,7 +243,7 @@ class SpeedMonitor(DiagCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A run shorter than the logging interval (or the steps after the last logging step) is judged at the end.
         if self._last_logged != trainer.global_step and len(self._waits) >= 2:
-            self._judge_bound(trainer, pl_module, _first_loader(trainer.train_dataloader))
+            self._judge_bound(trainer, pl_module, _lightning.train_loader(trainer))
 
     # -- CUDA only --------------------------------------------------------------------------------------------
     def _read_device_time(self) -> None:

@@ -22,9 +22,14 @@ A symptom has a consequence when (:func:`gate`):
 * it explains (:data:`lightning_diag.core.diagnosis.RULES`, transitively) a warning/error finding that is
   ``certain`` or ``measured`` (a loss spike that led to divergence, vanishing gradients behind a plateau), or
 * the training loss got worse after it and stayed worse: the median of the :data:`WINDOW` steps after its last
-  occurrence is above the median of the :data:`WINDOW` steps before its first one by more than
+  occurrence is above the median of the (up to) :data:`WINDOW` steps before its first one by more than
   :data:`WORSE_BY` (relative) and more than 3 median absolute deviations, or a loss after it is NaN/Inf. A spike
-  the loss recovers from within the window moves neither median.
+  the loss recovers from within the window moves neither median; or
+* the run learned (almost) nothing: its training loss moved less than :data:`MIN_PROGRESS` from its first steps to
+  its last (:func:`stalled`); then any symptom in it may be why.
+
+A finding of a symptom code can be a fact after all (:func:`kind`): the run was stopped for it, gradients that are
+exactly 0, a rule that marked it ``certain``; those keep their severity.
 
 Otherwise the symptom becomes ``info`` and says so in ``evidence["harm"]``. A symptom seen before any consequence
 could be (SanityCheck's pre-flight checks) is recorded as ``info`` with ``evidence["pending"] = 1``: it becomes a
@@ -43,7 +48,7 @@ from typing import Any, Literal
 
 from lightning_diag.core.diagnosis import RULES, explains, finding_ids
 
-__all__ = ["POLICY", "WINDOW", "WORSE_BY", "Kind", "gate", "loss_harm"]
+__all__ = ["MIN_PROGRESS", "POLICY", "WINDOW", "WORSE_BY", "Kind", "gate", "kind", "loss_harm", "stalled"]
 
 Kind = Literal["certain", "measured", "symptom"]
 
@@ -101,6 +106,8 @@ POLICY: dict[str, Kind] = {
 WINDOW = 20
 #: How much worse (relative) the median loss after a symptom must be than before it.
 WORSE_BY = 0.25
+#: The least relative progress of the training loss over a run that still counts as learning.
+MIN_PROGRESS = 0.1
 _LOUD = ("warning", "error")
 
 
@@ -126,7 +133,7 @@ def loss_harm(first: int, last: int, losses: Sequence[tuple[int, float]]) -> str
     if any(not math.isfinite(v) for v in after):
         bad = next(s for s, v in losses[end : end + WINDOW] if not math.isfinite(v))
         return f"the training loss became non-finite at step {bad}"
-    if len(before) < 3 or len(after) < 3:
+    if not before or len(after) < 3:
         return ""
     pre, post = statistics.median(before), statistics.median(after)
     spread = statistics.median(abs(v - pre) for v in before)
@@ -136,6 +143,41 @@ def loss_harm(first: int, last: int, losses: Sequence[tuple[int, float]]) -> str
             f"over the {len(after)} after"
         )
     return ""
+
+
+def stalled(losses: Sequence[tuple[int, float]]) -> str:
+    """A sentence when the training loss barely moved over the whole run: the median of its last :data:`WINDOW`
+    steps (a third of the run, for a short one) is above ``1 - MIN_PROGRESS`` of the median of its first ones (a
+    run that learns nothing: any symptom in it may be why); ``""`` otherwise, or for a run too short to tell
+    (fewer than 15 steps).
+
+    Example:
+        >>> stalled([(s, 2.30 - 0.0001 * s) for s in range(100)]).startswith("the training loss barely moved")
+        True
+        >>> stalled([(s, 2.30 * 0.98**s) for s in range(100)])
+        ''
+    """
+    finite = [v for _, v in losses if math.isfinite(v)]
+    window = min(WINDOW, len(finite) // 3)
+    if window < 5:
+        return ""
+    first, last = statistics.median(finite[:window]), statistics.median(finite[-window:])
+    if first <= 0 or last < (1 - MIN_PROGRESS) * first:
+        return ""
+    return f"the training loss barely moved over the run: a median of {first:.4g} at the start, {last:.4g} at the end"
+
+
+def kind(finding: Mapping[str, Any]) -> Kind:
+    """The kind of one finding: its code's (:data:`POLICY`), made ``certain`` by its evidence when the finding is
+    a fact after all: the run was stopped for it (``action="raise"``), gradients that are exactly 0 (no gradient
+    reaches those layers at all), or a rule that marked it ``certain`` (softmax applied twice before a loss).
+    """
+    evidence = finding.get("evidence") or {}
+    if evidence.get("action") == "raise" or evidence.get("certain"):
+        return "certain"
+    if finding.get("code") == "vanishing_gradients" and evidence.get("smallest_norm") == 0:
+        return "certain"
+    return POLICY.get(str(finding.get("code")), "certain")
 
 
 def _effects(findings: Sequence[Mapping[str, Any]], ids: Sequence[str]) -> dict[str, list[str]]:
@@ -184,11 +226,12 @@ def gate(
             todo += effects[i]
         return None
 
+    whole_run = stalled(losses)
     changed: list[tuple[int, str]] = []
     for index, (fid, finding) in enumerate(zip(ids, findings, strict=True)):
         evidence = finding.setdefault("evidence", {})
         pending = bool(evidence.pop("pending", 0))
-        if POLICY.get(str(finding.get("code")), "certain") != "symptom":
+        if kind(finding) != "symptom":
             continue
         if finding.get("severity") not in _LOUD and not pending:
             continue
@@ -197,7 +240,7 @@ def gate(
         harm = (
             f"led to {effect['code']} at step {int(effect.get('step', 0))}"
             if effect is not None
-            else loss_harm(first, int(finding.get("last_step") or first), losses)
+            else loss_harm(first, int(finding.get("last_step") or first), losses) or whole_run
         )
         if not harm:
             harm = (

@@ -188,12 +188,19 @@ def check_input_scale(layer: str, x: torch.Tensor, *, limit: float = 20.0) -> li
 
 
 def check_labels(
-    call: LossCall, *, imbalance: float = 0.9, min_label_samples: int = 16, ignore_index: int = -100
+    call: LossCall,
+    *,
+    shuffled: bool | None = None,
+    imbalance: float = 0.9,
+    min_label_samples: int = 16,
+    ignore_index: int = -100,
 ) -> list[Verdict]:
     """The targets a classification loss received: all of one class, or one class above ``imbalance``.
 
     Needs ``min_label_samples`` labels: 8 samples of a balanced two-class task are all one class by chance once in
-    128 batches, 16 once in 32,768.
+    128 batches, 16 once in 32,768. A symptom (a batch drawn from a data set dominated by one class), except for a
+    single class from a loader that does not shuffle (``shuffled=False``): data ordered by label, every batch one
+    class, a fact.
     """
     target = call.target
     if target.is_floating_point():
@@ -209,13 +216,26 @@ def check_labels(
     top = float(counts.max()) / y.numel()
     where = f"the targets of `{call.name}`"
     if len(values) == 1:
+        ordered = shuffled is False
         verdict = Verdict(
             "label_distribution",
             "warning",
-            f"Every one of {where} in the first batch is {int(values[0])}: the batch has a single class.",
-            {"loss": call.name, "classes": 1, "batch_size": int(y.numel())},
+            f"Every one of {where} in the first batch is {int(values[0])}: the batch has a single class"
+            + (
+                " and the training DataLoader does not shuffle: the data is ordered by label."
+                if ordered
+                else "."
+            ),
+            {
+                "loss": call.name,
+                "classes": 1,
+                "batch_size": int(y.numel()),
+                **({"certain": 1} if ordered else {}),
+            },
             ["Shuffle the training data (DataLoader(shuffle=True)); check the labels were not overwritten."],
         )
+        if ordered:
+            return [verdict]
     elif top > imbalance:
         verdict = Verdict(
             "label_distribution",
@@ -266,6 +286,7 @@ def check_probabilities_as_logits(out: torch.Tensor, labels: torch.Tensor, loss:
                 "cross_entropy_of_outputs": round(as_logits, 6),
                 "floor": round(floor, 6),
                 "num_classes": classes,
+                "certain": 1,
             },
             [
                 "Remove the final softmax: nn.CrossEntropyLoss / F.cross_entropy take logits and apply log-softmax.",
@@ -568,10 +589,11 @@ def check_loss_calls(calls: Sequence[LossCall]) -> list[Verdict]:
         if call.target.is_floating_point() or call.input.shape[0] != call.target.shape[0]:
             continue
         loss = float(call.value.detach().float().sum()) if call.value.numel() == 1 else math.nan
-        found = check_loss_at_init(loss, int(call.input.shape[1])) if call.name == "cross_entropy" else []
-        if call.name == "cross_entropy":
-            found += check_probabilities_as_logits(call.input, call.target, loss)
-        return [pending(v) for v in found]
+        if call.name != "cross_entropy":
+            return []
+        found = [pending(v) for v in check_loss_at_init(loss, int(call.input.shape[1]))]
+        # softmax applied twice is a fact, not a symptom: the loss cannot go below its floor
+        return found + check_probabilities_as_logits(call.input, call.target, loss)
     return []
 
 
@@ -591,6 +613,7 @@ def run_checks(
     min_drop: float = 0.5,
     trained: Collection[int] | None = None,
     unused_fatal: bool = False,
+    shuffled: bool | None = None,
 ) -> list[Verdict]:
     """All enabled checks on ``batches`` (the NaN/Inf check on each, the model checks on the first), the model
     left untouched.
@@ -611,6 +634,7 @@ def run_checks(
         min_drop: the loss drop the overfit check requires.
         trained: ids of the parameters the optimizers update (see :func:`check_gradients`), when known.
         unused_fatal: parameters without a gradient stop the run (DDP without ``find_unused_parameters``).
+        shuffled: whether the training loader shuffles (``None``: unknown), for :func:`check_labels`.
     """
     results: list[Verdict] = []
     if data:
@@ -641,7 +665,7 @@ def run_checks(
         if inputs and view.first_layer is not None:
             results += check_input_scale(*view.first_layer)
         if inputs and view.losses:
-            results += check_labels(view.losses[0])
+            results += check_labels(view.losses[0], shuffled=shuffled)
         if loss_at_init:
             results += check_loss_calls(view.losses)
     if gradients:

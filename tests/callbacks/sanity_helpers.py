@@ -21,8 +21,8 @@ def classification_data(
     return TensorDataset(x, y)
 
 
-def loader(**kwargs: Any) -> DataLoader:
-    return DataLoader(classification_data(**kwargs), batch_size=16)
+def loader(shuffle: bool = False, **kwargs: Any) -> DataLoader:
+    return DataLoader(classification_data(**kwargs), batch_size=16, shuffle=shuffle)
 
 
 class Classifier(pl.LightningModule):
@@ -72,7 +72,7 @@ BROKEN: dict[str, tuple[dict[str, Any], dict[str, Any], str, str]] = {
     "unused_layer": ({"bug": "unused_layer"}, {}, "missing_gradients", "warning"),
     "batch_mixing": ({"bug": "batch_mixing"}, {}, "batch_dependence", "warning"),
     "unnormalised_inputs": ({}, {"scale": 1000.0}, "input_scale", "info"),
-    "single_class_labels": ({}, {"labels": "zeros"}, "label_distribution", "info"),
+    "single_class_labels": ({}, {"labels": "zeros"}, "label_distribution", "warning"),  # not shuffled: a fact
     "nan_in_data": ({}, {"nan": True}, "non_finite_input", "error"),
     "detached_graph": ({"bug": "detached"}, {}, "missing_gradients", "error"),
     "frozen_model": ({"bug": "frozen"}, {}, "cannot_overfit_batch", "error"),

@@ -73,6 +73,15 @@ class Witness(Callback):
             )
 
 
+def test_a_single_class_batch_is_a_fact_without_shuffling_and_a_symptom_with_it() -> None:
+    ordered = next(f for f in run({}, {"labels": "zeros"}).findings if f.code == "label_distribution")
+    assert ordered.severity == "warning" and "does not shuffle" in ordered.message
+    drawn = next(
+        f for f in run({}, {"labels": "zeros", "shuffle": True}).findings if f.code == "label_distribution"
+    )
+    assert drawn.severity == "info" and drawn.evidence["harm"].startswith("none measured")
+
+
 def test_checks_leave_weights_optimizer_and_rng_untouched() -> None:
     before, after = Witness(), Witness()
     check = SanityCheck(fail_on="never", **OVERFIT)

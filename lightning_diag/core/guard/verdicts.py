@@ -160,9 +160,8 @@ def overflow_verdict(bad: BadStep, peak: float, tensor: str) -> tuple[Verdict, s
         f"(largest |g| = {peak:.3g} in `{tensor}`). Action: {bad.action_text}."
     )
     evidence = {"max_abs_grad": peak, "tensor": tensor, "action": bad.action}
-    return Verdict(
-        "exploding_gradients", bad.severity, message, evidence, list(OVERFLOW_ADVICE)
-    ), "norm_overflow"
+    verdict = Verdict("exploding_gradients", bad.severity, message, evidence, bad.advice(OVERFLOW_ADVICE))
+    return verdict, f"norm_overflow:{bad.action}"  # the action is part of the condition (a skip, then a stop)
 
 
 def non_finite_verdict(
