@@ -25,6 +25,8 @@ A symptom has a consequence when (:func:`gate`):
   occurrence is above the median of the (up to) :data:`WINDOW` steps before its first one by more than
   :data:`WORSE_BY` (relative) and more than 3 median absolute deviations, or a loss after it is NaN/Inf. A spike
   the loss recovers from within the window moves neither median; or
+* the run ends worse than a uniform guess, for a finding that names that chance level (:func:`above_chance`: the
+  loss at initialisation against ln(C)); or
 * the run learned (almost) nothing: its training loss moved less than :data:`MIN_PROGRESS` from its first steps to
   its last (:func:`stalled`); then any symptom in it may be why.
 
@@ -48,7 +50,18 @@ from typing import Any, Literal
 
 from lightning_diag.core.diagnosis import RULES, explains, finding_ids
 
-__all__ = ["MIN_PROGRESS", "POLICY", "WINDOW", "WORSE_BY", "Kind", "gate", "kind", "loss_harm", "stalled"]
+__all__ = [
+    "MIN_PROGRESS",
+    "POLICY",
+    "WINDOW",
+    "WORSE_BY",
+    "Kind",
+    "above_chance",
+    "gate",
+    "kind",
+    "loss_harm",
+    "stalled",
+]
 
 Kind = Literal["certain", "measured", "symptom"]
 
@@ -167,6 +180,21 @@ def stalled(losses: Sequence[tuple[int, float]]) -> str:
     return f"the training loss barely moved over the run: a median of {first:.4g} at the start, {last:.4g} at the end"
 
 
+def above_chance(finding: Mapping[str, Any], losses: Sequence[tuple[int, float]]) -> str:
+    """A sentence when the run ends with a training loss above the chance level its finding names (``expected``:
+    ln(C) for a C-class cross-entropy, the loss of a uniform guess), ``""`` otherwise: a model that ends worse than
+    guessing was harmed by whatever made it start there.
+    """
+    chance = (finding.get("evidence") or {}).get("expected")
+    finite = [v for _, v in losses if math.isfinite(v)]
+    if not isinstance(chance, (int, float)) or len(finite) < 5:
+        return ""
+    final = statistics.median(finite[-min(WINDOW, len(finite)) :])
+    if final <= chance:
+        return ""
+    return f"the training loss still ends at {final:.4g}, above {chance:.4g}, the loss of a uniform guess"
+
+
 def kind(finding: Mapping[str, Any]) -> Kind:
     """The kind of one finding: its code's (:data:`POLICY`), made ``certain`` by its evidence when the finding is
     a fact after all: the run was stopped for it (``action="raise"``), gradients that are exactly 0 (no gradient
@@ -218,10 +246,7 @@ def gate(
                 continue
             seen.add(i)
             effect = by_id[i]
-            if (
-                effect.get("severity") in _LOUD
-                and POLICY.get(str(effect.get("code")), "certain") != "symptom"
-            ):
+            if effect.get("severity") in _LOUD and kind(effect) != "symptom":
                 return effect
             todo += effects[i]
         return None
@@ -240,7 +265,9 @@ def gate(
         harm = (
             f"led to {effect['code']} at step {int(effect.get('step', 0))}"
             if effect is not None
-            else loss_harm(first, int(finding.get("last_step") or first), losses) or whole_run
+            else loss_harm(first, int(finding.get("last_step") or first), losses)
+            or above_chance(finding, losses)
+            or whole_run
         )
         if not harm:
             harm = (
