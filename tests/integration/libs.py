@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch import callbacks as _lightning_callbacks
 
 import lightning_diag as ld
 from benchmarks.diagnosis.run import suite
@@ -108,43 +109,51 @@ class Outcome:
         return "\n".join(lines)
 
 
+class _Tracer:
+    """Records, per epoch, the mean loss ``training_step`` returned, and the validation metrics: the run's own
+    curve, to judge a finding against (is the loss still falling?)."""
+
+    def __init__(self) -> None:
+        self.train: list[float] = []
+        self.val: list[dict[str, float]] = []
+        self._sum, self._n = 0.0, 0
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._sum += float(loss.detach().float())
+            self._n += 1
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._n:
+            self.train.append(self._sum / self._n)
+        self._sum, self._n = 0.0, 0
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            metrics = trainer.callback_metrics.items()
+            self.val.append({k: float(v) for k, v in metrics if "val" in k and v.numel() == 1})
+
+
+class LossTracer(_Tracer, _lightning_callbacks.Callback):
+    """:class:`_Tracer` for ``lightning.pytorch`` Trainers."""
+
+
+try:
+    import pytorch_lightning as _standalone
+
+    class StandaloneLossTracer(_Tracer, _standalone.Callback):
+        """:class:`_Tracer` for ``pytorch_lightning`` Trainers."""
+
+except ImportError:  # pragma: no cover
+    StandaloneLossTracer = None  # type: ignore[assignment, misc]
+
+
 def loss_tracer(namespace: str = "lightning.pytorch") -> Any:
-    """A plain Callback (of ``namespace``) that records, per epoch, the mean loss ``training_step`` returned and
-    the validation metrics: the run's own curve, to judge a finding against (is the loss still falling?)."""
-    import importlib
-
-    base = importlib.import_module(f"{namespace}.callbacks").Callback
-
-    class LossTracer(base):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            self.train: list[float] = []
-            self.val: list[dict[str, float]] = []
-            self._sum, self._n = 0.0, 0
-
-        def on_train_batch_end(
-            self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-        ) -> None:
-            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            if isinstance(loss, torch.Tensor):
-                self._sum += float(loss.detach().float())
-                self._n += 1
-
-        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            if self._n:
-                self.train.append(self._sum / self._n)
-            self._sum, self._n = 0.0, 0
-
-        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            if not trainer.sanity_checking:
-                self.val.append(
-                    {
-                        k: float(v)
-                        for k, v in trainer.callback_metrics.items()
-                        if "val" in k and v.numel() == 1
-                    }
-                )
-
-    return LossTracer()
+    """A plain Callback of ``namespace`` recording the run's curve (module-level classes: picklable)."""
+    return LossTracer() if namespace == "lightning.pytorch" else StandaloneLossTracer()
 
 
 def _find_reports(root: str) -> list[str]:
