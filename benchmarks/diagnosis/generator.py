@@ -6,8 +6,9 @@ A configuration is drawn from ``(seed, index)`` alone (the same index gives the 
 
 - model family: ``mlp`` (digits / blobs / moons / a regression), ``cnn`` (digits as 8x8 images), ``rnn`` (an
   LSTM or GRU character language model), ``transformer`` (a small causal LM), ``vae`` (digits), ``nbeats`` (an
-  N-BEATS-like stack of residual MLP blocks on synthetic seasonal series), ``embedding`` (categorical columns
-  through ``nn.Embedding`` tables, or a bag of token embeddings);
+  N-BEATS-like stack of residual MLP blocks on synthetic seasonal series; as in N-BEATS, the last block's backcast
+  head feeds nothing the loss reads, so it gets no gradient by design), ``embedding`` (categorical columns through
+  ``nn.Embedding`` tables, or a bag of token embeddings);
 - optimizer ``sgd``, ``momentum`` (SGD, 0.9), ``adam``, ``adamw``, ``rmsprop``, at a learning rate from a range
   known to work for that family and optimizer (scaled down for batches below 32);
 - schedule ``constant``, ``cosine``, ``onecycle``, ``step``, ``plateau`` (ReduceLROnPlateau on ``val_loss``),
@@ -25,9 +26,9 @@ runner's :func:`~benchmarks.diagnosis.run.run_scenario` (the suite attached the 
 records its own per-step training loss and per-evaluation validation loss; a configuration counts as healthy only
 if it **learned** (the mean loss of the last fifth of the steps at most ``LEARN_RATIO`` times the mean of the first
 steps) and did not overfit (not both of the last two validation losses above its best by ``OVERFIT_TOLERANCE``); the
-others are
-reported as "not healthy" and are not scored (the sampler is tuned so that there are none at seed 0).
-``--bare`` fits without the suite (to check the configurations themselves learn).
+others are reported as "not healthy" and are not scored (the sampler is tuned so that there are none at seed 0). A
+run the suite stopped (blocked) or that crashed is scored as such: ``--bare`` fits without the suite and shows that
+every configuration of seed 0 learns on its own. ``--rescore out.json`` scores a saved sweep again.
 
 Output: one line per run, then the false alarms (runs with any warning/error finding, by code), blocked runs
 (``SanityCheckError``/``NonFiniteError``), crashes, configurations that did not learn, and the time.
@@ -698,11 +699,18 @@ class GenResult:
 
     @property
     def healthy(self) -> bool:
-        """The configuration is what it claims: it learned and did not overfit (otherwise it is not scored)."""
+        """The configuration is what it claims: it learned and did not overfit (otherwise it is not scored).
+
+        A run the suite stopped (blocked) or that crashed cannot show it learned: it is scored as blocked/crashed
+        (the configuration itself is checked by ``--bare``, where it runs without the suite).
+        """
+        if self.result.status != "finished":
+            return True
         return self.learned and not self.overfit
 
     @property
     def false_alarm(self) -> bool:
+        """A scored run with any warning/error finding (a blocked run has the error that blocked it)."""
         return self.healthy and bool(self.result.found)
 
     @property
@@ -780,10 +788,10 @@ def _line(r: GenResult) -> str:
     res = r.result
     if res.status == "crashed":
         verdict = "CRASH"
-    elif not r.healthy:
-        verdict = "NOT HEALTHY" + (" (did not learn)" if not r.learned else " (overfit)")
     elif res.status == "stopped":
         verdict = "BLOCKED"
+    elif not r.healthy:
+        verdict = "NOT HEALTHY" + (" (did not learn)" if not r.learned else " (overfit)")
     elif res.found:
         verdict = "FALSE ALARM"
     else:
@@ -803,7 +811,7 @@ def summary(results: Sequence[GenResult]) -> dict[str, Any]:
     return {
         "runs": len(results),
         "healthy": len(healthy),
-        "not_healthy": [r.config.name for r in results if not r.healthy and not r.crashed],
+        "not_healthy": [r.config.name for r in results if not r.healthy],
         "false_alarms": len(alarms),
         "false_alarm_codes": dict(by_code.most_common()),
         "false_alarm_families": dict(by_family.most_common()),
@@ -827,24 +835,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", default=None, metavar="PATH")
     parser.add_argument("--verbose", action="store_true", help="print every finding of every run")
+    parser.add_argument(
+        "--rescore", default=None, metavar="PATH", help="score the runs of a --json file again"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    configs = generate(args.count, args.seed)
-    if args.only is not None:
-        configs = [c for c in configs if c.index in set(args.only)]
-    if args.families:
-        configs = [c for c in configs if c.family in args.families]
     start = time.perf_counter()
     results: list[GenResult] = []
-    for cfg in configs:
-        r = run_config(cfg, bare=args.bare)
-        results.append(r)
-        print(_line(r), flush=True)
-        if args.verbose:
-            for line in r.result.details:
-                print(f"      {line[:300]}")
-    wall = time.perf_counter() - start
+    if args.rescore:
+        with open(args.rescore, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        for run in saved["runs"]:
+            r = GenResult(
+                Config(**run["config"]),
+                Result(**run["result"]),
+                run["initial_loss"],
+                run["final_loss"],
+                run["val_losses"],
+            )
+            results.append(r)
+            print(_line(r))
+        wall = float(saved.get("wall_seconds", 0.0))
+    else:
+        configs = generate(args.count, args.seed)
+        if args.only is not None:
+            configs = [c for c in configs if c.index in set(args.only)]
+        if args.families:
+            configs = [c for c in configs if c.family in args.families]
+        for cfg in configs:
+            r = run_config(cfg, bare=args.bare)
+            results.append(r)
+            print(_line(r), flush=True)
+            if args.verbose:
+                for line in r.result.details:
+                    print(f"      {line[:300]}")
+        wall = time.perf_counter() - start
     s = summary(results)
     print()
     print(
