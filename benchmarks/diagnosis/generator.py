@@ -299,15 +299,19 @@ def estimated_seconds(cfg: Config) -> float:
 
 
 def fast_sample(seed: int = 0, count: int = 24, per_family: int = 4, budget: float = 2.6) -> list[Config]:
-    """``count`` configurations of generator ``seed`` estimated to run in ``budget`` seconds each, at most
-    ``per_family`` of a family (the first ones in index order): the fixed sample of the test suite."""
+    """``count`` configurations of generator ``seed`` estimated to run in ``budget`` seconds each (language models:
+    a larger budget, at most one of each), at most ``per_family`` of a family, the first ones in index order: the
+    fixed sample of the test suite."""
+    budgets = {"rnn": 4.0, "transformer": 4.5}
+    caps = {"rnn": 1, "transformer": 1}
     picked: list[Config] = []
     families: collections.Counter[str] = collections.Counter()
     index = 0
     while len(picked) < count and index < 2000:
         cfg = sample(seed, index)
         index += 1
-        if families[cfg.family] < per_family and estimated_seconds(cfg) <= budget:
+        cap = caps.get(cfg.family, per_family)
+        if families[cfg.family] < cap and estimated_seconds(cfg) <= budgets.get(cfg.family, budget):
             picked.append(cfg)
             families[cfg.family] += 1
     return picked
