@@ -33,7 +33,6 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 
 from lightning_diag.errors import Deliberate, LightningDiagWarning
@@ -74,7 +73,9 @@ def strict() -> bool:
 
 def is_deliberate(exc: BaseException) -> bool:
     """An exception raised on purpose (or one that is not ours to hold back)."""
-    return not isinstance(exc, Exception) or isinstance(exc, (Deliberate, MisconfigurationException))
+    from lightning_diag._lightning import misconfiguration_errors
+
+    return not isinstance(exc, Exception) or isinstance(exc, (Deliberate, *misconfiguration_errors()))
 
 
 class _State:

@@ -165,6 +165,11 @@ class Broken(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class Detached(Broken):
+    def forward(self, x):
+        return self.net(x).detach().requires_grad_()  # the loss reaches no parameter: nothing can learn
+
+
 class NoData(Broken):
     def train_dataloader(self):
         return super(Broken, self).train_dataloader()
@@ -195,12 +200,16 @@ def test_doctor_resolves_short_callback_names_in_the_command(tmp_path) -> None:
 
 def test_doctor_fails_a_broken_model(tmp_path, capsys) -> None:
     (tmp_path / "broken_model.py").write_text(BROKEN_MODULE)
-    assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Broken"]) == 1
+    # a model nothing can train is an error: exit 1 at the default --fail-on error
+    assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Detached"]) == 1
+    assert "nothing can learn" in capsys.readouterr().out
+    # an unused layer in a model that learns is a warning: reported, exit 1 only when asked to fail on warnings
+    assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Broken"]) == 0
     out = capsys.readouterr().out
     assert "missing_gradients" in out and "unused.weight" in out
-    assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Broken", "--fail-on", "never"]) == 0
+    assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Broken", "--fail-on", "warning"]) == 1
     # importable module form, from the current directory (the tests run in tmp_path)
-    assert main(["doctor", "broken_model:Broken"]) == 1
+    assert main(["doctor", "broken_model:Detached"]) == 1
 
 
 def test_doctor_errors_are_clear(tmp_path, capsys) -> None:

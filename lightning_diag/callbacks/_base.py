@@ -7,7 +7,6 @@ import warnings
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_diag import _lightning, _logging
@@ -30,7 +29,7 @@ from lightning_diag.report import plots
 __all__ = ["DiagCallback", "collect_findings", "run_report"]
 
 
-class DiagCallback(Contained, Callback):
+class DiagCallback(Contained, *_lightning.callback_bases()):  # type: ignore[misc]
     """Base of the lightning_diag callbacks: records :class:`~lightning_diag.Finding` s and writes the report.
 
     Subclasses call :meth:`record` for each conclusion. The last lightning_diag callback in
@@ -134,7 +133,13 @@ class DiagCallback(Contained, Callback):
             return
         # A warning needs a consequence or a certainty: symptoms nothing followed from become info (every rank,
         # so every rank's findings agree).
-        gate([vars(f) for cb in reporters for f in cb.findings], run_context(trainer).losses)
+        died = status == "failed" and error is not None
+        gate(
+            [vars(f) for cb in reporters for f in cb.findings],
+            run_context(trainer).losses,
+            died_at=int(trainer.global_step) if died else None,
+            error=(error or "").split(":")[0],
+        )
         if not trainer.is_global_zero:
             return
         report = run_report(trainer, status, error=error)

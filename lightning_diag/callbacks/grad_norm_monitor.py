@@ -224,6 +224,7 @@ class GradNormMonitor(DiagCallback):
             self.exploding_threshold,
         )
         self._vanishing = VanishingRule(self.vanishing_ratio, self.vanishing_threshold, self.patience)
+        self._first_param_norm: float | None = None  # the parameters' total norm at the first logging step
         # The steps not replayed yet: their total norm (read at the next logging step), their per-tensor norms
         # kept on the device (read only for the worst step of a flagged interval) and their batch size.
         self._queue = DeferredQueue()
@@ -343,8 +344,13 @@ class GradNormMonitor(DiagCallback):
             if amp is not None:
                 self.record(trainer, amp)
             history.max_run = 0
+        ratio = None
+        if "param_total" in out and math.isfinite(out["param_total"][0]):
+            if self._first_param_norm is None:
+                self._first_param_norm = out["param_total"][0]
+            ratio = out["param_total"][0] / self._first_param_norm if self._first_param_norm > 0 else None
         if math.isfinite(out["total"][0]):
-            self._check_vanishing(trainer, self._leaf_index(stats.names, device).names, out["leaves"])
+            self._check_vanishing(trainer, self._leaf_index(stats.names, device).names, out["leaves"], ratio)
 
     def _remember_norms(self, step: int, names: tuple[str, ...], out: dict[str, list[float]]) -> None:
         values = out.get("groups", out["total"]) if self.group_by != "total" else out["total"]
@@ -371,8 +377,14 @@ class GradNormMonitor(DiagCallback):
             self._leaf_names = names
         return self._leaves
 
-    def _check_vanishing(self, trainer: pl.Trainer, names: tuple[str, ...], norms: list[float]) -> None:
-        verdict = self._vanishing.check(names, norms)
+    def _check_vanishing(
+        self,
+        trainer: pl.Trainer,
+        names: tuple[str, ...],
+        norms: list[float],
+        param_ratio: float | None = None,
+    ) -> None:
+        verdict = self._vanishing.check(names, norms, param_ratio)
         if verdict is not None:
             self.record(trainer, verdict)
 
@@ -425,6 +437,7 @@ class GradNormMonitor(DiagCallback):
         state: dict[str, Any] = {
             **self._history.state_dict(),
             "vanishing_streak": dict(self._vanishing.streak),
+            "first_param_norm": self._first_param_norm,
             "findings": self._findings_state(),
         }
         if self._queue:  # steps not replayed yet: saved raw, so a resumed run replays them alike
@@ -436,6 +449,8 @@ class GradNormMonitor(DiagCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._history.load_state_dict(state_dict)
         self._vanishing.streak = {str(k): int(v) for k, v in state_dict.get("vanishing_streak", {}).items()}
+        if state_dict.get("first_param_norm") is not None:
+            self._first_param_norm = float(state_dict["first_param_norm"])
         self._queue.load_state_dict(state_dict.get("queue") or _compat.grad_norm_queue_0_1(state_dict))
         if self._queue:
             self._names = tuple(state_dict.get("pending_names", ()))

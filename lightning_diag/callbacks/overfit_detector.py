@@ -189,6 +189,10 @@ class OverfitDetector(DiagCallback):
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor):
             value = loss.detach().float().sum()
+            if pl_module.automatic_optimization:
+                # Lightning hands this hook the loss divided by accumulate_grad_batches: the curve needs the loss
+                # itself, on the validation loss's scale
+                value = value * max(int(trainer.accumulate_grad_batches), 1)
             finite = torch.isfinite(value)
             # Non-finite step losses (a step NaNGuard skipped) stay out of the mean; all of them non-finite -> NaN.
             pair = torch.stack([torch.where(finite, value, torch.zeros_like(value)), finite.float()])
@@ -304,6 +308,7 @@ class OverfitDetector(DiagCallback):
             unit="epoch",
             initial=self.initial_loss,
             recent=self.recent_loss,
+            frozen_share=_frozen_share(trainer.lightning_module),
         ):
             self.record(trainer, detection, key=f"{detection.code}:{detection.severity}")
             if detection.code in STOP_CODES and detection.severity != "info":
@@ -380,3 +385,12 @@ class OverfitDetector(DiagCallback):
             self._first = state_dict["first"].clone()
         self._first_steps = int(state_dict.get("first_steps", self._first_steps))
         self._load_findings_state(state_dict)
+
+
+def _frozen_share(pl_module: pl.LightningModule) -> float:
+    """The share of the model's parameter elements that do not train (``requires_grad=False``)."""
+    total = frozen = 0
+    for p in pl_module.parameters():
+        total += p.numel()
+        frozen += 0 if p.requires_grad else p.numel()
+    return frozen / total if total else 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -78,11 +79,12 @@ class SpeedMonitor(DiagCallback):
         ====================================  ===================================================
 
     Findings:
-        ``dataloader_bound`` (warning): waiting for data takes more than ``data_share`` of the step time and at least
+        ``dataloader_bound``: waiting for data takes more than ``data_share`` of the step time and at least
         ``min_wait_ms`` per step (medians over the window, judged at the logging steps and at the end of fit), with
-        the expected speed-up, the
-        share, the milliseconds per step and the DataLoader's ``num_workers``/``pin_memory``/
-        ``persistent_workers``/batch size, and advice that follows from them. ``dataloader_config`` (warning):
+        the expected speed-up, the share, the milliseconds per step, the seconds the whole run would save, the
+        DataLoader's ``num_workers``/``pin_memory``/``persistent_workers``/batch size, and advice that follows from
+        them. A warning when the step is starved (60% of its time or more waiting) or the whole run would save a
+        minute or more; info otherwise (a short run that loses a few seconds). ``dataloader_config`` (warning):
         ``pin_memory=False`` while training on a CUDA device. ``host_sync`` (warning, CUDA only): synchronising
         calls inside the step, with their call sites.
 
@@ -235,6 +237,7 @@ class SpeedMonitor(DiagCallback):
             min_wait_ms=self.min_wait_ms,
             steps_so_far=int(trainer.global_step),
             loader=facts,
+            steps_total=_total_steps(trainer),
         )
         if verdict is not None:
             self.record(trainer, verdict)
@@ -300,3 +303,9 @@ class SpeedMonitor(DiagCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._load_findings_state(state_dict)
+
+
+def _total_steps(trainer: pl.Trainer) -> int | None:
+    """The optimizer steps the whole fit will take, when Lightning can tell (``None`` for an endless loader)."""
+    total = trainer.estimated_stepping_batches
+    return int(total) if isinstance(total, (int, float)) and math.isfinite(total) else None

@@ -25,10 +25,16 @@ A symptom has a consequence when (:func:`gate`):
   occurrence is above the median of the (up to) :data:`WINDOW` steps before its first one by more than
   :data:`WORSE_BY` (relative) and more than 3 median absolute deviations, or a loss after it is NaN/Inf. A spike
   the loss recovers from within the window moves neither median; or
+* the run died of an exception within :data:`WINDOW` steps of it (a library's solver that failed on the values
+  it produced); or
 * the run ends worse than a uniform guess, for a finding that names that chance level (:func:`above_chance`: the
   loss at initialisation against ln(C)); or
 * the run learned (almost) nothing: its training loss moved less than :data:`MIN_PROGRESS` from its first steps to
   its last (:func:`stalled`); then any symptom in it may be why.
+
+A plateau (or underfitting) far below where the loss started is recorded as ``info`` with
+``evidence["floor_possible"]`` (it may be the task's floor, :mod:`lightning_diag.core.curves`): it becomes a
+``warning`` when a loud finding explains it (its cause in the diagnosis table).
 
 A finding of a symptom code can be a fact after all (:func:`kind`): the run was stopped for it, gradients that are
 exactly 0, a rule that marked it ``certain``; those keep their severity.
@@ -185,14 +191,16 @@ def above_chance(finding: Mapping[str, Any], losses: Sequence[tuple[int, float]]
     ln(C) for a C-class cross-entropy, the loss of a uniform guess), ``""`` otherwise: a model that ends worse than
     guessing was harmed by whatever made it start there.
     """
-    chance = (finding.get("evidence") or {}).get("expected")
+    evidence = finding.get("evidence") or {}
+    chance = evidence.get("expected")
+    what = str(evidence.get("expected_is", "the loss of a uniform guess"))
     finite = [v for _, v in losses if math.isfinite(v)]
     if not isinstance(chance, (int, float)) or len(finite) < 5:
         return ""
     final = statistics.median(finite[-min(WINDOW, len(finite)) :])
     if final <= chance:
         return ""
-    return f"the training loss still ends at {final:.4g}, above {chance:.4g}, the loss of a uniform guess"
+    return f"the training loss still ends at {final:.4g}, above {chance:.4g}, {what}"
 
 
 def kind(finding: Mapping[str, Any]) -> Kind:
@@ -220,12 +228,17 @@ def _effects(findings: Sequence[Mapping[str, Any]], ids: Sequence[str]) -> dict[
 
 
 def gate(
-    findings: Sequence[MutableMapping[str, Any]], losses: Sequence[tuple[int, float]] = ()
+    findings: Sequence[MutableMapping[str, Any]],
+    losses: Sequence[tuple[int, float]] = (),
+    *,
+    died_at: int | None = None,
+    error: str = "",
 ) -> list[tuple[int, str]]:
     """Apply the severity policy to a run's findings (dicts, as ``Finding.to_dict()`` or ``Finding.__dict__``):
     every loud ``symptom`` without a consequence becomes ``info``, every pending one with a consequence a
     ``warning``; each gets ``evidence["harm"]`` saying what was (or was not) measured. Returns ``(index, new
-    severity)`` for the findings it changed.
+    severity)`` for the findings it changed. ``died_at``: the step at which the run died of an exception (``error``):
+    a symptom seen within :data:`WINDOW` steps before it is a consequence's cause candidate too.
 
     Example:
         >>> spike = {"code": "exploding_gradients", "severity": "warning", "step": 30, "last_step": 30, "evidence": {}}
@@ -262,10 +275,13 @@ def gate(
             continue
         effect = consequence(fid)
         first = int(finding.get("step", 0))
+        last = int(finding.get("last_step") or first)
+        died = died_at is not None and first <= died_at <= last + WINDOW
         harm = (
             f"led to {effect['code']} at step {int(effect.get('step', 0))}"
             if effect is not None
-            else loss_harm(first, int(finding.get("last_step") or first), losses)
+            else (f"the run died of {error or 'an exception'} at step {died_at}" if died else "")
+            or loss_harm(first, last, losses)
             or above_chance(finding, losses)
             or whole_run
         )
@@ -280,4 +296,18 @@ def gate(
         if finding.get("severity") not in (severity, "error"):
             finding["severity"] = severity
             changed.append((index, severity))
+    # A plateau far below where the loss started may be the task's floor: a warning only when a loud finding explains
+    # it (its cause, by the diagnosis table).
+    for index, (fid, finding) in enumerate(zip(ids, findings, strict=True)):
+        evidence = finding.get("evidence") or {}
+        if not evidence.get("floor_possible") or finding.get("severity") in _LOUD:
+            continue
+        cause = next(
+            (by_id[c] for c in ids if fid in effects[c] and by_id[c].get("severity") in _LOUD),
+            None,
+        )
+        if cause is not None:
+            evidence["cause"] = f"{cause['code']} at step {int(cause.get('step', 0))}"
+            finding["severity"] = "warning"
+            changed.append((index, "warning"))
     return changed

@@ -19,8 +19,8 @@ Rules (thresholds are :class:`CurveRules` fields):
   evaluations while the gap grew at each of them and training kept falling: the early sign of the above.
 * **divergence** (error): the training loss is non-finite, or it rose over the last ``patience`` evaluations to
   more than ``divergence_ratio`` times its lowest value, or (with ``initial``, the loss of the first training
-  step) its mean since the last evaluation is more than ``divergence_ratio`` times that initial loss: the model
-  does worse than where it started.
+  steps) both the steps just before the evaluation and the mean since the last one are more than
+  ``divergence_ratio`` times that initial loss: the model does worse than where it started.
 * **loss_plateau** (warning): the training loss improved by less than ``plateau_threshold`` (relative) over the
   last ``patience`` evaluations while still above ``high_ratio`` of the reference loss (a given ``baseline``, e.g.
   the loss of the best constant predictor, else the initial loss). Reported when it is still creeping down at
@@ -33,13 +33,21 @@ Rules (thresholds are :class:`CurveRules` fields):
   validation loss is within ``plateau_threshold`` of the first one while it and the training loss are still above
   ``high_ratio`` of the reference: whatever the training loss does, nothing that generalises is being learned (regularisation so
   strong the model cannot learn, labels unrelated to the inputs).
-* **stopped while overfitting** (``stopped=True``, an early stop decided elsewhere): a widening gap, with a real
-  gap and a validation loss more than ``stop_rise`` (relative) above its best, is an ``overfitting`` warning, not
-  an early sign (a stop within a few percent of the best is ordinary early stopping): the run ended because the validation loss stopped improving while
+* **stopped while overfitting** (``stopped=True``, an early stop decided elsewhere): a training loss that fell to
+  half or less of its value at the best evaluation while the gap grew to half the validation loss or more (the
+  model memorised; the stop near the best hid the rise), or a widening gap, with a real gap and a validation loss
+  more than ``stop_rise`` (relative) above its best, is an ``overfitting`` warning, not an early sign (a stop within a few percent of the best is ordinary early stopping): the run ended because the validation loss stopped improving while
   the training loss kept falling.
 
 Oscillation (the noise relative to the loss level above ``oscillation_ratio``) is added to the evidence of a
 divergence or a plateau as a hint of a learning rate too high.
+
+**Floors.** A plateau (or underfitting, or a validation loss that never improved) far below where the loss started
+(``floor_progress``, 20%, of the reference already gone) may be the task's floor (label noise, overlapping classes,
+an ELBO's entropy term): it is recorded as ``info`` with ``evidence["floor_possible"]``, and the end-of-fit gate
+(:mod:`lightning_diag.core.consequences`) makes it a warning only when another finding explains it (vanishing
+gradients, a loss spike, a silent bug...). A plateau while the validation loss still improves by more than its
+noise is no plateau at all.
 
 **Scales.** A gap or a ratio between the two losses is computed only when they are on the same scale
 (:func:`comparable`: within ``scale_ratio`` of each other at the first evaluation). Otherwise each curve is judged
@@ -91,6 +99,7 @@ class CurveRules:
     oscillation_ratio: float = 0.1
     stop_rise: float = 0.05
     scale_ratio: float = 4.0
+    floor_progress: float = 0.2
 
     def __post_init__(self) -> None:
         if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 2:
@@ -102,6 +111,7 @@ class CurveRules:
             "close_ratio",
             "oscillation_ratio",
             "stop_rise",
+            "floor_progress",
         ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
@@ -162,13 +172,15 @@ def diagnose(
     initial: float | None = None,
     stopped: bool = False,
     recent: float | None = None,
+    frozen_share: float = 0.0,
 ) -> list[Verdict]:
     """Apply every rule to the history ``points`` (in evaluation order); return what holds at its end.
 
     ``unit`` names what ``x`` counts in the messages (``"epoch"`` or ``"step"``); ``initial`` is the mean loss of
     the first few training steps when known and ``recent`` the mean loss of as many steps just before the last
     evaluation (compared with each other: like with like, as one batch can be much easier than the average);
-    ``stopped`` says the run was stopped early (by EarlyStop) after the last point.
+    ``stopped`` says the run was stopped early (by EarlyStop) after the last point; ``frozen_share`` is the share
+    of the parameters that do not train (a plateau then names a frozen, possibly never loaded, backbone first).
     """
     rules = rules or CurveRules()
     if not points:
@@ -182,14 +194,37 @@ def diagnose(
     overfit = _overfitting(points, rules, unit, stopped, same_scale)
     if overfit is not None:
         found.append(overfit)
-    plateau = _plateau_or_underfitting(points, rules, baseline, same_scale)
+    plateau = _plateau_or_underfitting(points, rules, baseline, same_scale, initial)
     if plateau is not None and overfit is None:
         found.append(plateau)
-    flat = _validation_never_improved(points, rules, baseline, unit, same_scale) if plateau is None else None
+    flat = (
+        _validation_never_improved(points, rules, baseline, unit, same_scale, initial)
+        if plateau is None
+        else None
+    )
     if flat is not None and (overfit is None or overfit.severity == "info"):
         # a gap that "widens" because only the training loss moves is not the early sign of overfitting
         found = [flat]
+    if frozen_share >= FROZEN_SHARE:
+        found = [_frozen(v, frozen_share) if v.code in ("loss_plateau", "underfitting") else v for v in found]
     return found
+
+
+#: A plateau with at least this share of the parameters frozen names the frozen part first.
+FROZEN_SHARE = 0.5
+
+
+def _frozen(verdict: Verdict, share: float) -> Verdict:
+    """A plateau of a model that is mostly frozen: the frozen part is the first suspect, not the learning rate."""
+    advice = [
+        f"{share:.0%} of the parameters are frozen: features from a backbone whose pretrained weights were never "
+        "loaded (random), or that do not suit this data, leave the trainable part little to learn. Check the "
+        "weights were loaded, or unfreeze the last blocks.",
+        *(a for a in verdict.advice if "raise it" not in a and "too low" not in a),
+    ]
+    return dataclasses.replace(
+        verdict, evidence={**verdict.evidence, "frozen_share": round(share, 4)}, advice=advice
+    )
 
 
 def _oscillation(train: Sequence[float], rules: CurveRules) -> dict[str, Any]:
@@ -223,6 +258,8 @@ def _divergence(
         and math.isfinite(initial)
         and initial > 0
         and current > rules.divergence_ratio * initial
+        # the mean since the last evaluation too: a few hard steps after an unusually easy start are not divergence
+        and last.train > rules.divergence_ratio * initial
     ):
         where = "over the last steps before" if recent is not None else "on average up to"
         return _verdict(
@@ -317,6 +354,21 @@ def _overfitting(
     widening = all(b > a for a, b in itertools.pairwise(gaps))
     grew = gap_now - gap_best > max(rules.rise_tolerance * abs(best.val), 2 * noise(vals))
     risen = rise > rules.stop_rise * abs(best.val)
+    # stopped early while the training loss kept plunging and now fits far better than anything generalises: the
+    # overfitting early stopping cut short (a stop near the best hides it from the rise rules above)
+    memorized = stopped and last.train <= 0.5 * best.train and gap_now >= 0.5 * abs(last.val)
+    if train_fell and memorized:
+        return _verdict(
+            "overfitting",
+            "warning",
+            f"Overfitting, cut short by early stopping: since the best validation loss {_fmt(best.val)} "
+            f"({_x(best, unit)}) the training loss fell from {_fmt(best.train)} to {_fmt(last.train)} while the "
+            f"validation loss did not improve; the model now fits the training data far better than it generalises "
+            f"(gap {_fmt(gap_now)}, {gap_now / abs(last.val):.0%} of the validation loss).",
+            last.x,
+            evidence,
+            _OVERFIT_ADVICE,
+        )
     if train_fell and widening and grew and stopped and real_gap and risen:
         return _verdict(
             "overfitting",
@@ -376,8 +428,18 @@ def _overfitting_alone(
     )
 
 
+def _progress(value: float, reference: float, initial: float | None) -> float:
+    """How far ``value`` is below where the loss started: the first steps' loss when known, else ``reference``."""
+    start = initial if initial is not None and math.isfinite(initial) and initial > 0 else reference
+    return 1 - value / start if start > 0 else 0.0
+
+
 def _plateau_or_underfitting(
-    points: Sequence[CurvePoint], rules: CurveRules, baseline: float | None, same_scale: bool = True
+    points: Sequence[CurvePoint],
+    rules: CurveRules,
+    baseline: float | None,
+    same_scale: bool = True,
+    initial: float | None = None,
 ) -> Verdict | None:
     w = rules.patience
     if len(points) <= w:
@@ -419,10 +481,21 @@ def _plateau_or_underfitting(
     if last.val is not None:
         evidence["val_loss"] = last.val
     evidence["improvement_overall"] = round(overall, 6)
+    falling_val = _validation_still_falling(points, rules)
+    if falling_val:
+        return None  # the validation loss still improves by more than its noise: nothing has stopped
+    progress = _progress(last.train, reference, initial)
+    evidence["progress"] = round(progress, 4)
+    # Far from where it started, the loss may sit at the task's floor (label noise, Bayes error): a plateau there is
+    # info unless another finding explains it (the end-of-fit gate then makes it a warning).
+    floor = progress >= rules.floor_progress
+    severity: Severity = "info" if floor else "warning"
+    if floor:
+        evidence["floor_possible"] = 1
     if close and saturated:
         return _verdict(
             "underfitting",
-            "warning",
+            severity,
             f"Plateau at a high loss: the training loss has stopped improving at {_fmt(last.train)} "
             f"({last.train / reference:.0%} of the {evidence['reference']} loss {_fmt(reference)}) and the "
             f"validation loss ({_fmt(last.val or 0.0)}) follows it closely: either the task's floor (label noise, "
@@ -434,12 +507,22 @@ def _plateau_or_underfitting(
     how = "is still falling at its usual slow rate, by less than" if creeping else "improved by less than"
     return _verdict(
         "loss_plateau",
-        "warning",
+        severity,
         f"The training loss {how} {rules.plateau_threshold:.0%} over the last {w} evaluations, at {_fmt(last.train)} "
         f"({last.train / reference:.0%} of the {evidence['reference']} loss {_fmt(reference)}).",
         last.x,
         evidence,
         _PLATEAU_ADVICE_CREEPING if creeping else _PLATEAU_ADVICE,
+    )
+
+
+def _validation_still_falling(points: Sequence[CurvePoint], rules: CurveRules) -> bool:
+    """Whether the validation loss improved over the last ``patience`` evaluations by more than its noise."""
+    vals = [p.val for p in points if p.val is not None and math.isfinite(p.val)]
+    if len(vals) <= rules.patience:
+        return False
+    return vals[-rules.patience - 1] - vals[-1] > max(
+        2 * noise(vals), rules.plateau_threshold * abs(vals[-1])
     )
 
 
@@ -449,6 +532,7 @@ def _validation_never_improved(
     baseline: float | None,
     unit: str,
     same_scale: bool = True,
+    initial: float | None = None,
 ) -> Verdict | None:
     vals = [p.val for p in points if p.val is not None and math.isfinite(p.val)]
     if len(vals) <= rules.patience or not math.isfinite(points[0].train):
@@ -463,9 +547,13 @@ def _validation_never_improved(
         return None
     if points[-1].train <= rules.high_ratio * reference:
         return None  # training fell far while validation did not move: the overfitting rules' case
+    progress = _progress(best, reference, initial)
+    floor = (
+        progress >= rules.floor_progress
+    )  # learned a lot by the first evaluation: maybe at the task's floor
     return _verdict(
         "loss_plateau",
-        "warning",
+        "info" if floor else "warning",
         f"The validation loss has not improved in {len(vals)} evaluations: {_fmt(first)} at the first, {_fmt(best)} "
         f"at best, {_fmt(last)} at {_x(points[-1], unit)} (training loss {_fmt(points[-1].train)}): nothing the model "
         "learns carries over to the validation data.",
@@ -477,6 +565,8 @@ def _validation_never_improved(
             "train_loss": points[-1].train,
             "reference_loss": reference,
             "evaluations": len(vals),
+            "progress": round(progress, 4),
+            **({"floor_possible": 1} if floor else {}),
         },
         _VAL_FLAT_ADVICE,
     )

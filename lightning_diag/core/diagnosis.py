@@ -19,10 +19,14 @@ when several findings of the cause codes match), and never a cause that it (tran
 | ``non_finite_chain`` | ``non_finite_loss`` | non-finite gradients/parameters/metrics, divergence, early stop, plateau | same step or later |
 | ``non_finite_grads`` | ``non_finite_gradients`` | non-finite parameters/loss/metrics, divergence, early stop | same step or later |
 | ``no_gradient`` | ``missing_gradients`` | vanishing gradients, plateau, underfitting | any |
-| ``vanished`` | ``vanishing_gradients`` | plateau, underfitting | any |
-| ``sorted_labels`` | ``label_distribution`` | loss spike, exploding gradients, plateau, underfitting | any |
+| ``vanished`` | ``vanishing_gradients`` (not when the weights themselves shrank: a weight decay far too strong) | plateau, underfitting | same step or later |
+| ``sorted_labels`` | ``label_distribution`` (the data ordered by label: a fact) | loss spike, exploding gradients, plateau, underfitting | any |
+| ``squashed_twice`` | ``loss_at_init`` (softmax/sigmoid applied twice: a fact) | plateau, underfitting, vanishing gradients | same step or later |
 | ``stopped_by_overfitting`` | ``overfitting`` | early stop | any |
 | ``stopped_by_plateau`` | ``loss_plateau``, ``underfitting`` | early stop | any |
+
+A rule marked *a fact* links only a cause whose evidence says ``certain`` (its rule established it, rather than
+guessed it from one batch): a first batch that happens to hold one class explains nothing.
 
 The ``primary`` finding is the root of the warning/error findings (following causes up while they are
 warning/error findings themselves: an info finding is never primary) that explains the most of them; ties go to the higher-ranked code of :data:`PRIORITY` (correctness before speed, causes before
@@ -74,6 +78,8 @@ class Rule:
     effect: tuple[str, ...]
     order: str
     why: str
+    #: the cause links only when its rule marked it a fact (``evidence["certain"]``), not a guess
+    cause_needs_certain: bool = False
 
 
 RULES: tuple[Rule, ...] = (
@@ -176,7 +182,7 @@ RULES: tuple[Rule, ...] = (
         "vanished",
         ("vanishing_gradients",),
         _CURVE,
-        "any",
+        "after",
         "layers with ~0 gradient do not learn, so the loss stops improving",
     ),
     Rule(
@@ -185,6 +191,16 @@ RULES: tuple[Rule, ...] = (
         ("loss_spike", "exploding_gradients", *_CURVE),
         "any",
         "single-class batches make the loss and the gradient jump at each class boundary",
+        cause_needs_certain=True,
+    ),
+    Rule(
+        "squashed_twice",
+        ("loss_at_init",),
+        (*_CURVE, "vanishing_gradients"),
+        "after",
+        "softmax (or sigmoid) applied before a loss that applies it again: the loss cannot go below its floor and "
+        "the gradients are squashed",
+        cause_needs_certain=True,
     ),
     Rule(
         "stopped_by_overfitting",
@@ -299,6 +315,12 @@ def explains(rule: Rule, cause: Mapping[str, Any], effect: Mapping[str, Any]) ->
         and cause.get("code") == "loss_spike"
     ):
         return _collapsed_to_zero(effect)
+    if rule.cause_needs_certain and not (cause.get("evidence") or {}).get("certain"):
+        return False  # a guess (one single-class batch, an odd loss at init) explains nothing
+    if rule.name == "vanished" and (cause.get("evidence") or {}).get("weights_shrunk"):
+        return (
+            False  # the weights collapsed (weight decay): the vanishing gradients are a symptom of that too
+        )
     if rule.order == "after":
         return int(effect.get("step", 0)) >= int(cause.get("step", 0))
     if rule.order == "near":

@@ -22,6 +22,7 @@ from lightning_diag.core.verdict import Verdict
 
 __all__ = [
     "EXPLODING_ADVICE",
+    "SHRUNK_RATIO",
     "VANISHING_ADVICE",
     "NormHistory",
     "Replay",
@@ -38,6 +39,9 @@ EXPLODING_ADVICE = [
     "Check the initialisation and add normalisation (LayerNorm/BatchNorm) or residual connections in deep stacks.",
     "Under fp16, prefer bf16 or make sure the loss is scaled (16-mixed uses a GradScaler).",
 ]
+#: Parameters whose total norm fell below this share of its first value have collapsed (see VanishingRule).
+SHRUNK_RATIO = 0.25
+
 VANISHING_ADVICE = [
     "Prefer non-saturating activations (ReLU/GELU/SiLU) over sigmoid/tanh in deep stacks.",
     "Use an initialisation matched to the activation (Kaiming for ReLU, Xavier for tanh).",
@@ -249,8 +253,15 @@ class VanishingRule:
         self.patience = patience
         self.streak: dict[str, int] = {}
 
-    def check(self, names: Sequence[str], norms: Sequence[float]) -> Verdict | None:
-        """One check of the per-leaf-module norms (in registration order); a verdict once a layer's streak lasts."""
+    def check(
+        self, names: Sequence[str], norms: Sequence[float], param_ratio: float | None = None
+    ) -> Verdict | None:
+        """One check of the per-leaf-module norms (in registration order); a verdict once a layer's streak lasts.
+
+        ``param_ratio``: the parameters' total norm now over its value at the first check; below
+        :data:`SHRUNK_RATIO` the weights themselves collapsed (a weight decay far too strong), and the vanishing
+        gradients are its consequence, not a cause.
+        """
         vanishing, late_max = vanishing_layers(list(names), list(norms), self.ratio, self.threshold)
         flagged = {n for n, _ in vanishing}
         for name in names:
@@ -261,6 +272,17 @@ class VanishingRule:
         listed = ", ".join(f"{n} ({v:.3g})" for n, v in lasting[:8])
         smallest = min(v for _, v in lasting)
         zero = " (exactly 0: no gradient reaches them at all)" if smallest == 0 else ""
+        shrunk = param_ratio is not None and param_ratio < SHRUNK_RATIO
+        extra: dict[str, Any] = {"param_norm_ratio": round(param_ratio, 6)} if param_ratio is not None else {}
+        advice = list(VANISHING_ADVICE)
+        if shrunk:
+            extra["weights_shrunk"] = 1
+            advice = [
+                f"The parameters shrank to {param_ratio:.1%} of their norm at the start: a weight decay (or L2 "
+                "term) far too strong holds them near 0, and the gradients through them vanish with them. Lower "
+                "`weight_decay` (AdamW's decoupled decay at 0.01-0.1; with Adam/SGD an L2 term of 1e-4-1e-2).",
+                *advice,
+            ]
         return Verdict(
             "vanishing_gradients",
             "warning",
@@ -273,6 +295,7 @@ class VanishingRule:
                 "ratio": self.ratio,
                 "threshold": self.threshold,
                 "leaf_modules": len(names),
+                **extra,
             },
-            list(VANISHING_ADVICE),
+            advice,
         )

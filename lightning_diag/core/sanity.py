@@ -42,6 +42,7 @@ from lightning_diag.core.verdict import Severity, Verdict
 
 __all__ = [
     "CLASSIFICATION_LOSSES",
+    "REGRESSION_LOSSES",
     "LossCall",
     "NoLoss",
     "StepView",
@@ -54,6 +55,8 @@ __all__ = [
     "check_loss_calls",
     "check_overfit_batch",
     "check_probabilities_as_logits",
+    "check_sigmoid_as_logits",
+    "check_target_scale",
     "observe_step",
     "overfit_optimizer",
     "pending",
@@ -87,6 +90,13 @@ CLASSIFICATION_LOSSES: dict[Callable[..., Any], str] = {
     nn.functional.binary_cross_entropy: "binary_cross_entropy",
     nn.functional.binary_cross_entropy_with_logits: "binary_cross_entropy_with_logits",
 }
+#: Regression losses: their target's scale against the model's outputs (:func:`check_target_scale`).
+REGRESSION_LOSSES: dict[Callable[..., Any], str] = {
+    nn.functional.mse_loss: "mse_loss",
+    nn.functional.l1_loss: "l1_loss",
+    nn.functional.smooth_l1_loss: "smooth_l1_loss",
+    nn.functional.huber_loss: "huber_loss",
+}
 
 
 @dataclasses.dataclass
@@ -101,10 +111,14 @@ class LossCall:
 
 @dataclasses.dataclass
 class StepView:
-    """What one training step consumed: the first parameterised layer's float input and the classification losses."""
+    """What one training step consumed: the first parameterised layer's float input and the classification and
+    regression loss calls.
+    """
 
     first_layer: tuple[str, torch.Tensor] | None = None
     losses: list[LossCall] = dataclasses.field(default_factory=list)
+    #: the loss the step returned (a float; NaN when it returned none)
+    loss: float = math.nan
 
 
 class _LossCalls(torch.overrides.TorchFunctionMode):
@@ -117,7 +131,7 @@ class _LossCalls(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        name = CLASSIFICATION_LOSSES.get(func)
+        name = CLASSIFICATION_LOSSES.get(func) or REGRESSION_LOSSES.get(func)
         if name is not None and len(args) + len(kwargs) >= 2:
             given = dict(zip(("input", "target"), args, strict=False)) | kwargs
             if isinstance(given.get("input"), torch.Tensor) and isinstance(given.get("target"), torch.Tensor):
@@ -145,7 +159,9 @@ def observe_step(model: nn.Module, run: Callable[[], Any]) -> StepView:
     handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in owners]
     try:
         with preserved_module(model), preserved_rng(), torch.no_grad(), _LossCalls(view):
-            run()
+            out = run()
+        if isinstance(out, torch.Tensor) and out.numel() == 1:
+            view.loss = float(out.detach().float())
     finally:
         for handle in handles:
             handle.remove()
@@ -159,10 +175,21 @@ def pending(verdict: Verdict) -> Verdict:
     return dataclasses.replace(verdict, severity="info", evidence={**verdict.evidence, "pending": 1})
 
 
-def check_input_scale(layer: str, x: torch.Tensor, *, limit: float = 20.0) -> list[Verdict]:
+#: An input this far from unit scale, with a loss this large at initialisation, is a fact (the scale reaches the loss).
+EXTREME_SCALE, EXTREME_LOSS = 1e3, 1e6
+#: A regression target this many times the scale of the model's outputs at initialisation is a fact too.
+EXTREME_GAP = 1e3
+
+
+def check_input_scale(
+    layer: str, x: torch.Tensor, *, limit: float = 20.0, loss: float = math.nan
+) -> list[Verdict]:
     """The float input of the first layer with parameters, far from unit scale (root-mean-square above ``limit``).
 
-    Judged on what the layer receives, not on the raw batch: a model that normalises inside its step is fine.
+    Judged on what the layer receives, not on the raw batch: a model that normalises inside its step is fine. A
+    symptom (``pending``: a warning only if a consequence follows; models with scale-free losses train on raw
+    inputs), except when the input is :data:`EXTREME_SCALE` or more off and the step's ``loss`` is
+    :data:`EXTREME_LOSS` or more: then the scale dominates the loss, a fact.
     """
     x = x.detach().float()
     if x.numel() < 2 or not bool(torch.isfinite(x).all()):
@@ -170,21 +197,24 @@ def check_input_scale(layer: str, x: torch.Tensor, *, limit: float = 20.0) -> li
     rms = float(x.pow(2).mean().sqrt())
     if rms <= limit:
         return []
-    return [
-        pending(
-            Verdict(
-                "input_scale",
-                "warning",
-                f"The first layer with parameters, `{layer}`, receives inputs far from unit scale: root-mean-square "
-                f"{rms:.3g} (mean {float(x.mean()):.3g}, std {float(x.std()):.3g}).",
-                {"layer": layer, "rms": rms},
-                [
-                    "Standardise inputs (zero mean, unit variance) or scale them to [0, 1], in the Dataset or at the "
-                    "start of `forward`/`training_step`; large inputs slow and destabilise training."
-                ],
-            )
-        )
-    ]
+    dominated = rms >= EXTREME_SCALE and math.isfinite(loss) and abs(loss) >= EXTREME_LOSS
+    verdict = Verdict(
+        "input_scale",
+        "warning",
+        f"The first layer with parameters, `{layer}`, receives inputs far from unit scale: root-mean-square "
+        f"{rms:.3g} (mean {float(x.mean()):.3g}, std {float(x.std()):.3g})"
+        + (
+            f", and the loss at initialisation is {loss:.3g}: the scale reaches the loss."
+            if dominated
+            else "."
+        ),
+        {"layer": layer, "rms": rms, **({"loss": loss, "certain": 1} if dominated else {})},
+        [
+            "Standardise inputs (zero mean, unit variance) or scale them to [0, 1], in the Dataset or at the "
+            "start of `forward`/`training_step`; large inputs slow and destabilise training."
+        ],
+    )
+    return [verdict] if dominated else [pending(verdict)]
 
 
 def check_labels(
@@ -433,9 +463,13 @@ def check_gradients(
 def check_batch_independence(
     forward: Callable[[torch.Tensor], Any], module: nn.Module, x: torch.Tensor, sample: int = 0
 ) -> list[Verdict]:
-    """The output of sample ``sample`` must not depend on any other sample of ``x`` (gradient test)."""
-    if not x.is_floating_point() or x.dim() < 1 or x.shape[0] < 2:
+    """The output of sample ``sample`` must not depend on any other sample of ``x``: a gradient test for float
+    inputs, a forward test (:func:`_swap_test`) for token ids and other discrete inputs.
+    """
+    if x.dim() < 1 or x.shape[0] < 2:
         return []
+    if not x.is_floating_point():
+        return _swap_test(forward, module, x, sample)
     mixing = [n for n, m in module.named_modules() if isinstance(m, BATCH_MIXING)]
     with preserved_module(module), torch.enable_grad():
         if mixing:
@@ -477,6 +511,43 @@ def check_batch_independence(
             [
                 "Look for a view/reshape/transpose that moves the batch dimension (e.g. x.view(-1, batch) instead of "
                 "x.view(batch, -1)), or a reduction over dim 0 (mean/softmax over the batch).",
+            ],
+        )
+    ]
+
+
+def _swap_test(
+    forward: Callable[[torch.Tensor], Any], module: nn.Module, x: torch.Tensor, sample: int
+) -> list[Verdict]:
+    """Discrete inputs have no gradient: run the model (eval mode, no dropout) on the batch, then on a batch whose
+    other samples are all copies of sample ``sample``; its own output must not change.
+    """
+    with preserved_module(module), preserved_rng(), torch.no_grad():
+        module.eval()
+        first = [t for _, t in iter_tensors(forward(x)) if t.is_floating_point() and t.dim() >= 1]
+        copies = x[sample : sample + 1].expand_as(x).clone()
+        second = [t for _, t in iter_tensors(forward(copies)) if t.is_floating_point() and t.dim() >= 1]
+    pairs = [
+        (a[sample].float(), b[sample].float())
+        for a, b in zip(first, second, strict=False)
+        if a.shape == b.shape and a.shape[0] == x.shape[0]
+    ]
+    if not pairs:
+        return []
+    moved = max(float((a - b).abs().max()) for a, b in pairs)
+    scale = max(float(a.abs().max()) for a, _ in pairs)
+    if moved <= 1e-4 * max(scale, 1.0):
+        return []
+    return [
+        Verdict(
+            "batch_dependence",
+            "warning",
+            f"The output of sample {sample} changes by up to {moved:.3g} (outputs up to {scale:.3g}) when the other "
+            "samples of the batch are replaced (eval mode, no dropout): something mixes the batch dimension.",
+            {"sample": sample, "max_change": moved, "output_scale": scale, "test": "swap"},
+            [
+                "Look for a softmax, mean, sum or normalisation over dim 0 (the batch) where the sequence or "
+                "feature dimension was meant, or a view/reshape that moves the batch dimension.",
             ],
         )
     ]
@@ -579,11 +650,88 @@ class NoLoss(RuntimeError):
 LossFn = Callable[[nn.Module, Any], "torch.Tensor | None"]
 
 
+def check_sigmoid_as_logits(call: LossCall) -> list[Verdict]:
+    """Probabilities given to ``binary_cross_entropy_with_logits`` (a ``sigmoid`` before ``BCEWithLogitsLoss``):
+    every input in ``[0, 1]`` and not all equal (logits of a fresh model straddle 0: 16 or more of them all in
+    ``[0, 1]`` by chance is about as likely as 16 coin flips landing heads).
+    """
+    x = call.input.detach().float()
+    if call.name != "binary_cross_entropy_with_logits" or x.numel() < 16:
+        return []
+    if not (bool((x >= 0).all()) and bool((x <= 1).all())) or float(x.max() - x.min()) == 0:
+        return []
+    floor = -math.log(1 / (1 + math.exp(-1)))  # a positive label's loss at the largest probability, 1
+    return [
+        Verdict(
+            "loss_at_init",
+            "warning",
+            "The model outputs probabilities (every output is in [0, 1]) and the loss is binary cross-entropy with "
+            "logits: sigmoid is applied twice. Gradients are squashed and a positive label's loss cannot go below "
+            f"-ln(sigmoid(1)) = {floor:.4g}.",
+            {"floor": round(floor, 6), "outputs": int(x.numel()), "certain": 1},
+            [
+                "Remove the final sigmoid: BCEWithLogitsLoss / F.binary_cross_entropy_with_logits take logits.",
+                "If the model must output probabilities, train with BCELoss / F.binary_cross_entropy instead.",
+            ],
+        )
+    ]
+
+
+def check_target_scale(call: LossCall, *, limit: float = 100.0, gap: float = 30.0) -> list[Verdict]:
+    """A regression target far from unit scale (root-mean-square above ``limit``) that the model's outputs at
+    initialisation are ``gap`` times or more below: the first steps spend themselves on the scale, and a model that
+    never bridges it ends no better than predicting the target's mean (``expected``: the loss of that constant
+    prediction, which the end-of-fit gate compares the run's loss with).
+    """
+    if call.name not in REGRESSION_LOSSES.values() or not call.target.is_floating_point():
+        return []
+    y, out = call.target.detach().float(), call.input.detach().float()
+    if y.numel() < 2 or not bool(torch.isfinite(y).all()) or not bool(torch.isfinite(out).all()):
+        return []
+    y_rms, out_rms = float(y.pow(2).mean().sqrt()), float(out.pow(2).mean().sqrt())
+    if y_rms <= limit or y_rms < gap * out_rms:
+        return []
+    centred = y - y.mean()
+    mean_loss = float(centred.pow(2).mean() if call.name == "mse_loss" else centred.abs().mean())
+    extreme = y_rms >= EXTREME_GAP * max(
+        out_rms, 1e-12
+    )  # orders of magnitude: a preprocessing slip, not a design
+    wrap = (lambda v: v) if extreme else pending
+    return [
+        wrap(
+            Verdict(
+                "loss_at_init",
+                "warning",
+                f"The regression target of `{call.name}` has a root-mean-square of {y_rms:.3g} while the model's "
+                f"outputs at initialisation have {out_rms:.3g}: the loss at initialisation measures the scale gap, "
+                "not the task.",
+                {
+                    "loss": call.name,
+                    "target_rms": y_rms,
+                    "output_rms": out_rms,
+                    "expected": mean_loss,
+                    "expected_is": "the loss of predicting the target's mean",
+                    **({"certain": 1} if extreme else {}),
+                },
+                [
+                    "Standardise the target (subtract its mean, divide by its std) and invert the transform at "
+                    "prediction time; or scale the loss.",
+                    "Initialise the output layer's bias at the target's mean.",
+                ],
+            )
+        )
+    ]
+
+
 def check_loss_calls(calls: Sequence[LossCall]) -> list[Verdict]:
     """The loss at initialisation of the first cross-entropy / NLL call with ``[batch, C]`` inputs and class-index
-    targets (against ``ln(C)``), and probabilities fed to a loss that takes logits.
+    targets (against ``ln(C)``), and probabilities fed to a loss that takes logits (softmax or sigmoid twice).
     """
     for call in calls:
+        if call.name in REGRESSION_LOSSES.values():
+            return check_target_scale(call)
+        if call.name == "binary_cross_entropy_with_logits":
+            return check_sigmoid_as_logits(call)
         if call.name not in ("cross_entropy", "nll_loss") or call.input.dim() != 2 or call.target.dim() != 1:
             continue
         if call.target.is_floating_point() or call.input.shape[0] != call.target.shape[0]:
@@ -663,15 +811,16 @@ def run_checks(
         except Exception:  # the step cannot run outside the loop: nothing to observe (training will tell)
             view = StepView()
         if inputs and view.first_layer is not None:
-            results += check_input_scale(*view.first_layer)
-        if inputs and view.losses:
-            results += check_labels(view.losses[0], shuffled=shuffled)
+            results += check_input_scale(*view.first_layer, loss=view.loss)
+        classification = [c for c in view.losses if c.name in CLASSIFICATION_LOSSES.values()]
+        if inputs and classification:
+            results += check_labels(classification[0], shuffled=shuffled)
         if loss_at_init:
             results += check_loss_calls(view.losses)
     if gradients:
         results += check_gradients(model, lambda: loss_of(model), trained, unused_fatal=unused_fatal)
     x = model_input(batch)
-    if batch_independence and x is not None and x.is_floating_point():
+    if batch_independence and x is not None:
         # forward may need more than one input: then the check does not apply
         with contextlib.suppress(Exception):
             results += check_batch_independence(model, model, x)

@@ -12,9 +12,16 @@ import dataclasses
 import statistics
 from collections.abc import Sequence
 
-from lightning_diag.core.verdict import Verdict
+from lightning_diag.core.verdict import Severity, Verdict
 
-__all__ = ["LoaderFacts", "dataloader_bound", "host_sync_verdict", "pin_memory_verdict"]
+__all__ = [
+    "MATERIAL_SECONDS",
+    "STARVED",
+    "LoaderFacts",
+    "dataloader_bound",
+    "host_sync_verdict",
+    "pin_memory_verdict",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +36,12 @@ class LoaderFacts:
     cpus: int
 
 
+#: A step that waits this share of its time or more for its data is starved (a warning at any run length).
+STARVED = 0.6
+#: Below that share, the wait is a warning only when the whole run would save this many seconds.
+MATERIAL_SECONDS = 60.0
+
+
 def dataloader_bound(
     waits: Sequence[float],
     computes: Sequence[float],
@@ -37,9 +50,15 @@ def dataloader_bound(
     min_wait_ms: float,
     steps_so_far: int,
     loader: LoaderFacts | None,
+    steps_total: int | None = None,
 ) -> Verdict | None:
     """``dataloader_bound`` when the median wait for data (seconds) is more than ``data_share`` of the median
     step and at least ``min_wait_ms``; advice from the loader's settings.
+
+    Severity by how much it costs: a warning when the step is starved (waiting :data:`STARVED` of its time or
+    more) or when the run (``steps_total`` steps, else the steps so far) would save :data:`MATERIAL_SECONDS` with
+    the loading overlapped; ``info`` for a bottleneck that costs a short run a few seconds (a library's quickstart
+    with ``num_workers=0``).
 
     Example:
         >>> found = dataloader_bound([0.02] * 10, [0.01] * 10, data_share=0.3, min_wait_ms=10.0, steps_so_far=10,
@@ -71,9 +90,13 @@ def dataloader_bound(
         )
         advice += _loader_advice(loader)
     advice.append("Check the storage: reading many small files from a network disk is a common cause.")
+    run_steps = steps_total if steps_total and steps_total > steps_so_far else steps_so_far
+    run_saving = wait * max(run_steps, 1)
+    evidence["run_saving_s"] = round(run_saving, 3)
+    severity: Severity = "warning" if share >= STARVED or run_saving >= MATERIAL_SECONDS else "info"
     return Verdict(
         "dataloader_bound",
-        "warning",
+        severity,
         f"Waiting for data takes {share:.0%} of each training step ({wait * 1e3:.1f} ms waiting, "
         f"{compute * 1e3:.1f} ms computing, medians over {len(waits)} steps): the model is starved. "
         f"With the loading overlapped with compute, steps would be up to "

@@ -69,8 +69,12 @@ def test_divergence_against_the_first_step() -> None:
 
 def test_a_validation_loss_that_never_moved_is_a_plateau() -> None:
     dropout_097 = _curve([3.17, 2.97, 2.79, 2.78, 2.75], [2.302, 2.301, 2.302, 2.303, 2.302])
-    found = diagnose(dropout_097)
+    found = diagnose(dropout_097, initial=2.31)  # validation never left ln(10), the loss of the first steps
     assert [(v.code, v.severity) for v in found] == [("loss_plateau", "warning")]
+    # a validation loss flat far below where training started (label noise: the floor reached in epoch 0)
+    floor = _curve([1.9, 1.62, 1.55, 1.52, 1.5], [1.41, 1.40, 1.41, 1.40, 1.41])
+    (found,) = diagnose(floor, initial=2.31)
+    assert (found.code, found.severity, found.evidence["floor_possible"]) == ("loss_plateau", "info", 1)
     converged = _curve([0.30, 0.02, 0.01, 0.01, 0.01], [0.011, 0.011, 0.0109, 0.011, 0.011])
     assert diagnose(converged) == []  # flat, but low: nothing left to learn
 
@@ -91,3 +95,22 @@ def test_validation_and_training_moving_together_is_not_overfitting() -> None:
         [0.631, 0.548, 0.488, 0.448, 0.425, 0.4124, 0.4151, 0.4206, 0.4271],
     )
     assert all(v.severity == "info" for v in diagnose(tiny, stopped=True))
+
+
+def test_overfitting_cut_short_by_early_stopping_is_still_overfitting() -> None:
+    # a big model on a tiny subset: best validation at epoch 5, then a stop 1% above it while training hits ~0
+    train = [1.2, 0.6, 0.3, 0.12, 0.06, 0.03, 0.01, 0.004, 0.002]
+    val = [0.9, 0.6, 0.48, 0.43, 0.408, 0.406, 0.409, 0.41, 0.41]
+    points = _curve(train, val)
+    assert [v.severity for v in diagnose(points) if v.code == "overfitting"] != [
+        "warning"
+    ]  # running: no rise yet
+    (found,) = diagnose(points, stopped=True)
+    assert (found.code, found.severity) == (
+        "overfitting",
+        "warning",
+    ) and "cut short by early stopping" in found.message
+    healthy = _curve([1.2, 0.8, 0.6, 0.5, 0.46, 0.45, 0.44], [1.1, 0.8, 0.62, 0.52, 0.5, 0.5, 0.5])
+    assert [
+        v for v in diagnose(healthy, stopped=True) if v.severity == "warning"
+    ] == []  # stopped near the floor
