@@ -22,7 +22,9 @@ from typing import Any
 import griffe
 
 _ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|exc|obj):`(~?)([\w.]+)`")
-_TITLED = re.compile(r"^(\s*)(Logged metrics|Findings|Args|Raises|Returns|Example|Examples|Note|Notes) (\([^)]*\)):\s*$")
+_TITLED = re.compile(
+    r"^(\s*)(Logged metrics|Findings|Args|Raises|Returns|Example|Examples|Note|Notes) (\([^)]*\)):\s*$"
+)
 _BORDER = re.compile(r"^(\s*)(=+)((?:\s+=+)+)\s*$")
 
 
@@ -84,6 +86,6 @@ def markdown(text: str) -> str:
 class ReSTToMarkdown(griffe.Extension):
     """Rewrite every docstring of the loaded package with :func:`markdown`."""
 
-    def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+    def on_instance(self, *, obj: griffe.Object, **_kwargs: Any) -> None:
         if obj.docstring is not None:
             obj.docstring.value = markdown(obj.docstring.value)
