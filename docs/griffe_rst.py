@@ -9,7 +9,9 @@ docstring text griffe hands to the renderer (the source files are not touched):
 - ``:role:`~a.b.C``` into ``C`` and ``:role:`a.b.C``` into ``a.b.C`` as code (no cross-reference: the targets are
   not all on the site, and an unresolved reference fails ``mkdocs build --strict``);
 - a section title with a remark (``Logged metrics (at the logging interval):``) into ``Title: Title (remark)``,
-  the form griffe's Google parser reads as a titled section.
+  the form griffe's Google parser reads as a titled section;
+- ``Example:`` into ``Examples:``, the section griffe renders as code (``>>>`` lines and their output); it reads
+  the singular as an admonition, whose ``[...]`` output lines would be taken for cross-references.
 
 Used by ``mkdocs.yml`` (``plugins.mkdocstrings.handlers.python.options.extensions``).
 """
@@ -25,6 +27,7 @@ _ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|exc|obj):`(~?)([\w.]+)`")
 _TITLED = re.compile(
     r"^(\s*)(Logged metrics|Findings|Args|Raises|Returns|Example|Examples|Note|Notes) (\([^)]*\)):\s*$"
 )
+_EXAMPLE = re.compile(r"^(\s*)Example:\s*$")
 _BORDER = re.compile(r"^(\s*)(=+)((?:\s+=+)+)\s*$")
 
 
@@ -79,7 +82,7 @@ def _tables(lines: list[str]) -> list[str]:
 
 def markdown(text: str) -> str:
     """A docstring's reST tables, roles and remarked section titles, as Markdown griffe's Google parser reads."""
-    lines = [_TITLED.sub(r"\1\2: \2 \3", line) for line in text.splitlines()]
+    lines = [_EXAMPLE.sub(r"\1Examples:", _TITLED.sub(r"\1\2: \2 \3", line)) for line in text.splitlines()]
     return _ROLE.sub(_role, "\n".join(_tables(lines)))
 
 
