@@ -10,6 +10,8 @@ docstring text griffe hands to the renderer (the source files are not touched):
   not all on the site, and an unresolved reference fails ``mkdocs build --strict``);
 - a section title with a remark (``Logged metrics (at the logging interval):``) into ``Title: Title (remark)``,
   the form griffe's Google parser reads as a titled section;
+- a paragraph ending in ``::`` (a reST literal block follows) into one ending in ``:`` (the indented block is a
+  code block in Markdown too);
 - ``Example:`` into ``Examples:``, the section griffe renders as code (``>>>`` lines and their output); it reads
   the singular as an admonition, whose ``[...]`` output lines would be taken for cross-references.
 
@@ -28,6 +30,7 @@ _TITLED = re.compile(
     r"^(\s*)(Logged metrics|Findings|Args|Raises|Returns|Example|Examples|Note|Notes) (\([^)]*\)):\s*$"
 )
 _EXAMPLE = re.compile(r"^(\s*)Example:\s*$")
+_LITERAL = re.compile(r"(\S)::\s*$")
 _BORDER = re.compile(r"^(\s*)(=+)((?:\s+=+)+)\s*$")
 
 
@@ -82,7 +85,10 @@ def _tables(lines: list[str]) -> list[str]:
 
 def markdown(text: str) -> str:
     """A docstring's reST tables, roles and remarked section titles, as Markdown griffe's Google parser reads."""
-    lines = [_EXAMPLE.sub(r"\1Examples:", _TITLED.sub(r"\1\2: \2 \3", line)) for line in text.splitlines()]
+    lines = [
+        _LITERAL.sub(r"\1:", _EXAMPLE.sub(r"\1Examples:", _TITLED.sub(r"\1\2: \2 \3", line)))
+        for line in text.splitlines()
+    ]
     return _ROLE.sub(_role, "\n".join(_tables(lines)))
 
 
