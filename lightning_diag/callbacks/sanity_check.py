@@ -98,7 +98,6 @@ class SanityCheck(DiagCallback):
 
     Example:
         >>> import lightning.pytorch as pl
-    import torch
         >>> from lightning_diag import SanityCheck
         >>> trainer = pl.Trainer(callbacks=[SanityCheck(overfit_batch_steps=50)])
 
