@@ -165,6 +165,11 @@ class Broken(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class Cut(Broken):
+    def forward(self, x):
+        return self.net(x + self.unused(x).detach())  # its output reaches the loss, its gradient never does
+
+
 class Detached(Broken):
     def forward(self, x):
         return self.net(x).detach().requires_grad_()  # the loss reaches no parameter: nothing can learn
@@ -203,11 +208,13 @@ def test_doctor_fails_a_broken_model(tmp_path, capsys) -> None:
     # a model nothing can train is an error: exit 1 at the default --fail-on error
     assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Detached"]) == 1
     assert "nothing can learn" in capsys.readouterr().out
-    # an unused layer in a model that learns is a warning: reported, exit 1 only when asked to fail on warnings
-    assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Broken"]) == 0
+    # an unused layer in a model that learns is info: reported, never a failure
+    assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Broken", "--fail-on", "warning"]) == 0
     out = capsys.readouterr().out
     assert "missing_gradients" in out and "unused.weight" in out
-    assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Broken", "--fail-on", "warning"]) == 1
+    # a layer whose output reaches the loss through .detach() is a warning: exit 1 only when asked to fail on those
+    assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Cut"]) == 0
+    assert main(["doctor", f"{tmp_path / 'broken_model.py'}:Cut", "--fail-on", "warning"]) == 1
     # importable module form, from the current directory (the tests run in tmp_path)
     assert main(["doctor", "broken_model:Detached"]) == 1
 

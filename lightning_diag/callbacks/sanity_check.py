@@ -54,8 +54,9 @@ class SanityCheck(DiagCallback):
       consequence followed (the loss went wrong around them), so they never stop a run that may be right;
     * ``missing_gradients``: trainable parameters the loss does not reach (names listed): an error when nothing an
       optimizer steps gets a gradient (or under DDP without ``find_unused_parameters``, which would stop at the
-      next backward), a warning when the model learns without them (auxiliary encoders, conditional branches,
-      unused heads, experts);
+      next backward); a warning when the loss still moves with them (their values reach it through a
+      ``.detach()`` or ``torch.no_grad()``, so they never learn what they affect); info when the loss ignores them
+      and the model learns without them (N-BEATS' last backcast, auxiliary heads, conditional branches, experts);
     * ``batch_dependence`` (warning): the output of one sample depends on the others (gradient test; BatchNorm is
       put in eval mode for it, which the finding says);
     * ``cannot_overfit_batch`` (``overfit_batch_steps > 0``): a copy of the model trained on the first batch with

@@ -378,10 +378,13 @@ def check_gradients(
     (an EMA copy, a teacher) is not expected to get a gradient.
 
     Severity: a loss detached from every parameter, or no gradient for any parameter an optimizer steps, is an
-    error (nothing can learn). Some parameters without a gradient in a model that otherwise learns (an auxiliary
-    encoder used only under another setting, a conditional branch, an unused head, experts a router did not pick)
-    is a warning that names them, unless ``unused_fatal`` (DDP without ``find_unused_parameters``, which stops at
-    the next backward): then an error.
+    error (nothing can learn); so is any parameter without a gradient under ``unused_fatal`` (DDP without
+    ``find_unused_parameters``, which stops at the next backward). Otherwise the parameters without a gradient are
+    perturbed and the loss computed again with the same random state: when the loss moves, their values reach it
+    through a cut graph (``.detach()``, ``torch.no_grad()``) and they can never learn what they affect, a certain
+    fault and a warning; when it does not, they are simply unused by this loss (N-BEATS' last backcast, an
+    auxiliary head, experts a router did not pick, a branch taken under another setting) and the model learns
+    without them: info.
     """
     with preserved_module(module), torch.enable_grad():
         for p in module.parameters():
@@ -418,12 +421,17 @@ def check_gradients(
     issues = []
     if missing:
         nothing = reached == 0
-        severity: Severity = "error" if nothing or unused_fatal else "warning"
-        what = (
-            "no parameter an optimizer steps gets a gradient: nothing can learn"
-            if nothing
-            else f"the {reached} other(s) do, so the model learns without them"
-        )
+        cut = not nothing and not unused_fatal and _values_reach_loss(module, compute_loss, missing)
+        severity: Severity = "error" if nothing or unused_fatal else "warning" if cut else "info"
+        if nothing:
+            what = "no parameter an optimizer steps gets a gradient: nothing can learn"
+        elif cut:
+            what = (
+                f"yet the loss changes when they change, so the graph is cut between them and the loss and they "
+                f"never learn what they affect (the {reached} other(s) do)"
+            )
+        else:
+            what = f"the loss does not change when they change, so they are unused and the {reached} other(s) learn"
         ddp = (
             " Under DDP without `find_unused_parameters=True` this stops training at the next backward."
             if unused_fatal
@@ -435,13 +443,18 @@ def check_gradients(
                 severity,
                 f"{len(missing)} trainable parameter(s) get no gradient from the loss on this batch: "
                 f"{', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else "") + f"; {what}.{ddp}",
-                {"parameters": ",".join(missing), "count": len(missing), "reached": reached},
+                {"parameters": ",".join(missing), "count": len(missing), "reached": reached, "cut": int(cut)},
                 [
+                    "Find where their output leaves autograd (`.detach()`, `torch.no_grad()`, `.item()`, a numpy "
+                    "round trip) and keep it in the graph, or freeze them on purpose (`requires_grad_(False)`).",
+                    "Under DDP, parameters without a gradient need `DDPStrategy(find_unused_parameters=True)`.",
+                ]
+                if cut
+                else [
                     "If they are used only under another setting or on other batches (an auxiliary encoder, a "
                     "conditional branch, experts), nothing is wrong; to save their memory and optimizer state, "
                     "freeze them (`requires_grad_(False)`) or do not build them.",
-                    "Otherwise: an unused layer (defined but not called in forward), a branch cut by `.detach()`, or "
-                    "a head the loss ignores.",
+                    "Otherwise: an unused layer (defined but not called in forward), or a head the loss ignores.",
                     "Under DDP, parameters without a gradient need `DDPStrategy(find_unused_parameters=True)`.",
                 ],
             )
@@ -460,6 +473,25 @@ def check_gradients(
 
 
 # -- batch independence ----------------------------------------------------------------------------------------------
+def _values_reach_loss(module: nn.Module, compute_loss: Callable[[], torch.Tensor], names: Sequence[str]) -> bool:
+    """Whether the loss moves when the parameters ``names`` move (same random state for both forwards, so dropout
+    cancels out). A loss that cannot be computed again counts as unmoved: the finding then stays info."""
+    wanted = set(names)
+    try:
+        with preserved_module(module), torch.no_grad():
+            with preserved_rng():
+                before = compute_loss().detach().float().sum()
+            for n, p in module.named_parameters():
+                if n in wanted:
+                    p.mul_(-1.5).add_(0.5)  # sign, scale and offset all change, zero-initialised ones too
+            with preserved_rng():
+                after = compute_loss().detach().float().sum()
+        moved = float((after - before).abs())
+        return bool(moved > 1e-6 * max(float(before.abs()), 1.0))
+    except Exception:  # noqa: BLE001 - a second forward the model refuses is no evidence either way
+        return False
+
+
 def check_batch_independence(
     forward: Callable[[torch.Tensor], Any], module: nn.Module, x: torch.Tensor, sample: int = 0
 ) -> list[Verdict]:

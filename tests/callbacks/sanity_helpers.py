@@ -48,6 +48,8 @@ class Classifier(pl.LightningModule):
         if self.bug == "batch_mixing":
             b = x.shape[0]
             x = x.reshape(16, b).t()  # a reshape that scrambles the batch dimension (the transpose-view bug)
+        if self.bug == "detached_body":
+            return self.net[-1](self.net[:-1](x).detach())  # the body's features leave the graph: it never trains
         out = self.net(x)
         if self.bug == "detached":
             out = out.detach()
@@ -66,14 +68,15 @@ class Classifier(pl.LightningModule):
 
 #: name -> (model kwargs, loader kwargs, the code SanityCheck must report, its severity after a one-step fit).
 #: Symptoms (loss at init, input scale, labels) are info until a consequence follows; an unused layer in a model
-#: that learns is a warning; only what cannot be by design is an error.
+#: that learns is info (the loss ignores it), one whose output reaches the loss through ``.detach()`` a warning; only what cannot be by design is an error.
 BROKEN: dict[str, tuple[dict[str, Any], dict[str, Any], str, str]] = {
     "overconfident_init": ({"bug": "overconfident_init"}, {}, "loss_at_init", "info"),
-    "unused_layer": ({"bug": "unused_layer"}, {}, "missing_gradients", "warning"),
+    "unused_layer": ({"bug": "unused_layer"}, {}, "missing_gradients", "info"),
     "batch_mixing": ({"bug": "batch_mixing"}, {}, "batch_dependence", "warning"),
     "unnormalised_inputs": ({}, {"scale": 1000.0}, "input_scale", "info"),
     "single_class_labels": ({}, {"labels": "zeros"}, "label_distribution", "warning"),  # not shuffled: a fact
     "nan_in_data": ({}, {"nan": True}, "non_finite_input", "error"),
     "detached_graph": ({"bug": "detached"}, {}, "missing_gradients", "error"),
+    "detached_body": ({"bug": "detached_body"}, {}, "missing_gradients", "warning"),
     "frozen_model": ({"bug": "frozen"}, {}, "cannot_overfit_batch", "error"),
 }

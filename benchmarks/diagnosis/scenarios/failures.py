@@ -564,9 +564,10 @@ SCENARIOS: list[Scenario] = [
     ),
     Scenario(
         "unused_head",
-        F,
-        ("missing_gradients",),
-        "an auxiliary head registered and optimised but never used in forward (DDP 'unused parameters' errors)",
+        "healthy",
+        (),
+        "look-alike: an auxiliary head registered and optimised but never used in forward; the loss ignores it and "
+        "the model learns (missing_gradients is info; under DDP without find_unused_parameters it is an error)",
         unused_head,
     ),
     Scenario(
