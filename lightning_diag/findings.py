@@ -79,6 +79,10 @@ CODES: dict[str, str] = {
     "non_finite_metric": "a monitored or validation metric is NaN/Inf",
     "missing_metric": "a monitored metric was never logged (strict=False)",
     "declined": "a callback could not do (part of) its work with this setup and stayed out of the way",
+    "memory_growth": "the memory that survives a training step keeps growing (per step, per epoch, at validation)",
+    "memory_pressure": "a step's memory peak is close to the capacity of the device (or of the host)",
+    "memory_fragmentation": "the CUDA caching allocator retries allocations, or reserves far more than it allocates",
+    "out_of_memory": "fit died of an out-of-memory error: the phase, the batch and the memory at that point",
 }
 
 

@@ -23,6 +23,8 @@ when several findings of the cause codes match), and never a cause that it (tran
 | ``sorted_labels`` | ``label_distribution`` | loss spike, exploding gradients, plateau, underfitting | any |
 | ``stopped_by_overfitting`` | ``overfitting`` | early stop | any |
 | ``stopped_by_plateau`` | ``loss_plateau``, ``underfitting`` | early stop | any |
+| ``memory_leak`` | ``memory_growth`` | out of memory, memory pressure | same step or later |
+| ``fragmented_cache`` | ``memory_fragmentation`` | out of memory | same step or later |
 
 The ``primary`` finding is the root of the warning/error findings (following causes up while they are
 warning/error findings themselves: an info finding is never primary) that explains the most of them; ties go to the higher-ranked code of :data:`PRIORITY` (correctness before speed, causes before
@@ -198,6 +200,20 @@ RULES: tuple[Rule, ...] = (
         ("early_stopped",),
         "any",
         "the validation loss stopped improving because training did",
+    ),
+    Rule(
+        "memory_leak",
+        ("memory_growth",),
+        ("out_of_memory", "memory_pressure"),
+        "after",
+        "memory that grows every step (or epoch, or validation) runs out in the end",
+    ),
+    Rule(
+        "fragmented_cache",
+        ("memory_fragmentation",),
+        ("out_of_memory",),
+        "after",
+        "a fragmented cache cannot serve an allocation that would fit in the free memory",
     ),
 )
 
