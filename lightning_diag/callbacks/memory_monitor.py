@@ -357,8 +357,9 @@ class MemoryMonitor(DiagCallback):
         holder, gained = picked if picked is not None else (None, None)
         if not growth.confirmed and holder is not None and holder.with_history:
             growth.confirmed_by = "holder_with_history"
-            if not self._trend.releases and self._epochs_ahead(trainer):
-                # Inside the first epoch: whether the holder is emptied at its end (a saw-tooth) is seen then.
+            if self._epochs_ahead(trainer):
+                # Whether the holder is emptied at the epoch's end (a saw-tooth: on CPU the RSS does not show the
+                # release, the C allocator keeps the memory) is seen at the next epoch's start.
                 self._pending = (growth, holder, gained)
                 return None
         if not growth.confirmed:

@@ -13,7 +13,8 @@ keep), the jump across each validation run (what validation keeps) and what each
 first validation run's jump), over at least ``min_points`` points:
 
 * *per step*: the Theil-Sen slope over pairs of points of the same segment is positive and at least
-  :data:`RISING_SHARE` of those pairs rise; the baseline grew by ``min_growth`` or more (median of the last three
+  :data:`RISING_SHARE` of those pairs rise by more than :data:`NOISE_SHARE` of ``min_growth``; the slope times the
+  window's steps is ``min_growth`` or more, at least half of it is still there at the end (median of the last three
   points minus median of the first three) and the epoch ends give back less than :data:`RELEASE_SHARE` of an epoch's
   growth;
 * *per epoch* (a saw-tooth): the same rise inside epochs, but each epoch end gives back at least
@@ -317,7 +318,10 @@ class MemoryTrend:
                 confirmed_by="later_epoch" if still_rising else "",
                 steps_per_epoch=steps_per_epoch,
             )
-        size = _median(_tail(points, 3)) - _median([p.value for p in points[:3]])
+        size = slope * (last.step - points[0].step)
+        kept = _median(_tail(points, 3)) - _median([p.value for p in points[:3]])
+        if kept < 0.5 * size:  # it rises inside segments but is given back somewhere: not an accumulation
+            return None
         exhaustion = last.step + math.ceil(max(capacity - peak, 0.0) / slope)
         return Growth(
             "per_step",
