@@ -35,6 +35,7 @@ REGISTRY: dict[str, list[dict[str, Any]]] = {
         {"algorithm": "autoclip", "percentile": 50.0},
     ],
     "GradNormMonitor": [{}, {"group_by": "parameter", "exploding_threshold": 0.5}],
+    "MemoryMonitor": [{}, {"min_growth_mib": 16.0, "capacity_mib": 4096.0, "ignore_first_steps": 2}],
     "NaNGuard": [{}, {"action": "rollback", "spike_action": "skip", "snapshot_every_n_steps": 3}],
     "OverfitDetector": [{}, {"action": "stop", "patience": 2, "chance_loss": 1.0}],
     "SanityCheck": [{}, {"fail_on": "never", "num_batches": 2, "overfit_batch_steps": 5}],

@@ -42,6 +42,7 @@ def suite() -> list[Callback]:
         lightning_diag.SpeedMonitor(),
         lightning_diag.SanityCheck(),
         lightning_diag.SilentBugDetector(),
+        lightning_diag.MemoryMonitor(),
     ]
 
 

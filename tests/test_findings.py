@@ -56,6 +56,11 @@ DESIGN_CODES = {
     "non_finite_metric",
     "missing_metric",
     "declined",
+    # memory (MemoryMonitor)
+    "memory_growth",
+    "memory_pressure",
+    "memory_fragmentation",
+    "out_of_memory",
 }
 
 

@@ -58,7 +58,8 @@ def children_rss() -> float | None:
 
 def host_capacity() -> float:
     """The memory this process may use: the physical memory, or the cgroup's limit when lower (v2 ``memory.max``
-    of the process's own cgroup, or v1 ``memory.limit_in_bytes``)."""
+    of the process's own cgroup, or v1 ``memory.limit_in_bytes``).
+    """
     capacity = float(os.sysconf("SC_PHYS_PAGES") * _PAGE)
     paths = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
     try:
@@ -81,7 +82,8 @@ def host_capacity() -> float:
 
 class ProcessReader:
     """The process RSS (``/proc/self/statm``). ``peak`` is the largest RSS seen by any read since the last interval:
-    RSS keeps most of what a step freed (the C allocator holds on to it), so it is close to the step's peak."""
+    RSS keeps most of what a step freed (the C allocator holds on to it), so it is close to the step's peak.
+    """
 
     device = "cpu"
 
@@ -105,7 +107,8 @@ class ProcessReader:
 
 class CudaReader:
     """The CUDA caching allocator of one device: ``allocated`` is the baseline, peaks are reset at every interval
-    (``torch.cuda.reset_peak_memory_stats``) so that each interval's peak is its own."""
+    (``torch.cuda.reset_peak_memory_stats``) so that each interval's peak is its own.
+    """
 
     device = "cuda"
 

@@ -449,7 +449,8 @@ class MemoryMonitor(DiagCallback):
     # -- report ---------------------------------------------------------------------------------------------
     def report_series(self) -> dict[str, Any]:
         """The memory curve (baseline and peak per logging step), the capacity, the projected exhaustion and the
-        OOM, for the HTML report."""
+        OOM, for the HTML report.
+        """
         if not self._series and self._oom is None:
             return {}
         memory: dict[str, Any] = {

@@ -258,7 +258,9 @@ class MemoryTrend:
         if len(points) < min_points:
             return None
         values = [p.value for p in points]
-        if max(values) - min(values) < 0.5 * min_growth:  # the cheap test that keeps a healthy run at O(points)
+        if (
+            max(values) - min(values) < 0.5 * min_growth
+        ):  # the cheap test that keeps a healthy run at O(points)
             return None
         tolerance = min_growth * NOISE_SHARE
         # Validation first: on CPU the RSS of the steps after a validation run often rises with it (pages touched
@@ -294,7 +296,9 @@ class MemoryTrend:
         sawtooth = bool(releases) and per_epoch > 0 and _median(releases) >= RELEASE_SHARE * per_epoch
         epochs = sorted({p.epoch for p in points})
         later = [p for p in points if p.epoch == epochs[-1]]
-        still_rising = len(epochs) >= 2 and len(later) >= 3 and _segment_trend(later, tolerance)[1] >= RISING_SHARE
+        still_rising = (
+            len(epochs) >= 2 and len(later) >= 3 and _segment_trend(later, tolerance)[1] >= RISING_SHARE
+        )
         if sawtooth:
             started = self._epoch_start if self._epoch_start is not None else last.step
             peak_at_start = peak - slope * max(last.step - started, 0)
@@ -499,9 +503,7 @@ def growth_verdict(
         else:
             advice.append(f"Clear or bound `{holder.name}` (keep a running value instead of every tensor).")
     else:
-        head += (
-            " No attribute of the LightningModule or `trainer.callback_metrics` holds the growth: it is elsewhere."
-        )
+        head += " No attribute of the LightningModule or `trainer.callback_metrics` holds the growth: it is elsewhere."
         advice.append(
             "Look at globals, module-level caches, caches of the Dataset (with `num_workers=0` they live in this "
             "process), hooks that keep their inputs, and C extensions; "
@@ -716,7 +718,11 @@ def pressure_verdict(peak: float, capacity: float, *, device: str = "cpu") -> Ve
             if severity == "warning"
             else "little room is left for longer batches."
         ),
-        {"peak_mib": round(peak / MIB, 3), "capacity_mib": round(capacity / MIB, 3), "share": round(share, 4)},
+        {
+            "peak_mib": round(peak / MIB, 3),
+            "capacity_mib": round(capacity / MIB, 3),
+            "share": round(share, 4),
+        },
         [
             "A smaller batch with `accumulate_grad_batches` (same effective batch), `precision='bf16-mixed'`, or "
             "activation checkpointing lowers the peak.",
@@ -914,7 +920,11 @@ def oom_verdict(
     advice.append(
         "If the step's peak itself does not fit: a smaller batch with `accumulate_grad_batches` (same effective "
         "batch), `precision='bf16-mixed'`, activation checkpointing"
-        + (", or an optimizer with less state (Adam keeps two copies of the weights)" if phase == "optimizer step" else "")
+        + (
+            ", or an optimizer with less state (Adam keeps two copies of the weights)"
+            if phase == "optimizer step"
+            else ""
+        )
         + "."
     )
     return Verdict("out_of_memory", "error", message, evidence, advice)

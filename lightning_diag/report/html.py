@@ -65,7 +65,7 @@ def render(report: Mapping[str, Any], series: Mapping[str, Any]) -> str:
         _lr_chart(series, report),
         _grad_norm_heatmap(series.get("grad_norms") or {}),
         _data_wait_chart(series.get("speed") or {}, report),
-        _memory_chart(series.get("memory") or {}, report),
+        _memory_chart(series.get("memory") or {}),
     ]
     charts_html = "\n".join(c for c in charts if c)
     healthy = bool(summary.get("healthy"))
@@ -346,9 +346,10 @@ def _data_wait_chart(speed: Mapping[str, Any], report: Mapping[str, Any]) -> str
     )
 
 
-def _memory_chart(memory: Mapping[str, Any], report: Mapping[str, Any]) -> str:
+def _memory_chart(memory: Mapping[str, Any]) -> str:
     """MemoryMonitor's curve: what survives a step and the peak per logging step, the capacity, the projected
-    exhaustion (a dashed line to the step where the peak reaches the capacity) and the out-of-memory error."""
+    exhaustion (a dashed line to the step where the peak reaches the capacity) and the out-of-memory error.
+    """
     steps = [float(s) for s in memory.get("steps") or []]
     oom = memory.get("oom")
     if not steps and not oom:
@@ -379,7 +380,9 @@ def _memory_chart(memory: Mapping[str, Any], report: Mapping[str, Any]) -> str:
         chart.line([float(x0), float(x1)], [float(y0), float(y1)], "projection", "projected growth")
         chart.point(float(x1), float(y1), "exhaustion", f"projected exhaustion at step {int(x1)}")
     elif exhaustion is not None:
-        chart.legend.append(("exhaustion", f"projected exhaustion at step {int(exhaustion)} (beyond the chart)", "circle"))
+        chart.legend.append(
+            ("exhaustion", f"projected exhaustion at step {int(exhaustion)} (beyond the chart)", "circle")
+        )
     if oom:
         chart.vline(float(oom[0]), "oom", f"out of memory at step {int(oom[0])}")
     return chart.svg()

@@ -3,6 +3,7 @@ the epoch end, a metric never reset, a cache filled once) or die of an OOM, for 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 from typing import Any
@@ -22,10 +23,8 @@ def fresh_heap() -> None:
     """Give the memory earlier tests freed back to the OS, as a new process would start: RSS does not grow into
     memory the C allocator already holds, so a leak right after a large test would show late."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class Leaky(pl.LightningModule):

@@ -42,7 +42,7 @@ def fit(model: Leaky, train: Any, val: Any, epochs: int = 4, **kwargs: Any) -> t
 
 def test_a_per_step_leak_is_found_with_its_holder_and_logged(tmp_path) -> None:
     logger = CSVLogger(tmp_path, name="run")
-    t, monitor = fit(Leaky("step"), *loaders(), logger=logger, default_root_dir=str(tmp_path))
+    _, monitor = fit(Leaky("step"), *loaders(), logger=logger, default_root_dir=str(tmp_path))
     growth = find(monitor.findings, "memory_growth")
     assert growth is not None and growth.severity == "warning", monitor.findings
     ev = growth.evidence
@@ -50,7 +50,8 @@ def test_a_per_step_leak_is_found_with_its_holder_and_logged(tmp_path) -> None:
     assert 0.7 <= ev["mib_per_step"] <= 1.6  # 32 x 8192 float32 logits per step = 1 MiB (and their graph)
     assert ev["projected_exhaustion_step"] > growth.step
     assert "`self.hist` holds" in growth.message and "autograd history" in growth.message
-    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    with open(Path(logger.log_dir) / "metrics.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
     keys = {k for row in rows for k, v in row.items() if v}
     assert {"diag/memory/baseline_mib", "diag/memory/rss_mib", "diag/memory/peak_mib"} <= keys
     baseline = [float(r["diag/memory/baseline_mib"]) for r in rows if r.get("diag/memory/baseline_mib")]
@@ -77,7 +78,9 @@ def test_a_metric_never_reset_grows_at_each_validation() -> None:
     _, monitor = fit(Leaky("validation"), train, val, epochs=5)
     growth = find(monitor.findings, "memory_growth")
     assert growth is not None, monitor.findings
-    assert growth.evidence["pattern"] == "at_validation" and growth.evidence["holder"] == "self.val_preds.value"
+    assert (
+        growth.evidence["pattern"] == "at_validation" and growth.evidence["holder"] == "self.val_preds.value"
+    )
     # 24 MiB of predictions per run, as much again for the concatenation `compute()` caches, and the RSS's own
     # rounding (freed blocks too small for the next, larger concatenation)
     assert 16 <= growth.evidence["mib_per_validation"] <= 96
@@ -95,7 +98,9 @@ def healthy_variable_lengths() -> tuple[Leaky, DataLoader, DataLoader, dict[str,
     return Leaky(noise=True), train, val, {}
 
 
-def healthy_workers_checkpoints_validation(tmp_path: Path) -> tuple[Leaky, DataLoader, DataLoader, dict[str, Any]]:
+def healthy_workers_checkpoints_validation(
+    tmp_path: Path,
+) -> tuple[Leaky, DataLoader, DataLoader, dict[str, Any]]:
     # non-persistent workers restart every epoch; a checkpoint every epoch; validation batches 16x training's
     train, val = loaders(val=1024, val_batch=512, num_workers=2)
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)
@@ -210,14 +215,15 @@ def test_cuda_leak_fragmentation_and_a_real_oom_without_a_sync(tmp_path) -> None
         case_env = dict(env)
         if case == "fragmentation_expandable":
             case_env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-        subprocess.run(
-            [sys.executable, str(script), case, str(out)], env=case_env, check=True, timeout=600
-        )
+        subprocess.run([sys.executable, str(script), case, str(out)], env=case_env, check=True, timeout=600)
         results[case] = json.loads(out.read_text())
     leak = results["leak"]
     assert leak["growth"]["pattern"] == "per_step" and leak["growth"]["holder"] == "self.hist"
     assert leak["real_oom_step"] is not None
-    assert abs(leak["growth"]["projected_exhaustion_step"] - leak["real_oom_step"]) <= 0.1 * leak["real_oom_step"]
+    assert (
+        abs(leak["growth"]["projected_exhaustion_step"] - leak["real_oom_step"])
+        <= 0.1 * leak["real_oom_step"]
+    )
     assert "memory_fragmentation" in results["fragmentation"]["codes"]
     assert "memory_fragmentation" not in results["fragmentation_expandable"]["codes"]
     oom = results["oom"]["out_of_memory"]

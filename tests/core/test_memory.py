@@ -119,7 +119,9 @@ def test_look_alikes_are_not_growth(kwargs) -> None:
 def test_a_cache_filling_epoch_0_is_only_a_candidate() -> None:
     trend = run(cache=200 * MIB, epochs=1)
     growth = judge(trend)
-    assert growth is not None and growth.size >= GROWTH and not growth.confirmed  # the caller looks for a holder
+    assert (
+        growth is not None and growth.size >= GROWTH and not growth.confirmed
+    )  # the caller looks for a holder
     assert judge(trend, run_died=True).confirmed_by == "run_died"
     assert judge(trend, total_steps=20_000).confirmed_by == "exhaustion_in_run"  # exhaustion near step 3,900
 
@@ -148,7 +150,9 @@ def test_projected_exhaustion_step_is_exact_on_a_linear_leak(rate_mib) -> None:
     last = trend.points[-1]
     growth = judge(trend, peak=last.value + 50 * MIB)
     assert growth is not None and growth.pattern == "per_step"
-    truth = math.ceil((CAPACITY - 50 * MIB - 1000 * MIB) / (rate_mib * MIB))  # where the peak reaches capacity
+    truth = math.ceil(
+        (CAPACITY - 50 * MIB - 1000 * MIB) / (rate_mib * MIB)
+    )  # where the peak reaches capacity
     assert abs(growth.exhaustion_step - truth) <= 1
 
 
@@ -218,8 +222,14 @@ def test_pick_holder_prefers_what_grew_over_what_is_big() -> None:
     assert holder.name == "self.hist" and gained.with_history == 20
     static = pick_holder(after)  # no earlier walk: the most tensors with autograd history
     assert static[0].name == "self.hist" and static[1] is None
-    detached = {"self.table": Holder("self.table", 1, 0, 10**6), "self.preds": Holder("self.preds", 50, 0, 10**5)}
-    earlier = {"self.table": Holder("self.table", 1, 0, 10**6), "self.preds": Holder("self.preds", 10, 0, 2 * 10**4)}
+    detached = {
+        "self.table": Holder("self.table", 1, 0, 10**6),
+        "self.preds": Holder("self.preds", 50, 0, 10**5),
+    }
+    earlier = {
+        "self.table": Holder("self.table", 1, 0, 10**6),
+        "self.preds": Holder("self.preds", 10, 0, 2 * 10**4),
+    }
     assert pick_holder(detached, earlier)[0].name == "self.preds"
     assert pick_holder({"self.table": Holder("self.table", 1, 0, 10**6)}, min_bytes=10) is None  # one tensor
 
@@ -280,7 +290,10 @@ def test_fragmentation_rule(retries, reserved, allocated, severity) -> None:
     [
         (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
         (MemoryError(), True),
-        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), True),
+        (
+            RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+            True,
+        ),
         (RuntimeError("CUDA error: out of memory"), True),
         (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
         (ValueError("out of memory"), False),
@@ -342,7 +355,11 @@ def test_describe_batch_counts_each_storage_once() -> None:
 
 @pytest.mark.parametrize(
     ("cause", "effect"),
-    [("memory_growth", "out_of_memory"), ("memory_fragmentation", "out_of_memory"), ("memory_growth", "memory_pressure")],
+    [
+        ("memory_growth", "out_of_memory"),
+        ("memory_fragmentation", "out_of_memory"),
+        ("memory_growth", "memory_pressure"),
+    ],
 )
 def test_the_diagnosis_links_memory_findings(cause, effect) -> None:
     severity = "info" if effect == "memory_pressure" else "error"
