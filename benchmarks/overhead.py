@@ -49,6 +49,7 @@ from lightning_diag import (
     EarlyStop,
     GradClip,
     GradNormMonitor,
+    MemoryMonitor,
     NaNGuard,
     SilentBugDetector,
     SpeedMonitor,
@@ -209,6 +210,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "NaNGuard": lambda: {"callbacks": [NaNGuard()]},
     "NaNGuard(rollback, snapshot_every_n_steps=100)": lambda: {"callbacks": [NaNGuard(action="rollback")]},
     "SilentBugDetector": lambda: {"callbacks": [SilentBugDetector()]},
+    "MemoryMonitor": lambda: {"callbacks": [MemoryMonitor()]},
     "whole suite": lambda: {
         "callbacks": [
             WarmupCosine(warmup_ratio=0.05),

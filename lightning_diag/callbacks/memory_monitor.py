@@ -20,6 +20,7 @@ from lightning_diag.core.memory import (
     Growth,
     Holder,
     MemoryTrend,
+    as_per_step,
     as_sawtooth,
     describe_batch,
     find_holders,
@@ -155,6 +156,7 @@ class MemoryMonitor(DiagCallback):
         self._holder = ""
         self._snapshot: tuple[int, dict[str, Holder]] | None = None
         self._pending: tuple[Growth, Holder, Holder | None] | None = None
+        self._walked = -float("inf")  # the baseline at the last walk
         self._total_steps: float | None = None
         self._oom: tuple[int, float] | None = None
 
@@ -350,11 +352,17 @@ class MemoryMonitor(DiagCallback):
         if growth.size < min_growth:  # a candidate: remember what the module holds now, to compare later
             if self._snapshot is None:
                 self._snapshot = (step, self._walk(trainer, pl_module))
+                self._walked = growth.baseline
             return None
+        if not growth.confirmed and growth.baseline - self._walked < 0.25 * min_growth:
+            return None  # walked when the baseline was about as high: nothing new to find until it grows
+        self._walked = growth.baseline
         found = self._walk(trainer, pl_module)
         before = self._snapshot[1] if self._snapshot is not None else None
-        picked = pick_holder(found, before, min_bytes=0.1 * growth.size)
+        picked = pick_holder(found, before, min_bytes=0.25 * growth.size)
         holder, gained = picked if picked is not None else (None, None)
+        if growth.pattern == "at_validation" and holder is not None and holder.with_history:
+            growth = as_per_step(growth)  # validation makes no autograd history: training steps keep it
         if not growth.confirmed and holder is not None and holder.with_history:
             growth.confirmed_by = "holder_with_history"
             if self._epochs_ahead(trainer):

@@ -19,11 +19,16 @@ first validation run's jump), over at least ``min_points`` points:
   growth;
 * *per epoch* (a saw-tooth): the same rise inside epochs, but each epoch end gives back at least
   :data:`RELEASE_SHARE` of it; the growth of one epoch (slope x steps per epoch) is ``min_growth`` or more;
-* *at each validation*: at least 2 validation runs after the first, :data:`RISING_SHARE` of them leave more memory
-  than they found, together ``min_growth`` or more, and the training steps after them do not give it back.
+* *at each validation*: at least 2 validation runs after the first, :data:`RISING_SHARE` of them and the last two
+  leave more memory than they found, together ``min_growth`` or more, explaining at least half of the growth since,
+  and the training steps after them do not give it back.
+
+A rise over the window that fits none of the three (most pairs of points rising across segments too, the median
+of the last three points ``min_growth`` above the first three) is *unattributed*: a candidate only.
 
 Growth seen only in the first epoch may be a cache filling once; it is reported only when it is *confirmed*: it went
-on in a later epoch, or the projected exhaustion falls within the run, or the caller found the holder of the growth
+on in a later epoch, or the projected exhaustion falls within the run (not for an unattributed rise), or the caller
+found the holder of the growth
 and it keeps tensors with autograd history (never needed after a step: a certain leak), or the run died of an OOM
 (``Growth.confirmed_by``: ``later_epoch``, ``exhaustion_in_run``, ``holder_with_history``, ``run_died``).
 
@@ -69,6 +74,7 @@ __all__ = [
     "Growth",
     "Holder",
     "MemoryTrend",
+    "as_per_step",
     "as_sawtooth",
     "describe_batch",
     "find_holders",
@@ -165,6 +171,9 @@ class Growth:
     confirmed_by: str = ""
     steps_per_epoch: int = 0
     validations: int = 0
+    #: a rise over the whole window that neither training steps nor validation runs explain: a candidate that only
+    #: a holder with autograd history (or the run dying of an OOM) confirms
+    unattributed: bool = False
 
     @property
     def confirmed(self) -> bool:
@@ -269,12 +278,15 @@ class MemoryTrend:
         if growth is None:
             growth = self._in_training(points, capacity, peak, tolerance)
         if growth is None:
+            growth = _unattributed(points, capacity, peak, tolerance)
+        if growth is None:
             return None
         if not growth.confirmed_by:
             if run_died:
                 growth.confirmed_by = "run_died"
             elif (
-                growth.exhaustion_step is not None
+                not growth.unattributed
+                and growth.exhaustion_step is not None
                 and total_steps is not None
                 and math.isfinite(total_steps)
                 and growth.exhaustion_step <= total_steps
@@ -350,6 +362,8 @@ class MemoryTrend:
         if len(jumps) < 2:
             return None
         rising = sum(j.value > tolerance for j in jumps) / len(jumps)
+        if not all(j.value > tolerance for j in jumps[-2:]):  # still growing at the last two runs
+            return None
         total = sum(j.value for j in jumps)
         before = [p.value for p in points if p.step < jumps[0].step] or [points[0].value]
         net = points[-1].value - before[-1]
@@ -400,13 +414,58 @@ def as_sawtooth(growth: Growth, *, steps_per_epoch: int, epoch_start: int) -> Gr
     )
 
 
+def as_per_step(growth: Growth) -> Growth:
+    """A growth whose holder keeps tensors with autograd history, which validation (no grad) cannot make: the
+    training steps keep them, whatever the moments the RSS showed it (on CPU the RSS of a leak that pins small
+    blocks may rise when validation allocates). The rate is the window's growth per step.
+    """
+    steps = max(growth.last_step - growth.first_step, 1)
+    rate = growth.size / steps
+    return dataclasses.replace(
+        growth,
+        pattern="per_step",
+        rate=rate,
+        exhaustion_step=growth.last_step + math.ceil(max(growth.capacity - growth.peak, 0.0) / rate)
+        if rate > 0
+        else None,
+    )
+
+
 def _tail(points: Sequence[Point], n: int) -> list[float]:
     return [p.value for p in points[-n:]]
 
 
-def _segment_trend(points: Sequence[Point], tolerance: float = 0.0) -> tuple[float, float, int]:
+def _unattributed(points: list[Point], capacity: float, peak: float, tolerance: float) -> Growth | None:
+    """The baseline rose over the window (most pairs of points, across segments too) without a pattern: on CPU the
+    RSS of a leak of small blocks (a list of losses and their graphs) can rise in steps at validation runs."""
+    _, share, pairs = _segment_trend(points, tolerance, same_segment=False)
+    size = _median(_tail(points, 3)) - _median([p.value for p in points[:3]])
+    steps = points[-1].step - points[0].step
+    if pairs < 4 or share < RISING_SHARE or size <= 0 or steps <= 0:
+        return None
+    rate = size / steps
+    return Growth(
+        "per_step",
+        rate=rate,
+        size=size,
+        rising_share=share,
+        points=len(points),
+        first_step=points[0].step,
+        last_step=points[-1].step,
+        baseline=points[-1].value,
+        peak=peak,
+        capacity=capacity,
+        exhaustion_step=points[-1].step + math.ceil(max(capacity - peak, 0.0) / rate),
+        unattributed=True,
+    )
+
+
+def _segment_trend(
+    points: Sequence[Point], tolerance: float = 0.0, *, same_segment: bool = True
+) -> tuple[float, float, int]:
     """Theil-Sen slope (bytes per step), share of pairs rising by more than ``tolerance`` bytes, and number of pairs,
-    over the pairs of points that belong to the same segment (host tensors: a few hundred pairs cost microseconds).
+    over the pairs of points that belong to the same segment (all pairs: ``same_segment=False``); host tensors: a
+    few hundred pairs cost microseconds.
     """
     if len(points) < 2:
         return 0.0, 0.0, 0
@@ -415,7 +474,9 @@ def _segment_trend(points: Sequence[Point], tolerance: float = 0.0) -> tuple[flo
     segments = torch.tensor([p.segment for p in points])
     ds = steps[None, :] - steps[:, None]
     dv = values[None, :] - values[:, None]
-    mask = (segments[None, :] == segments[:, None]) & (ds > 0)
+    mask = ds > 0
+    if same_segment:
+        mask &= segments[None, :] == segments[:, None]
     count = int(mask.sum())
     if count == 0:
         return 0.0, 0.0, 0
@@ -434,11 +495,19 @@ def growth_verdict(
 ) -> Verdict:
     """The ``memory_growth`` finding (warning) for a confirmed growth, with the holder when one was found."""
     what = "GPU memory" if device == "cuda" else "process memory (RSS)"
-    if growth.pattern == "per_step":
+    if growth.unattributed:
+        head = (
+            f"The {what} that survives a training step rose by {fmt_bytes(growth.size)} from step "
+            f"{growth.first_step} to {growth.last_step} ({fmt_bytes(growth.rate)} per step on average, "
+            f"{growth.rising_share:.0%} of pairs of its {growth.points} points rising), in jumps rather than at a "
+            "steady rate."
+        )
+    elif growth.pattern == "per_step":
         head = (
             f"The {what} that survives a training step grows by {fmt_bytes(growth.rate)} per step: "
             f"+{fmt_bytes(growth.size)} from step {growth.first_step} to {growth.last_step} "
-            f"({growth.rising_share:.0%} of {growth.points} points' pairs rising), and epoch ends do not give it back."
+            f"({growth.rising_share:.0%} of pairs of its {growth.points} points rising, between boundaries of the loop), "
+            "and epoch ends do not give it back."
         )
     elif growth.pattern == "per_epoch":
         head = (
@@ -664,7 +733,7 @@ def pick_holder(
     """The holder of a growth and what it gained (a :class:`Holder` of differences), or ``None``.
 
     With an earlier walk: the attribute that gained the most tensors with autograd history (2 or more), else the most
-    bytes (``min_bytes`` or more). Without one: the attribute holding the most tensors with autograd history (8 or
+    bytes (``min_bytes`` or more; a container that gained tensors before one that did not). Without one: the attribute holding the most tensors with autograd history (8 or
     more), else the container holding the most bytes (``min_bytes`` or more, 2 tensors or more).
     """
     if before is not None:
