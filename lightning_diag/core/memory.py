@@ -27,7 +27,7 @@ A rise over the window that fits none of the three (most pairs of points rising 
 of the last three points ``min_growth`` above the first three) is *unattributed*: a candidate only.
 
 Growth seen only in the first epoch may be a cache filling once; it is reported only when it is *confirmed*: it went
-on in a later epoch, or the projected exhaustion falls within the run (not for an unattributed rise), or the caller
+on in a later epoch (4 points or more after that epoch's first step, rising at half the rate or more), or the projected exhaustion falls within the run (not for an unattributed rise), or the caller
 found the holder of the growth
 and it keeps tensors with autograd history (never needed after a step: a certain leak), or the run died of an OOM
 (``Growth.confirmed_by``: ``later_epoch``, ``exhaustion_in_run``, ``holder_with_history``, ``run_died``).
@@ -306,11 +306,7 @@ class MemoryTrend:
         releases = [r.value for r in self.releases if r.step > points[0].step]
         per_epoch = slope * steps_per_epoch
         sawtooth = bool(releases) and per_epoch > 0 and _median(releases) >= RELEASE_SHARE * per_epoch
-        epochs = sorted({p.epoch for p in points})
-        later = [p for p in points if p.epoch == epochs[-1]]
-        still_rising = (
-            len(epochs) >= 2 and len(later) >= 3 and _segment_trend(later, tolerance)[1] >= RISING_SHARE
-        )
+        still_rising = _still_rising(points, slope, tolerance)
         if sawtooth:
             started = self._epoch_start if self._epoch_start is not None else last.step
             peak_at_start = peak - slope * max(last.step - started, 0)
@@ -433,6 +429,20 @@ def as_per_step(growth: Growth) -> Growth:
 
 def _tail(points: Sequence[Point], n: int) -> list[float]:
     return [p.value for p in points[-n:]]
+
+
+def _still_rising(points: list[Point], slope: float, tolerance: float) -> bool:
+    """The latest epoch of the window (a later one than the first) rises too, at a similar rate: 4 points or more
+    after its first step (the RSS often rises for a few steps after a boundary, then settles), most pairs rising,
+    at least half the window's slope.
+    """
+    epochs = sorted({p.epoch for p in points})
+    if len(epochs) < 2:
+        return False
+    later = [p for p in points if p.epoch == epochs[-1]]
+    later = [p for p in later if p.step > later[0].step]
+    latest_slope, share, _ = _segment_trend(later, tolerance)
+    return len(later) >= 4 and share >= RISING_SHARE and latest_slope >= 0.5 * slope
 
 
 def _unattributed(points: list[Point], capacity: float, peak: float, tolerance: float) -> Growth | None:
