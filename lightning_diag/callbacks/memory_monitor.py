@@ -100,9 +100,8 @@ class MemoryMonitor(DiagCallback):
         (``caused_by``). ``declined`` (info) on a device without memory counters (MPS, XLA).
 
     Raises:
-        ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for a negative
-            ``ignore_first_steps``, ``min_points`` below 8, or a ``min_growth_mib``/``capacity_mib`` that is not a
-            positive number.
+        ValueError: (``ArgumentError``) at construction for a negative ``ignore_first_steps``, ``min_points`` below
+            8, or a ``min_growth_mib``/``capacity_mib`` that is not a positive number.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -390,8 +389,8 @@ class MemoryMonitor(DiagCallback):
         return growth
 
     def _epochs_ahead(self, trainer: pl.Trainer) -> bool:
-        last = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
-        return last is None or trainer.current_epoch + 1 < last
+        last = trainer.max_epochs
+        return last is None or last < 0 or trainer.current_epoch + 1 < last
 
     def _settle_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """At the first epoch start after a growth confirmed by its holder: emptied by the epoch end -> saw-tooth."""

@@ -447,7 +447,8 @@ def _still_rising(points: list[Point], slope: float, tolerance: float) -> bool:
 
 def _unattributed(points: list[Point], capacity: float, peak: float, tolerance: float) -> Growth | None:
     """The baseline rose over the window (most pairs of points, across segments too) without a pattern: on CPU the
-    RSS of a leak of small blocks (a list of losses and their graphs) can rise in steps at validation runs."""
+    RSS of a leak of small blocks (a list of losses and their graphs) can rise in steps at validation runs.
+    """
     _, share, pairs = _segment_trend(points, tolerance, same_segment=False)
     size = _median(_tail(points, 3)) - _median([p.value for p in points[:3]])
     steps = points[-1].step - points[0].step
