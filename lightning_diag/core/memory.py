@@ -32,8 +32,9 @@ found the holder of the growth
 and it keeps tensors with autograd history (never needed after a step: a certain leak), or the run died of an OOM
 (``Growth.confirmed_by``: ``later_epoch``, ``exhaustion_in_run``, ``holder_with_history``, ``run_died``).
 
-**The projected exhaustion step**: per step, ``last step + (capacity - peak) / slope``, with the slope of the later
-half of the window (at least 8 points: the rate now); per epoch, the step inside an
+**The projected exhaustion step**: per step, ``last step + (capacity - peak) / rate``, the rate being the Theil-Sen
+slope over all pairs of the later half of the window (at least 8 points: what accumulates now, the boundaries'
+share included); per epoch, the step inside an
 epoch where the epoch's growth reaches the capacity (none when an epoch's peak stays below it); at each validation,
 the validation run at which the jumps reach it.
 
@@ -336,8 +337,10 @@ class MemoryTrend:
         if kept < 0.5 * size:  # it rises inside segments but is given back somewhere: not an accumulation
             return None
         # The rate now, for the projection: the later half of the window (a leak that started inside the window
-        # has flat pairs before it, which pull the whole window's median slope down).
-        recent_slope, _, recent_pairs = _segment_trend(points[-max(8, len(points) // 2) :], tolerance)
+        # has flat pairs before it, which pull the whole window's median slope down), over all its pairs (what
+        # accumulates, the boundaries' share included).
+        recent = points[-max(8, len(points) // 2) :]
+        recent_slope, _, recent_pairs = _segment_trend(recent, tolerance, same_segment=False)
         rate = recent_slope if recent_pairs >= 4 and recent_slope > 0 else slope
         exhaustion = last.step + math.ceil(max(capacity - peak, 0.0) / rate)
         return Growth(

@@ -156,6 +156,16 @@ def test_projected_exhaustion_step_is_exact_on_a_linear_leak(rate_mib) -> None:
     assert abs(growth.exhaustion_step - truth) <= 1
 
 
+def test_a_leak_that_starts_inside_the_window_is_projected_at_its_own_rate() -> None:
+    trend = MemoryTrend()
+    for step in range(0, 300, 10):  # flat until step 100, then 2 MiB a step
+        trend.add("step", step, step // 100, 1000 * MIB + 2 * MIB * max(step - 100, 0))
+    last = trend.points[-1]
+    growth = judge(trend, peak=last.value)
+    assert growth is not None and growth.rate == pytest.approx(2 * MIB)
+    assert growth.exhaustion_step == last.step + math.ceil((CAPACITY - last.value) / (2 * MIB))
+
+
 def test_saw_tooth_projection_needs_an_epoch_that_reaches_capacity() -> None:
     growth = judge(run(per_epoch_released=2.0 * MIB))
     assert growth.exhaustion_step is None  # 80 MiB an epoch on a 4 GiB capacity: it fits
