@@ -173,6 +173,8 @@ class Growth:
     confirmed_by: str = ""
     steps_per_epoch: int = 0
     validations: int = 0
+    #: per epoch: the peak an epoch reaches at its end (its start's peak plus an epoch's growth)
+    epoch_peak: float = 0.0
     #: a rise over the whole window that neither training steps nor validation runs explain: a candidate that only
     #: a holder with autograd history (or the run dying of an OOM) confirms
     unattributed: bool = False
@@ -331,6 +333,7 @@ class MemoryTrend:
                 exhaustion_step=exhaustion,
                 confirmed_by="later_epoch" if still_rising else "",
                 steps_per_epoch=steps_per_epoch,
+                epoch_peak=peak_at_start + per_epoch,
             )
         size = slope * (last.step - points[0].step)
         kept = _median(_tail(points, 3)) - _median([p.value for p in points[:3]])
@@ -415,6 +418,7 @@ def as_sawtooth(growth: Growth, *, steps_per_epoch: int, epoch_start: int) -> Gr
         size=per_epoch,
         steps_per_epoch=steps_per_epoch,
         exhaustion_step=exhaustion,
+        epoch_peak=floor + per_epoch,
     )
 
 
@@ -544,8 +548,11 @@ def growth_verdict(
     if growth.exhaustion_step is not None:
         head += f" At this rate it runs out ({cap}) at about step {growth.exhaustion_step}."
     elif growth.pattern == "per_epoch":
-        share = (growth.peak + growth.size) / growth.capacity if growth.capacity else 0.0
-        head += f" An epoch's end peak reaches about {share:.0%} of the capacity ({cap}): it fits at this epoch length."
+        share = growth.epoch_peak / growth.capacity if growth.capacity else 0.0
+        head += (
+            f" An epoch's end peak reaches about {fmt_bytes(growth.epoch_peak)}, {share:.0%} of the capacity "
+            f"({fmt_bytes(growth.capacity)}): it fits at this epoch length."
+        )
     evidence: dict[str, Any] = {
         "pattern": growth.pattern,
         "growth_mib": round(growth.size / MIB, 3),
