@@ -217,7 +217,7 @@ def leak_hidden_per_step(seed: int) -> Run:
 
 
 def leak_loss_per_step(seed: int) -> Run:
-    return _wide(seed, keep="loss", epochs=5)
+    return _wide(seed, keep="loss", epochs=7)
 
 
 def outputs_kept_per_epoch(seed: int) -> Run:
