@@ -57,6 +57,7 @@ from lightning_diag import (
     GradClip,
     GradNormMonitor,
     HangWatchdog,
+    MemoryMonitor,
     NaNGuard,
     SilentBugDetector,
     SpeedMonitor,
@@ -218,6 +219,7 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "NaNGuard(rollback, snapshot_every_n_steps=100)": lambda: {"callbacks": [NaNGuard(action="rollback")]},
     "SilentBugDetector": lambda: {"callbacks": [SilentBugDetector()]},
     "HangWatchdog": lambda: {"callbacks": [HangWatchdog()]},
+    "MemoryMonitor": lambda: {"callbacks": [MemoryMonitor()]},
     "whole suite": lambda: {
         "callbacks": [
             WarmupCosine(warmup_ratio=0.05),

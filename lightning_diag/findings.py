@@ -85,6 +85,10 @@ CODES: dict[str, str] = {
     "uneven_batches": "ranks have different numbers of training batches per epoch (DDP would hang at the end)",
     "straggler": "one rank is consistently slower before the gradient all-reduce; the others wait for it",
     "step_time_outlier": "steps far above the median step time, with what coincided (GC, data, validation, saves)",
+    "memory_growth": "the memory that survives a training step keeps growing (per step, per epoch, at validation)",
+    "memory_pressure": "a step's memory peak is close to the capacity of the device (or of the host)",
+    "memory_fragmentation": "the CUDA caching allocator retries allocations, or reserves far more than it allocates",
+    "out_of_memory": "fit died of an out-of-memory error: the phase, the batch and the memory at that point",
 }
 
 

@@ -36,6 +36,7 @@ REGISTRY: dict[str, list[dict[str, Any]]] = {
     ],
     "GradNormMonitor": [{}, {"group_by": "parameter", "exploding_threshold": 0.5}],
     "HangWatchdog": [{}, {"action": "raise", "min_timeout_s": 30.0, "step_timeout_s": 60.0}],
+    "MemoryMonitor": [{}, {"min_growth_mib": 16.0, "capacity_mib": 4096.0, "ignore_first_steps": 2}],
     "NaNGuard": [{}, {"action": "rollback", "spike_action": "skip", "snapshot_every_n_steps": 3}],
     "OverfitDetector": [{}, {"action": "stop", "patience": 2, "chance_loss": 1.0}],
     "SanityCheck": [{}, {"fail_on": "never", "num_batches": 2, "overfit_batch_steps": 5}],

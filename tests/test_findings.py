@@ -61,6 +61,11 @@ DESIGN_CODES = {
     "uneven_batches",
     "straggler",
     "step_time_outlier",
+    # memory (MemoryMonitor)
+    "memory_growth",
+    "memory_pressure",
+    "memory_fragmentation",
+    "out_of_memory",
 }
 
 

@@ -135,6 +135,40 @@ def test_lr_back_offs_are_marked_only_after_a_rollback() -> None:
     assert not marks(elements(render(report, {"lr": lr})))  # the same fall without a rollback: a schedule's
 
 
+def test_the_memory_panel_marks_the_projection_and_the_oom() -> None:
+    report = build_report(
+        [], status="failed", global_step=60, epoch=2, error="OutOfMemoryError: CUDA out of memory"
+    )
+    memory = {
+        "device": "cuda",
+        "steps": list(range(0, 60, 5)),
+        "baseline_mib": [1000.0 + 10 * s for s in range(0, 60, 5)],
+        "peak_mib": [1500.0 + 10 * s for s in range(0, 60, 5)],
+        "capacity_mib": 2400.0,
+        "exhaustion_step": 145,
+        "projection": [[55, 2050.0], [145, 2400.0]],
+        "oom": [60, 2100.0],
+    }
+    page = elements(render(report, {"memory": memory}))
+    assert page.find("svg", id="memory")
+    for css in (
+        "series baseline",
+        "series peak",
+        "series capacity",
+        "series projection",
+        "marker exhaustion",
+    ):
+        assert page.find(class_=css), css
+    assert [m for m in page.find("line", class_="marker oom") if "key" not in m["class"].split()]
+    text = render(report, {"memory": memory})
+    assert "projected exhaustion at step 145" in text and "out of memory at step 60" in text
+    far = {**memory, "projection": [[55, 2050.0], [100_000, 2400.0]], "exhaustion_step": 100_000}
+    far_text = render(report, {"memory": far})  # too far to draw: named in the legend
+    assert "projected exhaustion at step 100000 (beyond the chart)" in far_text
+    assert not elements(far_text).find("polyline", class_="series projection")
+    assert 'id="memory"' not in render(report, {"memory": {"steps": [], "oom": None}})
+
+
 def test_the_page_is_self_contained() -> None:
     page = render(v2_report(), {"curve": [(1.0, 1.0, 1.1), (2.0, 0.6, 0.8)]})
     assert "<script" not in page and "http://" not in page and "https://" not in page

@@ -8,7 +8,7 @@ includes (``python benchmarks/diagnosis/run.py --seeds 0 1 2 --write-docs`` rege
 
 The suite is added the way a user would: every exported lightning_diag callback that needs no task-specific
 argument, at its defaults (``GradNormMonitor``, ``NaNGuard``, ``OverfitDetector``, ``SanityCheck``,
-``SpeedMonitor``, ``SilentBugDetector`` and ``HangWatchdog`` where the package has them), plus ``EarlyStop`` on the run's ``monitor``
+``SpeedMonitor``, ``SilentBugDetector``, ``HangWatchdog`` and ``MemoryMonitor`` where the package has them), plus ``EarlyStop`` on the run's ``monitor``
 (``OverfitDetector`` watches that key too). ``GradClip`` and ``WarmupCosine`` are left out: they change the
 optimisation (a clipped or re-scheduled run is a different run), they do not diagnose it. Nothing is tuned per
 scenario.
@@ -22,7 +22,8 @@ Scores (see ``scenario.py`` for the labels):
   apart as ``linked``);
 - primary: runs whose ``primary`` finding has an expected code (failing) or that have none (healthy);
 - crashes: runs that died of an exception other than lightning_diag's own deliberate stops
-  (``NonFiniteError``, ``SanityCheckError``).
+  (``NonFiniteError``, ``SanityCheckError``) and the out-of-memory errors the memory scenarios model
+  (status ``out_of_memory``: judged by their findings like any other run).
 
 Targets (on every seed): recall >= 95%, false alarms 0, noise <= 0.1, crashes 0 (:data:`TARGETS`). The exit
 status is 1 when a target is missed.
@@ -130,6 +131,8 @@ def suite(monitor: str | None) -> list[Any]:
     import lightning_diag as ld
 
     callbacks: list[Any] = [ld.SanityCheck(), ld.GradNormMonitor(), ld.NaNGuard(), ld.SpeedMonitor()]
+    if hasattr(ld, "MemoryMonitor"):
+        callbacks.append(ld.MemoryMonitor())
     silent = getattr(ld, "SilentBugDetector", None)
     if silent is not None:
         callbacks.append(silent())
@@ -153,6 +156,7 @@ def _with_monitor(cls: Any, monitor: str) -> Any:
 def run_scenario(scenario: Scenario, seed: int) -> Result:
     """Fit one scenario in this process with the suite; never raises (a crash is a result)."""
     import lightning.pytorch as pl
+    import torch
     from lightning.pytorch.loggers import CSVLogger
 
     import lightning_diag as ld
@@ -186,6 +190,8 @@ def run_scenario(scenario: Scenario, seed: int) -> Result:
                 )
         except (ld.NonFiniteError, ld.SanityCheckError) as exc:
             status, error = "stopped", f"{type(exc).__name__}: {str(exc)[:200]}"
+        except torch.OutOfMemoryError as exc:  # the failure a memory scenario models (its run dies of it)
+            status, error = "out_of_memory", f"{type(exc).__name__}: {str(exc)[:200]}"
         except Exception as exc:  # a crash of the run is a result, not a failure of the runner
             status, error = "crashed", f"{type(exc).__name__}: {str(exc)[:300]}"
         findings = ld.collect_findings(trainer) if trainer is not None else []

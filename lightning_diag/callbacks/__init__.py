@@ -5,6 +5,7 @@ from lightning_diag.callbacks.early_stop import EarlyStop
 from lightning_diag.callbacks.grad_clip import GradClip
 from lightning_diag.callbacks.grad_norm_monitor import GradNormMonitor
 from lightning_diag.callbacks.hang_watchdog import HangWatchdog
+from lightning_diag.callbacks.memory_monitor import MemoryMonitor
 from lightning_diag.callbacks.nan_guard import NaNGuard
 from lightning_diag.callbacks.overfit_detector import OverfitDetector
 from lightning_diag.callbacks.sanity_check import SanityCheck
@@ -19,6 +20,7 @@ __all__ = [
     "GradClip",
     "GradNormMonitor",
     "HangWatchdog",
+    "MemoryMonitor",
     "NaNGuard",
     "NonFiniteError",
     "OverfitDetector",

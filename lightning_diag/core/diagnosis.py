@@ -24,6 +24,8 @@ when several findings of the cause codes match), and never a cause that it (tran
 | ``squashed_twice`` | ``loss_at_init`` (softmax/sigmoid applied twice: a fact) | plateau, underfitting, vanishing gradients | same step or later |
 | ``stopped_by_overfitting`` | ``overfitting`` | early stop | any |
 | ``stopped_by_plateau`` | ``loss_plateau``, ``underfitting`` | early stop | any |
+| ``memory_leak`` | ``memory_growth`` | out of memory, memory pressure | same step or later |
+| ``fragmented_cache`` | ``memory_fragmentation`` | out of memory | same step or later |
 
 A rule marked *a fact* links only a cause whose evidence says ``certain`` (its rule established it, rather than
 guessed it from one batch): a first batch that happens to hold one class explains nothing.
@@ -215,6 +217,20 @@ RULES: tuple[Rule, ...] = (
         ("early_stopped",),
         "any",
         "the validation loss stopped improving because training did",
+    ),
+    Rule(
+        "memory_leak",
+        ("memory_growth",),
+        ("out_of_memory", "memory_pressure"),
+        "after",
+        "memory that grows every step (or epoch, or validation) runs out in the end",
+    ),
+    Rule(
+        "fragmented_cache",
+        ("memory_fragmentation",),
+        ("out_of_memory",),
+        "after",
+        "a fragmented cache cannot serve an allocation that would fit in the free memory",
     ),
 )
 

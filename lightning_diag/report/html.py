@@ -10,7 +10,9 @@ next to ``diagnosis.json``. What the page shows, top to bottom:
   restored one), the overfitting onset, the stop, and the run's events (skipped steps, rollbacks, spikes) marked;
 * the learning-rate schedule (``#lr-schedule``) with skipped steps and NaNGuard's LR back-offs marked;
 * the per-layer gradient-norm heatmap (``#grad-norms``);
-* the data-wait vs compute split of a training step (``#data-wait``, SpeedMonitor).
+* the data-wait vs compute split of a training step (``#data-wait``, SpeedMonitor);
+* the memory curve (``#memory``, MemoryMonitor): what survives a step and the peak, the capacity, the projected
+  exhaustion step and the out-of-memory error.
 
 Epochs are counted as Lightning's progress bar counts them (0 is the first epoch); a point of the learning curve
 at ``e`` is the evaluation at the end of epoch ``e``. Nothing here imports torch or matplotlib.
@@ -63,6 +65,7 @@ def render(report: Mapping[str, Any], series: Mapping[str, Any]) -> str:
         _lr_chart(series, report),
         _grad_norm_heatmap(series.get("grad_norms") or {}),
         _data_wait_chart(series.get("speed") or {}, report),
+        _memory_chart(series.get("memory") or {}),
     ]
     charts_html = "\n".join(c for c in charts if c)
     healthy = bool(summary.get("healthy"))
@@ -343,6 +346,48 @@ def _data_wait_chart(speed: Mapping[str, Any], report: Mapping[str, Any]) -> str
     )
 
 
+def _memory_chart(memory: Mapping[str, Any]) -> str:
+    """MemoryMonitor's curve: what survives a step and the peak per logging step, the capacity, the projected
+    exhaustion (a dashed line to the step where the peak reaches the capacity) and the out-of-memory error.
+    """
+    steps = [float(s) for s in memory.get("steps") or []]
+    oom = memory.get("oom")
+    if not steps and not oom:
+        return ""
+    baseline = [_num(v) for v in memory.get("baseline_mib") or []]
+    peak = [_num(v) for v in memory.get("peak_mib") or []]
+    capacity = _num(memory.get("capacity_mib"))
+    projection = memory.get("projection") or []
+    last = steps[-1] if steps else 0.0
+    # the projection is drawn up to 4x the run's length; further out it is named, not drawn
+    shown = [p for p in projection if float(p[0]) <= max(4 * last, 1.0)] if len(projection) == 2 else []
+    xs = steps + [float(p[0]) for p in shown] + ([float(oom[0])] if oom else [])
+    ys = [v for v in baseline + peak if v is not None] + [float(p[1]) for p in shown]
+    if oom:
+        ys.append(float(oom[1]))
+    if capacity is not None and (shown or max(ys or [0.0]) > 0.5 * capacity):
+        ys.append(capacity)
+    what = "GPU memory" if memory.get("device") == "cuda" else "process memory (RSS)"
+    chart = _Chart("memory", f"Memory ({what})", xs, ys, xlabel="optimizer step", ylabel="MiB", log_y=False)
+    if steps:
+        chart.line(steps, baseline, "baseline", "what survives a step")
+        chart.line(steps, peak, "peak", "peak since the previous point")
+    if capacity is not None and capacity in ys:
+        chart.line([chart.x0, chart.x1], [capacity, capacity], "capacity", f"capacity ({capacity:,.0f} MiB)")
+    exhaustion = memory.get("exhaustion_step")
+    if len(shown) == 2:
+        (x0, y0), (x1, y1) = shown
+        chart.line([float(x0), float(x1)], [float(y0), float(y1)], "projection", "projected growth")
+        chart.point(float(x1), float(y1), "exhaustion", f"projected exhaustion at step {int(x1)}")
+    elif exhaustion is not None:
+        chart.legend.append(
+            ("exhaustion", f"projected exhaustion at step {int(exhaustion)} (beyond the chart)", "circle")
+        )
+    if oom:
+        chart.vline(float(oom[0]), "oom", f"out of memory at step {int(oom[0])}")
+    return chart.svg()
+
+
 class _Chart:
     """A small line chart in SVG: lines, a marked point, vertical lines and event markers, with a legend."""
 
@@ -603,6 +648,10 @@ svg text.legend{font-size:13px}svg text.legend.end{text-anchor:end}
 .marker.stop{stroke:#dc2626;stroke-width:2;stroke-dasharray:2,3}
 .marker.backoff{stroke:#7c3aed;stroke-width:2;stroke-dasharray:5,3}
 rect.wait{fill:#d97706}rect.compute{fill:#2563eb}
+.series.baseline{stroke:#2563eb}.series.peak{stroke:#9333ea;stroke-width:1.5}.dot.baseline{fill:#2563eb}.dot.peak{fill:#9333ea}
+.series.capacity{stroke:#111827;stroke-dasharray:8,4}.series.projection{stroke:#dc2626;stroke-dasharray:5,4}
+.dot.capacity,.dot.projection{display:none}
+.marker.exhaustion{fill:none;stroke:#dc2626;stroke-width:3}.marker.oom{stroke:#dc2626;stroke-width:3}
 footer{padding:8px 24px 20px;color:#6b7280;font-size:13px}
 code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace}
 """
