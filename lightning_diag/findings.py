@@ -85,6 +85,9 @@ CODES: dict[str, str] = {
     "uneven_batches": "ranks have different numbers of training batches per epoch (DDP would hang at the end)",
     "straggler": "one rank is consistently slower before the gradient all-reduce; the others wait for it",
     "step_time_outlier": "steps far above the median step time, with what coincided (GC, data, validation, saves)",
+    "dead_units": "a large share of a layer's units never fire (dead ReLU) or are dormant (GELU/SiLU)",
+    "saturated_activations": "most of a layer's tanh/sigmoid pre-activations sit in the saturated range",
+    "activation_scale": "activations shrink or grow geometrically with depth at initialisation",
 }
 
 
