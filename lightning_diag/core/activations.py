@@ -682,6 +682,10 @@ def _where(r: LayerReading) -> str:
     return f"`{r.name}`{what}{act}"
 
 
+def _checks(patience: int) -> str:
+    return f"{patience} checks in a row" if patience > 1 else "a check"
+
+
 def _trend(losses: Sequence[float]) -> str:
     if len(losses) >= 2 and all(map(math.isfinite, losses)):
         return f"the training loss went from {losses[0]:.4g} (first interval) to {losses[-1]:.4g}"
@@ -710,12 +714,12 @@ def dead_units(
     dead = round(r.dead_frac * units) if units else -1
     count = f"{dead} of {units} units ({r.dead_frac:.0%})" if units else f"{r.dead_frac:.0%} of the units"
     how = {
-        "gradients": f"their gradient rows were exactly 0 on every optimizer step for {patience} checks in a row "
+        "gradients": f"their gradient rows were exactly 0 on every optimizer step for {_checks(patience)} "
         f"(~{patience * interval} steps): they never fired on any of those batches",
-        "on_rate": f"they fired on fewer than {DEAD_ON_RATE:.0%} of the check batch's samples at {patience} checks "
-        "in a row",
+        "on_rate": f"they fired on fewer than {DEAD_ON_RATE:.0%} of the check batch's samples at "
+        f"{_checks(patience)}",
         "dormant": f"they are dormant (mean |activation| at most {DORMANT_SCORE:g}x the layer's average, or a "
-        f"gradient row of exactly 0) at {patience} checks in a row",
+        f"gradient row of exactly 0) at {_checks(patience)}",
     }[r.dead_source]
     extra = (
         f" Its ReLU's on-rate on the check batch averages {r.on_rate:.1%}."
@@ -809,7 +813,7 @@ def saturated_activations(
         "saturated_activations",
         "warning" if harm else "info",
         f"{_where(r)}: {r.saturated_frac:.0%} of its pre-activations are in {kind}'s saturated range "
-        f"(|z| >= {limit:g}, where the derivative is below 2e-4 of its peak) at {patience} checks in a row "
+        f"(|z| >= {limit:g}, where the derivative is below 2e-4 of its peak) at {_checks(patience)} "
         f"(~{patience * interval} steps){scale}: "
         f"little gradient passes through them.{_others(layers, lambda x: x.saturated_frac)}{tail}",
         {
