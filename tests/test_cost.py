@@ -43,6 +43,7 @@ def suite() -> list[Callback]:
         lightning_diag.SanityCheck(),
         lightning_diag.SilentBugDetector(),
         lightning_diag.HangWatchdog(),
+        lightning_diag.ActivationMonitor(),
     ]
 
 

@@ -61,6 +61,10 @@ DESIGN_CODES = {
     "uneven_batches",
     "straggler",
     "step_time_outlier",
+    # activation health (ActivationMonitor, SanityCheck)
+    "dead_units",
+    "saturated_activations",
+    "activation_scale",
 }
 
 

@@ -164,10 +164,10 @@ class ActivationMonitor(DiagCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._probe is None or self._hooks_off or self._check_step == trainer.global_step:
+        if self._probe is None or self._check_step == trainer.global_step or not self._is_check(trainer):
             return
-        if self._is_check(trainer):
-            self._check_step = trainer.global_step
+        self._check_step = trainer.global_step
+        if not self._hooks_off:
             self._probe.attach()
 
     @override
@@ -199,6 +199,9 @@ class ActivationMonitor(DiagCallback):
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             value = loss.detach().float().reshape(())
+            if self._loss_sum is None and self._loss_carry[1]:  # resumed mid-interval: same sum, same order
+                carried = torch.tensor(self._loss_carry[0], dtype=value.dtype, device=value.device)
+                value, self._loss_count, self._loss_carry = carried + value, self._loss_carry[1], (0.0, 0)
             self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
             self._loss_count += 1
         if self._probe is not None and self._probe.attached:
@@ -291,6 +294,7 @@ class ActivationMonitor(DiagCallback):
                 description=act.describe(module) if module is not None else "",
                 dead_source=source,
                 bias_mean=bias_means.get(name, math.nan),
+                rows=name in dead,
             )
             if not self.check_dead_units:
                 reading.dead_frac = math.nan

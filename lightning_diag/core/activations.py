@@ -486,6 +486,7 @@ class LayerReading:
     description: str = ""  # "Linear 64->32"
     dead_source: str = "gradients"  # "gradients", "on_rate" or "dormant"
     bias_mean: float = math.nan
+    rows: bool = False  # dead_frac includes the gradient rows of this layer
 
     @classmethod
     def from_summary(cls, name: str, values: Sequence[float], **facts: Any) -> LayerReading:
@@ -536,10 +537,10 @@ class ActivationRules:
         last = self.losses[-1] if self.losses else math.nan
         if chance is not None and chance > 0 and math.isfinite(last) and last > FAR_ABOVE_CHANCE * chance:
             return f"the training loss {last:.4g} is still {last / chance:.1f}x the chance level ln(C) = {chance:.4g}"
-        if len(self.losses) < max(self.patience, 2) or not all(map(math.isfinite, self.losses)):
+        window = self.losses[-max(self.patience, 2) :]
+        if len(self.losses) < len(window) or len(window) < 2 or not all(map(math.isfinite, window)):
             return None
-        window = self.losses[-self.patience :]
-        first = self.losses[0]
+        first = next(v for v in self.losses if math.isfinite(v))
         if min(window[1:]) >= STALL_RATIO * window[0] and last > FAR_RATIO * first:
             return (
                 f"the training loss stalled at {last:.4g} (it was {window[0]:.4g} {len(window) - 1} checks earlier, "
@@ -581,10 +582,9 @@ class ActivationRules:
                     streak[0] = 0
                 if streak[0] >= self.patience and key not in self.warned:
                     ready[code].append((r, streak[1], streak[2]))
-        for name, below in starved.items():
-            self.starved_by.setdefault(below, [])
-            if name not in self.starved_by[below]:
-                self.starved_by[below].append(name)
+        for name, above in starved.items():
+            if above and name not in self.starved_by.setdefault(above, []):
+                self.starved_by[above].append(name)
         out = []
         for code, found in ready.items():
             if not found:
@@ -621,23 +621,26 @@ class ActivationRules:
         return f"{code}:{','.join(sorted(r.name for r in layers))}", verdict, first, first_epoch
 
     def starved(self, readings: Sequence[LayerReading]) -> dict[str, str]:
-        """Layers whose every unit has a zero gradient row only because a later dead layer passes no gradient
-        back (name -> that layer): judged from gradients alone (no activation evidence), before such a layer.
+        """Layers judged from their gradient rows alone (no activation module) whose zero rows say nothing about
+        their units: no later weight layer receives gradient either (a dead layer above them, a loss that is
+        exactly 0), or no layer follows (the output layer, whose rows are zero where the loss ignores an output).
+        Name -> the dead layer above that starves it ("" when there is none).
         """
+        with_rows = [r for r in readings if r.rows]
+        unjudged = [
+            r
+            for i, r in enumerate(with_rows)
+            if r.dead_source == "gradients"
+            and not r.activation
+            and r.dead_frac >= self.layer_share
+            and not (i + 1 < len(with_rows) and with_rows[i + 1].dead_frac < 0.999)
+        ]
         found: dict[str, str] = {}
-        for i, r in enumerate(readings):
-            if r.dead_source != "gradients" or not r.dead_frac >= 0.999 or r.activation:
-                continue
-            below = next(
-                (
-                    x.name
-                    for x in readings[i + 1 :]
-                    if math.isfinite(x.dead_frac) and x.dead_frac >= self.layer_share
-                ),
-                None,
+        for r in unjudged:
+            later = with_rows[with_rows.index(r) + 1 :]
+            found[r.name] = next(
+                (x.name for x in later if x.dead_frac >= self.layer_share and x not in unjudged), ""
             )
-            if below is not None:
-                found[r.name] = below
         return found
 
     def flush(self) -> list[tuple[str, Verdict, int, int]]:

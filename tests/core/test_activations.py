@@ -240,7 +240,7 @@ def _reading(
     name: str = "net.2", dead: float = 1.0, saturated: float = math.nan, **facts: Any
 ) -> act.LayerReading:
     facts = {"activation": "net.3", "kind": "relu", "units": 32, "description": "Linear 64->32"} | facts
-    facts = {"rms": 1.0, "rms_in": 1.0} | facts
+    facts = {"rms": 1.0, "rms_in": 1.0, "rows": True} | facts
     return act.LayerReading(name, dead_frac=dead, saturated_frac=saturated, **facts)
 
 
@@ -295,13 +295,22 @@ def test_loss_far_above_chance_is_a_symptom() -> None:
     assert found[1].code == "saturated_activations"
 
 
-def test_layers_starved_by_a_dead_layer_are_not_dead_themselves() -> None:
+def test_zero_rows_without_gradient_from_above_are_not_dead_units() -> None:
     rules = act.ActivationRules(patience=1)
-    before = _reading("net.0", dead=1.0, activation=None, kind=None)
-    (found,) = rules.update(0, [before, _reading("net.2")], 2.3, ["`loss_plateau` (x, step 0)"])
+    plain = {"activation": None, "kind": None}
+    before = _reading("net.0", dead=1.0, **plain)  # F.relu: gradient rows only
+    head = _reading("net.4", dead=0.75, **plain)  # the output layer: zero rows where the loss is satisfied
+    (found,) = rules.update(0, [before, _reading("net.2"), head], 2.3, ["`loss_plateau` (x, step 0)"])
     verdict = found[1]
     assert verdict.evidence["layer"] == "net.2" and verdict.evidence["layers"] == "net.2"
-    assert "`net.0` before it get none" in verdict.message
+    assert "`net.0` before it get none" in verdict.message and verdict.evidence["starved_layers"] == "net.0"
+    # a functional-ReLU layer whose next layer still gets gradient is judged from its rows
+    alive_head = _reading("net.4", dead=0.0, **plain)
+    (found,) = act.ActivationRules(patience=1).update(0, [_reading("net.2", **plain), alive_head], 2.3, ["x"])
+    assert found[1].evidence["layer"] == "net.2"
+    # a loss of exactly 0 (everything fitted): every row is zero, nothing is judged
+    fitted = [_reading(f"net.{i}", dead=1.0, **plain) for i in (0, 2, 4)]
+    assert act.ActivationRules(patience=1).update(0, fitted, 0.0, ["x"]) == []
 
 
 def test_several_layers_make_one_finding_and_the_advice_follows_the_evidence() -> None:
