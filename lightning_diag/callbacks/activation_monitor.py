@@ -16,6 +16,7 @@ from lightning_diag.callbacks._base import DiagCallback, collect_findings
 from lightning_diag.callbacks._context import step_context
 from lightning_diag.callbacks._deferred import pack, unpack
 from lightning_diag.core import activations as act
+from lightning_diag.core.grad_stats import local_tensor
 
 __all__ = ["ActivationMonitor"]
 
@@ -223,10 +224,11 @@ class ActivationMonitor(DiagCallback):
         loss_pair = raw.pop("__loss__", None)
         dead = self._dead_masks()
         summary = self._probe.summary(raw, dead)
-        biases = {
+        biases = {  # for the advice; a sharded (FSDP2) bias is left out rather than gathered
             name: bias.detach().float().mean()
             for name in summary
             if isinstance(bias := getattr(self._layers.get(name), "bias", None), torch.Tensor)
+            and local_tensor(bias) is bias
         }
         parts: dict[str, torch.Tensor] = {}
         if summary:

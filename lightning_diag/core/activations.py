@@ -567,8 +567,8 @@ class ActivationRules:
         starved = self.starved(readings)
         ready: dict[str, list[tuple[LayerReading, int, int]]] = {code: [] for code in self.CODES}
         for r in readings:
-            values = {
-                "dead_units": math.nan if r.name in starved else r.dead_frac,
+            values = {  # a saturated tanh/sigmoid passes no gradient either: saturated_activations says so
+                "dead_units": math.nan if r.name in starved or r.kind in _BOUNDED else r.dead_frac,
                 "saturated_activations": r.saturated_frac,
             }
             for code in self.CODES:
@@ -718,7 +718,12 @@ def dead_units(
     count = f"{dead} of {units} units ({r.dead_frac:.0%})" if units else f"{r.dead_frac:.0%} of the units"
     how = {
         "gradients": f"their gradient rows were exactly 0 on every optimizer step for {_checks(patience)} "
-        f"(~{patience * interval} steps): they never fired on any of those batches",
+        f"(~{patience * interval} steps): "
+        + (
+            "they never fired on any of those batches"
+            if r.kind == "relu"
+            else "no gradient passed through them on any of those batches (a ReLU that never fires does that)"
+        ),
         "on_rate": f"they fired on fewer than {DEAD_ON_RATE:.0%} of the check batch's samples at "
         f"{_checks(patience)}",
         "dormant": f"they are dormant (mean |activation| at most {DORMANT_SCORE:g}x the layer's average, or a "
