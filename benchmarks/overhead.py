@@ -46,6 +46,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diag import (
+    ActivationMonitor,
     EarlyStop,
     GradClip,
     GradNormMonitor,
@@ -211,6 +212,8 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "NaNGuard(rollback, snapshot_every_n_steps=100)": lambda: {"callbacks": [NaNGuard(action="rollback")]},
     "SilentBugDetector": lambda: {"callbacks": [SilentBugDetector()]},
     "HangWatchdog": lambda: {"callbacks": [HangWatchdog()]},
+    # quiet steps: the gradient rows; logging (= check) steps: the forward hooks and the one read
+    "ActivationMonitor": lambda: {"callbacks": [ActivationMonitor()]},
     "whole suite": lambda: {
         "callbacks": [
             WarmupCosine(warmup_ratio=0.05),

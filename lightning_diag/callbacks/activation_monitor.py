@@ -62,7 +62,8 @@ class ActivationMonitor(DiagCallback):
         ==========================================  ====================================================
 
         ``<layer>`` is the qualified name of the ``Linear``/``ConvNd`` (or of an activation module no weight layer
-        feeds directly).
+        feeds directly). The values go straight to the loggers at the check step (global rank 0), not through
+        ``LightningModule.log``, so they are not in ``trainer.callback_metrics``.
 
     Findings:
         ``dead_units`` and ``saturated_activations``, naming the layer, its activation and the share, with advice
@@ -209,10 +210,10 @@ class ActivationMonitor(DiagCallback):
             self._probe.detach()  # the hooks saw this batch's forward (the first micro-batch of the step)
         if self._check_step is not None and trainer.global_step > self._check_step:
             step, self._check_step = self._check_step, None
-            self._check(trainer, pl_module, step)
+            self._check(trainer, step)
 
     # -- checks -----------------------------------------------------------------------------------------------
-    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+    def _check(self, trainer: pl.Trainer, step: int) -> None:
         """Judge the interval that ends at ``step``: one collective (DDP) and one host read."""
         assert self._probe is not None
         raw = self._probe.raw() if self._probe.calls else {}
@@ -246,7 +247,7 @@ class ActivationMonitor(DiagCallback):
         loss = total / count if count else None
         bias_means = dict(zip(biases, read.get("bias", []), strict=True))
         readings = self._readings(summary, read.get("summary", []), bias_means, dead)
-        self._log(pl_module, readings)
+        self._log(trainer, step, readings)
         self._judge(trainer, step, readings, loss)
         for _, rows in self._rows.values():
             rows.reset()
@@ -306,14 +307,17 @@ class ActivationMonitor(DiagCallback):
         order = {name: i for i, name in enumerate(self._layers)}  # registration order, ~ the forward order
         return sorted(readings, key=lambda r: order.get(r.name, len(order)))
 
-    def _log(self, pl_module: pl.LightningModule, readings: list[act.LayerReading]) -> None:
+    def _log(self, trainer: pl.Trainer, step: int, readings: list[act.LayerReading]) -> None:
+        """Straight to the loggers at the check step (``LightningModule.log`` costs ~2 ms a key; per-layer
+        series are not meant to be monitored by ModelCheckpoint/EarlyStop).
+        """
         metrics: dict[str, float] = {}
         for r in readings:
             for field in ("dead_frac", "saturated_frac", "rms"):
                 value = getattr(r, field)
                 if math.isfinite(value):
                     metrics[f"diag/activations/{r.name}/{field}"] = value
-        _logging.log_step(pl_module, metrics)
+        _logging.log_direct(trainer, metrics, step=step)
 
     def _judge(
         self, trainer: pl.Trainer, step: int, readings: list[act.LayerReading], loss: float | None

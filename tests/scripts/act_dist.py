@@ -20,8 +20,20 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from lightning_diag import ActivationMonitor, collect_findings
+from lightning_diag import ActivationMonitor, _logging, collect_findings
 from tests.helpers import shard_linear_layers
+
+LOGGED: dict[str, float] = {}
+_direct = _logging.log_direct
+
+
+def capture(trainer: Any, metrics: Any, step: int) -> None:
+    """What every rank computed for the loggers (only rank 0 writes them)."""
+    LOGGED.update({k: float(v) for k, v in metrics.items() if k.startswith("diag/activations/")})
+    _direct(trainer, metrics, step)
+
+
+_logging.log_direct = capture
 
 
 class MLP(pl.LightningModule):
@@ -76,9 +88,7 @@ def main(kind: str, out: str) -> None:
             {"code": f.code, "severity": f.severity, "message": f.message, **f.evidence}
             for f in collect_findings(trainer)
         ],
-        "logged": {
-            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("diag/activations/")
-        },
+        "logged": LOGGED,
     }
     with open(os.path.join(out, f"act-{kind}-rank{trainer.global_rank}.json"), "w") as handle:
         json.dump(result, handle)
