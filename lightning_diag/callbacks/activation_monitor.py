@@ -136,10 +136,8 @@ class ActivationMonitor(DiagCallback):
 
     # -- setup ------------------------------------------------------------------------------------------------
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after configure_model (layers built or sharded there are in place), before the first batch
         self._rules.interval = self._interval(trainer)
         self._layers = dict(pl_module.named_modules())
         self._probe = act.ActivationProbe(pl_module)
