@@ -89,8 +89,8 @@ class SanityCheck(DiagCallback):
     Findings:
         ``non_finite_input``, ``input_scale``, ``label_distribution``, ``loss_at_init``, ``missing_gradients``,
         ``non_finite_gradients``, ``batch_dependence``, ``activation_scale``, ``cannot_overfit_batch``;
-        ``declined`` (info, with a LightningDiagWarning) for the loss-based checks under manual optimization (``training_step`` steps the
-        optimizers itself) or when ``training_step`` returns no loss on the first batches. The model checks run on
+        ``declined`` (info, with a LightningDiagWarning) for the loss-based checks under manual optimization
+        (``training_step`` steps the optimizers itself) or when ``training_step`` returns no loss on the first batches. The model checks run on
         the first batch whose ``training_step`` returns a loss (Lightning skips the others); the overfit copy stays
         attached to the Trainer (a ``training_step`` may read ``self.trainer``); sparse embeddings get SparseAdam.
 
