@@ -12,10 +12,10 @@ when several findings of the cause codes match), and never a cause that it (tran
 | ``silent_bug`` | ``stale_gradients``, ``optimizer_no_op``, ``wrong_mode``, ``repeated_data`` | exploding/vanishing gradients, loss spike, divergence, non-finite values and metrics, plateau, underfitting, overfitting, early stop | any |
 | ``bad_input`` | ``non_finite_input`` | non-finite loss/gradients/parameters, divergence, early stop | same step or later |
 | ``input_scale`` | ``input_scale`` | exploding/vanishing gradients, loss spike, divergence, non-finite values, loss at init, dead/saturated units | same step or later |
-| ``init_scale`` | ``activation_scale`` | exploding/vanishing gradients, loss spike, divergence, non-finite values, loss at init, dead/saturated units, plateau, underfitting | same step or later |
 | ``fp16_overflow`` | ``amp_overflow`` | non-finite loss/gradients/parameters, loss spike, divergence | same step or later |
 | ``one_spike`` | ``exploding_gradients`` | loss spike | within 10 steps |
 | ``lr_too_high`` | ``exploding_gradients``, ``loss_spike`` | vanishing gradients (a collapse to 0), plateau, underfitting, divergence, non-finite values, dead/saturated units | same step or later |
+| ``init_scale`` | ``activation_scale`` | exploding/vanishing gradients, loss spike, divergence, non-finite values, loss at init, dead/saturated units, plateau, underfitting | same step or later |
 | ``diverged`` | ``divergence`` | non-finite values, vanishing gradients, plateau, underfitting, early stop | same step or later |
 | ``non_finite_chain`` | ``non_finite_loss`` | non-finite gradients/parameters/metrics, divergence, early stop, plateau | same step or later |
 | ``non_finite_grads`` | ``non_finite_gradients`` | non-finite parameters/loss/metrics, divergence, early stop | same step or later |
@@ -121,22 +121,6 @@ RULES: tuple[Rule, ...] = (
         "unnormalised inputs make the first layer's gradients and the initial loss huge",
     ),
     Rule(
-        "init_scale",
-        ("activation_scale",),
-        (
-            "exploding_gradients",
-            "vanishing_gradients",
-            "loss_spike",
-            "divergence",
-            *_NON_FINITE,
-            "loss_at_init",
-            *_ACTIVATIONS,
-            *_CURVE,
-        ),
-        "after",
-        "an initialisation that shrinks or grows the activations layer by layer shrinks or grows the gradients alike",
-    ),
-    Rule(
         "fp16_overflow",
         ("amp_overflow",),
         (*_NON_FINITE, "loss_spike", "divergence", "exploding_gradients"),
@@ -164,6 +148,22 @@ RULES: tuple[Rule, ...] = (
         ),
         "after",
         "an exploding/spiking norm before a collapse or a blow-up: the learning rate is too high",
+    ),
+    Rule(
+        "init_scale",
+        ("activation_scale",),
+        (
+            "exploding_gradients",
+            "vanishing_gradients",
+            "loss_spike",
+            "divergence",
+            *_NON_FINITE,
+            "loss_at_init",
+            *_ACTIVATIONS,
+            *_CURVE,
+        ),
+        "after",
+        "an initialisation that shrinks or grows the activations layer by layer shrinks or grows the gradients alike",
     ),
     Rule(
         "diverged",
