@@ -228,7 +228,7 @@ def test_activation_monitor_agrees_across_ranks(kind: str, tmp_path) -> None:
     ranks = [json.loads((tmp_path / f"act-{kind}-rank{r}.json").read_text()) for r in (0, 1)]
     for result in ranks:
         (dead,) = [f for f in result["findings"] if f["code"] == "dead_units"]
-        assert dead["layer"] == "net.2" and dead["dead_frac"] == 1.0 and dead["severity"] == "warning"
+        assert dead["layer"] == "net.2" and dead["dead_frac"] == 1.0
         assert dead["source"] == ("gradients" if kind == "ddp" else "on_rate")
     assert ranks[0]["findings"] == ranks[1]["findings"]
     # each rank saw its own half of the data: the same logged values mean the sums were added over ranks

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_diag import _distributed, _lightning, _logging
 from lightning_diag._validation import check_bool, check_fraction, check_int
-from lightning_diag.callbacks._base import DiagCallback, collect_findings
+from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import step_context
 from lightning_diag.callbacks._deferred import pack, unpack
 from lightning_diag.core import activations as act
@@ -36,8 +36,8 @@ class ActivationMonitor(DiagCallback):
       weight layers and activation modules are attached for that step's batch (``on_train_batch_start``) and removed
       after it (``on_train_batch_end``); they reduce on the device the ReLU-family on-rate per unit, the GELU/SiLU
       dormant score, the share of tanh/sigmoid pre-activations in the saturated range and the RMS per layer. After
-      the optimizer step, everything (and the interval's mean training loss) comes to the host in **one** packed
-      read (one all-reduce before it under DDP); the rules of :mod:`lightning_diag.core.activations` judge it.
+      the optimizer step, everything comes to the host in **one** packed read (one all-reduce before it under DDP);
+      the rules of :mod:`lightning_diag.core.activations` judge it.
 
     An activation module is attributed to the ``Linear``/``ConvNd`` that produced its input (also through a
     BatchNorm or Dropout in between); functional activations (``torch.relu`` in ``forward``) are not seen by the
@@ -68,11 +68,10 @@ class ActivationMonitor(DiagCallback):
     Findings:
         ``dead_units`` and ``saturated_activations``, naming the layer, its activation and the share, with advice
         that follows the evidence (a negative bias, the learning rate, the activation, the initialisation, the input
-        scale). **Warning** only when the condition held ``patience`` checks *and* the training shows a symptom
-        (another callback's ``loss_plateau``/``underfitting``/``vanishing_gradients`` warning, an interval-mean
-        training loss that did not improve by 1% over the last ``patience`` checks while still above half its first
-        interval's mean, or one above 1.5x the chance level ``ln(C)`` that SanityCheck's ``loss_at_init`` finding
-        gives); otherwise **info**, recorded at the end of fit. ``declined`` (info) under
+        scale), once the condition held ``patience`` consecutive checks. They are symptoms: recorded as **info**
+        pending a consequence, and the end-of-fit gate (:mod:`lightning_diag.core.consequences`) makes them
+        **warnings** when the training shows one (a plateau or underfitting they explain, gradients that vanished to
+        exactly 0 behind a dead layer, a loss that got worse after them or never moved). ``declined`` (info) under
         ``torch.compile``: dynamo skips hooks added after compilation, so only the gradient-row part runs.
 
     Raises:
@@ -128,9 +127,6 @@ class ActivationMonitor(DiagCallback):
         self._hooks_off = False  # declined (torch.compile)
         self._rows: dict[int, tuple[list[torch.Tensor], act.DeadRows]] = {}  # id(optimizer) -> (params, rows)
         self._rows_state: dict[str, Any] = {}  # loaded from a checkpoint, applied when the rows are built
-        self._loss_sum: torch.Tensor | None = None
-        self._loss_count = 0
-        self._loss_carry: tuple[float, int] = (0.0, 0)  # the interval's sum and count before a resume
         self._check_step: int | None = None  # the step whose batch is (or was) hooked
         self._layers: dict[str, Any] = {}  # name -> module, for the facts of the messages
 
@@ -196,14 +192,6 @@ class ActivationMonitor(DiagCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            value = loss.detach().float().reshape(())
-            if self._loss_sum is None and self._loss_carry[1]:  # resumed mid-interval: same sum, same order
-                carried = torch.tensor(self._loss_carry[0], dtype=value.dtype, device=value.device)
-                value, self._loss_count, self._loss_carry = carried + value, self._loss_carry[1], (0.0, 0)
-            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-            self._loss_count += 1
         if self._probe is not None and self._probe.attached:
             self._probe.detach()  # the hooks saw this batch's forward (the first micro-batch of the step)
         if self._check_step is not None and trainer.global_step > self._check_step:
@@ -214,13 +202,7 @@ class ActivationMonitor(DiagCallback):
     def _check(self, trainer: pl.Trainer, step: int) -> None:
         """Judge the interval that ends at ``step``: one collective (DDP) and one host read."""
         assert self._probe is not None
-        raw = self._probe.raw() if self._probe.calls else {}
-        if self._loss_sum is not None:
-            raw["__loss__"] = torch.stack(
-                [self._loss_sum, torch.ones_like(self._loss_sum) * self._loss_count]
-            )
-        raw = self._reduce(trainer, raw)
-        loss_pair = raw.pop("__loss__", None)
+        raw = self._reduce(trainer, self._probe.raw() if self._probe.calls else {})
         dead = self._dead_masks()
         summary = self._probe.summary(raw, dead)
         biases = {  # for the advice; a sharded (FSDP2) bias is left out rather than gathered
@@ -234,22 +216,16 @@ class ActivationMonitor(DiagCallback):
             parts["summary"] = torch.stack(list(summary.values()))
         if biases:
             parts["bias"] = torch.stack(list(biases.values()))
-        if loss_pair is not None:
-            parts["loss"] = loss_pair
         device = next(iter(parts.values())).device if parts else None
         vector, layout = pack(parts, device)
         read = unpack(vector.tolist(), layout)  # the one host read of the check
-        total, count = self._loss_carry
-        if "loss" in read:
-            total, count = total + read["loss"][0], count + int(read["loss"][1])
-        loss = total / count if count else None
         bias_means = dict(zip(biases, read.get("bias", []), strict=True))
         readings = self._readings(summary, read.get("summary", []), bias_means, dead)
         self._log(trainer, step, readings)
-        self._judge(trainer, step, readings, loss)
+        for key, verdict, first, epoch in self._rules.update(step, readings, epoch=trainer.current_epoch):
+            self.record(trainer, verdict, key=key, step=first, epoch=epoch)
         for _, rows in self._rows.values():
             rows.reset()
-        self._loss_sum, self._loss_count, self._loss_carry = None, 0, (0.0, 0)
         self._probe.calls, self._probe.layers = [], {}
 
     def _reduce(self, trainer: pl.Trainer, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -317,33 +293,11 @@ class ActivationMonitor(DiagCallback):
                     metrics[f"diag/activations/{r.name}/{field}"] = value
         _logging.log_direct(trainer, metrics, step=step)
 
-    def _judge(
-        self, trainer: pl.Trainer, step: int, readings: list[act.LayerReading], loss: float | None
-    ) -> None:
-        found = collect_findings(trainer)
-        symptoms = [
-            f"`{f.code}` ({f.source}, step {f.step})"
-            for f in found
-            if f.code in act.SYMPTOM_CODES and f.severity in ("warning", "error")
-        ]
-        classes = [f.evidence.get("num_classes") for f in found if f.code == "loss_at_init"]
-        chance = math.log(classes[0]) if classes and isinstance(classes[0], int) and classes[0] > 1 else None
-        verdicts = self._rules.update(
-            step, readings, loss, symptoms, epoch=trainer.current_epoch, chance=chance
-        )
-        for key, verdict, first, epoch in verdicts:
-            self.record(trainer, verdict, key=key, step=first, epoch=epoch)
-
-    def _flush(self, trainer: pl.Trainer) -> None:
-        for key, verdict, first, epoch in self._rules.flush():
-            self.record(trainer, verdict, key=key, step=first, epoch=epoch)
-
     # -- end of fit -------------------------------------------------------------------------------------------
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._probe is not None:
             self._probe.detach()
-        self._flush(trainer)
 
     @override
     def on_exception(
@@ -351,7 +305,6 @@ class ActivationMonitor(DiagCallback):
     ) -> None:
         if self._probe is not None:
             self._probe.detach()
-        self._flush(trainer)
         super().on_exception(trainer, pl_module, exception)
 
     # -- state ------------------------------------------------------------------------------------------------
@@ -365,13 +318,9 @@ class ActivationMonitor(DiagCallback):
             rows["steps"] = max(rows["steps"], state["steps"])
         if not self._rows and self._rows_state:
             rows = self._rows_state
-        total, count = self._loss_carry
-        if self._loss_sum is not None:  # a checkpoint is not a quiet step: one read is fine here
-            total, count = total + float(self._loss_sum), count + self._loss_count
         return {
             "rules": self._rules.state_dict(),
             "rows": rows,
-            "loss": [total, count],
             "findings": self._findings_state(),
         }
 
@@ -382,9 +331,6 @@ class ActivationMonitor(DiagCallback):
         self._rows_state = dict(state_dict.get("rows", {}))
         for _, rows in self._rows.values():
             rows.load_state_dict(self._rows_state)
-        loss = state_dict.get("loss")
-        if loss:
-            self._loss_carry = (float(loss[0]), int(loss[1]))
         self._load_findings_state(state_dict)
 
 

@@ -60,7 +60,8 @@ class SanityCheck(DiagCallback):
       put in eval mode for it, which the finding says);
     * ``activation_scale``: the RMS of the pre-activations across depth, on one forward pass with hooks
       (:func:`~lightning_diag.core.activations.check_activation_scale`): a geometric shrink or growth of more than
-      10x over the stack means an initialisation mismatched to the activation (warning from 1000x, info below);
+      10x over the stack means an initialisation mismatched to the activation (from 1000x a symptom pending a
+      consequence, like the other pre-flight symptoms; info below);
     * ``cannot_overfit_batch`` (``overfit_batch_steps > 0``): a copy of the model trained on the first batch with
       Adam must cut its loss by ``min_drop``.
 

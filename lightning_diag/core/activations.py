@@ -27,11 +27,11 @@ Rules and thresholds (:class:`ActivationRules`; anchors: SageMaker Debugger ``De
 * a pre-activation is **saturated** when ``|z| >=`` :data:`SATURATION` (tanh 5, sigmoid 10: the derivative is below
   2e-4 of its peak there);
 * ``dead_units`` / ``saturated_activations``: at least ``layer_share`` (50%) of a layer's units dead / of its
-  pre-activations saturated at ``patience`` consecutive checks. **Warning** only when the training shows a symptom:
-  a ``loss_plateau``, ``underfitting`` or ``vanishing_gradients`` warning of another callback, a training loss
-  that stalled (no 1% improvement over the last ``patience`` checks) while still above half of its first
-  interval's mean, or one above 1.5x the chance level ``ln(C)`` (known from SanityCheck's ``loss_at_init``). **Info** otherwise (recorded at the end of fit, if no symptom ever appeared): sparse ReLU
-  layers that still learn are healthy;
+  pre-activations saturated at ``patience`` consecutive checks. They are symptoms (the severity policy of
+  :mod:`lightning_diag.core.consequences`): recorded as ``info`` pending a consequence, made warnings at the end of
+  fit when one followed (a plateau or underfitting they explain, gradients that vanished to exactly 0 behind them, a
+  training loss that got worse after them or never moved); AutoTrainer reports dying ReLUs only when the model also
+  fails to converge, for the same reason: sparse ReLU layers that still learn are healthy;
 * ``activation_scale``: over at least three depth ratios, the pre-activation RMS changes by more than
   :data:`SCALE_FACTOR` (10x) over the stack at the typical per-layer rate (the median ratio), and the second half
   of the stack still shrinks/grows (below 0.8x / above 1.25x per layer: a geometric trend, not a transient that
@@ -495,25 +495,16 @@ class LayerReading:
         return cls(name, v[0], v[1], v[2], v[3], v[4], **facts)
 
 
-#: Findings of other callbacks that show the harm of dead or saturated units (at warning/error severity).
-SYMPTOM_CODES = ("loss_plateau", "underfitting", "vanishing_gradients")
-#: Our own symptom: no 1% improvement of the interval-mean training loss over the last ``patience`` checks...
-STALL_RATIO = 0.99
-#: ...while it is still above this share of the first interval's mean.
-FAR_RATIO = 0.5
-#: Or: the interval-mean loss is above this multiple of the chance level ``ln(C)`` of a classifier (known when
-#: SanityCheck recorded ``loss_at_init``, whose evidence carries ``num_classes``).
-FAR_ABOVE_CHANCE = 1.5
-
-
 class ActivationRules:
     """The ``dead_units`` / ``saturated_activations`` rules over successive checks (a small state machine).
 
-    :meth:`update` takes one check's readings (in forward order), the interval-mean training loss and the symptoms
-    other callbacks recorded; it returns the verdicts to record now: one per code, naming every layer for which
-    the condition held ``patience`` checks, at warning severity when the training shows a symptom. The same
-    condition without a symptom waits in :attr:`pending` and becomes one info verdict per code at the end of fit
-    (:meth:`flush`), unless a symptom upgraded it meanwhile.
+    :meth:`update` takes one check's readings (in forward order) and returns the verdicts to record: one per code,
+    naming every layer for which the condition held ``patience`` consecutive checks. They are symptoms
+    (:data:`lightning_diag.core.consequences.POLICY`): recorded as ``info`` with ``evidence["pending"] = 1``, and the
+    end-of-fit gate makes them warnings when a consequence followed (they explain a plateau, underfitting or
+    gradients that vanished to exactly 0 through the diagnosis rules, the training loss got worse after them, or the
+    run learned nothing). A condition that lasts is recorded again at each check (one finding, its count and last
+    step growing), so the gate sees how long it lasted.
     """
 
     CODES = ("dead_units", "saturated_activations")
@@ -523,48 +514,16 @@ class ActivationRules:
         self.patience = patience
         self.interval = interval
         self.streaks: dict[str, list[int]] = {}  # "<code>:<layer>" -> [consecutive checks, first step, epoch]
-        self.losses: list[float] = []
-        self.warned: set[str] = set()  # "<code>:<layer>" already reported at warning severity
-        #: "<code>:<layer>" -> (the reading that made it reportable, first step, epoch), awaiting a symptom
-        self.pending: dict[str, tuple[LayerReading, int, int]] = {}
         self.starved_by: dict[str, list[str]] = {}  # dead layer -> the layers before it that it starves
 
-    def stalled(self, chance: float | None = None) -> str | None:
-        """Our own symptom, in words, or ``None``: the interval-mean loss did not improve by 1% over the last
-        ``patience`` checks and is still above half of the first interval's mean, or it is above
-        :data:`FAR_ABOVE_CHANCE` times the chance level ``chance`` (``ln(C)``) when that is known.
-        """
-        last = self.losses[-1] if self.losses else math.nan
-        if chance is not None and chance > 0 and math.isfinite(last) and last > FAR_ABOVE_CHANCE * chance:
-            return f"the training loss {last:.4g} is still {last / chance:.1f}x the chance level ln(C) = {chance:.4g}"
-        window = self.losses[-max(self.patience, 2) :]
-        if len(self.losses) < len(window) or len(window) < 2 or not all(map(math.isfinite, window)):
-            return None
-        first = next(v for v in self.losses if math.isfinite(v))
-        if min(window[1:]) >= STALL_RATIO * window[0] and last > FAR_RATIO * first:
-            return (
-                f"the training loss stalled at {last:.4g} (it was {window[0]:.4g} {len(window) - 1} checks earlier, "
-                f"{first:.4g} in the first interval)"
-            )
-        return None
-
     def update(
-        self,
-        step: int,
-        readings: Sequence[LayerReading],
-        loss: float | None,
-        symptoms: Sequence[str] = (),
-        epoch: int = 0,
-        chance: float | None = None,
+        self, step: int, readings: Sequence[LayerReading], epoch: int = 0
     ) -> list[tuple[str, Verdict, int, int]]:
-        """One check: ``(key, verdict, first step, its epoch)`` to record now. ``readings`` in forward order;
-        ``chance``: the chance-level loss ``ln(C)`` of a classifier, when known.
-        """
-        if loss is not None:
-            self.losses.append(float(loss))
-        own = self.stalled(chance)
-        harm = "; ".join([*symptoms, *([own] if own else [])])
+        """One check: ``(key, verdict, first step, its epoch)`` to record. ``readings`` in forward order."""
         starved = self.starved(readings)
+        for name, above in starved.items():
+            if above and name not in self.starved_by.setdefault(above, []):
+                self.starved_by[above].append(name)
         ready: dict[str, list[tuple[LayerReading, int, int]]] = {code: [] for code in self.CODES}
         for r in readings:
             values = {  # a saturated tanh/sigmoid passes no gradient either: saturated_activations says so
@@ -572,57 +531,35 @@ class ActivationRules:
                 "saturated_activations": r.saturated_frac,
             }
             for code in self.CODES:
-                key = f"{code}:{r.name}"
-                streak = self.streaks.setdefault(key, [0, step, epoch])
+                streak = self.streaks.setdefault(f"{code}:{r.name}", [0, step, epoch])
                 if math.isfinite(values[code]) and values[code] >= self.layer_share:
                     if streak[0] == 0:
                         streak[1:] = [step, epoch]
                     streak[0] += 1
                 else:
                     streak[0] = 0
-                if streak[0] >= self.patience and key not in self.warned:
+                if streak[0] >= self.patience:
                     ready[code].append((r, streak[1], streak[2]))
-        for name, above in starved.items():
-            if above and name not in self.starved_by.setdefault(above, []):
-                self.starved_by[above].append(name)
-        out = []
-        for code, found in ready.items():
-            if not found:
-                continue
-            if harm:
-                for r, _, _ in found:
-                    self.warned.add(f"{code}:{r.name}")
-                    self.pending.pop(f"{code}:{r.name}", None)
-                out.append(self._verdict(code, found, harm))
-            else:
-                for r, first, first_epoch in found:
-                    self.pending.setdefault(f"{code}:{r.name}", (r, first, first_epoch))
-        return out
+        return [self._verdict(code, found) for code, found in ready.items() if found]
 
     def _verdict(
-        self, code: str, found: Sequence[tuple[LayerReading, int, int]], harm: str | None
+        self, code: str, found: Sequence[tuple[LayerReading, int, int]]
     ) -> tuple[str, Verdict, int, int]:
         value = (lambda r: r.dead_frac) if code == "dead_units" else (lambda r: r.saturated_frac)
-        ordered = sorted(found, key=lambda item: -value(item[0]))
-        layers = [r for r, _, _ in ordered]
+        layers = [r for r, _, _ in sorted(found, key=lambda item: -value(item[0]))]
         first = min(s for _, s, _ in found)
         first_epoch = min(e for _, s, e in found if s == first)
         if code == "dead_units":
             verdict = dead_units(
-                layers,
-                self.patience,
-                self.interval,
-                harm,
-                self.losses,
-                self.starved_by.get(layers[0].name, []),
+                layers, self.patience, self.interval, self.starved_by.get(layers[0].name, [])
             )
         else:
-            verdict = saturated_activations(layers, self.patience, self.interval, harm, self.losses)
+            verdict = saturated_activations(layers, self.patience, self.interval)
         return f"{code}:{','.join(sorted(r.name for r in layers))}", verdict, first, first_epoch
 
     def starved(self, readings: Sequence[LayerReading]) -> dict[str, str]:
         """Layers judged from their gradient rows alone (no activation module) whose zero rows say nothing about
-        their units: no later weight layer receives gradient either (a dead layer above them, a loss that is
+        their units: the next weight layer receives no gradient either (a dead layer above them, a loss that is
         exactly 0), or no layer follows (the output layer, whose rows are zero where the loss ignores an output).
         Name -> the dead layer above that starves it ("" when there is none).
         """
@@ -643,37 +580,15 @@ class ActivationRules:
             )
         return found
 
-    def flush(self) -> list[tuple[str, Verdict, int, int]]:
-        """One info verdict per code for the conditions that never showed a symptom (at the end of fit)."""
-        out = []
-        for code in self.CODES:
-            found = [item for key, item in self.pending.items() if key.split(":", 1)[0] == code]
-            if found:
-                out.append(self._verdict(code, found, None))
-        self.pending = {}
-        return out
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "streaks": {k: list(v) for k, v in self.streaks.items()},
-            "losses": list(self.losses),
-            "warned": sorted(self.warned),
-            "pending": {
-                k: {"reading": dataclasses.asdict(r), "step": s, "epoch": e}
-                for k, (r, s, e) in self.pending.items()
-            },
             "starved_by": {k: list(v) for k, v in self.starved_by.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.streaks = {
             str(k): [int(x) for x in [*v, 0, 0][:3]] for k, v in dict(state.get("streaks", {})).items()
-        }
-        self.losses = [float(v) for v in state.get("losses", [])]
-        self.warned = {str(k) for k in state.get("warned", [])}
-        self.pending = {
-            str(k): (LayerReading(**dict(v["reading"])), int(v["step"]), int(v.get("epoch", 0)))
-            for k, v in dict(state.get("pending", {})).items()
         }
         self.starved_by = {str(k): [str(x) for x in v] for k, v in dict(state.get("starved_by", {})).items()}
 
@@ -689,10 +604,11 @@ def _checks(patience: int) -> str:
     return f"{patience} checks in a row" if patience > 1 else "a check"
 
 
-def _trend(losses: Sequence[float]) -> str:
-    if len(losses) >= 2 and all(map(math.isfinite, losses)):
-        return f"the training loss went from {losses[0]:.4g} (first interval) to {losses[-1]:.4g}"
-    return "no symptom in the training loss"
+#: How a pending symptom's message ends: its severity is decided at the end of fit (``evidence["harm"]``).
+_GATED = (
+    " A warning only if the training shows a consequence by the end of fit (a plateau, underfitting, gradients "
+    "that vanish to exactly 0, a loss that gets worse or never moves); a sparse layer that still learns is healthy."
+)
 
 
 def _others(layers: Sequence[LayerReading], value: Callable[[LayerReading], float]) -> str:
@@ -704,14 +620,9 @@ def _others(layers: Sequence[LayerReading], value: Callable[[LayerReading], floa
 
 
 def dead_units(
-    layers: Sequence[LayerReading],
-    patience: int,
-    interval: int,
-    harm: str | None,
-    losses: Sequence[float] = (),
-    starved: Sequence[str] = (),
+    layers: Sequence[LayerReading], patience: int, interval: int, starved: Sequence[str] = ()
 ) -> Verdict:
-    """The ``dead_units`` verdict: the worst layer in detail, the others listed (warning with ``harm``)."""
+    """The ``dead_units`` verdict, a pending symptom: the worst layer in detail, the others listed."""
     r = layers[0]
     units = r.units or 0
     dead = round(r.dead_frac * units) if units else -1
@@ -738,13 +649,6 @@ def dead_units(
         listed = ", ".join(f"`{n}`" for n in starved[:6]) + (" ..." if len(starved) > 6 else "")
         extra += f" No gradient passes back through it: {listed} before it get none either."
     extra += _others(layers, lambda x: x.dead_frac)
-    if harm:
-        tail = f" The training shows the harm: {harm}."
-    else:
-        tail = (
-            f" Reported as info: {_trend(losses)} and no other callback saw a plateau or vanishing gradients "
-            "(a sparse ReLU layer that still learns is healthy)."
-        )
     advice = []
     if math.isfinite(r.bias_mean) and r.bias_mean < -1.0:
         advice.append(
@@ -760,8 +664,8 @@ def dead_units(
     ]
     return Verdict(
         "dead_units",
-        "warning" if harm else "info",
-        f"{_where(r)}: {count} are dead: {how}.{extra}{tail}",
+        "info",
+        f"{_where(r)}: {count} are dead: {how}.{extra}{_GATED}",
         {
             "layer": r.name,
             "layers": ",".join(x.name for x in layers),
@@ -771,22 +675,16 @@ def dead_units(
             "dead_frac": round(r.dead_frac, 4),
             "checks": patience,
             "source": r.dead_source,
-            "symptom": harm or "",
             "starved_layers": ",".join(starved),
+            "pending": 1,
             **({"bias_mean": round(r.bias_mean, 4)} if math.isfinite(r.bias_mean) else {}),
         },
         advice,
     )
 
 
-def saturated_activations(
-    layers: Sequence[LayerReading],
-    patience: int,
-    interval: int,
-    harm: str | None,
-    losses: Sequence[float] = (),
-) -> Verdict:
-    """The ``saturated_activations`` verdict: the worst layer in detail, the others listed (warning with ``harm``)."""
+def saturated_activations(layers: Sequence[LayerReading], patience: int, interval: int) -> Verdict:
+    """The ``saturated_activations`` verdict, a pending symptom: the worst layer in detail, the others listed."""
     r = layers[0]
     kind = r.kind if r.kind in SATURATION else "tanh"
     limit = SATURATION[kind]
@@ -794,11 +692,6 @@ def saturated_activations(
     scale = f"; their RMS is {r.rms:.3g}" if math.isfinite(r.rms) else ""
     if math.isfinite(gain):
         scale += f" (the layer's input RMS {r.rms_in:.3g}, a gain of {gain:.3g}x)"
-    tail = (
-        f" The training shows the harm: {harm}."
-        if harm
-        else f" Reported as info: {_trend(losses)} and no other callback saw a plateau or vanishing gradients."
-    )
     advice = []
     if math.isfinite(r.rms_in) and r.rms_in > 3:
         advice.append(
@@ -819,11 +712,11 @@ def saturated_activations(
     )
     return Verdict(
         "saturated_activations",
-        "warning" if harm else "info",
+        "info",
         f"{_where(r)}: {r.saturated_frac:.0%} of its pre-activations are in {kind}'s saturated range "
         f"(|z| >= {limit:g}, where the derivative is below 2e-4 of its peak) at {_checks(patience)} "
         f"(~{patience * interval} steps){scale}: "
-        f"little gradient passes through them.{_others(layers, lambda x: x.saturated_frac)}{tail}",
+        f"little gradient passes through them.{_others(layers, lambda x: x.saturated_frac)}{_GATED}",
         {
             "layer": r.name,
             "layers": ",".join(x.name for x in layers),
@@ -833,7 +726,7 @@ def saturated_activations(
             "rms": round(r.rms, 6) if math.isfinite(r.rms) else "",
             "input_rms": round(r.rms_in, 6) if math.isfinite(r.rms_in) else "",
             "checks": patience,
-            "symptom": harm or "",
+            "pending": 1,
         },
         advice,
     )

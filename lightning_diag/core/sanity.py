@@ -679,9 +679,10 @@ def run_checks(
         with contextlib.suppress(Exception):
             results += check_batch_independence(model, model, x)
     if activation_scale and x is not None:
-        # forward may need more than one input: then the check does not apply
+        # forward may need more than one input: then the check does not apply; a symptom, pending a consequence
         with preserved_module(model), contextlib.suppress(Exception):
-            results += check_activation_scale(model, model, x)
+            scale = check_activation_scale(model, model, x)
+            results += [pending(v) if v.severity == "warning" else v for v in scale]
     if overfit_batch_steps > 0:
         with copyable():
             results += check_overfit_batch(
