@@ -53,6 +53,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_diag import (
+    ActivationMonitor,
     EarlyStop,
     GradClip,
     GradNormMonitor,
@@ -220,6 +221,8 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
     "SilentBugDetector": lambda: {"callbacks": [SilentBugDetector()]},
     "HangWatchdog": lambda: {"callbacks": [HangWatchdog()]},
     "MemoryMonitor": lambda: {"callbacks": [MemoryMonitor()]},
+    # quiet steps: the gradient rows; logging (= check) steps: the forward hooks and the one read
+    "ActivationMonitor": lambda: {"callbacks": [ActivationMonitor()]},
     "whole suite": lambda: {
         "callbacks": [
             WarmupCosine(warmup_ratio=0.05),

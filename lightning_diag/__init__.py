@@ -16,6 +16,7 @@ from lightning_diag.findings import CODES, Finding, Report, load_report
 
 #: the names that import Lightning (and torch): imported lazily inside the ``lightning-diag`` command
 _CALLBACK_NAMES = (
+    "ActivationMonitor",
     "ArgumentError",
     "ConfigurationError",
     "DiagCallback",
@@ -49,6 +50,7 @@ def _in_cli_process() -> bool:
 
 if TYPE_CHECKING or not _in_cli_process():
     from lightning_diag.callbacks import (
+        ActivationMonitor,
         DiagCallback,
         EarlyStop,
         GradClip,
@@ -85,6 +87,7 @@ else:
 
 __all__ = [
     "CODES",
+    "ActivationMonitor",
     "ArgumentError",
     "ConfigurationError",
     "DiagCallback",

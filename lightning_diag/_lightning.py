@@ -31,6 +31,7 @@ __all__ = [
     "callback_bases",
     "check_strategy",
     "clear_found_inf",
+    "compiled",
     "detached_trainer",
     "epochs_processed",
     "epochs_started",
@@ -329,3 +330,25 @@ def thread_stacks() -> dict[int, tuple[str, list[traceback.FrameSummary]]]:
     for ident, frame in sys._current_frames().items():
         stacks[ident] = (names.get(ident, f"Thread-{ident}"), list(traceback.extract_stack(frame)))
     return stacks
+
+
+def compiled(module: Any) -> bool:
+    """Whether ``module`` runs (in part) under ``torch.compile``: forward hooks added later never fire there.
+
+    Reads ``LightningModule._compiler_ctx`` (private; set by ``lightning.pytorch.utilities.compile.from_compiled``
+    when ``trainer.fit`` gets ``torch.compile(model)``; lightning 2.1-2.6), ``nn.Module._compiled_call_impl``
+    (private; set by ``nn.Module.compile()``; torch 2.2-2.13) and looks for ``torch._dynamo`` ``OptimizedModule``
+    submodules (a part compiled with ``torch.compile(submodule)``; torch 2.0-2.13). Dynamo does not guard on
+    module hooks by default (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a hook registered after
+    compilation is silently skipped.
+    """
+    if getattr(module, "_compiler_ctx", None):
+        return True
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return False
+    return any(
+        isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+        for m in module.modules()
+    )

@@ -89,6 +89,9 @@ CODES: dict[str, str] = {
     "memory_pressure": "a step's memory peak is close to the capacity of the device (or of the host)",
     "memory_fragmentation": "the CUDA caching allocator retries allocations, or reserves far more than it allocates",
     "out_of_memory": "fit died of an out-of-memory error: the phase, the batch and the memory at that point",
+    "dead_units": "a large share of a layer's units never fire (dead ReLU) or are dormant (GELU/SiLU)",
+    "saturated_activations": "most of a layer's tanh/sigmoid pre-activations sit in the saturated range",
+    "activation_scale": "activations shrink or grow geometrically with depth at initialisation",
 }
 
 

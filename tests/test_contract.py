@@ -25,6 +25,7 @@ from tests.helpers import Regression, loader, trainer
 
 #: Settings per exported callback: the first is the plain default use, each other one differs in its state_key.
 REGISTRY: dict[str, list[dict[str, Any]]] = {
+    "ActivationMonitor": [{}, {"check_every_n_steps": 2, "layer_share": 0.25, "patience": 1}],
     "EarlyStop": [
         {"monitor": "val_loss", "patience": 2},
         {"monitor": "val_loss", "mode": "max", "patience": 1},

@@ -44,6 +44,7 @@ def suite() -> list[Callback]:
         lightning_diag.SilentBugDetector(),
         lightning_diag.HangWatchdog(),
         lightning_diag.MemoryMonitor(),
+        lightning_diag.ActivationMonitor(),
     ]
 
 

@@ -218,3 +218,18 @@ def test_fsdp1_is_refused_where_gradients_would_be_wrong(make, allowed) -> None:
     else:
         with pytest.raises(ValueError, match="does not support `FSDPStrategy` yet"):
             callback.setup(fake_trainer, None, "fit")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_activation_monitor_agrees_across_ranks(kind: str, tmp_path) -> None:
+    run_script("act_dist.py", kind, str(tmp_path), cwd=tmp_path)
+    ranks = [json.loads((tmp_path / f"act-{kind}-rank{r}.json").read_text()) for r in (0, 1)]
+    for result in ranks:
+        (dead,) = [f for f in result["findings"] if f["code"] == "dead_units"]
+        assert dead["layer"] == "net.2" and dead["dead_frac"] == 1.0
+        assert dead["source"] == ("gradients" if kind == "ddp" else "on_rate")
+    assert ranks[0]["findings"] == ranks[1]["findings"]
+    # each rank saw its own half of the data: the same logged values mean the sums were added over ranks
+    assert ranks[0]["logged"] == ranks[1]["logged"] and "diag/activations/net.0/rms" in ranks[0]["logged"]

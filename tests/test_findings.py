@@ -66,6 +66,10 @@ DESIGN_CODES = {
     "memory_pressure",
     "memory_fragmentation",
     "out_of_memory",
+    # activation health (ActivationMonitor, SanityCheck)
+    "dead_units",
+    "saturated_activations",
+    "activation_scale",
 }
 
 

@@ -150,3 +150,16 @@ def test_thread_stacks_read_another_threads_frames_without_its_help() -> None:
     finally:
         release.set()
         thread.join()
+
+
+def test_compiled_sees_every_way_a_model_gets_compiled() -> None:
+    from lightning.pytorch.utilities.compile import from_compiled
+
+    assert _lightning.compiled(Regression()) is False
+    assert _lightning.compiled(from_compiled(torch.compile(Regression(), backend="eager"))) is True
+    inner = Regression()
+    inner.net = torch.compile(inner.net, backend="eager")  # type: ignore[assignment]
+    assert _lightning.compiled(inner) is True
+    in_place = Regression()
+    in_place.net.compile(backend="eager")
+    assert _lightning.compiled(in_place) is True

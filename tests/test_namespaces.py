@@ -64,6 +64,7 @@ def _suite() -> list[Any]:
         ld.NaNGuard(),
         ld.SpeedMonitor(),
         ld.SilentBugDetector(),
+        ld.ActivationMonitor(),
         ld.OverfitDetector(),
         ld.EarlyStop(monitor="val_loss"),
     ]

@@ -8,10 +8,10 @@ includes (``python benchmarks/diagnosis/run.py --seeds 0 1 2 --write-docs`` rege
 
 The suite is added the way a user would: every exported lightning_diag callback that needs no task-specific
 argument, at its defaults (``GradNormMonitor``, ``NaNGuard``, ``OverfitDetector``, ``SanityCheck``,
-``SpeedMonitor``, ``SilentBugDetector``, ``HangWatchdog`` and ``MemoryMonitor`` where the package has them), plus ``EarlyStop`` on the run's ``monitor``
-(``OverfitDetector`` watches that key too). ``GradClip`` and ``WarmupCosine`` are left out: they change the
-optimisation (a clipped or re-scheduled run is a different run), they do not diagnose it. Nothing is tuned per
-scenario.
+``SpeedMonitor``, ``SilentBugDetector``, ``HangWatchdog``, ``MemoryMonitor`` and ``ActivationMonitor`` where the
+package has them), plus ``EarlyStop`` on the run's ``monitor`` (``OverfitDetector`` watches that key too).
+``GradClip`` and ``WarmupCosine`` are left out: they change the optimisation (a clipped or re-scheduled run is a
+different run), they do not diagnose it. Nothing is tuned per scenario.
 
 Scores (see ``scenario.py`` for the labels):
 
@@ -139,6 +139,9 @@ def suite(monitor: str | None) -> list[Any]:
     watchdog = getattr(ld, "HangWatchdog", None)
     if watchdog is not None:
         callbacks.append(watchdog())
+    activations = getattr(ld, "ActivationMonitor", None)
+    if activations is not None:
+        callbacks.append(activations())
     if monitor is not None:
         callbacks.append(_with_monitor(ld.OverfitDetector, monitor))
         callbacks.append(ld.EarlyStop(monitor=monitor))

@@ -1,6 +1,7 @@
 """Lightning adapters: one callback per module (the module name is the class name in snake_case)."""
 
 from lightning_diag.callbacks._base import DiagCallback, collect_findings
+from lightning_diag.callbacks.activation_monitor import ActivationMonitor
 from lightning_diag.callbacks.early_stop import EarlyStop
 from lightning_diag.callbacks.grad_clip import GradClip
 from lightning_diag.callbacks.grad_norm_monitor import GradNormMonitor
@@ -15,6 +16,7 @@ from lightning_diag.callbacks.warmup_cosine import WarmupCosine
 from lightning_diag.errors import NonFiniteError, SanityCheckError  # their old import path (until 0.3)
 
 __all__ = [
+    "ActivationMonitor",
     "DiagCallback",
     "EarlyStop",
     "GradClip",

@@ -59,6 +59,10 @@ class SanityCheck(DiagCallback):
       and the model learns without them (N-BEATS' last backcast, auxiliary heads, conditional branches, experts);
     * ``batch_dependence`` (warning): the output of one sample depends on the others (gradient test; BatchNorm is
       put in eval mode for it, which the finding says);
+    * ``activation_scale``: the RMS of the pre-activations across depth, on one forward pass with hooks
+      (:func:`~lightning_diag.core.activations.check_activation_scale`): a geometric shrink or growth of more than
+      10x over the stack means an initialisation mismatched to the activation (from 1000x a symptom pending a
+      consequence, like the other pre-flight symptoms; info below);
     * ``cannot_overfit_batch`` (``overfit_batch_steps > 0``): a copy of the model trained on the first batch with
       Adam must cut its loss by ``min_drop``.
 
@@ -79,15 +83,16 @@ class SanityCheck(DiagCallback):
         check_loss_at_init: run the loss-at-initialisation check.
         check_gradients: run the missing-gradient check.
         check_batch_independence: run the batch-mixing check.
+        check_activation_scale: run the activation-scale check.
         overfit_batch_steps: steps of the overfit-one-batch check (0: off; it trains a copy of the model).
         overfit_lr: Adam's learning rate for that check.
         min_drop: the fraction by which the loss must fall in that check.
 
     Findings:
         ``non_finite_input``, ``input_scale``, ``label_distribution``, ``loss_at_init``, ``missing_gradients``,
-        ``non_finite_gradients``, ``batch_dependence``, ``cannot_overfit_batch``; ``declined`` (info, with a
-        LightningDiagWarning) for the loss-based checks under manual optimization (``training_step`` steps the
-        optimizers itself) or when ``training_step`` returns no loss on the first batches. The model checks run on
+        ``non_finite_gradients``, ``batch_dependence``, ``activation_scale``, ``cannot_overfit_batch``;
+        ``declined`` (info, with a LightningDiagWarning) for the loss-based checks under manual optimization
+        (``training_step`` steps the optimizers itself) or when ``training_step`` returns no loss on the first batches. The model checks run on
         the first batch whose ``training_step`` returns a loss (Lightning skips the others); the overfit copy stays
         attached to the Trainer (a ``training_step`` may read ``self.trainer``); sparse embeddings get SparseAdam.
 
@@ -118,6 +123,7 @@ class SanityCheck(DiagCallback):
         overfit_batch_steps: int = 0,
         overfit_lr: float = 1e-3,
         min_drop: float = 0.5,
+        check_activation_scale: bool = True,
     ) -> None:
         super().__init__()
         check_choice("fail_on", fail_on, ("never", "error", "warning"))
@@ -130,6 +136,7 @@ class SanityCheck(DiagCallback):
             ("check_loss_at_init", check_loss_at_init),
             ("check_gradients", check_gradients),
             ("check_batch_independence", check_batch_independence),
+            ("check_activation_scale", check_activation_scale),
         ):
             check_bool(name, flag)
         check_unused(SanityCheck.__init__, locals(), _UNUSED)
@@ -142,6 +149,7 @@ class SanityCheck(DiagCallback):
         self.overfit_batch_steps = overfit_batch_steps
         self.overfit_lr = float(overfit_lr)
         self.min_drop = float(min_drop)
+        self.check_activation_scale = check_activation_scale
         self._reset_state()
 
     @property
@@ -178,6 +186,7 @@ class SanityCheck(DiagCallback):
                     loss_at_init=False,
                     gradients=False,
                     batch_independence=False,
+                    activation_scale=False,
                 )
                 self._judge(trainer, issues)
                 self._batches = []
@@ -222,6 +231,7 @@ class SanityCheck(DiagCallback):
                 overfit_batch_steps=int(loss_checks["overfit_batch_steps"]),
                 overfit_lr=self.overfit_lr,
                 min_drop=self.min_drop,
+                activation_scale=self.check_activation_scale,
                 trained={id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
                 or None,
                 unused_fatal=_lightning.unused_parameters_fatal(trainer),

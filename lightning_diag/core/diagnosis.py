@@ -11,13 +11,15 @@ when several findings of the cause codes match), and never a cause that it (tran
 |---|---|---|---|
 | ``silent_bug`` | ``stale_gradients``, ``optimizer_no_op``, ``wrong_mode``, ``repeated_data`` | exploding/vanishing gradients, loss spike, divergence, non-finite values and metrics, plateau, underfitting, overfitting, early stop | any |
 | ``bad_input`` | ``non_finite_input`` | non-finite loss/gradients/parameters, divergence, early stop | same step or later |
-| ``input_scale`` | ``input_scale`` | exploding/vanishing gradients, loss spike, divergence, non-finite values, loss at init | same step or later |
+| ``input_scale`` | ``input_scale`` | exploding/vanishing gradients, loss spike, divergence, non-finite values, loss at init, dead/saturated units | same step or later |
 | ``fp16_overflow`` | ``amp_overflow`` | non-finite loss/gradients/parameters, loss spike, divergence | same step or later |
 | ``one_spike`` | ``exploding_gradients`` | loss spike | within 10 steps |
-| ``lr_too_high`` | ``exploding_gradients``, ``loss_spike`` | vanishing gradients (a collapse to 0), plateau, underfitting, divergence, non-finite values | same step or later |
+| ``lr_too_high`` | ``exploding_gradients``, ``loss_spike`` | vanishing gradients (a collapse to 0), plateau, underfitting, divergence, non-finite values, dead/saturated units | same step or later |
+| ``init_scale`` | ``activation_scale`` | exploding/vanishing gradients, loss spike, divergence, non-finite values, loss at init, dead/saturated units, plateau, underfitting | same step or later |
 | ``diverged`` | ``divergence`` | non-finite values, vanishing gradients, plateau, underfitting, early stop | same step or later |
 | ``non_finite_chain`` | ``non_finite_loss`` | non-finite gradients/parameters/metrics, divergence, early stop, plateau | same step or later |
 | ``non_finite_grads`` | ``non_finite_gradients`` | non-finite parameters/loss/metrics, divergence, early stop | same step or later |
+| ``dead_layer`` | ``dead_units``, ``saturated_activations`` | vanishing gradients, plateau, underfitting | any |
 | ``no_gradient`` | ``missing_gradients`` | vanishing gradients, plateau, underfitting | any |
 | ``vanished`` | ``vanishing_gradients`` (not when the weights themselves shrank: a weight decay far too strong) | plateau, underfitting | same step or later |
 | ``sorted_labels`` | ``label_distribution`` (the data ordered by label: a fact) | loss spike, exploding gradients, plateau, underfitting | any |
@@ -65,6 +67,7 @@ _NON_FINITE = ("non_finite_loss", "non_finite_gradients", "non_finite_parameters
 #: how close (in steps) two findings must be for a ``"near"`` rule
 NEAR_STEPS = 10
 _CURVE = ("loss_plateau", "underfitting")
+_ACTIVATIONS = ("dead_units", "saturated_activations")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +123,7 @@ RULES: tuple[Rule, ...] = (
             *_NON_FINITE,
             "loss_at_init",
             "vanishing_gradients",
+            *_ACTIVATIONS,
         ),
         "after",
         "unnormalised inputs make the first layer's gradients and the initial loss huge",
@@ -141,9 +145,33 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "lr_too_high",
         ("exploding_gradients", "loss_spike"),
-        ("vanishing_gradients", *_CURVE, "divergence", *_NON_FINITE, "early_stopped", "missing_gradients"),
+        (
+            "vanishing_gradients",
+            *_CURVE,
+            "divergence",
+            *_NON_FINITE,
+            "early_stopped",
+            "missing_gradients",
+            *_ACTIVATIONS,
+        ),
         "after",
         "an exploding/spiking norm before a collapse or a blow-up: the learning rate is too high",
+    ),
+    Rule(
+        "init_scale",
+        ("activation_scale",),
+        (
+            "exploding_gradients",
+            "vanishing_gradients",
+            "loss_spike",
+            "divergence",
+            *_NON_FINITE,
+            "loss_at_init",
+            *_ACTIVATIONS,
+            *_CURVE,
+        ),
+        "after",
+        "an initialisation that shrinks or grows the activations layer by layer shrinks or grows the gradients alike",
     ),
     Rule(
         "diverged",
@@ -172,6 +200,13 @@ RULES: tuple[Rule, ...] = (
         ("non_finite_parameters", "non_finite_loss", "divergence", "early_stopped", "non_finite_metric"),
         "after",
         "a non-finite gradient step makes the weights (and so the loss) non-finite",
+    ),
+    Rule(
+        "dead_layer",
+        _ACTIVATIONS,
+        ("vanishing_gradients", *_CURVE),
+        "any",
+        "units that never fire (or sit saturated) pass no gradient: the layers before them and the loss stall",
     ),
     Rule(
         "no_gradient",
@@ -245,6 +280,7 @@ PRIORITY: tuple[str, ...] = (
     "replica_divergence",
     "non_finite_input",
     "input_scale",
+    "activation_scale",
     "batch_dependence",
     "missing_gradients",
     "label_distribution",
@@ -256,6 +292,8 @@ PRIORITY: tuple[str, ...] = (
     "non_finite_gradients",
     "non_finite_parameters",
     "loss_at_init",
+    "dead_units",
+    "saturated_activations",
     "vanishing_gradients",
     "cannot_overfit_batch",
     "overfitting",

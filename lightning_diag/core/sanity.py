@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_diag.core.activations import check_activation_scale
 from lightning_diag.core.batches import iter_tensors, model_input
 from lightning_diag.core.grad_stats import strided
 from lightning_diag.core.layers import BATCH_MIXING
@@ -794,6 +795,7 @@ def run_checks(
     trained: Collection[int] | None = None,
     unused_fatal: bool = False,
     shuffled: bool | None = None,
+    activation_scale: bool = True,
 ) -> list[Verdict]:
     """All enabled checks on ``batches`` (the NaN/Inf check on each, the model checks on the first), the model
     left untouched.
@@ -815,6 +817,7 @@ def run_checks(
         trained: ids of the parameters the optimizers update (see :func:`check_gradients`), when known.
         unused_fatal: parameters without a gradient stop the run (DDP without ``find_unused_parameters``).
         shuffled: whether the training loader shuffles (``None``: unknown), for :func:`check_labels`.
+        activation_scale: run :func:`~lightning_diag.core.activations.check_activation_scale` (forward only).
     """
     results: list[Verdict] = []
     if data:
@@ -856,6 +859,11 @@ def run_checks(
         # forward may need more than one input: then the check does not apply
         with contextlib.suppress(Exception):
             results += check_batch_independence(model, model, x)
+    if activation_scale and x is not None:
+        # forward may need more than one input: then the check does not apply; a symptom, pending a consequence
+        with preserved_module(model), contextlib.suppress(Exception):
+            scale = check_activation_scale(model, model, x)
+            results += [pending(v) if v.severity == "warning" else v for v in scale]
     if overfit_batch_steps > 0:
         with copyable():
             results += check_overfit_batch(

@@ -23,9 +23,12 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import lightning_diag
 from lightning_diag import (
+    ActivationMonitor,
     EarlyStop,
     GradClip,
     GradNormMonitor,
+    HangWatchdog,
+    MemoryMonitor,
     NaNGuard,
     OverfitDetector,
     SanityCheck,
@@ -118,6 +121,9 @@ def main(kind: str, out: str, resume: str | None = None) -> None:
         early,
         SpeedMonitor(window=4, ignore_first_steps=1),
         SilentBugDetector(check_every_n_steps=3),
+        HangWatchdog(),
+        MemoryMonitor(),
+        ActivationMonitor(),
         save,
     ]
     exported = {n for n in lightning_diag.__all__ if isinstance(getattr(lightning_diag, n), type)}
