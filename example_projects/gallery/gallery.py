@@ -46,10 +46,10 @@ GALLERY: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("batch_dependence",),
         "fix the view/reshape so dim 0 stays the batch",
     ),
-    "unused_layer": (
-        "a layer defined in __init__ but never called",
+    "detached_layer": (
+        "a layer whose output reaches the loss through .detach(): it never learns",
         ("missing_gradients",),
-        "call it, delete it, or freeze it (requires_grad_(False))",
+        "remove the .detach() (or freeze the layer on purpose with requires_grad_(False))",
     ),
     "nan_in_data": (
         "one training sample holds a NaN",
@@ -138,7 +138,7 @@ class GalleryNet(pl.LightningModule):
         activation: ``"relu"``, ``"tanh"`` or ``"sigmoid"``.
         optimizer: ``"adam"`` or ``"sgd"``.
         lr: the learning rate.
-        bug: ``""``, ``"batch_mixing"`` or ``"unused_layer"``.
+        bug: ``""``, ``"batch_mixing"`` or ``"detached_layer"``.
     """
 
     def __init__(
@@ -149,7 +149,7 @@ class GalleryNet(pl.LightningModule):
         activation: Literal["relu", "tanh", "sigmoid"] = "relu",
         optimizer: Literal["adam", "sgd"] = "adam",
         lr: float = 1e-2,
-        bug: Literal["", "batch_mixing", "unused_layer"] = "",
+        bug: Literal["", "batch_mixing", "detached_layer"] = "",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -162,11 +162,13 @@ class GalleryNet(pl.LightningModule):
             width = hidden
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)
-        self.spare = nn.Linear(hidden or features, hidden or features) if bug == "unused_layer" else None
+        self.spare = nn.Linear(features, features) if bug == "detached_layer" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.bug == "batch_mixing":
             x = x.t().reshape(x.shape)  # "transpose back" with reshape instead of .t(): scrambles the batch
+        if self.spare is not None:
+            x = x + self.spare(x).detach()  # a feature "cached" with .detach(): the layer never learns
         return self.net(x)
 
     def _loss(self, batch: Any) -> torch.Tensor:

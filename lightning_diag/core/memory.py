@@ -672,7 +672,7 @@ def _children(obj: Any) -> Iterable[Any]:
         return obj
     if isinstance(obj, torch.nn.Module):
         attrs = [v for k, v in vars(obj).items() if k not in _SKIP_ATTRIBUTES and k != "_modules"]
-        return [*obj.parameters(recurse=False), *obj.buffers(recurse=False), *attrs, *obj._modules.values()]
+        return [*obj.parameters(recurse=False), *obj.buffers(recurse=False), *attrs, *obj.children()]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return [getattr(obj, f.name) for f in dataclasses.fields(obj)]
     if hasattr(obj, "__dict__") and not _skipped_object(obj):
