@@ -276,9 +276,16 @@ class MemoryTrend:
         ):  # the cheap test that keeps a healthy run at O(points)
             return None
         tolerance = min_growth * NOISE_SHARE
-        # Validation first: on CPU the RSS of the steps after a validation run often rises with it (pages touched
-        # late), which must not turn "at each validation" into "per step".
-        growth = self._at_validation(points, capacity, peak, ignore_first_steps, tolerance)
+        # A rise that goes on through the training steps once each segment has settled (its first points dropped)
+        # is growth in training, whatever the validation runs add. Otherwise validation first: on CPU the RSS of the
+        # steps right after a validation run often rises with it (pages touched late), which must not turn "at each
+        # validation" into "per step".
+        settled = _settled(points)
+        growth = (
+            self._in_training(settled, capacity, peak, tolerance) if len(settled) >= min_points else None
+        )
+        if growth is None:
+            growth = self._at_validation(points, capacity, peak, ignore_first_steps, tolerance)
         if growth is None:
             growth = self._in_training(points, capacity, peak, tolerance)
         if growth is None:
@@ -437,6 +444,20 @@ def as_per_step(growth: Growth) -> Growth:
         if rate > 0
         else None,
     )
+
+
+def _settled(points: Sequence[Point], skip: int = 2) -> list[Point]:
+    """``points`` without the first ``skip`` of each segment after the first (where the RSS still takes in what a
+    validation run or an epoch boundary touched)."""
+    out: list[Point] = []
+    seen: dict[int, int] = {}
+    first = points[0].segment if points else 0
+    for p in points:
+        n = seen.get(p.segment, 0)
+        seen[p.segment] = n + 1
+        if p.segment == first or n >= skip:
+            out.append(p)
+    return out
 
 
 def _tail(points: Sequence[Point], n: int) -> list[float]:
