@@ -63,7 +63,9 @@ Y = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(2))
 
 def test_forward_backward() -> None:
     assert_forward_backward(mlp(), X, lambda out: nn.functional.cross_entropy(out, Y))
-    with pytest.raises(AssertionError, match=r"get no gradient from the loss on this batch: spare.weight, spare.bias"):
+    with pytest.raises(
+        AssertionError, match=r"get no gradient from the loss on this batch: spare.weight, spare.bias"
+    ):
         assert_forward_backward(Unused(), X)
     with pytest.raises(AssertionError, match=r"forward pass of `0` \(LogLayer\)"):
         assert_forward_backward(nn.Sequential(LogLayer(), nn.Linear(6, 1)), X)  # log of negative inputs

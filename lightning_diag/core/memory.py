@@ -281,9 +281,7 @@ class MemoryTrend:
         # steps right after a validation run often rises with it (pages touched late), which must not turn "at each
         # validation" into "per step".
         settled = _settled(points)
-        growth = (
-            self._in_training(settled, capacity, peak, tolerance) if len(settled) >= min_points else None
-        )
+        growth = self._in_training(settled, capacity, peak, tolerance) if len(settled) >= min_points else None
         if growth is None:
             growth = self._at_validation(points, capacity, peak, ignore_first_steps, tolerance)
         if growth is None:
@@ -448,7 +446,8 @@ def as_per_step(growth: Growth) -> Growth:
 
 def _settled(points: Sequence[Point], skip: int = 2) -> list[Point]:
     """``points`` without the first ``skip`` of each segment after the first (where the RSS still takes in what a
-    validation run or an epoch boundary touched)."""
+    validation run or an epoch boundary touched).
+    """
     out: list[Point] = []
     seen: dict[int, int] = {}
     first = points[0].segment if points else 0

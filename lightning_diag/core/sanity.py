@@ -474,9 +474,12 @@ def check_gradients(
 
 
 # -- batch independence ----------------------------------------------------------------------------------------------
-def _values_reach_loss(module: nn.Module, compute_loss: Callable[[], torch.Tensor], names: Sequence[str]) -> bool:
+def _values_reach_loss(
+    module: nn.Module, compute_loss: Callable[[], torch.Tensor], names: Sequence[str]
+) -> bool:
     """Whether the loss moves when the parameters ``names`` move (same random state for both forwards, so dropout
-    cancels out). A loss that cannot be computed again counts as unmoved: the finding then stays info."""
+    cancels out). A loss that cannot be computed again counts as unmoved: the finding then stays info.
+    """
     wanted = set(names)
     try:
         with preserved_module(module), torch.no_grad():
@@ -489,7 +492,7 @@ def _values_reach_loss(module: nn.Module, compute_loss: Callable[[], torch.Tenso
                 after = compute_loss().detach().float().sum()
         moved = float((after - before).abs())
         return bool(moved > 1e-6 * max(float(before.abs()), 1.0))
-    except Exception:  # noqa: BLE001 - a second forward the model refuses is no evidence either way
+    except Exception:  # a second forward the model refuses is no evidence either way
         return False
 
 

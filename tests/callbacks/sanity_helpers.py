@@ -49,7 +49,9 @@ class Classifier(pl.LightningModule):
             b = x.shape[0]
             x = x.reshape(16, b).t()  # a reshape that scrambles the batch dimension (the transpose-view bug)
         if self.bug == "detached_body":
-            return self.net[-1](self.net[:-1](x).detach())  # the body's features leave the graph: it never trains
+            return self.net[-1](
+                self.net[:-1](x).detach()
+            )  # the body's features leave the graph: it never trains
         out = self.net(x)
         if self.bug == "detached":
             out = out.detach()
