@@ -36,7 +36,7 @@ from torch import nn
 
 from lightning_diag.core.activations import check_activation_scale
 from lightning_diag.core.batches import iter_tensors, model_input
-from lightning_diag.core.grad_stats import strided
+from lightning_diag.core.grad_stats import local_tensor, strided
 from lightning_diag.core.layers import BATCH_MIXING
 from lightning_diag.core.nan_trace import first_non_finite, preserved_module, preserved_rng
 from lightning_diag.core.verdict import Severity, Verdict
@@ -180,6 +180,9 @@ def pending(verdict: Verdict) -> Verdict:
 EXTREME_SCALE, EXTREME_LOSS = 1e3, 1e6
 #: A regression target this many times the scale of the model's outputs at initialisation is a fact too.
 EXTREME_GAP = 1e3
+#: A cross-entropy at initialisation this many times ln(C) is a fact: the logits differ by hundreds or more. (At 100x,
+#: inputs left at 1000x their scale in an ordinary MLP already get there, and some runs recover from that: a symptom.)
+ABSURD_INIT = 1000.0
 
 
 def check_input_scale(
@@ -331,18 +334,26 @@ def check_probabilities_as_logits(out: torch.Tensor, labels: torch.Tensor, loss:
 def check_loss_at_init(
     loss: float, num_classes: int, *, high: float = 1.5, low: float = 0.1
 ) -> list[Verdict]:
-    """A cross-entropy loss at initialisation should be near ``ln(num_classes)`` (uniform predictions)."""
+    """A cross-entropy loss at initialisation should be near ``ln(num_classes)`` (uniform predictions).
+
+    A loss :data:`ABSURD_INIT` times ``ln(num_classes)`` or more is marked ``certain``: no initialisation meant to
+    train starts there (the logits differ by hundreds or more), whatever the run does next.
+    """
     if num_classes < 2 or not math.isfinite(loss):
         return []
     expected = math.log(num_classes)
-    evidence = {"loss": loss, "expected": round(expected, 6), "num_classes": num_classes}
+    evidence: dict[str, Any] = {"loss": loss, "expected": round(expected, 6), "num_classes": num_classes}
     if loss > high * expected:
+        absurd = loss >= ABSURD_INIT * expected
+        if absurd:
+            evidence["certain"] = 1
         return [
             Verdict(
                 "loss_at_init",
                 "warning",
                 f"The loss at initialisation is {loss:.4g}, {loss / expected:.1f}x ln({num_classes}) = {expected:.4g}: "
-                "the untrained model is confidently wrong.",
+                "the untrained model is confidently wrong"
+                + (" (no initialisation meant to train starts that far off)." if absurd else "."),
                 evidence,
                 [
                     "Initialise the last layer with small weights (and a zero or prior bias) so the first predictions "
@@ -481,19 +492,24 @@ def _values_reach_loss(
     cancels out). A loss that cannot be computed again counts as unmoved: the finding then stays info.
     """
     wanted = set(names)
+    params = [local_tensor(p) for n, p in module.named_parameters() if n in wanted]
+    saved = [p.detach().clone() for p in params]
     try:
         with preserved_module(module), torch.no_grad():
             with preserved_rng():
                 before = compute_loss().detach().float().sum()
-            for n, p in module.named_parameters():
-                if n in wanted:
-                    p.mul_(-1.5).add_(0.5)  # sign, scale and offset all change, zero-initialised ones too
+            for p in params:
+                p.mul_(-1.5).add_(0.5)  # sign, scale and offset all change, zero-initialised ones too
             with preserved_rng():
                 after = compute_loss().detach().float().sum()
         moved = float((after - before).abs())
         return bool(moved > 1e-6 * max(float(before.abs()), 1.0))
     except Exception:  # a second forward the model refuses is no evidence either way
         return False
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved, strict=True):
+                p.copy_(value)  # the user's weights, exactly as they were
 
 
 def check_batch_independence(
@@ -775,7 +791,10 @@ def check_loss_calls(calls: Sequence[LossCall]) -> list[Verdict]:
         loss = float(call.value.detach().float().sum()) if call.value.numel() == 1 else math.nan
         if call.name != "cross_entropy":
             return []
-        found = [pending(v) for v in check_loss_at_init(loss, int(call.input.shape[1]))]
+        found = [
+            v if v.evidence.get("certain") else pending(v)
+            for v in check_loss_at_init(loss, int(call.input.shape[1]))
+        ]
         # softmax applied twice is a fact, not a symptom: the loss cannot go below its floor
         return found + check_probabilities_as_logits(call.input, call.target, loss)
     return []
