@@ -25,6 +25,7 @@ from lightning_diag._validation import (
     renamed,
 )
 from lightning_diag.callbacks._base import DiagCallback
+from lightning_diag.callbacks._context import run_context
 from lightning_diag.core.curves import CurvePoint, CurveRules, comparable, diagnose, stopped_verdict
 from lightning_diag.core.verdict import Verdict, non_finite_metric
 from lightning_diag.errors import LightningDiagWarning
@@ -309,6 +310,7 @@ class OverfitDetector(DiagCallback):
             initial=self.initial_loss,
             recent=self.recent_loss,
             frozen_share=_frozen_share(trainer.lightning_module),
+            chance=self._chance(trainer),
         ):
             self.record(trainer, detection, key=f"{detection.code}:{detection.severity}")
             if detection.code in STOP_CODES and detection.severity != "info":
@@ -324,10 +326,20 @@ class OverfitDetector(DiagCallback):
         if not self.points or not trainer.should_stop or self.stopped_at is not None:
             return
         for detection in diagnose(
-            self.points, self.rules, self.chance_loss, unit="epoch", initial=self.initial_loss, stopped=True
+            self.points,
+            self.rules,
+            self.chance_loss,
+            unit="epoch",
+            initial=self.initial_loss,
+            stopped=True,
+            chance=self._chance(trainer),
         ):
             if detection.code == "overfitting" and detection.severity == "warning":
                 self.record(trainer, detection, key=f"{detection.code}:{detection.severity}")
+
+    def _chance(self, trainer: pl.Trainer) -> float | None:
+        """A uniform guess's loss: ``chance_loss`` when given, else what SanityCheck saw of the loss."""
+        return self.chance_loss if self.chance_loss is not None else run_context(trainer).chance_loss
 
     # -- report ---------------------------------------------------------------------------------------------
     def report_series(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from lightning_diag._validation import (
     check_unused,
 )
 from lightning_diag.callbacks._base import DiagCallback
+from lightning_diag.callbacks._context import run_context
 from lightning_diag.core import sanity
 from lightning_diag.core.verdict import Verdict, fails
 from lightning_diag.errors import SanityCheckError
@@ -215,6 +216,7 @@ class SanityCheck(DiagCallback):
             )
             loss_checks = {"loss_at_init": False, "gradients": False, "overfit_batch_steps": 0}
         self._model_tries += 1
+        facts: dict[str, float] = {}
         try:
             issues = sanity.run_checks(
                 pl_module,
@@ -236,6 +238,7 @@ class SanityCheck(DiagCallback):
                 or None,
                 unused_fatal=_lightning.unused_parameters_fatal(trainer),
                 shuffled=_shuffled(trainer),
+                facts=facts,
             )
         except sanity.NoLoss:
             # Lightning skips a batch whose training_step returns None: check the next one (still before any update)
@@ -249,6 +252,7 @@ class SanityCheck(DiagCallback):
                 )
             return
         self._model_done = True
+        run_context(trainer).chance_loss = facts.get("chance_loss")
         self._judge(trainer, issues)
 
     def _judge(self, trainer: pl.Trainer, issues: list[Verdict]) -> None:

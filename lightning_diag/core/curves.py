@@ -76,6 +76,13 @@ __all__ = [
     "stopped_verdict",
 ]
 
+#: Overfitting that early stopping cut short: the training loss fell below this share of its value at the best
+#: evaluation (a tiny regression whose training loss merely halves while a noisy validation stalls is not it).
+MEMORIZED_DROP = 0.4
+#: A loss at this share of a uniform guess's loss or above is at chance level: the model has learned nothing that
+#: generalises, so a plateau there is not the task's floor.
+AT_CHANCE = 0.9
+
 
 @dataclasses.dataclass(frozen=True)
 class CurvePoint:
@@ -173,6 +180,7 @@ def diagnose(
     stopped: bool = False,
     recent: float | None = None,
     frozen_share: float = 0.0,
+    chance: float | None = None,
 ) -> list[Verdict]:
     """Apply every rule to the history ``points`` (in evaluation order); return what holds at its end.
 
@@ -180,7 +188,9 @@ def diagnose(
     the first few training steps when known and ``recent`` the mean loss of as many steps just before the last
     evaluation (compared with each other: like with like, as one batch can be much easier than the average);
     ``stopped`` says the run was stopped early (by EarlyStop) after the last point; ``frozen_share`` is the share
-    of the parameters that do not train (a plateau then names a frozen, possibly never loaded, backbone first).
+    of the parameters that do not train (a plateau then names a frozen, possibly never loaded, backbone first);
+    ``chance`` is the loss of a uniform guess when known (``ln(C)`` for a C-class cross-entropy): a plateau at it
+    (:data:`AT_CHANCE`) is no task's floor, whatever the start was.
     """
     rules = rules or CurveRules()
     if not points:
@@ -194,11 +204,11 @@ def diagnose(
     overfit = _overfitting(points, rules, unit, stopped, same_scale)
     if overfit is not None:
         found.append(overfit)
-    plateau = _plateau_or_underfitting(points, rules, baseline, same_scale, initial)
+    plateau = _plateau_or_underfitting(points, rules, baseline, same_scale, initial, chance)
     if plateau is not None and overfit is None:
         found.append(plateau)
     flat = (
-        _validation_never_improved(points, rules, baseline, unit, same_scale, initial)
+        _validation_never_improved(points, rules, baseline, unit, same_scale, initial, chance)
         if plateau is None
         else None
     )
@@ -356,7 +366,7 @@ def _overfitting(
     risen = rise > rules.stop_rise * abs(best.val)
     # stopped early while the training loss kept plunging and now fits far better than anything generalises: the
     # overfitting early stopping cut short (a stop near the best hides it from the rise rules above)
-    memorized = stopped and last.train <= 0.5 * best.train and gap_now >= 0.5 * abs(last.val)
+    memorized = stopped and last.train <= MEMORIZED_DROP * best.train and gap_now >= 0.5 * abs(last.val)
     if train_fell and memorized:
         return _verdict(
             "overfitting",
@@ -428,6 +438,16 @@ def _overfitting_alone(
     )
 
 
+def _at_chance(value: float, chance: float | None, evidence: dict[str, Any]) -> bool:
+    """Whether ``value`` is no better than a uniform guess (:data:`AT_CHANCE` of ``chance`` or above); says so in
+    ``evidence``.
+    """
+    if chance is None or not math.isfinite(chance) or chance <= 0 or value < AT_CHANCE * chance:
+        return False
+    evidence["chance_loss"] = round(chance, 6)
+    return True
+
+
 def _progress(value: float, reference: float, initial: float | None) -> float:
     """How far ``value`` is below where the loss started: the first steps' loss when known, else ``reference``."""
     start = initial if initial is not None and math.isfinite(initial) and initial > 0 else reference
@@ -440,6 +460,7 @@ def _plateau_or_underfitting(
     baseline: float | None,
     same_scale: bool = True,
     initial: float | None = None,
+    chance: float | None = None,
 ) -> Verdict | None:
     w = rules.patience
     if len(points) <= w:
@@ -487,8 +508,9 @@ def _plateau_or_underfitting(
     progress = _progress(last.train, reference, initial)
     evidence["progress"] = round(progress, 4)
     # Far from where it started, the loss may sit at the task's floor (label noise, Bayes error): a plateau there is
-    # info unless another finding explains it (the end-of-fit gate then makes it a warning).
-    floor = progress >= rules.floor_progress
+    # info unless another finding explains it (the end-of-fit gate then makes it a warning). Not at chance level.
+    lowest = min(last.train, last.val) if last.val is not None and same_scale else last.train
+    floor = progress >= rules.floor_progress and not _at_chance(lowest, chance, evidence)
     severity: Severity = "info" if floor else "warning"
     if floor:
         evidence["floor_possible"] = 1
@@ -533,6 +555,7 @@ def _validation_never_improved(
     unit: str,
     same_scale: bool = True,
     initial: float | None = None,
+    chance: float | None = None,
 ) -> Verdict | None:
     vals = [p.val for p in points if p.val is not None and math.isfinite(p.val)]
     if len(vals) <= rules.patience or not math.isfinite(points[0].train):
@@ -548,9 +571,9 @@ def _validation_never_improved(
     if points[-1].train <= rules.high_ratio * reference:
         return None  # training fell far while validation did not move: the overfitting rules' case
     progress = _progress(best, reference, initial)
-    floor = (
-        progress >= rules.floor_progress
-    )  # learned a lot by the first evaluation: maybe at the task's floor
+    at_chance: dict[str, Any] = {}
+    # learned a lot by the first evaluation: maybe at the task's floor (not when that is a uniform guess's loss)
+    floor = progress >= rules.floor_progress and not _at_chance(best, chance, at_chance)
     return _verdict(
         "loss_plateau",
         "info" if floor else "warning",
@@ -566,6 +589,7 @@ def _validation_never_improved(
             "reference_loss": reference,
             "evaluations": len(vals),
             "progress": round(progress, 4),
+            **at_chance,
             **({"floor_possible": 1} if floor else {}),
         },
         _VAL_FLAT_ADVICE,

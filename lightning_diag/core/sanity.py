@@ -800,6 +800,16 @@ def check_loss_calls(calls: Sequence[LossCall]) -> list[Verdict]:
     return []
 
 
+def chance_loss(calls: Sequence[LossCall]) -> float | None:
+    """``ln(C)`` for the first C-class cross-entropy (logits ``(N, C)``, class-index targets) among ``calls``."""
+    for call in calls:
+        classes = int(call.input.shape[1]) if call.input.dim() == 2 else 0
+        integer_targets = call.target.dim() == 1 and not call.target.is_floating_point()
+        if call.name == "cross_entropy" and integer_targets and classes >= 2:
+            return math.log(classes)
+    return None
+
+
 def run_checks(
     model: nn.Module,
     batches: list[Any],
@@ -818,6 +828,7 @@ def run_checks(
     unused_fatal: bool = False,
     shuffled: bool | None = None,
     activation_scale: bool = True,
+    facts: dict[str, float] | None = None,
 ) -> list[Verdict]:
     """All enabled checks on ``batches`` (the NaN/Inf check on each, the model checks on the first), the model
     left untouched.
@@ -840,6 +851,8 @@ def run_checks(
         unused_fatal: parameters without a gradient stop the run (DDP without ``find_unused_parameters``).
         shuffled: whether the training loader shuffles (``None``: unknown), for :func:`check_labels`.
         activation_scale: run :func:`~lightning_diag.core.activations.check_activation_scale` (forward only).
+        facts: filled with what the observed step showed about the task: ``chance_loss``, the loss of a uniform
+            guess (``ln(C)``) when the step's loss is a C-class cross-entropy.
     """
     results: list[Verdict] = []
     if data:
@@ -870,6 +883,9 @@ def run_checks(
         if inputs and view.first_layer is not None:
             results += check_input_scale(*view.first_layer, loss=view.loss)
         classification = [c for c in view.losses if c.name in CLASSIFICATION_LOSSES.values()]
+        chance = chance_loss(view.losses)
+        if facts is not None and chance is not None:
+            facts["chance_loss"] = chance
         if inputs and classification:
             results += check_labels(classification[0], shuffled=shuffled)
         if loss_at_init:

@@ -3,6 +3,8 @@ quiet on the healthy run that looks like it."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import functional as F
 
@@ -114,3 +116,18 @@ def test_overfitting_cut_short_by_early_stopping_is_still_overfitting() -> None:
     assert [
         v for v in diagnose(healthy, stopped=True) if v.severity == "warning"
     ] == []  # stopped near the floor
+
+
+def test_a_plateau_at_chance_level_is_no_floor() -> None:
+    """Heavy dropout inflates the first training steps' loss (2.9), so a validation loss stuck at ln(10) looks 20%
+    below the start; knowing a uniform guess's loss (SanityCheck's ln(C)) says it learned nothing."""
+    stuck = _curve([3.0, 2.9, 2.8, 2.79, 2.78], [2.295, 2.295, 2.295, 2.295, 2.295])
+    (found,) = diagnose(stuck, initial=2.95)
+    assert (found.severity, found.evidence.get("floor_possible")) == ("info", 1)
+    (found,) = diagnose(stuck, initial=2.95, chance=math.log(10))
+    assert found.severity == "warning" and "floor_possible" not in found.evidence
+    assert abs(found.evidence["chance_loss"] - math.log(10)) < 1e-6
+    # a floor well below chance stays a possible floor
+    floor = _curve([1.9, 1.62, 1.55, 1.52, 1.5], [1.41, 1.40, 1.41, 1.40, 1.41])
+    (found,) = diagnose(floor, initial=2.31, chance=math.log(10))
+    assert found.evidence["floor_possible"] == 1 and "chance_loss" not in found.evidence

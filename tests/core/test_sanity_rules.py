@@ -67,3 +67,19 @@ def test_missing_gradients_is_an_error_when_ddp_would_stop() -> None:
         net, lambda: nn.functional.cross_entropy(net(X), Y), unused_fatal=True
     )
     assert verdict.severity == "error" and "find_unused_parameters" in verdict.message
+
+
+def test_chance_loss_is_read_from_the_observed_cross_entropy() -> None:
+    net = nn.Sequential(nn.Linear(6, 5))
+    facts: dict[str, float] = {}
+    sanity.run_checks(
+        net,
+        [(X, Y)],
+        lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
+        data=False,
+        gradients=False,
+        batch_independence=False,
+        activation_scale=False,
+        facts=facts,
+    )
+    assert facts["chance_loss"] == pytest.approx(math.log(5))
