@@ -79,6 +79,12 @@ __all__ = [
 #: Overfitting that early stopping cut short: the training loss fell below this share of its value at the best
 #: evaluation (a tiny regression whose training loss merely halves while a noisy validation stalls is not it).
 MEMORIZED_DROP = 0.4
+#: ...or the training loss is below this share of the validation loss (a big model that memorised a tiny training
+#: set: the training loss is ~0 from early on, so it cannot drop much further).
+MEMORIZED_GAP = 0.05
+#: A validation loss below this share of the first evaluation's training loss leaves nothing to generalise: a
+#: training loss that keeps falling under it is not "overfitting cut short" (a tiny dataset fitted to 5e-4).
+NEGLIGIBLE = 0.01
 #: A loss at this share of a uniform guess's loss or above is at chance level: the model has learned nothing that
 #: generalises, so a plateau there is not the task's floor.
 AT_CHANCE = 0.9
@@ -366,7 +372,15 @@ def _overfitting(
     risen = rise > rules.stop_rise * abs(best.val)
     # stopped early while the training loss kept plunging and now fits far better than anything generalises: the
     # overfitting early stopping cut short (a stop near the best hides it from the rise rules above)
-    memorized = stopped and last.train <= MEMORIZED_DROP * best.train and gap_now >= 0.5 * abs(last.val)
+    # (not when the validation loss is already negligible next to where training started: nothing left to generalise)
+    negligible = abs(best.val) < NEGLIGIBLE * abs(evaluated[0].train)
+    memorized = (
+        stopped
+        and not negligible
+        and gap_now >= 0.5 * abs(last.val)
+        # the training loss plunged since the best evaluation, or it is ~0 next to the validation loss (memorised)
+        and (last.train <= MEMORIZED_DROP * best.train or last.train <= MEMORIZED_GAP * abs(last.val))
+    )
     if train_fell and memorized:
         return _verdict(
             "overfitting",

@@ -108,6 +108,8 @@ class LossCall:
     input: torch.Tensor
     target: torch.Tensor
     value: torch.Tensor
+    #: the input is (a view of) the output of a ``sigmoid`` call of the same step
+    from_sigmoid: bool = False
 
 
 @dataclasses.dataclass
@@ -120,6 +122,8 @@ class StepView:
     losses: list[LossCall] = dataclasses.field(default_factory=list)
     #: the loss the step returned (a float; NaN when it returned none)
     loss: float = math.nan
+    #: the storages of every ``sigmoid`` output of the step (a loss input that is a view of one came from it)
+    sigmoid_storages: set[int] = dataclasses.field(default_factory=set)
 
 
 class _LossCalls(torch.overrides.TorchFunctionMode):
@@ -128,18 +132,37 @@ class _LossCalls(torch.overrides.TorchFunctionMode):
     def __init__(self, view: StepView) -> None:
         super().__init__()
         self.view = view
+        self.held: list[torch.Tensor] = []
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if (
+            getattr(func, "__name__", "") in _SIGMOIDS
+            and isinstance(out, torch.Tensor)
+            and _storage_of(out) >= 0
+        ):
+            self.view.sigmoid_storages.add(_storage_of(out))
+            self.held.append(out)  # alive until the step ends: its memory cannot be reused by another tensor
         name = CLASSIFICATION_LOSSES.get(func) or REGRESSION_LOSSES.get(func)
         if name is not None and len(args) + len(kwargs) >= 2:
             given = dict(zip(("input", "target"), args, strict=False)) | kwargs
-            if isinstance(given.get("input"), torch.Tensor) and isinstance(given.get("target"), torch.Tensor):
-                self.view.losses.append(
-                    LossCall(name, given["input"].detach(), given["target"].detach(), out)
-                )
+            x, target = given.get("input"), given.get("target")
+            if isinstance(x, torch.Tensor) and isinstance(target, torch.Tensor):
+                squashed = _storage_of(x) in self.view.sigmoid_storages
+                self.view.losses.append(LossCall(name, x.detach(), target.detach(), out, squashed))
         return out
+
+
+#: the names a sigmoid goes by (``torch.sigmoid``, ``Tensor.sigmoid``, ``nn.Sigmoid``, ``torch.special.expit``)
+_SIGMOIDS = frozenset({"sigmoid", "sigmoid_", "expit"})
+
+
+def _storage_of(t: torch.Tensor) -> int:
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+        return -1
 
 
 def observe_step(model: nn.Module, run: Callable[[], Any]) -> StepView:
@@ -703,12 +726,12 @@ LossFn = Callable[[nn.Module, Any], "torch.Tensor | None"]
 
 
 def check_sigmoid_as_logits(call: LossCall) -> list[Verdict]:
-    """Probabilities given to ``binary_cross_entropy_with_logits`` (a ``sigmoid`` before ``BCEWithLogitsLoss``):
-    every input in ``[0, 1]`` and not all equal (logits of a fresh model straddle 0: 16 or more of them all in
-    ``[0, 1]`` by chance is about as likely as 16 coin flips landing heads).
+    """Probabilities given to ``binary_cross_entropy_with_logits`` (a ``sigmoid`` before ``BCEWithLogitsLoss``): the
+    loss's input is the output of a ``sigmoid`` of the same step (seen, not guessed: a fresh model's logits can all
+    fall in ``[0, 1]`` by chance) and every value is in ``[0, 1]``, not all equal.
     """
     x = call.input.detach().float()
-    if call.name != "binary_cross_entropy_with_logits" or x.numel() < 16:
+    if call.name != "binary_cross_entropy_with_logits" or not call.from_sigmoid or x.numel() < 2:
         return []
     if not (bool((x >= 0).all()) and bool((x <= 1).all())) or float(x.max() - x.min()) == 0:
         return []

@@ -83,3 +83,32 @@ def test_chance_loss_is_read_from_the_observed_cross_entropy() -> None:
         facts=facts,
     )
     assert facts["chance_loss"] == pytest.approx(math.log(5))
+
+
+class _Binary(nn.Module):
+    def __init__(self, squash: bool, bias: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net, self.squash = nn.Linear(6, 1), squash
+        with torch.no_grad():
+            self.net.weight.mul_(0.01)
+            self.net.bias.fill_(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return torch.sigmoid(out).squeeze(-1) if self.squash else out.squeeze(-1)
+
+
+@pytest.mark.parametrize(
+    ("squash", "bias", "found"), [(True, 0.0, True), (False, 0.5, False), (False, 0.0, False)]
+)
+def test_sigmoid_before_bce_with_logits_is_seen_not_guessed(squash: bool, bias: float, found: bool) -> None:
+    """Logits that all fall in [0, 1] (a small init with a positive bias) are not probabilities."""
+    net, target = _Binary(squash, bias), (Y > 0).float()
+    view = sanity.observe_step(net, lambda: nn.functional.binary_cross_entropy_with_logits(net(X), target))
+    (call,) = view.losses
+    assert bool((call.input >= 0).all() and (call.input <= 1).all()) is (squash or bias > 0)
+    verdicts = sanity.check_sigmoid_as_logits(call)
+    assert bool(verdicts) is found
+    if found:
+        assert verdicts[0].evidence["certain"] == 1 and "sigmoid is applied twice" in verdicts[0].message
