@@ -85,9 +85,10 @@ MEMORIZED_GAP = 0.05
 #: A validation loss below this share of the first evaluation's training loss leaves nothing to generalise: a
 #: training loss that keeps falling under it is not "overfitting cut short" (a tiny dataset fitted to 5e-4).
 NEGLIGIBLE = 0.01
-#: A loss at this share of a uniform guess's loss or above is at chance level: the model has learned nothing that
-#: generalises, so a plateau there is not the task's floor.
-AT_CHANCE = 0.9
+#: A loss at this share of the best constant prediction's loss (the targets' entropy) or above is at chance level:
+#: the model has learned nothing beyond the class frequencies, so a plateau there is not the task's floor. (A binary
+#: task with 30% label noise has its floor at 0.88 of ln(2): below this.)
+AT_CHANCE = 0.97
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +196,8 @@ def diagnose(
     evaluation (compared with each other: like with like, as one batch can be much easier than the average);
     ``stopped`` says the run was stopped early (by EarlyStop) after the last point; ``frozen_share`` is the share
     of the parameters that do not train (a plateau then names a frozen, possibly never loaded, backbone first);
-    ``chance`` is the loss of a uniform guess when known (``ln(C)`` for a C-class cross-entropy): a plateau at it
+    ``chance`` is the loss of the best constant prediction when known (the targets' entropy: ``ln(C)`` for C balanced
+    classes, the unigram entropy for a language model): a plateau at it
     (:data:`AT_CHANCE`) is no task's floor, whatever the start was.
     """
     rules = rules or CurveRules()
@@ -453,7 +455,7 @@ def _overfitting_alone(
 
 
 def _at_chance(value: float, chance: float | None, evidence: dict[str, Any]) -> bool:
-    """Whether ``value`` is no better than a uniform guess (:data:`AT_CHANCE` of ``chance`` or above); says so in
+    """Whether ``value`` is no better than a constant prediction (:data:`AT_CHANCE` of ``chance`` or above); says so in
     ``evidence``.
     """
     if chance is None or not math.isfinite(chance) or chance <= 0 or value < AT_CHANCE * chance:
@@ -586,7 +588,7 @@ def _validation_never_improved(
         return None  # training fell far while validation did not move: the overfitting rules' case
     progress = _progress(best, reference, initial)
     at_chance: dict[str, Any] = {}
-    # learned a lot by the first evaluation: maybe at the task's floor (not when that is a uniform guess's loss)
+    # learned a lot by the first evaluation: maybe at the task's floor (not when that is a constant prediction's loss)
     floor = progress >= rules.floor_progress and not _at_chance(best, chance, at_chance)
     return _verdict(
         "loss_plateau",

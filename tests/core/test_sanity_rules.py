@@ -82,7 +82,9 @@ def test_chance_loss_is_read_from_the_observed_cross_entropy() -> None:
         activation_scale=False,
         facts=facts,
     )
-    assert facts["chance_loss"] == pytest.approx(math.log(5))
+    share = torch.bincount(Y, minlength=5).double() / len(Y)
+    entropy = float(-(share[share > 0] * share[share > 0].log()).sum())
+    assert facts["chance_loss"] == pytest.approx(entropy) and facts["chance_loss"] <= math.log(5)
 
 
 class _Binary(nn.Module):
@@ -112,3 +114,15 @@ def test_sigmoid_before_bce_with_logits_is_seen_not_guessed(squash: bool, bias: 
     assert bool(verdicts) is found
     if found:
         assert verdicts[0].evidence["certain"] == 1 and "sigmoid is applied twice" in verdicts[0].message
+
+
+def test_chance_loss_is_the_targets_entropy() -> None:
+    logits = torch.zeros(8, 4)
+    balanced = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    skewed = torch.tensor([0, 0, 0, 0, 0, 0, 1, -100])  # the ignore index is left out
+    call = lambda target: sanity.LossCall("cross_entropy", logits, target, torch.tensor(0.0))  # noqa: E731
+    assert sanity.chance_loss([call(balanced)]) == pytest.approx(math.log(4))
+    assert sanity.chance_loss([call(skewed)]) == pytest.approx(
+        -(6 / 7) * math.log(6 / 7) - (1 / 7) * math.log(1 / 7)
+    )
+    assert sanity.chance_loss([sanity.LossCall("mse_loss", logits, logits, torch.tensor(0.0))]) is None
