@@ -79,8 +79,9 @@ __all__ = [
 #: Overfitting that early stopping cut short: the training loss fell below this share of its value at the best
 #: evaluation (a tiny regression whose training loss merely halves while a noisy validation stalls is not it).
 MEMORIZED_DROP = 0.4
-#: ...or the training loss is below this share of the validation loss (a big model that memorised a tiny training
-#: set: the training loss is ~0 from early on, so it cannot drop much further).
+#: ...or the training loss is below this share of the validation loss and still fell by a quarter since the best
+#: evaluation (a big model that memorised a tiny training set: the training loss is ~0 from early on, so it cannot
+#: drop much further; a converged model whose training loss stays put is not it).
 MEMORIZED_GAP = 0.05
 #: A validation loss below this share of the first evaluation's training loss leaves nothing to generalise: a
 #: training loss that keeps falling under it is not "overfitting cut short" (a tiny dataset fitted to 5e-4).
@@ -381,7 +382,10 @@ def _overfitting(
         and not negligible
         and gap_now >= 0.5 * abs(last.val)
         # the training loss plunged since the best evaluation, or it is ~0 next to the validation loss (memorised)
-        and (last.train <= MEMORIZED_DROP * best.train or last.train <= MEMORIZED_GAP * abs(last.val))
+        and (
+            last.train <= MEMORIZED_DROP * best.train
+            or (last.train <= MEMORIZED_GAP * abs(last.val) and last.train <= 0.75 * best.train)
+        )
     )
     if train_fell and memorized:
         return _verdict(

@@ -826,8 +826,8 @@ def check_loss_calls(calls: Sequence[LossCall]) -> list[Verdict]:
 def chance_loss(calls: Sequence[LossCall]) -> float | None:
     """The loss of the best constant prediction for the first C-class cross-entropy (logits ``(N, C)``, class-index
     targets) among ``calls``: the entropy of its targets' classes on this batch (``ln(C)`` for balanced classes; for
-    a language model, the unigram entropy a model that learned only the token frequencies reaches). Targets equal to
-    the ignore index (``-100``) are left out.
+    a language model, the unigram entropy a model that learned only the token frequencies reaches), from at least
+    10 targets per class; with fewer, ``ln(C)``. Targets equal to the ignore index (``-100``) are left out.
     """
     for call in calls:
         classes = int(call.input.shape[1]) if call.input.dim() == 2 else 0
@@ -837,6 +837,8 @@ def chance_loss(calls: Sequence[LossCall]) -> float | None:
         target = call.target[(call.target >= 0) & (call.target < classes)]
         if target.numel() < 2:
             continue
+        if target.numel() < 10 * classes:  # too few targets to estimate their entropy: a uniform guess's loss
+            return math.log(classes)
         counts = torch.bincount(target.cpu(), minlength=classes).double()
         share = counts[counts > 0] / counts.sum()
         return float(-(share * share.log()).sum())
