@@ -97,8 +97,8 @@ class RunContext:
     #: ``(step, training loss)`` as read on the host by whichever callback reads it anyway (NaNGuard): what the
     #: end-of-run severity gate measures a symptom's consequence on (bounded: thinned past MAX_LOSSES)
     losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
-    #: the loss of the best constant prediction (the targets' entropy, ``ln(C)`` for C balanced classes) when
-    #: SanityCheck saw a C-class cross-entropy: a plateau there is no task's floor
+    #: the loss of a uniform guess (``ln(C)``) when SanityCheck saw a C-class cross-entropy: a plateau there is no
+    #: task's floor
     chance_loss: float | None = None
 
     def record_loss(self, step: int, value: float) -> None:

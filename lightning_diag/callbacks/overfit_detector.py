@@ -338,7 +338,7 @@ class OverfitDetector(DiagCallback):
                 self.record(trainer, detection, key=f"{detection.code}:{detection.severity}")
 
     def _chance(self, trainer: pl.Trainer) -> float | None:
-        """A constant prediction's loss: ``chance_loss`` when given, else what SanityCheck saw of the loss."""
+        """A uniform guess's loss: ``chance_loss`` when given, else what SanityCheck saw of the loss."""
         return self.chance_loss if self.chance_loss is not None else run_context(trainer).chance_loss
 
     # -- report ---------------------------------------------------------------------------------------------

@@ -86,9 +86,9 @@ MEMORIZED_GAP = 0.05
 #: A validation loss below this share of the first evaluation's training loss leaves nothing to generalise: a
 #: training loss that keeps falling under it is not "overfitting cut short" (a tiny dataset fitted to 5e-4).
 NEGLIGIBLE = 0.01
-#: A loss at this share of the best constant prediction's loss (the targets' entropy) or above is at chance level:
-#: the model has learned nothing beyond the class frequencies, so a plateau there is not the task's floor. (A binary
-#: task with 30% label noise has its floor at 0.88 of ln(2): below this.)
+#: A loss at this share of a uniform guess's loss (``ln(C)``) or above is at chance level: the model has learned
+#: nothing that generalises, so a plateau there is not the task's floor. (A binary task with 30% label noise has its
+#: floor at 0.88 of ln(2): below this.)
 AT_CHANCE = 0.97
 
 
@@ -197,8 +197,7 @@ def diagnose(
     evaluation (compared with each other: like with like, as one batch can be much easier than the average);
     ``stopped`` says the run was stopped early (by EarlyStop) after the last point; ``frozen_share`` is the share
     of the parameters that do not train (a plateau then names a frozen, possibly never loaded, backbone first);
-    ``chance`` is the loss of the best constant prediction when known (the targets' entropy: ``ln(C)`` for C balanced
-    classes, the unigram entropy for a language model): a plateau at it
+    ``chance`` is the loss of a uniform guess when known (``ln(C)`` for a C-class cross-entropy): a plateau at it
     (:data:`AT_CHANCE`) is no task's floor, whatever the start was.
     """
     rules = rules or CurveRules()
@@ -459,7 +458,7 @@ def _overfitting_alone(
 
 
 def _at_chance(value: float, chance: float | None, evidence: dict[str, Any]) -> bool:
-    """Whether ``value`` is no better than a constant prediction (:data:`AT_CHANCE` of ``chance`` or above); says so in
+    """Whether ``value`` is no better than a uniform guess (:data:`AT_CHANCE` of ``chance`` or above); says so in
     ``evidence``.
     """
     if chance is None or not math.isfinite(chance) or chance <= 0 or value < AT_CHANCE * chance:
@@ -525,11 +524,13 @@ def _plateau_or_underfitting(
     falling_val = _validation_still_falling(points, rules)
     if falling_val:
         return None  # the validation loss still improves by more than its noise: nothing has stopped
-    progress = _progress(last.train, reference, initial)
+    # How far the model got: the lower of the two losses when they are on one scale (a training loss inflated by
+    # dropout, noise or augmentation understates it).
+    lowest = min(last.train, last.val) if last.val is not None and same_scale else last.train
+    progress = _progress(lowest, reference, initial)
     evidence["progress"] = round(progress, 4)
     # Far from where it started, the loss may sit at the task's floor (label noise, Bayes error): a plateau there is
     # info unless another finding explains it (the end-of-fit gate then makes it a warning). Not at chance level.
-    lowest = min(last.train, last.val) if last.val is not None and same_scale else last.train
     floor = progress >= rules.floor_progress and not _at_chance(lowest, chance, evidence)
     severity: Severity = "info" if floor else "warning"
     if floor:
@@ -592,7 +593,7 @@ def _validation_never_improved(
         return None  # training fell far while validation did not move: the overfitting rules' case
     progress = _progress(best, reference, initial)
     at_chance: dict[str, Any] = {}
-    # learned a lot by the first evaluation: maybe at the task's floor (not when that is a constant prediction's loss)
+    # learned a lot by the first evaluation: maybe at the task's floor (not when that is a uniform guess's loss)
     floor = progress >= rules.floor_progress and not _at_chance(best, chance, at_chance)
     return _verdict(
         "loss_plateau",

@@ -824,24 +824,17 @@ def check_loss_calls(calls: Sequence[LossCall]) -> list[Verdict]:
 
 
 def chance_loss(calls: Sequence[LossCall]) -> float | None:
-    """The loss of the best constant prediction for the first C-class cross-entropy (logits ``(N, C)``, class-index
-    targets) among ``calls``: the entropy of its targets' classes on this batch (``ln(C)`` for balanced classes; for
-    a language model, the unigram entropy a model that learned only the token frequencies reaches), from at least
-    10 targets per class; with fewer, ``ln(C)``. Targets equal to the ignore index (``-100``) are left out.
+    """The loss of a uniform guess, ``ln(C)``, for the first C-class cross-entropy (logits ``(N, C)``, class-index
+    targets) among ``calls``.
+
+    Not the targets' entropy (the best constant prediction): a language model sits at the unigram entropy for a
+    while on its way down (the "unigram plateau" of small transformers), and a healthy run there must stay quiet.
     """
     for call in calls:
         classes = int(call.input.shape[1]) if call.input.dim() == 2 else 0
         integer_targets = call.target.dim() == 1 and not call.target.is_floating_point()
-        if call.name != "cross_entropy" or not integer_targets or classes < 2:
-            continue
-        target = call.target[(call.target >= 0) & (call.target < classes)]
-        if target.numel() < 2:
-            continue
-        if target.numel() < 10 * classes:  # too few targets to estimate their entropy: a uniform guess's loss
+        if call.name == "cross_entropy" and integer_targets and classes >= 2:
             return math.log(classes)
-        counts = torch.bincount(target.cpu(), minlength=classes).double()
-        share = counts[counts > 0] / counts.sum()
-        return float(-(share * share.log()).sum())
     return None
 
 
@@ -886,8 +879,8 @@ def run_checks(
         unused_fatal: parameters without a gradient stop the run (DDP without ``find_unused_parameters``).
         shuffled: whether the training loader shuffles (``None``: unknown), for :func:`check_labels`.
         activation_scale: run :func:`~lightning_diag.core.activations.check_activation_scale` (forward only).
-        facts: filled with what the observed step showed about the task: ``chance_loss``, the loss of the best
-            constant prediction (:func:`chance_loss`) when the step's loss is a C-class cross-entropy.
+        facts: filled with what the observed step showed about the task: ``chance_loss``, the loss of a uniform
+            guess (:func:`chance_loss`) when the step's loss is a C-class cross-entropy.
     """
     results: list[Verdict] = []
     if data:
