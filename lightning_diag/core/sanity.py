@@ -414,8 +414,9 @@ def check_gradients(
 
     Severity: a loss detached from every parameter, or no gradient for any parameter an optimizer steps, is an
     error (nothing can learn); so is any parameter without a gradient under ``unused_fatal`` (DDP without
-    ``find_unused_parameters``, which stops at the next backward). Otherwise the parameters without a gradient are
-    perturbed and the loss computed again with the same random state: when the loss moves, their values reach it
+    ``find_unused_parameters``, which stops at the next backward). Otherwise, in a single-process run, the parameters
+    without a gradient are perturbed and the loss computed again with the same random state (in a multi-process run
+    no extra forward is risked and the finding is info): when the loss moves, their values reach it
     through a cut graph (``.detach()``, ``torch.no_grad()``) and they can never learn what they affect, a certain
     fault and a warning; when it does not, they are simply unused by this loss (N-BEATS' last backcast, an
     auxiliary head, experts a router did not pick, a branch taken under another setting) and the model learns
@@ -508,12 +509,22 @@ def check_gradients(
 
 
 # -- batch independence ----------------------------------------------------------------------------------------------
+def _multi_process() -> bool:
+    dist = torch.distributed
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
 def _values_reach_loss(
     module: nn.Module, compute_loss: Callable[[], torch.Tensor], names: Sequence[str]
 ) -> bool:
     """Whether the loss moves when the parameters ``names`` move (same random state for both forwards, so dropout
-    cancels out). A loss that cannot be computed again counts as unmoved: the finding then stays info.
+    cancels out). A loss that cannot be computed again counts as unmoved, and so does every probe in a
+    multi-process run (no extra forward there): the finding then stays info.
     """
+    if _multi_process():
+        # the extra forwards may run collectives (FSDP2's all-gathers, SyncBatchNorm), and another rank may have no
+        # parameter to probe: never risk a rank waiting alone
+        return False
     wanted = set(names)
     params = [local_tensor(p) for n, p in module.named_parameters() if n in wanted]
     saved = [p.detach().clone() for p in params]
