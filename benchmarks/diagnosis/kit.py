@@ -6,6 +6,9 @@ token ids from stdlib text. A scenario composes a :class:`Task` with a data set 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import itertools
 import math
 import time
@@ -23,12 +26,23 @@ __all__ = [
     "blobs",
     "digits",
     "digits_images",
+    "fresh_heap",
     "loaders",
     "mlp",
     "moons",
     "regression",
     "text_tokens",
 ]
+
+
+def fresh_heap() -> None:
+    """Give the memory freed so far back to the OS, as a new process would start: a process RSS does not grow into
+    memory the C allocator kept from an earlier run (so a leak right after a large run would show late), which the
+    corpus runner, the memory scenarios and MemoryMonitor's tests all need before they measure.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # -- data ---------------------------------------------------------------------------------------------------------

@@ -156,18 +156,6 @@ def _with_monitor(cls: Any, monitor: str) -> Any:
     return cls(monitor=monitor) if "monitor" in params else cls(val_key=monitor)
 
 
-def _fresh_heap() -> None:
-    """Give what earlier scenarios freed back to the OS, as a new process would start: every scenario is one user's
-    run, and a process RSS that grows into memory the C allocator kept from the previous scenario (or does not grow,
-    because it reuses it) is not what that user's run would show MemoryMonitor."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def run_scenario(scenario: Scenario, seed: int) -> Result:
     """Fit one scenario in this process with the suite; never raises (a crash is a result)."""
     import lightning.pytorch as pl
@@ -175,10 +163,11 @@ def run_scenario(scenario: Scenario, seed: int) -> Result:
     from lightning.pytorch.loggers import CSVLogger
 
     import lightning_diag as ld
+    from benchmarks.diagnosis.kit import fresh_heap
     from lightning_diag.findings import build_report
 
     os.environ.pop("LIGHTNING_DIAG_STRICT", None)
-    _fresh_heap()
+    fresh_heap()  # every scenario is one user's run: MemoryMonitor must see the RSS a new process would
     start = time.perf_counter()
     trainer = None
     status, error = "finished", None

@@ -184,6 +184,18 @@ class Growth:
         return bool(self.confirmed_by)
 
 
+def _window(points: Sequence[Point], peak: float, capacity: float) -> dict[str, Any]:
+    """The :class:`Growth` fields every pattern fills the same way from the window it judged."""
+    return {
+        "points": len(points),
+        "first_step": points[0].step,
+        "last_step": points[-1].step,
+        "baseline": points[-1].value,
+        "peak": peak,
+        "capacity": capacity,
+    }
+
+
 def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
@@ -329,12 +341,7 @@ class MemoryTrend:
                 rate=slope,
                 size=per_epoch,
                 rising_share=share,
-                points=len(points),
-                first_step=points[0].step,
-                last_step=last.step,
-                baseline=last.value,
-                peak=peak,
-                capacity=capacity,
+                **_window(points, peak, capacity),
                 exhaustion_step=exhaustion,
                 confirmed_by="later_epoch" if still_rising else "",
                 steps_per_epoch=steps_per_epoch,
@@ -356,12 +363,7 @@ class MemoryTrend:
             rate=rate,
             size=size,
             rising_share=share,
-            points=len(points),
-            first_step=points[0].step,
-            last_step=last.step,
-            baseline=last.value,
-            peak=peak,
-            capacity=capacity,
+            **_window(points, peak, capacity),
             exhaustion_step=exhaustion,
             confirmed_by="later_epoch" if still_rising else "",
             steps_per_epoch=steps_per_epoch,
@@ -394,12 +396,7 @@ class MemoryTrend:
             rate=per_run,
             size=total,
             rising_share=rising,
-            points=len(points),
-            first_step=points[0].step,
-            last_step=points[-1].step,
-            baseline=points[-1].value,
-            peak=peak,
-            capacity=capacity,
+            **_window(points, peak, capacity),
             exhaustion_step=exhaustion,
             confirmed_by="later_epoch",  # two runs after the first one: it went on after the first epoch
             validations=len(jumps),
@@ -492,12 +489,7 @@ def _unattributed(points: list[Point], capacity: float, peak: float, tolerance: 
         rate=rate,
         size=size,
         rising_share=share,
-        points=len(points),
-        first_step=points[0].step,
-        last_step=points[-1].step,
-        baseline=points[-1].value,
-        peak=peak,
-        capacity=capacity,
+        **_window(points, peak, capacity),
         exhaustion_step=points[-1].step + math.ceil(max(capacity - peak, 0.0) / rate),
         unattributed=True,
     )

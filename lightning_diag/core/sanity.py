@@ -137,13 +137,13 @@ class _LossCalls(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if (
-            getattr(func, "__name__", "") in _SIGMOIDS
-            and isinstance(out, torch.Tensor)
-            and _storage_of(out) >= 0
-        ):
-            self.view.sigmoid_storages.add(_storage_of(out))
-            self.held.append(out)  # alive until the step ends: its memory cannot be reused by another tensor
+        if getattr(func, "__name__", "") in _SIGMOIDS and isinstance(out, torch.Tensor):
+            storage = _storage_of(out)
+            if storage >= 0:
+                self.view.sigmoid_storages.add(storage)
+                self.held.append(
+                    out
+                )  # alive until the step ends: its memory cannot be reused by another tensor
         name = CLASSIFICATION_LOSSES.get(func) or REGRESSION_LOSSES.get(func)
         if name is not None and len(args) + len(kwargs) >= 2:
             given = dict(zip(("input", "target"), args, strict=False)) | kwargs

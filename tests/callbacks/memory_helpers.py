@@ -3,9 +3,6 @@ the epoch end, a metric never reset, a cache filled once) or die of an OOM, for 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,14 +14,6 @@ from torch.utils.data import DataLoader, TensorDataset
 #: outputs per sample: a batch of 32 keeps 1 MiB of logits
 WIDTH = 8192
 BATCH = 32
-
-
-def fresh_heap() -> None:
-    """Give the memory earlier tests freed back to the OS, as a new process would start: RSS does not grow into
-    memory the C allocator already holds, so a leak right after a large test would show late."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class Leaky(pl.LightningModule):

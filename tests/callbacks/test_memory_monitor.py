@@ -20,9 +20,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
+from benchmarks.diagnosis.kit import fresh_heap
 from lightning_diag import ArgumentError, MemoryMonitor
 from lightning_diag.callbacks import _memory_readings
-from tests.callbacks.memory_helpers import BATCH, WIDTH, Leaky, Tokens, fresh_heap, loaders, pad
+from tests.callbacks.memory_helpers import BATCH, WIDTH, Leaky, Tokens, loaders, pad
 from tests.helpers import find, trainer
 
 

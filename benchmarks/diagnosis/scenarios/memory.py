@@ -12,9 +12,6 @@ holds, so a leak right after a larger run would show late.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import os
 from typing import Any
 
@@ -29,12 +26,6 @@ from benchmarks.diagnosis import kit
 from benchmarks.diagnosis.scenario import Run, Scenario
 
 LOG_EVERY = 4
-
-
-def fresh_heap() -> None:
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def rss_mib() -> float:
@@ -122,7 +113,7 @@ class Wide(pl.LightningModule):
 
 
 def _wide(seed: int, epochs: int = 4, batch_size: int = 32, val_batch: int = 256, **kwargs: Any) -> Run:
-    fresh_heap()
+    kit.fresh_heap()
     hidden = kwargs.pop("hidden", 16384)
     extra = kwargs.pop("callbacks", [])
     trainer = {"max_epochs": epochs, "log_every_n_steps": LOG_EVERY, **kwargs.pop("trainer", {})}
@@ -200,7 +191,7 @@ class TokenGRU(pl.LightningModule):
 
 
 def _tokens(seed: int, low: int, high: int, epochs: int = 3, **kwargs: Any) -> Run:
-    fresh_heap()
+    kit.fresh_heap()
     long = kwargs.pop("long", None)
     train = Windows(480, low, high, seed, long=long, long_at=200)
     val = Windows(128, low, high, seed + 100)
