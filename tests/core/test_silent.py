@@ -485,6 +485,33 @@ def test_stale_watch_hands_the_probe_over_at_the_next_step(zero: bool, stale: fl
     watch.close()
 
 
+@pytest.mark.parametrize(("zero", "stale"), [(True, 0.0), (False, 1.0)], ids=["zeroed", "never-zeroed"])
+def test_a_gradient_that_is_always_zero_is_not_judged(zero: bool, stale: float) -> None:
+    # The weights of an input that is always 0 (a blank pixel of the digits) get an exactly-zero gradient at every
+    # backward: "backward found it zero" is no evidence that anything cleared it. Judging it used to make 1 of the 4
+    # watched tensors look cleared, so a run that never zeroes its gradients was never reported.
+    model = nn.Linear(3, 2, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    blank = nn.Linear(3, 2, bias=False)  # its gradient is zero: its input is all zero
+    opt.add_param_group({"params": blank.parameters()})
+    watch = StaleWatch(64)
+
+    def backward() -> None:
+        (model(torch.ones(4, 3)).sum() + blank(torch.zeros(4, 3)).sum()).backward()
+
+    backward()
+    watch.arm(opt, 0, [model.weight, blank.weight])
+    opt.step()
+    watch.disarm()
+    if zero:
+        opt.zero_grad(set_to_none=False)  # zeros left in place: cleared by value, not by None
+    backward()
+    probe = watch.due(opt, 1)
+    assert probe is not None
+    assert probe.verdict().tolist() == [stale, 1.0]  # only the informative gradient is judged
+    watch.close()
+
+
 def test_noise_meter_measures_one_step() -> None:
     model = nn.Linear(3, 1, bias=False)
     meter = NoiseMeter(decay=0.9)

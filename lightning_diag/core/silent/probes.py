@@ -189,30 +189,34 @@ class StaleProbe:
 
     def verdict(self) -> torch.Tensor:
         """``[stale, judged]`` as a device tensor (no host read): how many watched gradients are stale, out of
-        those that have a gradient at this step.
+        those that have a gradient at this step. A gradient whose sample was all zero after step ``t`` (weights of an
+        input that is always 0, a dead unit) says nothing about clearing: backward finds it zero either way, so it is
+        not judged.
         """
         self.close()
         device = self.cleared[0].device
-        flags: list[torch.Tensor] = []
+        no = torch.zeros((), dtype=torch.bool, device=device)
+        stale: list[torch.Tensor] = []
+        judged: list[torch.Tensor] = []
         for i, p in enumerate(self.params):
             grad = p.grad
             if grad is None:
                 continue  # no gradient to apply: nothing to judge
+            informative = self.base[i].any()
             if self.cleared_host[i]:
-                flags.append(torch.zeros((), dtype=torch.bool, device=device))
-                continue  # cleared since the last step, then filled again: healthy
-            if self.touched[i]:
-                flags.append(~self.cleared[i])
-                continue
-            # backward never reached it (or its hooks do not run, FSDP2): stale only if re-applied untouched
-            if self.grads[i]() is grad:
+                stale.append(no)  # cleared since the last step, then filled again: healthy
+            elif self.touched[i]:
+                stale.append(~self.cleared[i] & informative)
+            elif self.grads[i]() is grad:
+                # backward never reached it (or its hooks do not run, FSDP2): stale only if re-applied untouched
                 sample = flat_sample(local_tensor(grad), self.size)
-                flags.append((sample == self.base[i]).all() & self.base[i].any())
+                stale.append((sample == self.base[i]).all() & informative)
             else:
-                flags.append(torch.zeros((), dtype=torch.bool, device=device))
-        if not flags:
+                stale.append(no)
+            judged.append(~no if self.cleared_host[i] else informative)
+        if not stale:
             return torch.zeros(2, device=device)
-        return torch.stack([torch.stack(flags).sum().float(), torch.tensor(float(len(flags)), device=device)])
+        return torch.stack([torch.stack(stale).sum().float(), torch.stack(judged).sum().float()])
 
 
 class StaleWatch:
