@@ -88,7 +88,7 @@ def test_scores_count_what_the_issue_defines() -> None:
 @pytest.mark.slow
 def test_fast_subset_meets_the_targets() -> None:
     scenarios = runner.load_scenarios(fast=True)
-    results = [runner.run_scenario(s, seed=0) for s in scenarios]
+    results = [runner.run_one(s, seed=0) for s in scenarios]
     s = runner.score(results)
     misses = [
         f"{r.name}: found {r.found}, unexpected {r.unexpected}, {r.status} {r.error or ''}"
@@ -96,6 +96,18 @@ def test_fast_subset_meets_the_targets() -> None:
         if not r.ok or r.unexpected
     ]
     assert runner.meets_targets(s), (s, misses)
+
+
+@pytest.mark.slow
+def test_an_isolated_scenario_runs_in_a_fresh_process_with_the_same_result() -> None:
+    memory = [s for s in runner.load_scenarios() if s.name.startswith("memory_")]
+    assert memory and all(s.isolated for s in memory)  # they read the RSS: a fresh process each
+    scenario = runner.load_scenarios(["kaiming_relu_mlp"])[0]
+    here, child = runner.run_scenario(scenario, seed=0), runner.run_isolated(scenario, seed=0)
+    assert child.status == here.status == "finished"
+    # (info findings are left out: the throughput ones depend on how busy the machine is at that moment)
+    assert (child.found, child.primary, child.kind, child.seed) == (here.found, here.primary, "healthy", 0)
+    assert child.seconds > 0 and child.error is None
 
 
 def _blocks() -> list[str]:

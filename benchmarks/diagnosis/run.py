@@ -25,6 +25,9 @@ Scores (see ``scenario.py`` for the labels):
   (``NonFiniteError``, ``SanityCheckError``) and the out-of-memory errors the memory scenarios model
   (status ``out_of_memory``: judged by their findings like any other run).
 
+Scenarios marked ``isolated`` (the memory ones: they read the process RSS) run each in a fresh Python process;
+the others share this one.
+
 Targets (on every seed): recall >= 95%, false alarms 0, noise <= 0.1, crashes 0 (:data:`TARGETS`). The exit
 status is 1 when a target is missed.
 """
@@ -38,8 +41,10 @@ import importlib
 import io
 import json
 import os
+import pathlib
 import pkgutil
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -221,6 +226,56 @@ def run_scenario(scenario: Scenario, seed: int) -> Result:
     )
 
 
+def run_one(scenario: Scenario, seed: int) -> Result:
+    """One scenario at one seed: in a fresh process when it is ``isolated``, in this one otherwise."""
+    return run_isolated(scenario, seed) if scenario.isolated else run_scenario(scenario, seed)
+
+
+def run_isolated(scenario: Scenario, seed: int) -> Result:
+    """:func:`run_scenario` in a fresh Python process (``scenario.isolated``): the RSS a memory scenario measures
+    starts from a new process's, whatever the scenarios before it left in this one's allocator. A child that dies
+    is a crashed result, as a crash in this process would be.
+    """
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
+    code = (
+        "import dataclasses, json, sys\n"
+        "from benchmarks.diagnosis import run\n"
+        f"scenario = run.load_scenarios([{scenario.name!r}])[0]\n"
+        f"result = run.run_scenario(scenario, {seed})\n"
+        "sys.stdout.write('\\n' + json.dumps(dataclasses.asdict(result)) + '\\n')\n"
+    )
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        return Result(**json.loads(lines[-1]))
+    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+    return Result(
+        name=scenario.name,
+        kind=scenario.kind,
+        seed=seed,
+        expected=list(scenario.expected),
+        found=[],
+        info=[],
+        primary=None,
+        status="crashed",
+        error=f"child process: {tail[0][:300]}",
+        seconds=round(time.perf_counter() - start, 2),
+    )
+
+
 def _primary_code(report: dict[str, Any]) -> str | None:
     primary = report.get("primary")
     if primary is None:
@@ -397,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[Result] = []
     for seed in args.seeds:
         for scenario in scenarios:
-            result = run_scenario(scenario, seed)
+            result = run_one(scenario, seed)
             results.append(result)
             print(_row(result), flush=True)
             if args.verbose:

@@ -47,3 +47,6 @@ class Scenario:
     build: Callable[[int], Run]
     #: part of the fast subset that runs inside the test suite
     fast: bool = False
+    #: run in a fresh Python process of its own: a process-wide measure (the RSS MemoryMonitor reads) must not carry
+    #: what earlier scenarios of the same process left in the allocator
+    isolated: bool = False

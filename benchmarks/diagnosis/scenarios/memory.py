@@ -256,11 +256,11 @@ def ok_allocator_noise(seed: int) -> Run:
 
 
 def _failure(name: str, code: str, description: str, build: Any, fast: bool = False) -> Scenario:
-    return Scenario(name, "failure", (code,), description, build, fast)
+    return Scenario(name, "failure", (code,), description, build, fast, isolated=True)
 
 
 def _healthy(name: str, description: str, build: Any, fast: bool = False) -> Scenario:
-    return Scenario(name, "healthy", (), description, build, fast)
+    return Scenario(name, "healthy", (), description, build, fast, isolated=True)
 
 
 SCENARIOS: list[Scenario] = [
