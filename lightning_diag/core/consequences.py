@@ -32,6 +32,10 @@ A symptom has a consequence when (:func:`gate`):
 * the run learned (almost) nothing: its training loss moved less than :data:`MIN_PROGRESS` from its first steps to
   its last (:func:`stalled`); then any symptom in it may be why.
 
+A plateau (or underfitting) reported during the run is ``info`` after all when it ended: the training loss fell again
+after it, by more than :data:`MIN_PROGRESS` of the plateau's level (:func:`ended`; a slow stretch of a run that
+went on learning harmed nothing lasting).
+
 A plateau (or underfitting) far below where the loss started is recorded as ``info`` with
 ``evidence["floor_possible"]`` (it may be the task's floor, :mod:`lightning_diag.core.curves`): it becomes a
 ``warning`` when a loud finding explains it (its cause in the diagnosis table).
@@ -63,6 +67,7 @@ __all__ = [
     "WORSE_BY",
     "Kind",
     "above_chance",
+    "ended",
     "gate",
     "kind",
     "loss_harm",
@@ -128,6 +133,8 @@ WORSE_BY = 0.25
 #: The least relative progress of the training loss over a run that still counts as learning.
 MIN_PROGRESS = 0.1
 _LOUD = ("warning", "error")
+#: The codes of a plateau: a run that leaves it afterwards was not harmed by it (:func:`ended`).
+_PLATEAUS = ("loss_plateau", "underfitting")
 
 
 def loss_harm(first: int, last: int, losses: Sequence[tuple[int, float]]) -> str:
@@ -203,6 +210,35 @@ def above_chance(finding: Mapping[str, Any], losses: Sequence[tuple[int, float]]
     return f"the training loss still ends at {final:.4g}, above {chance:.4g}, {what}"
 
 
+def ended(finding: Mapping[str, Any], losses: Sequence[tuple[int, float]]) -> str:
+    """A sentence when a plateau finding (``loss_plateau``/``underfitting``, at the training loss
+    ``evidence["train_loss"]``) did not last: the median of the last :data:`WINDOW` training losses after its last
+    occurrence is below ``1 - MIN_PROGRESS`` of its level; ``""`` otherwise (or with fewer than :data:`WINDOW`
+    steps after it).
+
+    Example:
+        >>> flat_then_falling = [(s, 1.0 if s < 100 else 1.0 - 0.004 * (s - 100)) for s in range(200)]
+        >>> ended({"code": "loss_plateau", "step": 90, "evidence": {"train_loss": 1.0}}, flat_then_falling)
+        'none lasting: the training loss fell again after it, from 1 to a median of 0.642 over the last 20 steps'
+        >>> ended({"code": "loss_plateau", "step": 90, "evidence": {"train_loss": 1.0}}, flat_then_falling[:110])
+        ''
+    """
+    level = (finding.get("evidence") or {}).get("train_loss")
+    if finding.get("code") not in _PLATEAUS or not isinstance(level, (int, float)) or not level > 0:
+        return ""
+    last = int(finding.get("last_step") or finding.get("step", 0))
+    after = [v for s, v in losses if s > last and math.isfinite(v)]
+    if len(after) < WINDOW:
+        return ""
+    final = statistics.median(after[-WINDOW:])
+    if final >= (1 - MIN_PROGRESS) * level:
+        return ""
+    return (
+        f"none lasting: the training loss fell again after it, from {level:.4g} to a median of {final:.4g} over the "
+        f"last {WINDOW} steps"
+    )
+
+
 def kind(finding: Mapping[str, Any]) -> Kind:
     """The kind of one finding: its code's (:data:`POLICY`), made ``certain`` by its evidence when the finding is
     a fact after all: the run was stopped for it (``action="raise"``), gradients that are exactly 0 (no gradient
@@ -266,6 +302,13 @@ def gate(
 
     whole_run = stalled(losses)
     changed: list[tuple[int, str]] = []
+    # A plateau the run went on to leave is no lasting harm: judged first, so it is no consequence of a symptom.
+    for index, finding in enumerate(findings):
+        over = ended(finding, losses) if finding.get("severity") == "warning" else ""
+        if over:
+            finding.setdefault("evidence", {})["harm"] = over
+            finding["severity"] = "info"
+            changed.append((index, "info"))
     for index, (fid, finding) in enumerate(zip(ids, findings, strict=True)):
         evidence = finding.setdefault("evidence", {})
         pending = bool(evidence.pop("pending", 0))
@@ -300,7 +343,7 @@ def gate(
     # it (its cause, by the diagnosis table).
     for index, (fid, finding) in enumerate(zip(ids, findings, strict=True)):
         evidence = finding.get("evidence") or {}
-        if not evidence.get("floor_possible") or finding.get("severity") in _LOUD:
+        if not evidence.get("floor_possible") or finding.get("severity") in _LOUD or ended(finding, losses):
             continue
         cause = next(
             (by_id[c] for c in ids if fid in effects[c] and by_id[c].get("severity") in _LOUD),

@@ -82,3 +82,33 @@ def test_a_possible_floor_is_a_warning_only_with_a_loud_cause() -> None:
     cause = finding("exploding_gradients", "warning", 20)
     gate([cause, floor], WORSE)
     assert floor["severity"] == "warning" and floor["evidence"]["cause"] == "exploding_gradients at step 20"
+
+
+@pytest.mark.parametrize(
+    ("after", "expected"),
+    [(0.6, "info"), (0.95, "warning")],
+    ids=["the-loss-fell-again", "still-on-the-plateau"],
+)
+def test_a_plateau_the_run_left_is_info(after: float, expected: str) -> None:
+    # A plateau warned at step 100 of a run whose loss later fell well below its level (a cosine schedule that
+    # went on learning) harmed nothing lasting; one the run never left stays a warning.
+    losses = [(s, 1.0 if s <= 120 else after) for s in range(200)]
+    plateau = {
+        "code": "underfitting",
+        "severity": "warning",
+        "step": 80,
+        "last_step": 100,
+        "evidence": {"train_loss": 1.0},
+    }
+    cause = {
+        "code": "vanishing_gradients",
+        "severity": "warning",
+        "step": 50,
+        "last_step": 50,
+        "evidence": {},
+    }
+    gate([cause, plateau], losses)
+    assert plateau["severity"] == expected
+    assert plateau["evidence"].get("harm", "").startswith("none lasting") is (expected == "info")
+    # the plateau was the symptom's only consequence: a plateau that ended leaves the symptom without one
+    assert cause["severity"] == ("info" if expected == "info" else "warning")
