@@ -25,8 +25,9 @@ from lightning_diag._validation import (
     check_range,
     check_unused,
 )
-from lightning_diag.callbacks import _hang_monitor as monitor
 from lightning_diag.callbacks._base import DiagCallback, run_report
+from lightning_diag.callbacks._hang_readings import StepTimer
+from lightning_diag.callbacks._hang_watch import Heartbeat, RaiseOnHang, Watch, poll_seconds
 from lightning_diag.core.hangs import (
     BudgetSettings,
     HangEvent,
@@ -67,7 +68,7 @@ class HangWatchdog(DiagCallback):
     ``<log dir>/hang_rank<r>.txt``, records ``training_hang`` and, on global rank 0, writes ``diagnosis.json`` with
     ``status: "hung"`` while the run is still stuck. For a C call that holds the GIL, faulthandler's C timer
     (``faulthandler.dump_traceback_later``) writes the dump instead, and the thread reports it once it runs again
-    (:mod:`lightning_diag.callbacks._hang_monitor` has the mechanism). Under DDP every rank writes
+    (:mod:`lightning_diag.callbacks._hang_watch` has the mechanism). Under DDP every rank writes
     ``heartbeat_rank<r>.json`` next to rank 0's report, so the rank that fires names the rank that is behind without a
     collective; one collective at the start of training compares the ranks' numbers of batches, one small all-gather
     per logging step their data waits and forward times.
@@ -201,14 +202,14 @@ class HangWatchdog(DiagCallback):
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self._watch: monitor.Watch | None = None
-        self._raiser = monitor.RaiseOnHang()
+        self._watch: Watch | None = None
+        self._raiser = RaiseOnHang()
         self._raise_tried = False
         self._trainer_ref: Any = None
         self._budgets = PhaseBudgets(self._settings)
         self._outliers = StepOutliers()
         self._straggler = StragglerRule(self.straggler_threshold, self.patience)
-        self._timer = monitor.StepTimer(self._outliers if self.check_step_time else None, False)
+        self._timer = StepTimer(self._outliers if self.check_step_time else None, False)
         self._collectives = False
         self._directory = ""
         self._last_logged = -1
@@ -241,12 +242,12 @@ class HangWatchdog(DiagCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        watch = monitor.Watch(
+        watch = Watch(
             self._budgets,
             directory=self._directory,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
-            poll_s=monitor.poll_seconds(self._smallest_budget()),
+            poll_s=poll_seconds(self._smallest_budget()),
             on_hang=self._on_hang,
             on_resumed=self._on_resumed,
             on_second_timeout=self._on_second_timeout if self.action == "raise" else None,
@@ -466,7 +467,7 @@ class HangWatchdog(DiagCallback):
     # -- what the watchdog thread reports -------------------------------------------------------------------
     def _on_hang(
         self,
-        hb: monitor.Heartbeat,
+        hb: Heartbeat,
         waited: float,
         detected_by: str,
         frames: list[tuple[str, int, str, str]],
@@ -487,7 +488,7 @@ class HangWatchdog(DiagCallback):
         sys.stderr.write(f"lightning_diag HangWatchdog (rank {watch.rank}): {verdict.message}{where}\n")
         sys.stderr.flush()
 
-    def _on_resumed(self, hb: monitor.Heartbeat, after_s: float) -> None:
+    def _on_resumed(self, hb: Heartbeat, after_s: float) -> None:
         """Called from the training thread at the first heartbeat after a reported hang."""
         self._raiser.withdraw()
         entry = self._events.pop(hb.beat, None)
@@ -502,7 +503,7 @@ class HangWatchdog(DiagCallback):
         if trainer is not None:
             self.decline(trainer, _FOREIGN_TIMER, "faulthandler_timer")
 
-    def _on_second_timeout(self, hb: monitor.Heartbeat, waited: float) -> None:
+    def _on_second_timeout(self, hb: Heartbeat, waited: float) -> None:
         dump = self._watch.dump_path if self._watch is not None else "?"
         self._raiser.fire(hang_error_message(hb.phase, hb.step, waited, hb.budget, dump))
 
