@@ -106,45 +106,13 @@ _UNUSED = (
 class NaNGuard(DiagCallback):
     """Catch NaN/Inf (and loss/gradient-norm spikes) before the update; say where they began; survive them.
 
-    Every optimizer step, before the update, NaNGuard checks the loss of each micro-batch, the gradients (shared
-    statistics, computed once per step), the float tensors of each input batch and, every ``check_params_every_n_steps``
-    steps, the parameters. It also feeds the loss and the total gradient norm to robust spike detectors
-    (:class:`~lightning_diag.core.spikes.SpikeDetector`). All of that stays on the device. Then:
-
-    * When something must be decided before the update (``"skip"`` with an ordinary optimizer, ``"rollback"``,
-      ``"raise"``, or a spike policy other than ``"warn"``), the flags of all ranks are combined with **one
-      all-reduce and one small host read per step**, so every rank takes the same decision (the GradScaler makes
-      the same kind of read every step). The all-reduce is left out when nothing in it can differ between ranks
-      (no input check, no spike detection, no GradScaler).
-    * Otherwise the checks are **deferred**: no host synchronisation on quiet steps. ``"warn"`` keeps each
-      step's four values on the device and judges them, in order, at the next logging step (and at the end of
-      fit). ``"skip"`` with an optimizer whose fused kernel takes a device-side ``found_inf`` (``fused=True``
-      Adam/AdamW/SGD, no GradScaler) withholds a bad update **on the device**, parameters and optimizer state
-      untouched, and does the bookkeeping at the next logging step: the finding, the count, the escalation to
-      ``"raise"`` and the steps WarmupCosine holds arrive up to ``log_every_n_steps`` steps late. A deferred
-      step is not replayed: its finding names the step, the phase its values show (input, loss, gradients,
-      parameters) and the last non-finite gradient, not the module where the value began.
-
-    When a non-finite value is found, NaNGuard replays the step's batches with hooks on every module
-    (:func:`~lightning_diag.core.nan_trace.trace_step`) to say where it **first appeared**: which input tensor,
-    which module's forward output (qualified name and type), the loss, which gradient in the backward pass, or
-    the optimizer update (parameters non-finite). The replay logs nothing, leaves gradients, buffers, optimizer
-    state and RNG states as they were, and only runs on detection. Then the policy applies:
-
-    * ``"warn"``: record the finding (and warn once per code) and let the step happen.
-    * ``"skip"``: a true skip: gradients are set to ``None``, so neither the parameters nor the optimizer state
-      (momentum, Adam's step, weight decay) move; with :class:`~lightning_diag.WarmupCosine` the schedule does
-      not advance. After ``max_consecutive_skips`` consecutive skips (and whenever the parameters themselves are
-      non-finite, which a skip cannot cure) the next one escalates to ``escalate_to``.
-    * ``"rollback"``: restore the model and optimizer state from the last in-memory snapshot (a CPU copy taken
-      every ``snapshot_every_n_steps`` good steps), multiply the learning rates by ``lr_backoff`` (kept by WarmupCosine
-      and by schedulers' ``base_lrs``), and go on with the next batch (the batches since the snapshot are not
-      replayed). After ``max_rollbacks`` rollbacks, the next one raises.
-    * ``"raise"``: stop with :class:`NonFiniteError`, whose message names the step, the phase and the module.
-
-    Under 16-bit AMP with a GradScaler, non-finite *gradients* are the scaler's business (it skips the step and
-    lowers the scale; GradNormMonitor counts those): they are not failures. A non-finite loss, input or
-    parameter still is.
+    In ``on_before_optimizer_step`` NaNGuard checks the step's losses, gradients, input batches and, every
+    ``check_params_every_n_steps`` steps, parameters, and feeds the loss and the gradient norm to spike detectors,
+    all on the device. A step that must be decided before the update costs one all-reduce and one small host read,
+    so every rank decides alike; otherwise the checks wait for the next logging step (no host sync on quiet steps).
+    A non-finite value is traced to where it first appeared (input, module, loss, backward, optimizer update) by a
+    replay of the step, then the policy applies: ``"warn"``; ``"skip"`` (a true skip: parameters, optimizer state
+    and the WarmupCosine schedule do not move); ``"rollback"`` to an in-memory snapshot; ``"raise"``.
 
     Args:
         action: the policy for non-finite values.
@@ -155,11 +123,9 @@ class NaNGuard(DiagCallback):
         check_spikes: run the spike detectors.
         spike_window: the EMA window of the spike statistics, in optimizer steps.
         spike_threshold: a spike is this many standard deviations above the EMA mean...
-        spike_ratio: ...and also this many times the mean (``1.0`` turns this guard off). A value 100x the mean is a
-            spike from the second step on; the short last batch of an epoch is not judged (see
-            :class:`~lightning_diag.core.spikes.SpikeDetector`).
+        spike_ratio: ...and also this many times the mean (``1.0`` turns this guard off).
         spike_warmup_steps: optimizer steps observed before the standard-deviation rule applies.
-        max_consecutive_skips: consecutive skips allowed before escalating.
+        max_consecutive_skips: consecutive skips allowed before escalating (non-finite parameters escalate at once).
         escalate_to: the policy after ``max_consecutive_skips``: ``"rollback"`` or ``"raise"``.
         snapshot_every_n_steps: good optimizer steps between two rollback snapshots (taken only when a rollback can
             happen: a policy or ``escalate_to`` is ``"rollback"``).
@@ -178,20 +144,16 @@ class NaNGuard(DiagCallback):
         ============================  =============================================================
 
     Findings:
-        ``non_finite_input``, ``non_finite_loss`` (phase ``forward`` or ``loss``), ``non_finite_gradients`` (phase
-        ``backward``), ``non_finite_parameters`` (phase ``optimizer``): evidence ``phase``, ``module``,
-        ``module_type``, ``tensor``, ``kind`` (nan/inf), ``action``, ``rank``, ``reproduced``. ``loss_spike`` and
-        ``exploding_gradients`` for spikes, with the value and the running mean/std. A fault the replay does not
-        reproduce (stateful or nondeterministic code, hardware) has ``reproduced = 0``, names no module and says
-        so; under manual optimization (no replay) a NaN loss is attributed to the loss. The action taken is part
-        of the condition: a skip and a later rollback of the same fault are two findings.
+        ``non_finite_input``, ``non_finite_loss``, ``non_finite_gradients``, ``non_finite_parameters``: evidence
+        ``phase``, ``module``, ``module_type``, ``tensor``, ``kind`` (nan/inf), ``action``, ``rank``,
+        ``reproduced``. ``loss_spike`` and ``exploding_gradients`` for spikes, with the value and the running
+        mean/std. The action taken is part of the condition: a skip and a later rollback are two findings.
 
     Raises:
         ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for an unknown
-            action, a negative window/threshold, ``max_consecutive_skips < 1``, ``snapshot_every_n_steps < 1``,
-            ``lr_backoff`` outside ``(0, 1]``, a non-bool flag, or a setting the chosen policies never use (spike
-            settings with ``check_spikes=False``, skip settings when nothing is skipped, rollback settings when
-            no rollback can happen).
+            action, a negative window/threshold, ``max_consecutive_skips``, ``snapshot_every_n_steps`` or
+            ``max_rollbacks`` below 1, ``lr_backoff`` outside ``(0, 1]``, a non-bool flag, or a setting the chosen
+            policies never use (spike settings with ``check_spikes=False``, skip or rollback settings no policy reads).
         NonFiniteError: during fit, when the policy (or an escalation) is ``"raise"``.
 
     Example:
@@ -200,16 +162,10 @@ class NaNGuard(DiagCallback):
         >>> trainer = pl.Trainer(callbacks=[NaNGuard(action="rollback", snapshot_every_n_steps=200, lr_backoff=0.5)])
 
     Note:
-        With ``check_spikes=True`` NaNGuard owns ``exploding_gradients`` spikes of the total norm: a
-        GradNormMonitor in the same run logs the norms and leaves those findings to it. Rollback memory: one CPU copy of the parameters and buffers plus the optimizer state (about 3x the
-        parameter bytes with Adam). The snapshot travels in checkpoints (the same bytes again in the checkpoint file),
-        so a run resumed at any step, also between a rollback and the next snapshot, rolls back to the same weights
-        and holds the same schedule steps as the run that saved it; a sharded (FSDP2) model's snapshot stays out
-        of the checkpoint and a resumed run takes a fresh one when training starts. Unlike ``Trainer(detect_anomaly=True)``, which
-        runs autograd's anomaly mode on every step, NaNGuard pays for the localisation only on the step that needs
-        it. The replay re-runs ``training_step`` (with ``self.log`` silenced): other side effects there (appending
-        to a list, counters) happen once more on a replayed step. Manual optimization: detection and the policies
-        work; the replay needs automatic optimization.
+        Under 16-bit AMP a GradScaler's overflowing gradients are not failures (the scaler skips the step). The
+        replay re-runs ``training_step``: side effects there other than ``self.log`` happen once more. Deferred
+        steps, localisation, the policies, rollback memory and checkpoints, manual optimization:
+        <https://lightning-diag.readthedocs.io/callbacks/nan-guard/>.
     """
 
     renamed_arguments: ClassVar[dict[str, str]] = {
