@@ -118,7 +118,7 @@ class HangWatchdog(DiagCallback):
     Note:
         How budgets are learned, what a dump holds, the straggler and outlier rules, ``action="raise"``'s limits
         (a C call that never returns to Python raises only when it returns) and faulthandler's one timer per process
-        are on the HangWatchdog page: https://lightning-diag.readthedocs.io/callbacks/hang-watchdog/.
+        are on the HangWatchdog page: <https://lightning-diag.readthedocs.io/callbacks/hang-watchdog/>.
         Budgets are not checkpointed: a resumed run learns them again.
     """
 
