@@ -9,10 +9,7 @@ policy and the words of the findings), acts, records and logs. Where a non-finit
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import warnings
-from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -35,12 +32,11 @@ from lightning_diag.callbacks import _compat
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import StepContext, run_context, step_context
 from lightning_diag.callbacks._deferred import DeferredQueue
+from lightning_diag.callbacks._nan_reads import confirm_params, localise, read_row, step_row
 from lightning_diag.core.consequences import POLICY
-from lightning_diag.core.grad_stats import max_abs, tensor_norms, total_from_norms
 from lightning_diag.core.guard import (
     ACTIONS,
     Action,
-    BadStep,
     Decision,
     GuardPolicy,
     Origin,
@@ -48,11 +44,14 @@ from lightning_diag.core.guard import (
     StepJudge,
     StepWindow,
     back_off_lr,
+    bad_step,
     crashed_on_input_verdict,
-    escalation,
+    never_rolls_back,
+    never_skips,
+    no_rollback_text,
+    no_skip_text,
     step_verdicts,
 )
-from lightning_diag.core.nan_trace import choose_origin, deferred_origin, first_non_finite, locate
 from lightning_diag.core.snapshot import Snapshot
 from lightning_diag.core.spikes import DEFAULT_SPIKE_RATIO
 from lightning_diag.core.verdict import Verdict
@@ -60,25 +59,11 @@ from lightning_diag.errors import LightningDiagWarning, NonFiniteError
 
 __all__ = ["NaNGuard", "NonFiniteError"]
 
-#: Localisations per fit; after that, findings rely on the flags (a run left broken under "warn" stays cheap).
+#: Localisations (replays) per fit; after that, findings rely on the flags (a run left broken under "warn" stays cheap).
 MAX_TRACES = 20
 
 
-def _policies(given: Mapping[str, Any]) -> set[str]:
-    return {given["action"]} | ({given["spike_action"]} if given["check_spikes"] else set())
-
-
-def _policies_text(given: Mapping[str, Any]) -> str:
-    names = ("action", "spike_action") if given["check_spikes"] else ("action",)
-    return " and ".join(f"`{n}={given[n]!r}`" for n in names)
-
-
-def _no_rollback_text(given: Mapping[str, Any]) -> str:
-    escalate = f" and `escalate_to={given['escalate_to']!r}`" if "skip" in _policies(given) else ""
-    return f"{_policies_text(given)}{escalate} (no rollback can happen)"
-
-
-#: Settings the chosen policies never read (``_validation.check_unused``).
+#: Settings the chosen policies never read (``_validation.check_unused``; the rules and words are core.guard's).
 _UNUSED = (
     Unused(
         ("spike_action", "spike_threshold", "spike_ratio", "spike_window", "spike_warmup_steps"),
@@ -86,18 +71,11 @@ _UNUSED = (
         "`check_spikes=False`",
         "set `check_spikes=True`",
     ),
-    Unused(
-        ("max_consecutive_skips", "escalate_to"),
-        lambda a: "skip" not in _policies(a),
-        lambda a: f"{_policies_text(a)} (nothing is ever skipped)",
-        "use `action='skip'`",
-    ),
+    Unused(("max_consecutive_skips", "escalate_to"), never_skips, no_skip_text, "use `action='skip'`"),
     Unused(
         ("snapshot_every_n_steps", "max_rollbacks", "lr_backoff"),
-        lambda a: (
-            "rollback" not in _policies(a) and not ("skip" in _policies(a) and a["escalate_to"] == "rollback")
-        ),
-        _no_rollback_text,
+        never_rolls_back,
+        no_rollback_text,
         "use `action='rollback'` or `escalate_to='rollback'`",
     ),
 )
@@ -230,13 +208,8 @@ class NaNGuard(DiagCallback):
         self.policy = GuardPolicy(
             action, spike_action, max_consecutive_skips, escalate_to, snapshot_every_n_steps, max_rollbacks
         )
-        self.judge = StepJudge(
-            spike_window,
-            self.spike_threshold,
-            self.spike_ratio,
-            spike_warmup_steps,
-            check_spikes=check_spikes,
-        )
+        spike_settings = (spike_window, self.spike_threshold, self.spike_ratio, spike_warmup_steps)
+        self.judge = StepJudge(*spike_settings, check_spikes=check_spikes)
         self._reset_state()
 
     @property
@@ -314,7 +287,9 @@ class NaNGuard(DiagCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = step_context(trainer, pl_module, optimizer)
-        values = self._gather(trainer, pl_module, optimizer, step)
+        every = self.check_params_every_n_steps
+        check_params = self.policy.snapshot_due or (every > 0 and trainer.global_step % every == 0)
+        values = step_row(trainer, pl_module, optimizer, step, self._window, check_params=check_params)
         if self._deferral(trainer, optimizer) is not None:
             self._defer(trainer, pl_module, optimizer, step, values)
         else:
@@ -336,108 +311,31 @@ class NaNGuard(DiagCallback):
     ) -> None:
         """The synchronous path: one small read per step, the decision before the update, localisation by replay."""
         window = self._window
-        row, ranks = self._read(trainer, values)
+        rank_local = self.check_inputs or self.check_spikes or self._scaled(trainer)
+        row, ranks = read_row(trainer, values, rank_local=rank_local)
+        has_loss, scaled = window.loss is not None, self._scaled(trainer)
         flags, host = self.judge.judge(
-            row,
-            ranks=ranks,
-            scaled=self._scaled(trainer),
-            has_loss=window.loss is not None,
-            samples=window.samples,
+            row, ranks=ranks, scaled=scaled, has_loss=has_loss, samples=window.samples
         )
-        if window.loss is not None:
+        if has_loss:
             run_context(trainer).record_loss(trainer.global_step, host["loss"])
-        if flags.params and not self._confirm_params(trainer, pl_module, optimizer):
+        if flags.params and not confirm_params(trainer, pl_module, optimizer):
             flags = dataclasses.replace(flags, params=False)  # finite, only their float32 norm overflowed
         origin = Origin()
-        if flags.non_finite:
-            origin = self._locate(trainer, pl_module, optimizer, step, flags)
-            if origin.trace is not None and origin.trace.phase == "optimizer":
-                flags = dataclasses.replace(flags, params=True)
-            if origin.trace is None and flags.grads and not (flags.loss or flags.input or flags.params):
-                flags, origin = self._norm_overflow(trainer, step, flags, origin)
+        if flags.non_finite:  # where it began (a replay, once per fit up to MAX_TRACES)
+            trace = self.check_origin and self.traces < MAX_TRACES
+            self.traces += int(trace)
+            replay = self.check_origin and pl_module.automatic_optimization
+            flags, origin = localise(
+                trainer, pl_module, optimizer, step, window, flags, trace=trace, replay=replay
+            )
         at = (trainer.global_step, trainer.current_epoch, window.batch_idx)
         if self._conclude(trainer, pl_module, flags, host, origin, at, optimizer).withholds_update:
             step.skipped = True
 
-    def _gather(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, step: StepContext
-    ) -> torch.Tensor:
-        """``[input sum, parameter norm, loss, gradient norm]`` of the step, a device vector (no sync)."""
-        stats = step.grad_stats()  # shared, pre-clip
-        device = stats.total_norm.device
-        every = self.check_params_every_n_steps
-        params_norm = None
-        if self.policy.snapshot_due or (every > 0 and trainer.global_step % every == 0):
-            # The L2 norm is non-finite when a parameter is (and ~8x cheaper than the max norm on CPU); the rare
-            # finite parameters whose norm overflows float32 are told apart on detection (_confirm_params).
-            found = run_context(trainer).param_set(pl_module, optimizer)
-            params_norm = total_from_norms(tensor_norms([p.detach() for p in found.params]))
-        return self._window.row(params_norm, stats.total_norm if stats.norms.numel() else None, device)
-
     def _scaled(self, trainer: pl.Trainer) -> bool:
         """A GradScaler handles overflowing gradients in this run (they are its business, not failures)."""
         return _lightning.amp_scaler(trainer) is not None
-
-    def _read(self, trainer: pl.Trainer, values: torch.Tensor) -> tuple[list[float], int]:
-        """One all-reduce (sum: a non-finite value anywhere stays non-finite) and one host read; returns the values
-        and the number of ranks they are summed over. The all-reduce is left out when nothing in the values can
-        differ between ranks: no input check, no spike detection, no GradScaler (under DDP the reduced gradients
-        already carry a NaN from any rank, and a rank's NaN loss makes them NaN).
-        """
-        rank_local = self.check_inputs or self.check_spikes or self._scaled(trainer)
-        if not _distributed.is_distributed(trainer) or not rank_local:
-            return values.tolist(), 1
-        return _distributed.reduce(trainer, values, "sum").tolist(), int(trainer.world_size)
-
-    def _confirm_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> bool:
-        """Whether a parameter is really non-finite (its L2 norm alone can overflow): the max norm, on detection."""
-        found = run_context(trainer).param_set(pl_module, optimizer)
-        peaks = max_abs(found.params)
-        peak = peaks.max() if peaks.numel() else torch.zeros(())
-        return not math.isfinite(float(_distributed.reduce(trainer, peak.reshape(1), "max")[0]))
-
-    def _norm_overflow(
-        self, trainer: pl.Trainer, step: StepContext, flags: StepFlags, origin: Origin
-    ) -> tuple[StepFlags, Origin]:
-        """Finite gradients whose norm overflows float32 are exploding, not NaN: flag them so."""
-        if not step.grads:
-            return flags, origin
-        peaks = _distributed.reduce(trainer, max_abs(step.grads), "max").tolist()
-        if not all(math.isfinite(v) for v in peaks):
-            return flags, origin  # really non-finite somewhere: the usual path
-        worst = max(range(len(peaks)), key=peaks.__getitem__)
-        return StepFlags(norm_overflow=True), dataclasses.replace(
-            origin, overflow=(peaks[worst], step.names[worst])
-        )
-
-    def _locate(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        optimizer: Any,
-        step: StepContext,
-        flags: StepFlags,
-    ) -> Origin:
-        """Where the first non-finite value appeared: this rank's answer, then the first informative one of all."""
-        replayed = self.check_origin and pl_module.automatic_optimization
-        if not self.check_origin or self.traces >= MAX_TRACES:
-            return Origin(replayed=replayed)
-        self.traces += 1
-        found = run_context(trainer).param_set(pl_module, optimizer)
-        replay = functools.partial(_lightning.replay_training_step, trainer, pl_module) if replayed else None
-        mine = locate(
-            pl_module,
-            found.names,
-            found.params,
-            self._window.batches,
-            (lambda batch, i: functools.partial(replay, batch, i)) if replay is not None else None,
-            (step.names, step.grads),
-            input_bad=flags.input,
-            loss_bad=flags.loss,
-            grad_bad=flags.grads,
-        )
-        trace, reproduced, rank = choose_origin(_distributed.gather_objects(trainer, mine))
-        return Origin(trace, reproduced, rank, replayed)
 
     # -- deferred: no host read on quiet steps ----------------------------------------------------------------
     def _deferral(self, trainer: pl.Trainer, optimizer: Any) -> str | None:
@@ -461,14 +359,7 @@ class NaNGuard(DiagCallback):
             values = _distributed.reduce(trainer, values, "sum")
             _lightning.set_found_inf(optimizer, (~torch.isfinite(values).all()).float())  # skipped on 1
             self._found_inf_on = optimizer
-        window = self._window
-        info = {
-            "epoch": int(trainer.current_epoch),
-            "has_loss": window.loss is not None,
-            "samples": window.samples,
-            "names": list(step.names),
-            "batch_idx": window.batch_idx,
-        }
+        info = self._window.info(trainer.current_epoch, step.names)
         full = self._queue.add(
             trainer.global_step, values, reduced=reduced, info=info, kept={"norms": step.grad_stats().norms}
         )
@@ -481,25 +372,20 @@ class NaNGuard(DiagCallback):
         ranks, scaled = max(int(getattr(trainer, "world_size", 1)), 1), self._scaled(trainer)
         for entry in entries:
             info, norms = entry.info, entry.kept["norms"]
-            has_grads = norms.numel() > 0
+            has_loss, has_grads = info["has_loss"], norms.numel() > 0
             flags, host = self.judge.judge(
                 entry.host,
                 ranks=ranks,
                 scaled=scaled,
-                has_loss=info["has_loss"],
+                has_loss=has_loss,
                 has_grads=has_grads,
                 samples=info["samples"],
             )
-            if info["has_loss"]:
+            if has_loss:
                 run_context(trainer).record_loss(entry.step, host["loss"])
-            origin = Origin()
-            if flags.non_finite:
-                values = norms.tolist() if flags.grads else []  # a host read, on detection only
-                names = info["names"]
-                seen = deferred_origin(
-                    pl_module, names, values, flags.input, flags.loss, flags.grads, flags.params
-                )
-                origin = Origin(seen=seen)
+            origin = (
+                Origin.of_deferred(pl_module, info["names"], norms, flags) if flags.non_finite else Origin()
+            )
             at = (entry.step, info["epoch"], info["batch_idx"])
             self._conclude(trainer, pl_module, flags, host, origin, at, deferred=True)
 
@@ -521,15 +407,13 @@ class NaNGuard(DiagCallback):
     ) -> None:
         # A forward that raises on NaN data never reaches on_before_optimizer_step: the batch is still here.
         if self.check_inputs and not isinstance(exception, (NonFiniteError, KeyboardInterrupt)):
-            for batch, _ in self._window.batches:
-                bad = first_non_finite(batch)
-                if bad is not None:
-                    error = f"{type(exception).__name__}: {str(exception)[:200]}"
-                    verdict, key = crashed_on_input_verdict(
-                        trainer.global_step, trainer.current_epoch, *bad, error
-                    )
-                    self.record(trainer, verdict, key=key)
-                    break
+            bad = self._window.first_non_finite()
+            if bad is not None:
+                error = f"{type(exception).__name__}: {str(exception)[:200]}"
+                verdict, key = crashed_on_input_verdict(
+                    trainer.global_step, trainer.current_epoch, *bad, error
+                )
+                self.record(trainer, verdict, key=key)
         super().on_exception(trainer, pl_module, exception)
 
     # -- record -> act ----------------------------------------------------------------------------------------
@@ -546,40 +430,21 @@ class NaNGuard(DiagCallback):
         deferred: bool = False,
     ) -> Decision:
         """Decide on a judged step (``at``: its step, epoch and batch indices), then record and act on it."""
-        step, epoch, batch_idx = at
-        decision = self.policy.update(flags, step)
+        decision = self.policy.update(flags, at[0])
         if decision.snapshot_due:
-            self._snapshot = Snapshot(pl_module, trainer.optimizers, step)
+            self._snapshot = Snapshot(pl_module, trainer.optimizers, at[0])
         if decision.action is None:
             return decision
         snapshot = self._snapshot.step if self._snapshot is not None else None
-        policy = self.policy
-        why = escalation(
-            decision, skips=policy.consecutive_skips, rollbacks=policy.rollbacks, lr_backoff=self.lr_backoff
-        )
-        bad = BadStep(int(step), int(epoch), decision.action, snapshot, batch_idx, deferred, why)
-        verdict = self._record(trainer, pl_module, bad, decision, flags, values, origin)
-        self._act(trainer, pl_module, decision, verdict, None if deferred else optimizer)
-        return decision
-
-    def _record(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        bad: BadStep,
-        decision: Decision,
-        flags: StepFlags,
-        values: dict[str, float],
-        origin: Origin,
-    ) -> Verdict:
-        """Record the finding(s) of a bad step (their words are core's); returns the main one."""
+        bad = bad_step(decision, self.policy, at, snapshot, deferred=deferred, lr_backoff=self.lr_backoff)
         half = str(getattr(trainer.precision_plugin, "precision", "")).startswith("16")
         found = step_verdicts(
             bad, decision, flags, values, self.judge, origin, model=pl_module, half_precision=half
         )
-        for verdict, key in found:
+        for verdict, key in found:  # their words are core's; the first is the main one
             self.record(trainer, verdict, key=key, step=bad.step, epoch=bad.epoch)
-        return found[0][0]
+        self._act(trainer, pl_module, decision, found[0][0], None if deferred else optimizer)
+        return decision
 
     def _act(
         self,
@@ -609,31 +474,18 @@ class NaNGuard(DiagCallback):
             self._snapshot.restore(pl_module, trainer.optimizers)
             if self.lr_backoff != 1.0:
                 context.scale_lr(self.lr_backoff)
-                back_off_lr(
-                    trainer.optimizers, [c.scheduler for c in trainer.lr_scheduler_configs], self.lr_backoff
-                )
+                schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
+                back_off_lr(trainer.optimizers, schedulers, self.lr_backoff)
 
     def report_series(self) -> dict[str, Any]:
         """What NaNGuard did, for the HTML report (rollbacks mark their LR back-off on the schedule)."""
-        if not (self.skipped_steps or self.rollbacks):
-            return {}
-        return {
-            "nan_guard": {
-                "skipped_steps": self.skipped_steps,
-                "rollbacks": self.rollbacks,
-                "lr_backoff": self.lr_backoff,
-            }
-        }
+        return self.policy.report_series(self.lr_backoff)
 
     # -- state ----------------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            **self.policy.state_dict(),
-            "traces": self.traces,
-            **self.judge.state_dict(),
-            "findings": self._findings_state(),
-        }
+        state: dict[str, Any] = {**self.policy.state_dict(), "traces": self.traces, **self.judge.state_dict()}
+        state["findings"] = self._findings_state()
         if self._queue:  # deferred steps not judged yet: saved raw, so a resumed run judges them alike
             state["queue"] = self._queue.state_dict()
         if self._snapshot is not None and self.rollback_possible and not self._snapshot.sharded:
