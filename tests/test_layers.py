@@ -2,7 +2,7 @@
 
 * ``core/`` is pure torch + stdlib: it imports neither Lightning nor any lightning_diag module outside ``core/``.
 * A callback module imports no other callback module (only private helpers: the shared ``_base``, ``_context``,
-  ``_deferred``, ``_compat``, or one callback's own machinery such as ``_hang_monitor``): what callbacks share
+  ``_deferred``, ``_compat``, or one callback's own machinery such as ``_hang_watch``): what callbacks share
   travels through the run context.
 * No ``Verdict(`` is built in a callback module except ``DiagCallback.decline``: a rule and the words of its
   finding live in the callback's core partner.
@@ -80,7 +80,7 @@ def test_a_callback_imports_no_other_callback(path: pathlib.Path) -> None:
     }
     others = {
         m for m in others if not m.startswith("_")
-    }  # private helpers (_base, _deferred, _hang_monitor...)
+    }  # private helpers (_base, _deferred, _hang_watch...)
     others -= {path.stem}
     assert not others, f"{_rel(path)} imports the callback module(s) {sorted(others)}"
     from_package = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import weakref
@@ -25,9 +26,11 @@ from lightning_diag._validation import (
     check_range,
     check_unused,
 )
-from lightning_diag.callbacks import _hang_monitor as monitor
 from lightning_diag.callbacks._base import DiagCallback, run_report
+from lightning_diag.callbacks._hang_readings import StepTimer
+from lightning_diag.callbacks._hang_watch import Heartbeat, RaiseOnHang, Watch, poll_seconds
 from lightning_diag.core.hangs import (
+    FOREIGN_TIMER,
     BudgetSettings,
     HangEvent,
     PhaseBudgets,
@@ -56,26 +59,17 @@ _UNUSED = (
 class HangWatchdog(DiagCallback):
     """Notice a training run that stopped moving, dump every thread's stack, and say where, on which rank and why.
 
-    Every hook of the fit is a heartbeat naming the phase the run enters: start-up, waiting for data, training step
-    (forward and loss), backward, optimizer step, validation, checkpoint save, end of epoch, teardown (about a
-    microsecond, no host sync). A phase that outlasts its budget is a hang. Budgets are learned per phase (``safety_factor`` x the longest
-    interval seen, clamped to ``[min_timeout_s, max_timeout_s]``), are ``first_step_timeout_s`` until the first
-    training batch completed and for a phase not seen yet, or are set by ``step_timeout_s``,
-    ``validation_timeout_s``, ``checkpoint_timeout_s``.
-
-    A watchdog thread (it runs whenever the training thread releases the GIL) then writes every thread's stack to
-    ``<log dir>/hang_rank<r>.txt``, records ``training_hang`` and, on global rank 0, writes ``diagnosis.json`` with
-    ``status: "hung"`` while the run is still stuck. For a C call that holds the GIL, faulthandler's C timer
-    (``faulthandler.dump_traceback_later``) writes the dump instead, and the thread reports it once it runs again
-    (:mod:`lightning_diag.callbacks._hang_monitor` has the mechanism). Under DDP every rank writes
-    ``heartbeat_rank<r>.json`` next to rank 0's report, so the rank that fires names the rank that is behind without a
-    collective; one collective at the start of training compares the ranks' numbers of batches, one small all-gather
-    per logging step their data waits and forward times.
+    Every hook of the fit is a heartbeat naming the phase the run enters (waiting for data, training step, backward,
+    optimizer step, validation, checkpoint save, ...): about a microsecond, no host sync. A phase that outlasts its
+    budget is a hang: a watchdog thread writes every thread's stack to ``<log dir>/hang_rank<r>.txt``, records
+    ``training_hang`` and, on global rank 0, writes ``diagnosis.json`` with ``status: "hung"`` while the run is
+    still stuck (faulthandler's C timer writes the dump when a C call holds the GIL). Under DDP the ranks' heartbeat
+    files name the rank that is behind, without a collective.
 
     Args:
         action: ``"warn"``: record, dump and report, and let the run go on (if it ever does). ``"raise"``: also raise
             :class:`~lightning_diag.TrainingHangError` in the training thread if it is still stuck after a second
-            budget (see the notes for its limits).
+            budget.
         safety_factor: a learned budget is this multiple of the longest interval seen in its phase.
         min_timeout_s: the smallest learned budget (absorbs a loaded machine's pauses in short phases).
         max_timeout_s: the largest learned budget.
@@ -102,15 +96,12 @@ class HangWatchdog(DiagCallback):
         ================================  ==============================================================
 
     Findings:
-        ``training_hang`` (error while stuck, warning once the run resumed): the phase, the step, the seconds waited
-        and the budget with its rule, the training thread's innermost frame and the innermost frame of your own code,
-        the dump file, who wrote it (the watchdog thread or faulthandler's timer), under DDP the rank that is behind
-        and every rank's position, while waiting for data the DataLoader worker pids. ``uneven_batches`` (error, or a
-        warning when ``max_steps`` ends training first). ``straggler`` (info after 2 consecutive checks, warning after
-        ``patience``): the rank, the cause (``"input"``, ``"compute"`` or both) and the share of each step lost.
-        ``step_time_outlier`` (info, after 100 steps, at least 5 outliers). ``declined`` (info): a faulthandler
-        timer armed by other code (it is left alone, the watchdog thread still works); ``action="raise"``
-        unavailable (fit not in the main thread, SIGUSR2 taken).
+        ``training_hang`` (error while stuck, warning once the run resumed): the phase, the step, the seconds waited,
+        the budget and its rule, the innermost frames (the training thread's and your code's), the dump file, under
+        DDP the rank that is behind. ``uneven_batches`` (error, a warning when ``max_steps`` ends training first).
+        ``straggler`` (info, a warning after ``patience``): the rank, the cause and the share of each step lost.
+        ``step_time_outlier`` (info). ``declined`` (info): a faulthandler timer armed by other code (left alone),
+        or ``action="raise"`` unavailable (fit not in the main thread, SIGUSR2 taken).
 
     Raises:
         ValueError: (``ArgumentError``) at construction for an unknown ``action``, a non-positive budget,
@@ -125,13 +116,10 @@ class HangWatchdog(DiagCallback):
         >>> trainer = pl.Trainer(callbacks=[HangWatchdog(min_timeout_s=60.0, checkpoint_timeout_s=900.0)])
 
     Note:
-        ``action="raise"`` installs a ``SIGUSR2`` handler (declined when fit is not in the main thread or SIGUSR2 is
-        taken) and signals the main thread: a sleep, lock or queue wait is interrupted at once, a C call that does not
-        return to Python (a collective in C++, a GIL-holding call) raises when it returns; under DDP the other ranks
-        then fail in their next collective. faulthandler has one timer per process: a timer armed by other code
-        (pytest's ``faulthandler_timeout``) is never displaced; the watch runs without it. If rank 0 holds the GIL
-        forever, only its dump appears; the other ranks' dumps and heartbeat files still name it. Under FSDP the
-        forward holds collectives too: only input stragglers are reliable there. Budgets are not checkpointed.
+        How budgets are learned, what a dump holds, the straggler and outlier rules, ``action="raise"``'s limits
+        (a C call that never returns to Python raises only when it returns) and faulthandler's one timer per process
+        are on the HangWatchdog page: <https://lightning-diag.readthedocs.io/callbacks/hang-watchdog/>.
+        Budgets are not checkpointed: a resumed run learns them again.
     """
 
     def __init__(
@@ -201,14 +189,14 @@ class HangWatchdog(DiagCallback):
         self._reset_state()
 
     def _reset_state(self) -> None:
-        self._watch: monitor.Watch | None = None
-        self._raiser = monitor.RaiseOnHang()
+        self._watch: Watch | None = None
+        self._raiser = RaiseOnHang()
         self._raise_tried = False
         self._trainer_ref: Any = None
         self._budgets = PhaseBudgets(self._settings)
         self._outliers = StepOutliers()
         self._straggler = StragglerRule(self.straggler_threshold, self.patience)
-        self._timer = monitor.StepTimer(self._outliers if self.check_step_time else None, False)
+        self._timer = StepTimer(self._outliers if self.check_step_time else None, False)
         self._collectives = False
         self._directory = ""
         self._last_logged = -1
@@ -217,16 +205,8 @@ class HangWatchdog(DiagCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            action=self.action,
-            safety_factor=self.safety_factor,
-            min_timeout_s=self.min_timeout_s,
-            max_timeout_s=self.max_timeout_s,
-            first_step_timeout_s=self.first_step_timeout_s,
-            step_timeout_s=self.step_timeout_s,
-            validation_timeout_s=self.validation_timeout_s,
-            checkpoint_timeout_s=self.checkpoint_timeout_s,
-        )
+        # action, then the budget arguments in signature order (the key of checkpoints written before)
+        return self._generate_state_key(action=self.action, **dataclasses.asdict(self._settings))
 
     # -- start and stop -------------------------------------------------------------------------------------
     @override
@@ -241,12 +221,12 @@ class HangWatchdog(DiagCallback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        watch = monitor.Watch(
+        watch = Watch(
             self._budgets,
             directory=self._directory,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
-            poll_s=monitor.poll_seconds(self._smallest_budget()),
+            poll_s=poll_seconds(self._settings.smallest_s),
             on_hang=self._on_hang,
             on_resumed=self._on_resumed,
             on_second_timeout=self._on_second_timeout if self.action == "raise" else None,
@@ -264,12 +244,8 @@ class HangWatchdog(DiagCallback):
         # "held": another HangWatchdog's watch has the timer; its dump covers this process's threads too.
         self._watch, self._trainer_ref = watch, weakref.ref(trainer)
         if timer == "foreign":
-            self.decline(trainer, _FOREIGN_TIMER, "faulthandler_timer")
+            self.decline(trainer, FOREIGN_TIMER, "faulthandler_timer")
         self._timer.install()
-
-    def _smallest_budget(self) -> float:
-        given = (self.step_timeout_s, self.validation_timeout_s, self.checkpoint_timeout_s)
-        return min(self.min_timeout_s, self.first_step_timeout_s, *(g for g in given if g is not None))
 
     def _stop(self) -> None:
         if self._watch is not None:
@@ -466,7 +442,7 @@ class HangWatchdog(DiagCallback):
     # -- what the watchdog thread reports -------------------------------------------------------------------
     def _on_hang(
         self,
-        hb: monitor.Heartbeat,
+        hb: Heartbeat,
         waited: float,
         detected_by: str,
         frames: list[tuple[str, int, str, str]],
@@ -487,7 +463,7 @@ class HangWatchdog(DiagCallback):
         sys.stderr.write(f"lightning_diag HangWatchdog (rank {watch.rank}): {verdict.message}{where}\n")
         sys.stderr.flush()
 
-    def _on_resumed(self, hb: monitor.Heartbeat, after_s: float) -> None:
+    def _on_resumed(self, hb: Heartbeat, after_s: float) -> None:
         """Called from the training thread at the first heartbeat after a reported hang."""
         self._raiser.withdraw()
         entry = self._events.pop(hb.beat, None)
@@ -500,9 +476,9 @@ class HangWatchdog(DiagCallback):
         """Other code armed or cancelled faulthandler's timer during the fit: it is theirs; say so once."""
         trainer = self._trainer_ref() if self._trainer_ref is not None else None
         if trainer is not None:
-            self.decline(trainer, _FOREIGN_TIMER, "faulthandler_timer")
+            self.decline(trainer, FOREIGN_TIMER, "faulthandler_timer")
 
-    def _on_second_timeout(self, hb: monitor.Heartbeat, waited: float) -> None:
+    def _on_second_timeout(self, hb: Heartbeat, waited: float) -> None:
         dump = self._watch.dump_path if self._watch is not None else "?"
         self._raiser.fire(hang_error_message(hb.phase, hb.step, waited, hb.budget, dump))
 
@@ -522,10 +498,3 @@ def _update(finding: Finding, verdict: Verdict) -> None:
     finding.message = verdict.message
     finding.evidence = dict(verdict.evidence)
     finding.advice = list(verdict.advice)
-
-
-_FOREIGN_TIMER = (
-    "HangWatchdog: a faulthandler timer armed by other code (e.g. pytest's `faulthandler_timeout`) is active; a "
-    "process has only one, and HangWatchdog leaves it alone. Hangs are still reported by its watchdog thread, but a "
-    "hang inside a C call that holds the GIL leaves no stack dump."
-)

@@ -9,10 +9,7 @@ policy and the words of the findings), acts, records and logs. Where a non-finit
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import warnings
-from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -35,12 +32,11 @@ from lightning_diag.callbacks import _compat
 from lightning_diag.callbacks._base import DiagCallback
 from lightning_diag.callbacks._context import StepContext, run_context, step_context
 from lightning_diag.callbacks._deferred import DeferredQueue
+from lightning_diag.callbacks._nan_reads import confirm_params, localise, read_row, step_row
 from lightning_diag.core.consequences import POLICY
-from lightning_diag.core.grad_stats import max_abs, tensor_norms, total_from_norms
 from lightning_diag.core.guard import (
     ACTIONS,
     Action,
-    BadStep,
     Decision,
     GuardPolicy,
     Origin,
@@ -48,11 +44,14 @@ from lightning_diag.core.guard import (
     StepJudge,
     StepWindow,
     back_off_lr,
+    bad_step,
     crashed_on_input_verdict,
-    escalation,
+    never_rolls_back,
+    never_skips,
+    no_rollback_text,
+    no_skip_text,
     step_verdicts,
 )
-from lightning_diag.core.nan_trace import choose_origin, deferred_origin, first_non_finite, locate
 from lightning_diag.core.snapshot import Snapshot
 from lightning_diag.core.spikes import DEFAULT_SPIKE_RATIO
 from lightning_diag.core.verdict import Verdict
@@ -60,25 +59,11 @@ from lightning_diag.errors import LightningDiagWarning, NonFiniteError
 
 __all__ = ["NaNGuard", "NonFiniteError"]
 
-#: Localisations per fit; after that, findings rely on the flags (a run left broken under "warn" stays cheap).
+#: Localisations (replays) per fit; after that, findings rely on the flags (a run left broken under "warn" stays cheap).
 MAX_TRACES = 20
 
 
-def _policies(given: Mapping[str, Any]) -> set[str]:
-    return {given["action"]} | ({given["spike_action"]} if given["check_spikes"] else set())
-
-
-def _policies_text(given: Mapping[str, Any]) -> str:
-    names = ("action", "spike_action") if given["check_spikes"] else ("action",)
-    return " and ".join(f"`{n}={given[n]!r}`" for n in names)
-
-
-def _no_rollback_text(given: Mapping[str, Any]) -> str:
-    escalate = f" and `escalate_to={given['escalate_to']!r}`" if "skip" in _policies(given) else ""
-    return f"{_policies_text(given)}{escalate} (no rollback can happen)"
-
-
-#: Settings the chosen policies never read (``_validation.check_unused``).
+#: Settings the chosen policies never read (``_validation.check_unused``; the rules and words are core.guard's).
 _UNUSED = (
     Unused(
         ("spike_action", "spike_threshold", "spike_ratio", "spike_window", "spike_warmup_steps"),
@@ -86,18 +71,11 @@ _UNUSED = (
         "`check_spikes=False`",
         "set `check_spikes=True`",
     ),
-    Unused(
-        ("max_consecutive_skips", "escalate_to"),
-        lambda a: "skip" not in _policies(a),
-        lambda a: f"{_policies_text(a)} (nothing is ever skipped)",
-        "use `action='skip'`",
-    ),
+    Unused(("max_consecutive_skips", "escalate_to"), never_skips, no_skip_text, "use `action='skip'`"),
     Unused(
         ("snapshot_every_n_steps", "max_rollbacks", "lr_backoff"),
-        lambda a: (
-            "rollback" not in _policies(a) and not ("skip" in _policies(a) and a["escalate_to"] == "rollback")
-        ),
-        _no_rollback_text,
+        never_rolls_back,
+        no_rollback_text,
         "use `action='rollback'` or `escalate_to='rollback'`",
     ),
 )
@@ -106,45 +84,13 @@ _UNUSED = (
 class NaNGuard(DiagCallback):
     """Catch NaN/Inf (and loss/gradient-norm spikes) before the update; say where they began; survive them.
 
-    Every optimizer step, before the update, NaNGuard checks the loss of each micro-batch, the gradients (shared
-    statistics, computed once per step), the float tensors of each input batch and, every ``check_params_every_n_steps``
-    steps, the parameters. It also feeds the loss and the total gradient norm to robust spike detectors
-    (:class:`~lightning_diag.core.spikes.SpikeDetector`). All of that stays on the device. Then:
-
-    * When something must be decided before the update (``"skip"`` with an ordinary optimizer, ``"rollback"``,
-      ``"raise"``, or a spike policy other than ``"warn"``), the flags of all ranks are combined with **one
-      all-reduce and one small host read per step**, so every rank takes the same decision (the GradScaler makes
-      the same kind of read every step). The all-reduce is left out when nothing in it can differ between ranks
-      (no input check, no spike detection, no GradScaler).
-    * Otherwise the checks are **deferred**: no host synchronisation on quiet steps. ``"warn"`` keeps each
-      step's four values on the device and judges them, in order, at the next logging step (and at the end of
-      fit). ``"skip"`` with an optimizer whose fused kernel takes a device-side ``found_inf`` (``fused=True``
-      Adam/AdamW/SGD, no GradScaler) withholds a bad update **on the device**, parameters and optimizer state
-      untouched, and does the bookkeeping at the next logging step: the finding, the count, the escalation to
-      ``"raise"`` and the steps WarmupCosine holds arrive up to ``log_every_n_steps`` steps late. A deferred
-      step is not replayed: its finding names the step, the phase its values show (input, loss, gradients,
-      parameters) and the last non-finite gradient, not the module where the value began.
-
-    When a non-finite value is found, NaNGuard replays the step's batches with hooks on every module
-    (:func:`~lightning_diag.core.nan_trace.trace_step`) to say where it **first appeared**: which input tensor,
-    which module's forward output (qualified name and type), the loss, which gradient in the backward pass, or
-    the optimizer update (parameters non-finite). The replay logs nothing, leaves gradients, buffers, optimizer
-    state and RNG states as they were, and only runs on detection. Then the policy applies:
-
-    * ``"warn"``: record the finding (and warn once per code) and let the step happen.
-    * ``"skip"``: a true skip: gradients are set to ``None``, so neither the parameters nor the optimizer state
-      (momentum, Adam's step, weight decay) move; with :class:`~lightning_diag.WarmupCosine` the schedule does
-      not advance. After ``max_consecutive_skips`` consecutive skips (and whenever the parameters themselves are
-      non-finite, which a skip cannot cure) the next one escalates to ``escalate_to``.
-    * ``"rollback"``: restore the model and optimizer state from the last in-memory snapshot (a CPU copy taken
-      every ``snapshot_every_n_steps`` good steps), multiply the learning rates by ``lr_backoff`` (kept by WarmupCosine
-      and by schedulers' ``base_lrs``), and go on with the next batch (the batches since the snapshot are not
-      replayed). After ``max_rollbacks`` rollbacks, the next one raises.
-    * ``"raise"``: stop with :class:`NonFiniteError`, whose message names the step, the phase and the module.
-
-    Under 16-bit AMP with a GradScaler, non-finite *gradients* are the scaler's business (it skips the step and
-    lowers the scale; GradNormMonitor counts those): they are not failures. A non-finite loss, input or
-    parameter still is.
+    In ``on_before_optimizer_step`` NaNGuard checks the step's losses, gradients, input batches and, every
+    ``check_params_every_n_steps`` steps, parameters, and feeds the loss and the gradient norm to spike detectors,
+    all on the device. A step that must be decided before the update costs one all-reduce and one small host read,
+    so every rank decides alike; otherwise the checks wait for the next logging step (no host sync on quiet steps).
+    A non-finite value is traced to where it first appeared (input, module, loss, backward, optimizer update) by a
+    replay of the step, then the policy applies: ``"warn"``; ``"skip"`` (a true skip: parameters, optimizer state
+    and the WarmupCosine schedule do not move); ``"rollback"`` to an in-memory snapshot; ``"raise"``.
 
     Args:
         action: the policy for non-finite values.
@@ -155,11 +101,9 @@ class NaNGuard(DiagCallback):
         check_spikes: run the spike detectors.
         spike_window: the EMA window of the spike statistics, in optimizer steps.
         spike_threshold: a spike is this many standard deviations above the EMA mean...
-        spike_ratio: ...and also this many times the mean (``1.0`` turns this guard off). A value 100x the mean is a
-            spike from the second step on; the short last batch of an epoch is not judged (see
-            :class:`~lightning_diag.core.spikes.SpikeDetector`).
+        spike_ratio: ...and also this many times the mean (``1.0`` turns this guard off).
         spike_warmup_steps: optimizer steps observed before the standard-deviation rule applies.
-        max_consecutive_skips: consecutive skips allowed before escalating.
+        max_consecutive_skips: consecutive skips allowed before escalating (non-finite parameters escalate at once).
         escalate_to: the policy after ``max_consecutive_skips``: ``"rollback"`` or ``"raise"``.
         snapshot_every_n_steps: good optimizer steps between two rollback snapshots (taken only when a rollback can
             happen: a policy or ``escalate_to`` is ``"rollback"``).
@@ -178,20 +122,16 @@ class NaNGuard(DiagCallback):
         ============================  =============================================================
 
     Findings:
-        ``non_finite_input``, ``non_finite_loss`` (phase ``forward`` or ``loss``), ``non_finite_gradients`` (phase
-        ``backward``), ``non_finite_parameters`` (phase ``optimizer``): evidence ``phase``, ``module``,
-        ``module_type``, ``tensor``, ``kind`` (nan/inf), ``action``, ``rank``, ``reproduced``. ``loss_spike`` and
-        ``exploding_gradients`` for spikes, with the value and the running mean/std. A fault the replay does not
-        reproduce (stateful or nondeterministic code, hardware) has ``reproduced = 0``, names no module and says
-        so; under manual optimization (no replay) a NaN loss is attributed to the loss. The action taken is part
-        of the condition: a skip and a later rollback of the same fault are two findings.
+        ``non_finite_input``, ``non_finite_loss``, ``non_finite_gradients``, ``non_finite_parameters``: evidence
+        ``phase``, ``module``, ``module_type``, ``tensor``, ``kind`` (nan/inf), ``action``, ``rank``,
+        ``reproduced``. ``loss_spike`` and ``exploding_gradients`` for spikes, with the value and the running
+        mean/std. The action taken is part of the condition: a skip and a later rollback are two findings.
 
     Raises:
         ValueError: (``ArgumentError``, also a ``MisconfigurationException``) at construction for an unknown
-            action, a negative window/threshold, ``max_consecutive_skips < 1``, ``snapshot_every_n_steps < 1``,
-            ``lr_backoff`` outside ``(0, 1]``, a non-bool flag, or a setting the chosen policies never use (spike
-            settings with ``check_spikes=False``, skip settings when nothing is skipped, rollback settings when
-            no rollback can happen).
+            action, a negative window/threshold, ``max_consecutive_skips``, ``snapshot_every_n_steps`` or
+            ``max_rollbacks`` below 1, ``lr_backoff`` outside ``(0, 1]``, a non-bool flag, or a setting the chosen
+            policies never use (spike settings with ``check_spikes=False``, skip or rollback settings no policy reads).
         NonFiniteError: during fit, when the policy (or an escalation) is ``"raise"``.
 
     Example:
@@ -200,16 +140,10 @@ class NaNGuard(DiagCallback):
         >>> trainer = pl.Trainer(callbacks=[NaNGuard(action="rollback", snapshot_every_n_steps=200, lr_backoff=0.5)])
 
     Note:
-        With ``check_spikes=True`` NaNGuard owns ``exploding_gradients`` spikes of the total norm: a
-        GradNormMonitor in the same run logs the norms and leaves those findings to it. Rollback memory: one CPU copy of the parameters and buffers plus the optimizer state (about 3x the
-        parameter bytes with Adam). The snapshot travels in checkpoints (the same bytes again in the checkpoint file),
-        so a run resumed at any step, also between a rollback and the next snapshot, rolls back to the same weights
-        and holds the same schedule steps as the run that saved it; a sharded (FSDP2) model's snapshot stays out
-        of the checkpoint and a resumed run takes a fresh one when training starts. Unlike ``Trainer(detect_anomaly=True)``, which
-        runs autograd's anomaly mode on every step, NaNGuard pays for the localisation only on the step that needs
-        it. The replay re-runs ``training_step`` (with ``self.log`` silenced): other side effects there (appending
-        to a list, counters) happen once more on a replayed step. Manual optimization: detection and the policies
-        work; the replay needs automatic optimization.
+        Under 16-bit AMP a GradScaler's overflowing gradients are not failures (the scaler skips the step). The
+        replay re-runs ``training_step``: side effects there other than ``self.log`` happen once more. Deferred
+        steps, localisation, the policies, rollback memory and checkpoints, manual optimization:
+        <https://lightning-diag.readthedocs.io/callbacks/nan-guard/>.
     """
 
     renamed_arguments: ClassVar[dict[str, str]] = {
@@ -274,13 +208,8 @@ class NaNGuard(DiagCallback):
         self.policy = GuardPolicy(
             action, spike_action, max_consecutive_skips, escalate_to, snapshot_every_n_steps, max_rollbacks
         )
-        self.judge = StepJudge(
-            spike_window,
-            self.spike_threshold,
-            self.spike_ratio,
-            spike_warmup_steps,
-            check_spikes=check_spikes,
-        )
+        spike_settings = (spike_window, self.spike_threshold, self.spike_ratio, spike_warmup_steps)
+        self.judge = StepJudge(*spike_settings, check_spikes=check_spikes)
         self._reset_state()
 
     @property
@@ -358,7 +287,9 @@ class NaNGuard(DiagCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         step = step_context(trainer, pl_module, optimizer)
-        values = self._gather(trainer, pl_module, optimizer, step)
+        every = self.check_params_every_n_steps
+        check_params = self.policy.snapshot_due or (every > 0 and trainer.global_step % every == 0)
+        values = step_row(trainer, pl_module, optimizer, step, self._window, check_params=check_params)
         if self._deferral(trainer, optimizer) is not None:
             self._defer(trainer, pl_module, optimizer, step, values)
         else:
@@ -380,108 +311,31 @@ class NaNGuard(DiagCallback):
     ) -> None:
         """The synchronous path: one small read per step, the decision before the update, localisation by replay."""
         window = self._window
-        row, ranks = self._read(trainer, values)
+        rank_local = self.check_inputs or self.check_spikes or self._scaled(trainer)
+        row, ranks = read_row(trainer, values, rank_local=rank_local)
+        has_loss, scaled = window.loss is not None, self._scaled(trainer)
         flags, host = self.judge.judge(
-            row,
-            ranks=ranks,
-            scaled=self._scaled(trainer),
-            has_loss=window.loss is not None,
-            samples=window.samples,
+            row, ranks=ranks, scaled=scaled, has_loss=has_loss, samples=window.samples
         )
-        if window.loss is not None:
+        if has_loss:
             run_context(trainer).record_loss(trainer.global_step, host["loss"])
-        if flags.params and not self._confirm_params(trainer, pl_module, optimizer):
+        if flags.params and not confirm_params(trainer, pl_module, optimizer):
             flags = dataclasses.replace(flags, params=False)  # finite, only their float32 norm overflowed
         origin = Origin()
-        if flags.non_finite:
-            origin = self._locate(trainer, pl_module, optimizer, step, flags)
-            if origin.trace is not None and origin.trace.phase == "optimizer":
-                flags = dataclasses.replace(flags, params=True)
-            if origin.trace is None and flags.grads and not (flags.loss or flags.input or flags.params):
-                flags, origin = self._norm_overflow(trainer, step, flags, origin)
+        if flags.non_finite:  # where it began (a replay, once per fit up to MAX_TRACES)
+            trace = self.check_origin and self.traces < MAX_TRACES
+            self.traces += int(trace)
+            replay = self.check_origin and pl_module.automatic_optimization
+            flags, origin = localise(
+                trainer, pl_module, optimizer, step, window, flags, trace=trace, replay=replay
+            )
         at = (trainer.global_step, trainer.current_epoch, window.batch_idx)
         if self._conclude(trainer, pl_module, flags, host, origin, at, optimizer).withholds_update:
             step.skipped = True
 
-    def _gather(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any, step: StepContext
-    ) -> torch.Tensor:
-        """``[input sum, parameter norm, loss, gradient norm]`` of the step, a device vector (no sync)."""
-        stats = step.grad_stats()  # shared, pre-clip
-        device = stats.total_norm.device
-        every = self.check_params_every_n_steps
-        params_norm = None
-        if self.policy.snapshot_due or (every > 0 and trainer.global_step % every == 0):
-            # The L2 norm is non-finite when a parameter is (and ~8x cheaper than the max norm on CPU); the rare
-            # finite parameters whose norm overflows float32 are told apart on detection (_confirm_params).
-            found = run_context(trainer).param_set(pl_module, optimizer)
-            params_norm = total_from_norms(tensor_norms([p.detach() for p in found.params]))
-        return self._window.row(params_norm, stats.total_norm if stats.norms.numel() else None, device)
-
     def _scaled(self, trainer: pl.Trainer) -> bool:
         """A GradScaler handles overflowing gradients in this run (they are its business, not failures)."""
         return _lightning.amp_scaler(trainer) is not None
-
-    def _read(self, trainer: pl.Trainer, values: torch.Tensor) -> tuple[list[float], int]:
-        """One all-reduce (sum: a non-finite value anywhere stays non-finite) and one host read; returns the values
-        and the number of ranks they are summed over. The all-reduce is left out when nothing in the values can
-        differ between ranks: no input check, no spike detection, no GradScaler (under DDP the reduced gradients
-        already carry a NaN from any rank, and a rank's NaN loss makes them NaN).
-        """
-        rank_local = self.check_inputs or self.check_spikes or self._scaled(trainer)
-        if not _distributed.is_distributed(trainer) or not rank_local:
-            return values.tolist(), 1
-        return _distributed.reduce(trainer, values, "sum").tolist(), int(trainer.world_size)
-
-    def _confirm_params(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> bool:
-        """Whether a parameter is really non-finite (its L2 norm alone can overflow): the max norm, on detection."""
-        found = run_context(trainer).param_set(pl_module, optimizer)
-        peaks = max_abs(found.params)
-        peak = peaks.max() if peaks.numel() else torch.zeros(())
-        return not math.isfinite(float(_distributed.reduce(trainer, peak.reshape(1), "max")[0]))
-
-    def _norm_overflow(
-        self, trainer: pl.Trainer, step: StepContext, flags: StepFlags, origin: Origin
-    ) -> tuple[StepFlags, Origin]:
-        """Finite gradients whose norm overflows float32 are exploding, not NaN: flag them so."""
-        if not step.grads:
-            return flags, origin
-        peaks = _distributed.reduce(trainer, max_abs(step.grads), "max").tolist()
-        if not all(math.isfinite(v) for v in peaks):
-            return flags, origin  # really non-finite somewhere: the usual path
-        worst = max(range(len(peaks)), key=peaks.__getitem__)
-        return StepFlags(norm_overflow=True), dataclasses.replace(
-            origin, overflow=(peaks[worst], step.names[worst])
-        )
-
-    def _locate(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        optimizer: Any,
-        step: StepContext,
-        flags: StepFlags,
-    ) -> Origin:
-        """Where the first non-finite value appeared: this rank's answer, then the first informative one of all."""
-        replayed = self.check_origin and pl_module.automatic_optimization
-        if not self.check_origin or self.traces >= MAX_TRACES:
-            return Origin(replayed=replayed)
-        self.traces += 1
-        found = run_context(trainer).param_set(pl_module, optimizer)
-        replay = functools.partial(_lightning.replay_training_step, trainer, pl_module) if replayed else None
-        mine = locate(
-            pl_module,
-            found.names,
-            found.params,
-            self._window.batches,
-            (lambda batch, i: functools.partial(replay, batch, i)) if replay is not None else None,
-            (step.names, step.grads),
-            input_bad=flags.input,
-            loss_bad=flags.loss,
-            grad_bad=flags.grads,
-        )
-        trace, reproduced, rank = choose_origin(_distributed.gather_objects(trainer, mine))
-        return Origin(trace, reproduced, rank, replayed)
 
     # -- deferred: no host read on quiet steps ----------------------------------------------------------------
     def _deferral(self, trainer: pl.Trainer, optimizer: Any) -> str | None:
@@ -505,14 +359,7 @@ class NaNGuard(DiagCallback):
             values = _distributed.reduce(trainer, values, "sum")
             _lightning.set_found_inf(optimizer, (~torch.isfinite(values).all()).float())  # skipped on 1
             self._found_inf_on = optimizer
-        window = self._window
-        info = {
-            "epoch": int(trainer.current_epoch),
-            "has_loss": window.loss is not None,
-            "samples": window.samples,
-            "names": list(step.names),
-            "batch_idx": window.batch_idx,
-        }
+        info = self._window.info(trainer.current_epoch, step.names)
         full = self._queue.add(
             trainer.global_step, values, reduced=reduced, info=info, kept={"norms": step.grad_stats().norms}
         )
@@ -525,25 +372,20 @@ class NaNGuard(DiagCallback):
         ranks, scaled = max(int(getattr(trainer, "world_size", 1)), 1), self._scaled(trainer)
         for entry in entries:
             info, norms = entry.info, entry.kept["norms"]
-            has_grads = norms.numel() > 0
+            has_loss, has_grads = info["has_loss"], norms.numel() > 0
             flags, host = self.judge.judge(
                 entry.host,
                 ranks=ranks,
                 scaled=scaled,
-                has_loss=info["has_loss"],
+                has_loss=has_loss,
                 has_grads=has_grads,
                 samples=info["samples"],
             )
-            if info["has_loss"]:
+            if has_loss:
                 run_context(trainer).record_loss(entry.step, host["loss"])
-            origin = Origin()
-            if flags.non_finite:
-                values = norms.tolist() if flags.grads else []  # a host read, on detection only
-                names = info["names"]
-                seen = deferred_origin(
-                    pl_module, names, values, flags.input, flags.loss, flags.grads, flags.params
-                )
-                origin = Origin(seen=seen)
+            origin = (
+                Origin.of_deferred(pl_module, info["names"], norms, flags) if flags.non_finite else Origin()
+            )
             at = (entry.step, info["epoch"], info["batch_idx"])
             self._conclude(trainer, pl_module, flags, host, origin, at, deferred=True)
 
@@ -565,15 +407,13 @@ class NaNGuard(DiagCallback):
     ) -> None:
         # A forward that raises on NaN data never reaches on_before_optimizer_step: the batch is still here.
         if self.check_inputs and not isinstance(exception, (NonFiniteError, KeyboardInterrupt)):
-            for batch, _ in self._window.batches:
-                bad = first_non_finite(batch)
-                if bad is not None:
-                    error = f"{type(exception).__name__}: {str(exception)[:200]}"
-                    verdict, key = crashed_on_input_verdict(
-                        trainer.global_step, trainer.current_epoch, *bad, error
-                    )
-                    self.record(trainer, verdict, key=key)
-                    break
+            bad = self._window.first_non_finite()
+            if bad is not None:
+                error = f"{type(exception).__name__}: {str(exception)[:200]}"
+                verdict, key = crashed_on_input_verdict(
+                    trainer.global_step, trainer.current_epoch, *bad, error
+                )
+                self.record(trainer, verdict, key=key)
         super().on_exception(trainer, pl_module, exception)
 
     # -- record -> act ----------------------------------------------------------------------------------------
@@ -590,40 +430,21 @@ class NaNGuard(DiagCallback):
         deferred: bool = False,
     ) -> Decision:
         """Decide on a judged step (``at``: its step, epoch and batch indices), then record and act on it."""
-        step, epoch, batch_idx = at
-        decision = self.policy.update(flags, step)
+        decision = self.policy.update(flags, at[0])
         if decision.snapshot_due:
-            self._snapshot = Snapshot(pl_module, trainer.optimizers, step)
+            self._snapshot = Snapshot(pl_module, trainer.optimizers, at[0])
         if decision.action is None:
             return decision
         snapshot = self._snapshot.step if self._snapshot is not None else None
-        policy = self.policy
-        why = escalation(
-            decision, skips=policy.consecutive_skips, rollbacks=policy.rollbacks, lr_backoff=self.lr_backoff
-        )
-        bad = BadStep(int(step), int(epoch), decision.action, snapshot, batch_idx, deferred, why)
-        verdict = self._record(trainer, pl_module, bad, decision, flags, values, origin)
-        self._act(trainer, pl_module, decision, verdict, None if deferred else optimizer)
-        return decision
-
-    def _record(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        bad: BadStep,
-        decision: Decision,
-        flags: StepFlags,
-        values: dict[str, float],
-        origin: Origin,
-    ) -> Verdict:
-        """Record the finding(s) of a bad step (their words are core's); returns the main one."""
+        bad = bad_step(decision, self.policy, at, snapshot, deferred=deferred, lr_backoff=self.lr_backoff)
         half = str(getattr(trainer.precision_plugin, "precision", "")).startswith("16")
         found = step_verdicts(
             bad, decision, flags, values, self.judge, origin, model=pl_module, half_precision=half
         )
-        for verdict, key in found:
+        for verdict, key in found:  # their words are core's; the first is the main one
             self.record(trainer, verdict, key=key, step=bad.step, epoch=bad.epoch)
-        return found[0][0]
+        self._act(trainer, pl_module, decision, found[0][0], None if deferred else optimizer)
+        return decision
 
     def _act(
         self,
@@ -653,31 +474,18 @@ class NaNGuard(DiagCallback):
             self._snapshot.restore(pl_module, trainer.optimizers)
             if self.lr_backoff != 1.0:
                 context.scale_lr(self.lr_backoff)
-                back_off_lr(
-                    trainer.optimizers, [c.scheduler for c in trainer.lr_scheduler_configs], self.lr_backoff
-                )
+                schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
+                back_off_lr(trainer.optimizers, schedulers, self.lr_backoff)
 
     def report_series(self) -> dict[str, Any]:
         """What NaNGuard did, for the HTML report (rollbacks mark their LR back-off on the schedule)."""
-        if not (self.skipped_steps or self.rollbacks):
-            return {}
-        return {
-            "nan_guard": {
-                "skipped_steps": self.skipped_steps,
-                "rollbacks": self.rollbacks,
-                "lr_backoff": self.lr_backoff,
-            }
-        }
+        return self.policy.report_series(self.lr_backoff)
 
     # -- state ----------------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            **self.policy.state_dict(),
-            "traces": self.traces,
-            **self.judge.state_dict(),
-            "findings": self._findings_state(),
-        }
+        state: dict[str, Any] = {**self.policy.state_dict(), "traces": self.traces, **self.judge.state_dict()}
+        state["findings"] = self._findings_state()
         if self._queue:  # deferred steps not judged yet: saved raw, so a resumed run judges them alike
             state["queue"] = self._queue.state_dict()
         if self._snapshot is not None and self.rollback_possible and not self._snapshot.sharded:

@@ -49,6 +49,7 @@ from lightning_diag.core.verdict import Verdict
 __all__ = [
     "CHECKPOINT_PHASES",
     "FIXED_PHASES",
+    "FOREIGN_TIMER",
     "PHASES",
     "TRAINING_PHASES",
     "VALIDATION_PHASES",
@@ -109,6 +110,12 @@ class BudgetSettings:
         if phase in CHECKPOINT_PHASES and self.checkpoint_timeout_s is not None:
             return "checkpoint_timeout_s", self.checkpoint_timeout_s
         return None
+
+    @property
+    def smallest_s(self) -> float:
+        """The smallest budget any phase can get (the watchdog thread polls at a fraction of it)."""
+        given = (self.step_timeout_s, self.validation_timeout_s, self.checkpoint_timeout_s)
+        return min(self.min_timeout_s, self.first_step_timeout_s, *(g for g in given if g is not None))
 
 
 class PhaseBudgets:
@@ -357,6 +364,14 @@ def hang_error_message(phase: str, step: int, waited_s: float, budget_s: float, 
         f"HangWatchdog: no progress for {waited_s:.1f} s in `{PHASES.get(phase, phase)}` at step {step} (two budgets "
         f"of {budget_s:.3g} s); every thread's stack: {dump}."
     )
+
+
+#: the ``declined`` message when faulthandler's one timer is armed by other code (HangWatchdog leaves it alone)
+FOREIGN_TIMER = (
+    "HangWatchdog: a faulthandler timer armed by other code (e.g. pytest's `faulthandler_timeout`) is active; a "
+    "process has only one, and HangWatchdog leaves it alone. Hangs are still reported by its watchdog thread, but a "
+    "hang inside a C call that holds the GIL leaves no stack dump."
+)
 
 
 # -- uneven batches -------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_diag import HangWatchdog, LightningDiagWarning, TrainingHangError, collect_findings
-from lightning_diag.callbacks import _hang_monitor
+from lightning_diag.callbacks import _hang_watch
 from tests.helpers import Regression, find, loader, regression_data, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -277,10 +277,10 @@ def test_a_timer_armed_during_the_fit_makes_the_watchdog_step_aside(tmp_path) ->
             )
             with pytest.warns(LightningDiagWarning, match="faulthandler timer armed by other code"):
                 t.fit(model, loader(n=64))
-            assert _hang_monitor._LEASE.foreign  # theirs is still armed: our teardown did not cancel it
+            assert _hang_watch._LEASE.foreign  # theirs is still armed: our teardown did not cancel it
         finally:
             faulthandler.cancel_dump_traceback_later()
-    assert not _hang_monitor._LEASE.foreign
+    assert not _hang_watch._LEASE.foreign
 
 
 def test_two_watchdogs_share_the_timer_and_nothing_is_left_after_fit(tmp_path) -> None:
@@ -291,7 +291,7 @@ def test_two_watchdogs_share_the_timer_and_nothing_is_left_after_fit(tmp_path) -
     t.fit(Watched(held), loader(n=64))
     assert held == [(True, False)]  # the first holds the process's one timer, the second runs without it
     assert not callbacks[0].findings and not callbacks[1].findings
-    assert _hang_monitor._LEASE.owner is None and gc.callbacks == before
+    assert _hang_watch._LEASE.owner is None and gc.callbacks == before
     assert not any(n.startswith("lightning_diag") for n in _thread_names())
     assert not list(tmp_path.glob("hang_rank*")) and not list(tmp_path.glob("heartbeat_rank*"))
 
@@ -319,7 +319,7 @@ def test_an_exception_in_the_run_stops_the_watch(tmp_path) -> None:
     t = trainer(max_epochs=1, default_root_dir=str(tmp_path), callbacks=[HangWatchdog(min_timeout_s=1.0)])
     with pytest.raises(RuntimeError, match="user bug"):
         t.fit(Fails(), loader(n=64))
-    assert _hang_monitor._LEASE.owner is None and not any(
+    assert _hang_watch._LEASE.owner is None and not any(
         n.startswith("lightning_diag") for n in _thread_names()
     )
 

@@ -5,7 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_diag.core.guard import GuardPolicy, StepFlags, back_off_lr
+from lightning_diag.core.guard import (
+    GuardPolicy,
+    Origin,
+    StepFlags,
+    StepWindow,
+    back_off_lr,
+    bad_step,
+    never_rolls_back,
+    never_skips,
+    no_rollback_text,
+    no_skip_text,
+)
 
 GOOD = StepFlags()
 NAN = StepFlags(loss=True)
@@ -97,3 +108,86 @@ def test_back_off_lr_scales_groups_and_schedulers() -> None:
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
     assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.05)
     assert scheduler.base_lrs == [pytest.approx(0.05)]
+
+
+def _given(**kwargs: object) -> dict[str, object]:
+    """NaNGuard's arguments as ``check_unused`` sees them (its defaults, then ``kwargs``)."""
+    return {"action": "skip", "spike_action": "warn", "check_spikes": True, "escalate_to": "raise", **kwargs}
+
+
+@pytest.mark.parametrize(
+    ("given", "skips", "rolls_back", "skip_text", "rollback_text"),
+    [
+        (_given(), True, False, "", "`action='skip'` and `spike_action='warn'` and `escalate_to='raise'`"),
+        (
+            _given(action="warn"),
+            False,
+            False,
+            "`action='warn'` and `spike_action='warn'`",
+            "`action='warn'` and",
+        ),
+        (
+            _given(action="warn", check_spikes=False),
+            False,
+            False,
+            "`action='warn'` (nothing",
+            "`action='warn'` (no",
+        ),
+        (
+            _given(action="warn", spike_action="skip"),
+            True,
+            False,
+            "",
+            "and `escalate_to='raise'` (no rollback",
+        ),
+        (_given(action="warn", spike_action="skip", check_spikes=False), False, False, "", ""),
+        (_given(escalate_to="rollback"), True, True, "", ""),
+        (_given(action="rollback"), False, True, "", ""),
+        (_given(action="raise", spike_action="rollback", check_spikes=False), False, False, "", ""),
+    ],
+    ids=[
+        "defaults",
+        "warn",
+        "warn-no-spikes",
+        "spike-skip",
+        "spike-skip-unchecked",
+        "escalate",
+        "rollback",
+        "x",
+    ],
+)
+def test_which_settings_the_policies_never_read(
+    given: dict, skips: bool, rolls_back: bool, skip_text: str, rollback_text: str
+) -> None:
+    assert never_skips(given) is not skips
+    assert never_rolls_back(given) is not rolls_back
+    assert no_skip_text(given).endswith("(nothing is ever skipped)") and skip_text in no_skip_text(given)
+    assert no_rollback_text(given).endswith("(no rollback can happen)") and rollback_text in no_rollback_text(
+        given
+    )
+
+
+def test_bad_step_says_why_the_policy_escalated() -> None:
+    policy = GuardPolicy("skip", max_consecutive_skips=1)
+    run(policy, [NAN])
+    decision = policy.update(NAN, 1)
+    bad = bad_step(decision, policy, (1, 0, "1"), None, deferred=False, lr_backoff=1.0)
+    assert (bad.step, bad.epoch, bad.action, bad.batch_idx, bad.deferred) == (1, 0, "raise", "1", False)
+    assert bad.escalation[0].startswith("1 consecutive step(s) were skipped")
+    assert policy.report_series(0.5) == {"nan_guard": {"skipped_steps": 1, "rollbacks": 0, "lr_backoff": 0.5}}
+    assert GuardPolicy().report_series(1.0) == {}
+
+
+def test_a_deferred_step_names_the_last_non_finite_gradient_and_the_window_its_bad_input() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    norms = torch.tensor([1.0, float("nan"), float("inf"), 2.0])
+    names = ["0.weight", "0.bias", "1.weight", "1.bias"]
+    origin = Origin.of_deferred(model, names, norms, StepFlags(grads=True))
+    assert origin.seen is not None and origin.seen.phase == "backward" and origin.seen.module == "1"
+    assert Origin.of_deferred(model, names, norms, StepFlags(loss=True)).seen.phase == "loss"
+    window = StepWindow()
+    window.add_batch({"x": torch.ones(2, 2)}, 3, check_inputs=True)
+    window.add_batch({"x": torch.tensor([[1.0, float("nan")], [0.0, 0.0]])}, 4, check_inputs=True)
+    assert window.first_non_finite() == ("batch['x'] (sample 0)", "nan")
+    info = window.info(2, ("a",))
+    assert info == {"epoch": 2, "has_loss": False, "samples": 4, "names": ["a"], "batch_idx": "3,4"}

@@ -381,3 +381,16 @@ def test_step_outliers_skip_the_warmup_and_wait_for_enough_steps() -> None:
     for i, seconds in enumerate(steps(99)):
         rule.add(i + 5, seconds, 0.0, 0.0)
     assert rule.judge() is None and rule.seen == 99
+
+
+@pytest.mark.parametrize(
+    ("settings", "smallest"),
+    [
+        (BudgetSettings(), 120.0),
+        (BudgetSettings(first_step_timeout_s=30.0), 30.0),
+        (BudgetSettings(checkpoint_timeout_s=5.0, step_timeout_s=500.0), 5.0),
+        (BudgetSettings(min_timeout_s=1.0, validation_timeout_s=2.0), 1.0),
+    ],
+)
+def test_the_smallest_budget_bounds_the_watchdog_poll(settings: BudgetSettings, smallest: float) -> None:
+    assert settings.smallest_s == smallest

@@ -18,6 +18,7 @@ import torch
 
 from lightning_diag.core.batches import batch_size, floating
 from lightning_diag.core.guard.policy import StepFlags
+from lightning_diag.core.nan_trace import first_non_finite
 from lightning_diag.core.spikes import SpikeDetector
 
 __all__ = ["ROW", "StepJudge", "StepWindow"]
@@ -83,6 +84,26 @@ class StepWindow:
     def batch_idx(self) -> str:
         """The batch indices of the step's micro-batches, ``"3,4"``."""
         return ",".join(str(i) for _, i in self.batches)
+
+    def info(self, epoch: int, names: Sequence[str]) -> dict[str, Any]:
+        """What a deferred step keeps for its judgement at a later logging step (plain values: it travels in
+        checkpoints): ``epoch``, ``has_loss``, ``samples``, the gradient tensors' ``names``, ``batch_idx``.
+        """
+        return {
+            "epoch": int(epoch),
+            "has_loss": self.loss is not None,
+            "samples": self.samples,
+            "names": list(names),
+            "batch_idx": self.batch_idx,
+        }
+
+    def first_non_finite(self) -> tuple[str, str] | None:
+        """``(tensor, kind)`` of the first NaN/Inf in the step's batches (a host read of each), else ``None``."""
+        for batch, _ in self.batches:
+            bad = first_non_finite(batch)
+            if bad is not None:
+                return bad
+        return None
 
 
 class StepJudge:

@@ -21,10 +21,21 @@ weights).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-__all__ = ["ACTIONS", "Action", "Decision", "GuardPolicy", "StepFlags", "back_off_lr"]
+__all__ = [
+    "ACTIONS",
+    "Action",
+    "Decision",
+    "GuardPolicy",
+    "StepFlags",
+    "back_off_lr",
+    "never_rolls_back",
+    "never_skips",
+    "no_rollback_text",
+    "no_skip_text",
+]
 
 Action = Literal["warn", "skip", "rollback", "raise"]
 ACTIONS: tuple[Action, ...] = ("warn", "skip", "rollback", "raise")
@@ -211,6 +222,20 @@ class GuardPolicy:
         self.advanced = 0
         return hold
 
+    def report_series(self, lr_backoff: float) -> dict[str, Any]:
+        """What the policy did in this fit, for the HTML report (rollbacks mark their LR back-off on the
+        schedule); empty when it never withheld an update.
+        """
+        if not (self.skipped_steps or self.rollbacks):
+            return {}
+        return {
+            "nan_guard": {
+                "skipped_steps": self.skipped_steps,
+                "rollbacks": self.rollbacks,
+                "lr_backoff": lr_backoff,
+            }
+        }
+
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -245,3 +270,35 @@ def back_off_lr(optimizers: Iterable[Any], schedulers: Iterable[Any], factor: fl
         base_lrs = getattr(scheduler, "base_lrs", None)
         if isinstance(base_lrs, list):
             scheduler.base_lrs = [lr * factor for lr in base_lrs]
+
+
+# -- the settings a NaNGuard's policies never read (its ``check_unused`` table: the rule and its words) -----------
+def _policies(given: Mapping[str, Any]) -> set[str]:
+    return {given["action"]} | ({given["spike_action"]} if given["check_spikes"] else set())
+
+
+def _policies_text(given: Mapping[str, Any]) -> str:
+    names = ("action", "spike_action") if given["check_spikes"] else ("action",)
+    return " and ".join(f"`{n}={given[n]!r}`" for n in names)
+
+
+def never_skips(given: Mapping[str, Any]) -> bool:
+    """No policy of the NaNGuard arguments ``given`` skips a step (``spike_action`` counts when spikes are checked)."""
+    return "skip" not in _policies(given)
+
+
+def never_rolls_back(given: Mapping[str, Any]) -> bool:
+    """No policy of the NaNGuard arguments ``given`` rolls back, nor escalates a skip to a rollback."""
+    policies = _policies(given)
+    return "rollback" not in policies and not ("skip" in policies and given["escalate_to"] == "rollback")
+
+
+def no_skip_text(given: Mapping[str, Any]) -> str:
+    """Why the skip settings have no effect, e.g. "`action='warn'` (nothing is ever skipped)"."""
+    return f"{_policies_text(given)} (nothing is ever skipped)"
+
+
+def no_rollback_text(given: Mapping[str, Any]) -> str:
+    """Why the rollback settings have no effect, with ``escalate_to`` when a skip could have escalated."""
+    escalate = f" and `escalate_to={given['escalate_to']!r}`" if "skip" in _policies(given) else ""
+    return f"{_policies_text(given)}{escalate} (no rollback can happen)"

@@ -11,11 +11,12 @@ import dataclasses
 import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_diag.core.guard.judge import StepJudge
-from lightning_diag.core.guard.policy import Decision, StepFlags
-from lightning_diag.core.nan_trace import Trace, origin_advice
+from lightning_diag.core.guard.policy import Decision, GuardPolicy, StepFlags
+from lightning_diag.core.nan_trace import Trace, deferred_origin, origin_advice
 from lightning_diag.core.spikes import SpikeDetector
 from lightning_diag.core.verdict import Severity, Verdict
 
@@ -23,6 +24,7 @@ __all__ = [
     "CODE_OF_PHASE",
     "BadStep",
     "Origin",
+    "bad_step",
     "crashed_on_input_verdict",
     "describe_action",
     "escalation",
@@ -141,6 +143,23 @@ def escalation(
     if decision.why == "no_snapshot":
         return "no rollback snapshot had been taken yet", ()
     return "", ()
+
+
+def bad_step(
+    decision: Decision,
+    policy: GuardPolicy,
+    at: tuple[int, int, str],
+    snapshot_step: int | None,
+    *,
+    deferred: bool,
+    lr_backoff: float,
+) -> BadStep:
+    """The step ``decision`` acts on (``at``: its step, epoch and batch indices), with why the policy escalated."""
+    assert decision.action is not None, "a good step is not a bad step"
+    why = escalation(
+        decision, skips=policy.consecutive_skips, rollbacks=policy.rollbacks, lr_backoff=lr_backoff
+    )
+    return BadStep(int(at[0]), int(at[1]), decision.action, snapshot_step, at[2], deferred, why)
 
 
 def describe_action(action: str, snapshot_step: int | None = None) -> str:
@@ -271,6 +290,16 @@ class Origin:
     seen: Trace | None = None
     #: ``(largest |g|, its tensor)`` when finite gradients overflowed float32
     overflow: tuple[float, str] | None = None
+
+    @classmethod
+    def of_deferred(cls, model: nn.Module, names: list[str], norms: torch.Tensor, flags: StepFlags) -> Origin:
+        """A deferred step's origin (it is not replayed): what its own values show, the last non-finite gradient
+        from its per-tensor gradient ``norms`` (read to the host here: on detection only).
+        """
+        values = norms.tolist() if flags.grads else []
+        return cls(
+            seen=deferred_origin(model, names, values, flags.input, flags.loss, flags.grads, flags.params)
+        )
 
 
 def step_verdicts(
