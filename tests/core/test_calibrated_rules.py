@@ -131,3 +131,27 @@ def test_a_plateau_at_chance_level_is_no_floor() -> None:
     floor = _curve([1.9, 1.62, 1.55, 1.52, 1.5], [1.41, 1.40, 1.41, 1.40, 1.41])
     (found,) = diagnose(floor, initial=2.31, chance=math.log(10))
     assert found.evidence["floor_possible"] == 1 and "chance_loss" not in found.evidence
+
+
+def test_a_validation_loss_that_fell_far_since_its_first_evaluation_is_progress() -> None:
+    """Generator g043 (N-BEATS, SGD 0.1 on batches of 8, dropout, cosine): the loss rose in its first steps (0.73,
+    1.28, ...) to 1.58 over epoch 0, then fell to 0.91 with validation alongside. Against the first steps' ~1.1 that
+    is 17% progress (underfitting, warning); the validation loss fell 43% from its first evaluation: held-out
+    evidence of learning, so a possible floor (info). A validation loss that never moved (dropout 0.97 at ln(10))
+    stays a warning."""
+    train = [1.58, 1.29, 1.06, 1.01, 0.95, 0.93, 0.915, 0.912, 0.911, 0.9105, 0.9103]
+    val = [1.62, 1.38, 1.16, 1.05, 0.97, 0.94, 0.92, 0.918, 0.917, 0.9172, 0.9171]
+    found = [v for v in diagnose(_curve(train, val), initial=1.1) if v.code == "underfitting"]
+    assert [(v.severity, v.evidence["floor_possible"], v.evidence["progress_from"]) for v in found] == [
+        ("info", 1, "validation")
+    ]
+    assert found[0].evidence["progress"] > 0.4
+    # validation down only 8% from its first value (and training 3% below the first steps): still a warning
+    stalled = [1.2, 1.12, 1.1, 1.1, 1.1, 1.1, 1.1]
+    found = [
+        v
+        for v in diagnose(_curve(stalled, [v + 0.01 for v in stalled]), initial=1.13)
+        if v.severity == "warning"
+    ]
+    assert [v.code for v in found] == ["underfitting"] and "floor_possible" not in found[0].evidence
+    assert found[0].evidence["progress"] < 0.1
