@@ -310,11 +310,11 @@ class ActivationMonitor(DiagCallback):
     # -- state ------------------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        rows: dict[str, Any] = {"rows": {}, "bias": {}, "steps": 0}
+        rows: dict[str, Any] = {"quiet_rows": {}, "quiet_bias": {}, "steps": 0}
         for _, dead in self._rows.values():
             state = dead.state_dict()
-            rows["rows"].update(state["rows"])
-            rows["bias"].update(state["bias"])
+            rows["quiet_rows"].update(state["quiet_rows"])
+            rows["quiet_bias"].update(state["quiet_bias"])
             rows["steps"] = max(rows["steps"], state["steps"])
         if not self._rows and self._rows_state:
             rows = self._rows_state

@@ -117,16 +117,19 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 class _RowGroup:
     positions: list[int]  # indices of the weights in the step's gradient list
     flat: bool  # the weights are 2-d already (no reshape)
-    acc: torch.Tensor  # per row: sum over steps of the row's sum of |gradient|
+    quiet: torch.Tensor  # per row: consecutive steps, up to the last one, on which the row was exactly 0
 
 
 class DeadRows:
-    """Per output unit of each weight layer: whether its gradient row and bias entry stayed exactly zero.
+    """Per output unit of each weight layer: whether its gradient row and bias entry have stayed exactly zero.
 
     Built for one list of parameters (the step context's): ``layers`` maps a weight layer's name to the position of
-    its weight and of its bias (or ``None``) in that list. :meth:`update` adds each row's sum of ``|g|`` to a device
-    accumulator (no sync); a unit whose accumulated row and bias are both 0 was dead on every step since
-    :meth:`reset`. Weights of the same row length, dtype and device are reduced together.
+    its weight and of its bias (or ``None``) in that list. :meth:`update` counts, per row on the device (no sync),
+    the consecutive steps up to the last one on which the row (and its bias entry) was exactly 0. A unit is dead at a
+    check when that count covers at least the later half of the steps since :meth:`reset` (all of them when it was
+    dead throughout): a unit that died in the middle of an interval counts at the check that ends it, one that
+    fired in its later half does not. The counts run on across :meth:`reset`. Weights of the same row length, dtype
+    and device are reduced together.
     """
 
     def __init__(self, grads: Sequence[torch.Tensor], layers: Mapping[str, tuple[int, int | None]]) -> None:
@@ -146,6 +149,7 @@ class DeadRows:
             positions = [layers[n][0] for n in names]
             device = grads[positions[0]].device
             flat = all(grads[p].dim() == 2 for p in positions)
+            # (float32 counts: exact up to 2**24 steps, multiplied by the 0/1 mask in place)
             self.groups.append(_RowGroup(positions, flat, torch.zeros(offset, device=device)))
         self.bias_positions = [b for _, b in layers.values() if b is not None]
         self._bias_rows: dict[str, int] = {}
@@ -155,7 +159,7 @@ class DeadRows:
                 self._bias_rows[name] = offset
                 offset += self.units[name]
         device = grads[self.bias_positions[0]].device if self.bias_positions else torch.device("cpu")
-        self.bias_acc = torch.zeros(offset, device=device)
+        self.bias_quiet = torch.zeros(offset, device=device)
         self.steps = 0
 
     def update(self, grads: Sequence[torch.Tensor]) -> None:
@@ -167,49 +171,55 @@ class DeadRows:
             # |g| summed per row is 0 exactly when the row is (no squares: tiny gradients do not underflow);
             # abs_ works on our own copy (the concatenation), abs on a gradient we must not touch
             rows = torch.cat(picked).abs_() if len(picked) > 1 else picked[0].abs()
-            group.acc.add_(rows.sum(1, dtype=torch.float32))
+            group.quiet.add_(1).mul_(rows.sum(1, dtype=torch.float32) == 0)  # NaN/Inf rows are alive
         if self.bias_positions:
             biases = [grads[i] for i in self.bias_positions]
-            self.bias_acc.add_(torch.cat(biases).abs_() if len(biases) > 1 else biases[0].abs())
+            bias = torch.cat(biases) if len(biases) > 1 else biases[0]
+            self.bias_quiet.add_(1).mul_(bias == 0)
         self.steps += 1
 
     def dead(self, name: str) -> torch.Tensor:
-        """Per unit of layer ``name``: dead on every step since the last reset (a bool device tensor)."""
+        """Per unit of layer ``name``: exactly 0 on every step of at least the later half of those since the last
+        reset, up to the last one (a bool device tensor; all True when no step was seen since).
+        """
         group, offset = self._rows[name]
         units = self.units[name]
-        mask = self.groups[group].acc[offset : offset + units] == 0
+        needed = (self.steps + 1) // 2
+        mask = self.groups[group].quiet[offset : offset + units] >= needed
         if name in self._bias_rows:
             start = self._bias_rows[name]
-            mask = mask & (self.bias_acc[start : start + units].to(mask.device) == 0)
+            mask = mask & (self.bias_quiet[start : start + units].to(mask.device) >= needed)
         return mask
 
     def reset(self) -> None:
-        for group in self.groups:
-            group.acc.zero_()
-        self.bias_acc.zero_()
+        """Start a new interval (the counts of quiet steps run on)."""
         self.steps = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """The accumulators as CPU tensors, by layer name (plain types, ``weights_only`` loadable)."""
+        """The counts as CPU tensors, by layer name (plain types, ``weights_only`` loadable)."""
         rows = {}
         for name in self.names:
             group, offset = self._rows[name]
-            rows[name] = self.groups[group].acc[offset : offset + self.units[name]].detach().cpu()
-        bias = {n: self.bias_acc[s : s + self.units[n]].detach().cpu() for n, s in self._bias_rows.items()}
-        return {"rows": rows, "bias": bias, "steps": self.steps}
+            rows[name] = self.groups[group].quiet[offset : offset + self.units[name]].detach().cpu()
+        bias = {n: self.bias_quiet[s : s + self.units[n]].detach().cpu() for n, s in self._bias_rows.items()}
+        return {"quiet_rows": rows, "quiet_bias": bias, "steps": self.steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the accumulators of the layers that still exist with the same number of units."""
-        for name, values in dict(state.get("rows", {})).items():
+        """Restore the counts of the layers that still exist with the same number of units. (A state of the
+        earlier format, sums of ``|g|`` under ``rows``/``bias``, is not read: the interval restarts.)
+        """
+        if "quiet_rows" not in state:
+            return
+        for name, values in dict(state.get("quiet_rows", {})).items():
             if name in self._rows and int(values.numel()) == self.units[name]:
                 group, offset = self._rows[name]
-                acc = self.groups[group].acc
-                acc[offset : offset + self.units[name]] = values.to(acc.device, acc.dtype)
-        for name, values in dict(state.get("bias", {})).items():
+                quiet = self.groups[group].quiet
+                quiet[offset : offset + self.units[name]] = values.to(quiet.device, quiet.dtype)
+        for name, values in dict(state.get("quiet_bias", {})).items():
             if name in self._bias_rows and int(values.numel()) == self.units[name]:
                 start = self._bias_rows[name]
-                self.bias_acc[start : start + self.units[name]] = values.to(
-                    self.bias_acc.device, self.bias_acc.dtype
+                self.bias_quiet[start : start + self.units[name]] = values.to(
+                    self.bias_quiet.device, self.bias_quiet.dtype
                 )
         self.steps = int(state.get("steps", self.steps))
 
@@ -628,8 +638,9 @@ def dead_units(
     dead = round(r.dead_frac * units) if units else -1
     count = f"{dead} of {units} units ({r.dead_frac:.0%})" if units else f"{r.dead_frac:.0%} of the units"
     how = {
-        "gradients": f"their gradient rows were exactly 0 on every optimizer step for {_checks(patience)} "
-        f"(~{patience * interval} steps): "
+        "gradients": f"their gradient rows were exactly 0 on every optimizer step from at least halfway through the "
+        f"interval before the first of {_checks(patience)} on (~{max(patience * interval - interval // 2, 1)} steps "
+        "or more): "
         + (
             "they never fired on any of those batches"
             if r.kind == "relu"

@@ -22,11 +22,13 @@ def _layers(model: nn.Module) -> tuple[list[torch.Tensor], dict[str, tuple[int, 
 
 
 def _reference_dead(steps: list[dict[str, torch.Tensor]], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Per weight layer, units whose weight row and bias entry were exactly 0 on every step (a per-tensor loop)."""
+    """Per weight layer, units whose weight row and bias entry were exactly 0 on every one of the later half of the
+    steps (at least), up to the last (a per-tensor loop)."""
     out = {}
+    tail = steps[len(steps) // 2 :]  # ceil(n / 2) steps
     for name, m in act.weight_layers(model):
         dead = torch.ones(m.weight.shape[0], dtype=torch.bool)
-        for grads in steps:
+        for grads in tail:
             w = grads[f"{name}.weight"].reshape(m.weight.shape[0], -1)
             dead &= (w == 0).all(1)
             if m.bias is not None:
@@ -56,7 +58,10 @@ CASES = {
     "zero_row_nonzero_bias_is_starved_not_dead": [{"3.weight": [0]}, {"3.weight": [0]}],
     "layer_without_bias": [{"5": [0, 7]}, {"5": [7]}],
     "convolution_channels": [{"0": [3]}, {"0": [3]}, {"0": [3]}],
-    "nan_and_inf_rows_count_as_alive": [{"3": [4], "nan": [4]}, {"3": [4]}],
+    "nan_and_inf_rows_count_as_alive": [{"3": [4], "nan": [4]}, {"3": [4], "nan": [4]}],
+    # a unit that died halfway through the interval is dead at its end; one that fired in the later half is not
+    "died_halfway_is_dead": [{}, {}, {"3": [1, 2]}, {"3": [1, 2]}],
+    "fired_in_the_later_half_is_alive": [{"3": [1]}, {"3": [1]}, {"3": [1]}, {}, {"3": [1]}],
 }
 
 
@@ -86,6 +91,29 @@ def test_dead_rows_match_a_per_tensor_reference(pattern: list[dict[str, list[int
     assert rows.steps == len(pattern)
     rows.reset()
     assert rows.steps == 0 and all(bool(rows.dead(n).all()) for n in rows.names)  # nothing seen since
+
+
+def test_dead_rows_count_on_across_checks() -> None:
+    # A unit that went quiet two steps before a check (of a 4-step interval) is dead there, and stays dead at the next
+    # check while it stays quiet; it is alive again at the first check after it fires in the later half.
+    model = _net()
+    params, layers = _layers(model)
+    names = [n for n, _ in model.named_parameters()]
+    rows = act.DeadRows([torch.zeros_like(p) for p in params], layers)
+
+    def step(quiet: bool) -> None:
+        grads = {n: torch.randn_like(p) for n, p in zip(names, params, strict=True)}
+        if quiet:
+            grads["3.weight"][1], grads["3.bias"][1] = 0.0, 0.0
+        rows.update([grads[n] for n in names])
+
+    seen = []
+    for interval in ([False, False, True, True], [True, True, True, True], [True, True, False, True]):
+        for quiet in interval:
+            step(quiet)
+        seen.append(bool(rows.dead("3")[1]))
+        rows.reset()
+    assert seen == [True, True, False]
 
 
 def test_dead_rows_never_touch_the_gradients_and_survive_a_state_round_trip() -> None:
