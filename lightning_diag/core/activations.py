@@ -205,8 +205,9 @@ class DeadRows:
         return {"quiet_rows": rows, "quiet_bias": bias, "steps": self.steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore the counts of the layers that still exist with the same number of units. (A state of the
-        earlier format, sums of ``|g|`` under ``rows``/``bias``, is not read: the interval restarts.)
+        """Restore the counts of the layers that still exist with the same number of units.
+
+        A state of the earlier format (sums of ``|g|`` under ``rows``/``bias``) is not read: the count restarts.
         """
         if "quiet_rows" not in state:
             return
