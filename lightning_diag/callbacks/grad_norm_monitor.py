@@ -224,7 +224,11 @@ class GradNormMonitor(DiagCallback):
             self.exploding_threshold,
         )
         self._vanishing = VanishingRule(self.vanishing_ratio, self.vanishing_threshold, self.patience)
-        self._first_param_norm: float | None = None  # the parameters' total norm at the first logging step
+        self._first_param_norm: float | None = None  # the parameters' total norm before the first step
+        self._initial_norm: torch.Tensor | None = (
+            None  # the same on the device, read at the first logging step
+        )
+        self._param_ratio: float | None = None  # their norm at the last logging step over that first one
         # The steps not replayed yet: their total norm (read at the next logging step), their per-tensor norms
         # kept on the device (read only for the worst step of a flagged interval) and their batch size.
         self._queue = DeferredQueue()
@@ -269,6 +273,11 @@ class GradNormMonitor(DiagCallback):
         )
         self._samples = 0
         self._names = stats.names
+        if self._first_param_norm is None and self._initial_norm is None and self.log_param_norms:
+            # the weights before the first update, kept on the device (no sync): a decay that holds them near 0
+            # has shrunk them long before the first logging step
+            pnorms = tensor_norms([p.detach() for p in step.params], self.norm_type)
+            self._initial_norm = torch.linalg.vector_norm(pnorms, self.norm_type).view(1)
         if _logging.should_log_step(trainer):
             self._log_and_check(trainer, pl_module, step.params, stats)
         elif full:
@@ -313,6 +322,8 @@ class GradNormMonitor(DiagCallback):
                 self._snapshot = (params, before, pieces["param_groups"], groups, trainer.global_step)
         if scaler is not None:
             pieces["scale"] = _lightning.loss_scale(scaler).to(device).view(1)
+        if self._initial_norm is not None:
+            pieces["param_initial"], self._initial_norm = self._initial_norm.to(device), None
         entries, out = self._queue.take(trainer, extra=pieces)  # one transfer
         self._replay(trainer, entries)
         metrics: dict[str, float] = {"diag/grad_norm/total": out["total"][0]}
@@ -345,10 +356,13 @@ class GradNormMonitor(DiagCallback):
                 self.record(trainer, amp)
             history.max_run = 0
         ratio = None
+        if "param_initial" in out and math.isfinite(out["param_initial"][0]):
+            self._first_param_norm = out["param_initial"][0]
         if "param_total" in out and math.isfinite(out["param_total"][0]):
             if self._first_param_norm is None:
                 self._first_param_norm = out["param_total"][0]
             ratio = out["param_total"][0] / self._first_param_norm if self._first_param_norm > 0 else None
+        self._param_ratio = ratio if ratio is not None else self._param_ratio
         if math.isfinite(out["total"][0]):
             self._check_vanishing(trainer, self._leaf_index(stats.names, device).names, out["leaves"], ratio)
 
@@ -402,8 +416,8 @@ class GradNormMonitor(DiagCallback):
         if not rows:
             return
         values = torch.stack([grouped_norms(r.float(), leaves, self.norm_type) for r in rows]).tolist()
-        for row in values:
-            self._check_vanishing(trainer, leaves.names, row)
+        for row in values:  # (the parameters' norm ratio as of the last logging step)
+            self._check_vanishing(trainer, leaves.names, row, self._param_ratio)
 
     @override
     def on_train_batch_end(

@@ -542,7 +542,7 @@ def _plateau_or_underfitting(
     vals = [p.val for p in points if p.val is not None and math.isfinite(p.val)]
     if len(vals) >= 2 and vals[0] > 0:
         learned = 1 - min(vals) / vals[0]
-        if learned > progress:
+        if learned > max(progress, 0.0):
             progress = learned
             evidence["progress_from"] = "validation"
     evidence["progress"] = round(progress, 4)

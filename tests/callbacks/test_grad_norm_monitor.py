@@ -280,3 +280,22 @@ def test_vanishing_is_judged_per_layer_and_at_fit_end_whatever_the_grouping() ->
     healthy = trainer(max_steps=40, callbacks=[GradNormMonitor()])
     healthy.fit(Regression(), loader(n=320))
     assert find(collect_findings(healthy), "vanishing_gradients") is None
+
+
+def test_the_weights_norm_ratio_counts_from_before_the_first_step() -> None:
+    # A weight decay that holds the weights near 0 (Adam's coupled L2 at 1.0) shrinks them long before the first
+    # logging step: measured from there, the collapse was invisible and the vanishing-gradient advice did not name
+    # the decay. The reference is the norm before the first update (kept on the device, read with that step's data).
+    model = Regression(lr=0.05)
+    initial = torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in model.parameters()])).item()
+
+    class Decayed(Regression):
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.05, weight_decay=5.0)
+
+    decayed = Decayed()
+    decayed.load_state_dict(model.state_dict())
+    monitor = GradNormMonitor()
+    trainer(callbacks=[monitor], max_epochs=3, log_every_n_steps=10).fit(decayed, loader(n=80))
+    assert monitor._first_param_norm == pytest.approx(initial, rel=1e-5)
+    assert monitor._param_ratio is not None and monitor._param_ratio < 0.25  # the weights collapsed (<25%)
