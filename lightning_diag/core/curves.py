@@ -439,8 +439,8 @@ def _overfitting_alone(
     evidence: dict[str, Any],
 ) -> Verdict | None:
     """Overfitting judged on each curve alone (training and validation losses on different scales): the validation
-    loss rose from its best by more than ``rise_tolerance`` and twice its noise while the training loss fell by :data:`FIT_GAIN` or more. No gap
-    is computed: a difference of two scales means nothing.
+    loss rose from its best by more than ``rise_tolerance`` and twice its noise while the training loss fell by
+    :data:`FIT_GAIN` or more. No gap is computed: a difference of two scales means nothing.
     """
     best, last = evaluated[best_index], evaluated[-1]
     assert best.val is not None and last.val is not None
