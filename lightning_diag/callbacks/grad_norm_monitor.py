@@ -225,9 +225,8 @@ class GradNormMonitor(DiagCallback):
         )
         self._vanishing = VanishingRule(self.vanishing_ratio, self.vanishing_threshold, self.patience)
         self._first_param_norm: float | None = None  # the parameters' total norm before the first step
-        self._initial_norm: torch.Tensor | None = (
-            None  # the same on the device, read at the first logging step
-        )
+        # the same on the device, read with the first logging step's transfer
+        self._initial_norm: torch.Tensor | None = None
         self._param_ratio: float | None = None  # their norm at the last logging step over that first one
         # The steps not replayed yet: their total norm (read at the next logging step), their per-tensor norms
         # kept on the device (read only for the worst step of a flagged interval) and their batch size.
