@@ -354,6 +354,12 @@ class GradNormMonitor(DiagCallback):
             if amp is not None:
                 self.record(trainer, amp)
             history.max_run = 0
+        ratio = self._weights_ratio(out)
+        if math.isfinite(out["total"][0]):
+            self._check_vanishing(trainer, self._leaf_index(stats.names, device).names, out["leaves"], ratio)
+
+    def _weights_ratio(self, out: dict[str, list[float]]) -> float | None:
+        """The parameters' total norm now over its value before the first update (``None`` when not measured)."""
         ratio = None
         if "param_initial" in out and math.isfinite(out["param_initial"][0]):
             self._first_param_norm = out["param_initial"][0]
@@ -362,8 +368,7 @@ class GradNormMonitor(DiagCallback):
                 self._first_param_norm = out["param_total"][0]
             ratio = out["param_total"][0] / self._first_param_norm if self._first_param_norm > 0 else None
         self._param_ratio = ratio if ratio is not None else self._param_ratio
-        if math.isfinite(out["total"][0]):
-            self._check_vanishing(trainer, self._leaf_index(stats.names, device).names, out["leaves"], ratio)
+        return ratio
 
     def _remember_norms(self, step: int, names: tuple[str, ...], out: dict[str, list[float]]) -> None:
         values = out.get("groups", out["total"]) if self.group_by != "total" else out["total"]
