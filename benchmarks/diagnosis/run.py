@@ -249,19 +249,23 @@ def run_isolated(scenario: Scenario, seed: int) -> Result:
         "sys.stdout.write('\\n' + json.dumps(dataclasses.asdict(result)) + '\\n')\n"
     )
     start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        return Result(**json.loads(lines[-1]))
-    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        tail = ["no result after 900 s"]
+    else:
+        lines = done.stdout.strip().splitlines()
+        if done.returncode == 0 and lines:
+            return Result(**json.loads(lines[-1]))
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
     return Result(
         name=scenario.name,
         kind=scenario.kind,
