@@ -310,10 +310,9 @@ class NaNGuard(DiagCallback):
         values: torch.Tensor,
     ) -> None:
         """The synchronous path: one small read per step, the decision before the update, localisation by replay."""
-        window = self._window
-        rank_local = self.check_inputs or self.check_spikes or self._scaled(trainer)
-        row, ranks = read_row(trainer, values, rank_local=rank_local)
-        has_loss, scaled = window.loss is not None, self._scaled(trainer)
+        window, scaled = self._window, self._scaled(trainer)
+        row, ranks = read_row(trainer, values, rank_local=self.check_inputs or self.check_spikes or scaled)
+        has_loss = window.loss is not None
         flags, host = self.judge.judge(
             row, ranks=ranks, scaled=scaled, has_loss=has_loss, samples=window.samples
         )
