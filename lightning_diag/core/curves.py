@@ -341,7 +341,7 @@ def _overfitting(
     assert best.val is not None and last.val is not None
     onset = evaluated[best_index + 1]
     train_fell = last.train < best.train
-    fitting = best.train - last.train >= FIT_GAIN * abs(best.train)
+    fitting = _still_fitting(best, last)
     gap_best, gap_now = best.val - best.train, last.val - last.train
     evidence: dict[str, Any] = {
         "best_x": best.x,
@@ -431,6 +431,11 @@ def _overfitting(
     return None
 
 
+def _still_fitting(best: CurvePoint, last: CurvePoint) -> bool:
+    """The training loss fell by :data:`FIT_GAIN` or more since the best evaluation: the model goes on fitting."""
+    return best.train - last.train >= FIT_GAIN * abs(best.train)
+
+
 def _overfitting_alone(
     evaluated: Sequence[CurvePoint],
     best_index: int,
@@ -449,7 +454,7 @@ def _overfitting_alone(
     for key in ("gap_at_best", "gap", "gap_ratio"):
         evidence.pop(key, None)
     evidence["scales"] = "different"
-    fitting = best.train - last.train >= FIT_GAIN * abs(best.train)
+    fitting = _still_fitting(best, last)
     if not (fitting and rise > max(rules.rise_tolerance * abs(best.val), 2 * noise(vals))):
         return None
     onset = evaluated[best_index + 1]
